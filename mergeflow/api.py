@@ -1,0 +1,292 @@
+"""The merge as three steps - prepare, run each shard, finalize - and ``merge`` doing all three.
+
+The steps take and return paths and small models only, so an orchestrator (the Prefect flow in
+``flows/``) can run shards as separate tasks, in parallel, on other machines, and resume them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from mergeflow import __version__
+from mergeflow.adapter import Adapter, load_adapter
+from mergeflow.checkpoint import Checkpoint
+from mergeflow.errors import InputError
+from mergeflow.execute import Progress, ShardResult, TensorSource, open_source, write_shard
+from mergeflow.hashing import HashCache, fingerprint_files, sha256_file
+from mergeflow.output import (
+    INDEX_FILE,
+    MANIFEST,
+    STATE_DIR,
+    TOKENIZER_FILES,
+    check_existing_output,
+    check_output_location,
+    copy_tokenizer,
+    find_tokenizer,
+    model_card,
+    output_config,
+    publish,
+    read_manifest,
+    require_config,
+    staging_dir,
+    write_json,
+)
+from mergeflow.plan import (
+    DTYPE_CHOICES,
+    MergePlan,
+    Planner,
+    TensorPlan,
+    parse_size,
+    resolve_dtype,
+)
+from mergeflow.spec import MergeSpec
+
+PLAN_FILE = "plan.json"
+DTYPE_LABELS = {v: k for k, v in DTYPE_CHOICES.items()}
+
+
+class PreparedMerge(BaseModel):
+    """The result of planning: where the plan lives and whether there is anything to do."""
+
+    out: str
+    staging: str
+    plan_path: str
+    fingerprint: str
+    up_to_date: bool
+    shard_count: int
+    tensor_count: int
+    total_size: int
+
+
+class MergeReport(BaseModel):
+    """What a merge did, for people: printed by the CLI, stored in the manifest."""
+
+    out: str
+    status: str  # "merged" or "up-to-date"
+    dtype: str
+    shards: int
+    tensors: int
+    total_size: int
+    lora_modules: int
+    replaced_tensors: int
+    lora_biases: int
+    variant: str
+    notes: list[str] = []
+
+
+def _resolve_tokenizer(spec: MergeSpec, adapter: Path, base: Path) -> Path | None:
+    if spec.no_tokenizer:
+        return None
+    if spec.tokenizer is not None:
+        folder = Path(spec.tokenizer)
+        if find_tokenizer([folder]) is None:
+            raise InputError(f"--tokenizer {folder}: holds no tokenizer.json or "
+                             "tokenizer_config.json")
+        return folder
+    folder = find_tokenizer([adapter, base])
+    if folder is None:
+        raise InputError(
+            f"no tokenizer in {adapter} or {base}: pass --tokenizer PATH (the tokenizer you "
+            "trained with), or --no-tokenizer to publish a model without one"
+        )
+    return folder
+
+
+def _input_fingerprints(base: Checkpoint, adapter: Adapter, tokenizer: Path | None) -> dict:
+    cache = HashCache()
+    base_files = [*base.files, "config.json", "generation_config.json", INDEX_FILE]
+    adapter_files = [adapter.weights_file, "adapter_config.json"]
+    inputs = {"base": fingerprint_files(base.folder, base_files, cache),
+              "adapter": fingerprint_files(adapter.folder, adapter_files, cache)}
+    if tokenizer is not None:
+        inputs["tokenizer"] = fingerprint_files(tokenizer, list(TOKENIZER_FILES), cache)
+    cache.save()
+    return inputs
+
+
+def prepare(spec: MergeSpec) -> PreparedMerge:
+    """Read headers, plan and validate the whole merge, and set up its staging folder.
+
+    Raises:
+        InputError: any problem with the inputs or the output location, before a byte is written.
+    """
+    base_dir, adapter_dir, out = Path(spec.base), Path(spec.adapter), Path(spec.out)
+    check_output_location(out, [base_dir, adapter_dir])
+    config = require_config(base_dir)
+    base = Checkpoint(base_dir)
+    adapter = load_adapter(adapter_dir)
+    dtype = resolve_dtype(spec.dtype, config, base)
+    plan = Planner(base, adapter, config, dtype, parse_size(spec.max_shard_size)).plan()
+    tokenizer = _resolve_tokenizer(spec, adapter_dir, base_dir)
+    plan.inputs = _input_fingerprints(base, adapter, tokenizer)
+    plan.options = {"dtype": dtype, "max_shard_size": parse_size(spec.max_shard_size),
+                    "tokenizer": str(tokenizer) if tokenizer else None, "device": spec.device,
+                    "mergeflow": __version__}
+    fingerprint = plan.fingerprint()
+    up_to_date = check_existing_output(out, fingerprint, spec.overwrite)
+    staging = staging_dir(out)
+    if not up_to_date:
+        _prepare_staging(staging, plan, fingerprint)
+    return PreparedMerge(out=str(out), staging=str(staging),
+                         plan_path=str(staging / STATE_DIR / PLAN_FILE), fingerprint=fingerprint,
+                         up_to_date=up_to_date, shard_count=len(plan.shards),
+                         tensor_count=plan.tensor_count, total_size=plan.total_size)
+
+
+def _prepare_staging(staging: Path, plan: MergePlan, fingerprint: str) -> None:
+    """Reuse a staging folder of the same plan (resume); otherwise start it afresh."""
+    plan_path = staging / STATE_DIR / PLAN_FILE
+    if plan_path.is_file():
+        try:
+            if MergePlan.load(plan_path).fingerprint() == fingerprint:
+                return
+        except ValueError:
+            pass
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / STATE_DIR / "done").mkdir(parents=True)
+    tmp = plan_path.with_suffix(".tmp")
+    plan.save(tmp)
+    tmp.replace(plan_path)
+
+
+def _done_record(staging: Path, filename: str) -> Path:
+    return staging / STATE_DIR / "done" / f"{filename}.json"
+
+
+def finished_shard(staging: Path, filename: str) -> ShardResult | None:
+    """A shard a previous run finished, if its file still matches its recorded sha256."""
+    record, path = _done_record(staging, filename), staging / filename
+    try:
+        result = ShardResult.model_validate_json(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if path.is_file() and path.stat().st_size == result.size and sha256_file(path) == result.sha256:
+        return result
+    return None
+
+
+def run_shard(plan_path: str | Path, index: int, device: str = "cpu",
+              source: TensorSource | None = None, progress: Progress | None = None) -> ShardResult:
+    """Write shard ``index`` of a plan into its staging folder (skipped if already finished)."""
+    plan_path = Path(plan_path)
+    staging = plan_path.parent.parent
+    plan = MergePlan.load(plan_path)
+    shard = plan.shards[index]
+    done = finished_shard(staging, shard.filename)
+    if done is not None:
+        if progress is not None:
+            for tensor in shard.tensors:
+                progress(tensor)
+        return done
+    source = source or open_source(plan, device=device)
+    result = write_shard(shard, source, staging, progress)
+    record = _done_record(staging, shard.filename)
+    record.with_suffix(".tmp").write_text(result.model_dump_json())
+    record.with_suffix(".tmp").replace(record)
+    return result
+
+
+def _report(plan: MergePlan, adapter_config: dict, out: str, status: str) -> MergeReport:
+    tensors = [t for s in plan.shards for t in s.tensors]
+    variant = "DoRA" if adapter_config.get("use_dora") else "LoRA"
+    if adapter_config.get("use_rslora"):
+        variant = f"rs{variant}"
+    return MergeReport(
+        out=out, status=status, dtype=DTYPE_LABELS.get(plan.dtype, plan.dtype),
+        shards=len(plan.shards), tensors=len(tensors), total_size=plan.total_size,
+        lora_modules=sum(t.lora is not None for t in tensors),
+        replaced_tensors=sum(t.from_adapter for t in tensors),
+        lora_biases=sum(t.lora_bias is not None for t in tensors), variant=variant,
+    )
+
+
+def finalize(prepared: PreparedMerge, results: list[ShardResult]) -> MergeReport:
+    """Write config, tokenizer, index, model card and - last - the manifest; then publish."""
+    staging, out = Path(prepared.staging), Path(prepared.out)
+    plan = MergePlan.load(Path(prepared.plan_path))
+    base, adapter = Path(plan.base), Path(plan.adapter)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    report = _report(plan, adapter_config, str(out), "merged")
+    write_json(staging / "config.json",
+               output_config(require_config(base), DTYPE_LABELS[plan.dtype]))
+    if (base / "generation_config.json").is_file():
+        shutil.copyfile(base / "generation_config.json", staging / "generation_config.json")
+    tokenizer = plan.options.get("tokenizer")
+    if tokenizer:
+        copy_tokenizer(Path(tokenizer), staging)
+    if len(plan.shards) > 1:
+        write_json(staging / INDEX_FILE, {
+            "metadata": {"total_size": plan.total_size},
+            "weight_map": {t.name: s.filename for s in plan.shards for t in s.tensors},
+        })
+    base_name = adapter_config.get("base_model_name_or_path") or base.name
+    (staging / "README.md").write_text(model_card(base_name, adapter.name, report.model_dump()))
+    _write_manifest(staging, plan, prepared.fingerprint, report, results)
+    publish(staging, out)
+    return report
+
+
+def _write_manifest(staging: Path, plan: MergePlan, fingerprint: str, report: MergeReport,
+                    results: list[ShardResult]) -> None:
+    known = {r.filename: r for r in results}
+    files = {}
+    for path in sorted(p for p in staging.iterdir() if p.is_file()):
+        if path.name.startswith("."):
+            continue
+        shard = known.get(path.name)
+        files[path.name] = {"size": path.stat().st_size,
+                            "sha256": shard.sha256 if shard else sha256_file(path)}
+    manifest = {
+        "format": "mergeflow-manifest/1",
+        "mergeflow_version": __version__,
+        "plan_fingerprint": fingerprint,
+        "files": files,
+        "inputs": {"base": plan.base, "adapter": plan.adapter, "sha256": plan.inputs},
+        "options": plan.options,
+        "report": report.model_dump(exclude={"out", "status"}),
+    }
+    tmp = staging / f".{MANIFEST}.tmp"
+    write_json(tmp, manifest)
+    tmp.replace(staging / MANIFEST)
+
+
+def up_to_date_report(prepared: PreparedMerge) -> MergeReport:
+    """The report of a merge that was already finished in ``out``."""
+    manifest = read_manifest(Path(prepared.out)) or {}
+    return MergeReport(out=prepared.out, status="up-to-date", **manifest.get("report", {}))
+
+
+def merge(base: str | Path, adapter: str | Path, out: str | Path, *,
+          progress: Callable[[TensorPlan], None] | None = None, **options) -> MergeReport:
+    """Merge a LoRA adapter into its base and write a SafeTensors checkpoint to ``out``.
+
+    Args:
+        base: base model folder.
+        adapter: PEFT adapter folder.
+        out: output folder (created; it appears only when complete).
+        progress: called after each output tensor is written.
+        **options: any other :class:`~mergeflow.spec.MergeSpec` field (``dtype``,
+            ``max_shard_size``, ``tokenizer``, ``overwrite``, ``device``, ...).
+
+    Returns:
+        A :class:`MergeReport`; ``status`` is "up-to-date" when ``out`` already held this merge.
+
+    Raises:
+        InputError: bad inputs or output location (nothing is written).
+        MergeError: any other failure (the output folder is left untouched).
+    """
+    spec = MergeSpec(base=str(base), adapter=str(adapter), out=str(out), **options)
+    prepared = prepare(spec)
+    if prepared.up_to_date:
+        return up_to_date_report(prepared)
+    plan = MergePlan.load(Path(prepared.plan_path))
+    source = open_source(plan, device=spec.device)
+    results = [run_shard(prepared.plan_path, i, spec.device, source, progress)
+               for i in range(len(plan.shards))]
+    return finalize(prepared, results)
+

@@ -1,0 +1,105 @@
+"""The ``mergeflow`` command.
+
+Exit codes: 0 success, 2 bad input (a one-line message naming the file or key and the fix),
+1 any other failure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+from mergeflow import api
+from mergeflow.errors import InputError, MergeError
+from mergeflow.plan import MergePlan
+from mergeflow.spec import MergeSpec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Merge LoRA adapters into base models and publish SafeTensors checkpoints.")
+err = Console(stderr=True)
+out = Console()
+
+@app.callback()
+def main() -> None:
+    """Mergeflow: streaming LoRA merges."""
+
+
+def _run(spec: MergeSpec) -> api.MergeReport:
+    prepared = api.prepare(spec)
+    if prepared.up_to_date:
+        return api.up_to_date_report(prepared)
+    plan = MergePlan.load(Path(prepared.plan_path))
+    source = api.open_source(plan, device=spec.device)
+    results = []
+    columns = [TextColumn("[bold]merging"), BarColumn(),
+               TextColumn("{task.fields[tensors]}/%d tensors" % prepared.tensor_count),
+               DownloadColumn()]
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("merge", total=prepared.total_size, tensors=0)
+
+        def advance(tensor: api.TensorPlan) -> None:
+            bar.update(task, advance=tensor.nbytes,
+                       tensors=bar.tasks[0].fields["tensors"] + 1)
+
+        for i in range(len(plan.shards)):
+            results.append(api.run_shard(prepared.plan_path, i, spec.device, source, advance))
+    return api.finalize(prepared, results)
+
+
+@app.command()
+def merge(
+    base: Annotated[Path, typer.Option(help="Base model folder.")],
+    adapter: Annotated[Path, typer.Option(help="PEFT LoRA adapter folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder (appears when complete).")],
+    dtype: Annotated[str, typer.Option(help="auto | bfloat16 | float16 | float32")] = "auto",
+    max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB.")] = "5GB",
+    tokenizer: Annotated[Path | None, typer.Option(
+        help="Tokenizer folder (default: the adapter's, else the base's).")] = None,
+    no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help="Write no tokenizer files.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace a different finished output.")] = False,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+) -> None:
+    """Merge ADAPTER into BASE and write a SafeTensors checkpoint to OUT."""
+    try:
+        spec = MergeSpec(base=str(base), adapter=str(adapter), out=str(out), dtype=dtype,
+                         max_shard_size=max_shard_size,
+                         tokenizer=str(tokenizer) if tokenizer else None,
+                         no_tokenizer=no_tokenizer, overwrite=overwrite, device=device)
+    except ValueError as exc:
+        _fail(2, "invalid options: " + "; ".join(
+            f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+            for e in exc.errors()))
+    try:
+        report = _run(spec)
+    except InputError as exc:
+        _fail(2, str(exc))
+    except MergeError as exc:
+        _fail(1, str(exc))
+    _print_report(report)
+
+
+def _fail(code: int, message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _print_report(report: api.MergeReport) -> None:
+    if report.status == "up-to-date":
+        out.print(f"{report.out} already holds this merge; nothing to do.")
+        return
+    out.print(f"[bold green]merged[/] {report.lora_modules} {report.variant} modules "
+              f"({report.replaced_tensors} tensors replaced, {report.lora_biases} LoRA biases) "
+              f"into {report.tensors} tensors, {report.total_size / 1e9:.2f} GB {report.dtype} "
+              f"in {report.shards} shard(s)")
+    for note in report.notes:
+        out.print(f"  - {note}")
+    out.print(f"output: {report.out}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,46 @@
+"""Mergeflow's error hierarchy.
+
+Two families matter to callers:
+
+* :class:`InputError` and its subclasses are *permanent*: the request or its files are wrong, and
+  retrying cannot help. The CLI exits with code 2 and prints the one-line message, which names the
+  file or key at fault and says what to do.
+* :class:`TransientError` is the only *retryable* family (network, throttling, a busy disk).
+  Orchestrators retry these and nothing else.
+
+Everything else Mergeflow raises is a plain :class:`MergeError` (exit code 1).
+"""
+
+from __future__ import annotations
+
+
+class MergeError(Exception):
+    """Base class of every error Mergeflow raises on purpose."""
+
+
+class TransientError(MergeError):
+    """A failure that may succeed when retried (network, throttling, timeouts)."""
+
+
+class InputError(MergeError):
+    """A permanent problem with the request or its input files (CLI exit code 2)."""
+
+
+class CheckpointError(InputError):
+    """A base checkpoint file or index is missing, corrupt or inconsistent."""
+
+
+class AdapterError(InputError):
+    """The adapter's config or weights are unreadable, unsupported or inconsistent."""
+
+
+class PlanError(InputError):
+    """The adapter does not fit the base (missing module, shape mismatch, vocab conflict)."""
+
+
+class OutputError(InputError):
+    """The output location cannot be used (not empty, inside an input, owned by another merge)."""
+
+
+class VerificationError(MergeError):
+    """A written output failed its checks (checksums, completeness, numerics)."""

@@ -1,0 +1,126 @@
+"""Tiny real models, tokenizers and adapters, built locally.
+
+Used by the demo, the tests and the benchmarks: nothing here downloads anything. Models are real
+``transformers`` architectures with random weights; adapters are real PEFT adapters with random
+(non-zero) LoRA weights, saved the way a training run saves them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    Phi3Config,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def save_tokenizer(folder: Path | str, vocab_size: int, extra_tokens: int = 0) -> Path:
+    """A word-level tokenizer with ``vocab_size`` tokens (+ ``extra_tokens`` added special ones),
+    special tokens and a chat template, saved with ``save_pretrained``."""
+    folder = Path(folder)
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for i in range(len(specials), vocab_size):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+    if extra_tokens:
+        fast.add_special_tokens(
+            {"additional_special_tokens": [f"<|extra_{i}|>" for i in range(extra_tokens)]})
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return folder
+
+
+def _small(**overrides) -> dict:
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    kw.update(overrides)
+    return kw
+
+
+def model_config(arch: str, **overrides):
+    """A tiny config of one architecture: llama, qwen2 (biases), gpt2 (Conv1D), phi3 (fused)."""
+    if arch == "llama":
+        return LlamaConfig(**_small(tie_word_embeddings=False, **overrides))
+    if arch == "qwen2":
+        return Qwen2Config(**_small(tie_word_embeddings=True, **overrides))
+    if arch == "phi3":
+        return Phi3Config(**_small(tie_word_embeddings=False, pad_token_id=0, **overrides))
+    if arch == "gpt2":
+        kw = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+        kw.update(overrides)
+        return GPT2Config(**kw)
+    raise ValueError(f"unknown architecture {arch!r}")
+
+
+def build_base(folder: Path | str, arch: str = "llama", *, dtype: torch.dtype = torch.float32,
+               seed: int = 0, max_shard_size: str | None = None, tokenizer: bool = True,
+               **overrides) -> Path:
+    """Build and save a tiny random model (and its tokenizer) with ``save_pretrained``."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    config = model_config(arch, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    if tokenizer:
+        save_tokenizer(folder, config.vocab_size)
+    return folder
+
+
+def _randomize_trained_parts(peft_model, seed: int) -> None:
+    """Give every trainable tensor a non-trivial value, as a training run would."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if not param.requires_grad:
+                continue
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.1 * noise.to(param.dtype))
+            elif "lora_" in name:
+                continue  # init_lora_weights=False already made A and B random
+            else:
+                param.add_(0.05 * noise.to(param.dtype))
+        for name, param in peft_model.named_parameters():
+            if name.endswith("lora_B.default.bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+
+
+def build_adapter(base: Path | str, folder: Path | str, *, seed: int = 0,
+                  save_tokenizer_too: bool = False, **lora_kwargs) -> Path:
+    """Train-free adapter: PEFT's ``get_peft_model`` with random LoRA weights, saved by PEFT.
+
+    ``lora_kwargs`` go to ``LoraConfig`` (``init_lora_weights`` defaults to False so B != 0).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    lora_kwargs.setdefault("init_lora_weights", False)
+    lora_kwargs.setdefault("r", 4)
+    lora_kwargs.setdefault("lora_alpha", 8)
+    peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
+    _randomize_trained_parts(peft_model, seed)
+    peft_model.save_pretrained(folder)
+    if save_tokenizer_too:
+        for name in Path(base).iterdir():
+            if name.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                (folder / name.name).write_bytes(name.read_bytes())
+    return folder
