@@ -36,7 +36,7 @@ def _run(spec: MergeSpec) -> api.MergeReport:
     source = api.open_source(plan, device=spec.device)
     results = []
     columns = [TextColumn("[bold]merging"), BarColumn(),
-               TextColumn("{task.fields[tensors]}/%d tensors" % prepared.tensor_count),
+               TextColumn(f"{{task.fields[tensors]}}/{prepared.tensor_count} tensors"),
                DownloadColumn()]
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task("merge", total=prepared.total_size, tensors=0)

@@ -41,10 +41,7 @@ class TensorSource:
 
     def produce(self, plan: TensorPlan) -> torch.Tensor:
         """The output tensor for one plan entry, on the CPU, in the planned dtype."""
-        if plan.from_adapter:
-            tensor = self.adapter.read(plan.source)
-        else:
-            tensor = self.base.read(plan.source)
+        tensor = self.adapter.read(plan.source) if plan.from_adapter else self.base.read(plan.source)
         if plan.lora is None and plan.lora_bias is None:
             return tensor.to(DTYPES[plan.dtype])
         tensor = tensor.to(self.device)

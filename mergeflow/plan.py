@@ -250,7 +250,7 @@ def shard(tensors: list[TensorPlan], max_shard_size: int) -> list[ShardPlan]:
     n = len(groups)
     names = ["model.safetensors"] if n == 1 else [
         f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    return [ShardPlan(filename=f, tensors=g) for f, g in zip(names, groups)]
+    return [ShardPlan(filename=f, tensors=g) for f, g in zip(names, groups, strict=False)]
 
 
 __all__ = ["DTYPE_NAMES", "MergePlan", "Planner", "ShardPlan", "TensorPlan", "parse_size"]
