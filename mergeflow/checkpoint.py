@@ -84,7 +84,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             infos = {}
-            for key in f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 sl = f.get_slice(key)
                 dtype = sl.get_dtype()
                 if dtype not in DTYPES:
