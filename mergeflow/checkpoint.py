@@ -175,3 +175,23 @@ class Checkpoint:
                 return f.get_tensor(name)
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{path}: cannot read tensor '{name}' ({exc})") from exc
+
+    def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read several tensors (CPU), opening each shard once; e.g. a weight and its siblings.
+
+        Raises:
+            CheckpointError: a tensor's bytes cannot be read.
+        """
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.tensors[name].file, []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for file, keys in by_file.items():
+            path = self.folder / file
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for key in keys:
+                        out[key] = f.get_tensor(key)
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{path}: cannot read tensors {keys} ({exc})") from exc
+        return {name: out[name] for name in names}
