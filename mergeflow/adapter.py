@@ -87,6 +87,11 @@ class Adapter:
     weights_file: str
     modules: dict[str, LoraModule] = field(default_factory=dict)
     replacements: dict[str, str] = field(default_factory=dict)  # base key -> adapter key
+    # Replacements saved from a LoRA layer's ``base_layer`` (PEFT saves the base embedding/head
+    # when it adapts them): the base weight as trained against, not a trained copy.
+    base_layer: set[str] = field(default_factory=set)
+    # Extra saved copies of a tensor that has a better source (key -> the key used instead).
+    redundant: dict[str, str] = field(default_factory=dict)
     token_deltas: dict[str, tuple[str, list[int]]] = field(default_factory=dict)
     _reader: Checkpoint | None = None
     _pickled: dict[str, torch.Tensor] | None = None
@@ -191,17 +196,39 @@ def _split_key(key: str, path: Path) -> tuple[str, str | None]:
     for suffix, part in LORA_SUFFIXES.items():
         if name.endswith(suffix):
             return name[: -len(suffix)], part
+    # Wrapper paths name the module's own tensors: ".base_layer." (a LoRA layer's base, e.g. a
+    # bias trained with bias="all", or the base embedding PEFT saves when it adapts embeddings),
+    # ".original_module." and ".modules_to_save." (some PEFT versions save these beside a
+    # modules_to_save copy). In the base the tensor has the module's own name.
+    for wrapper in WRAPPERS:
+        name = name.replace(wrapper, ".")
     return name, None
+
+
+# Saved-key wrapper infixes, by what the tensor is: the base weight or a trained copy.
+WRAPPERS = {".base_layer.": "base", ".original_module.": "base", ".modules_to_save.": "copy"}
+
+
+def _replacement_rank(key: str) -> int:
+    """Which of several saved tensors for one base tensor wins: a trained copy first."""
+    for wrapper, role in WRAPPERS.items():
+        if wrapper in key:
+            return 1 if role == "copy" else 2
+    return 0
 
 
 def _group_keys(adapter: Adapter, path: Path) -> None:
     parts: dict[str, dict[str, str]] = {}
-    for key in adapter.weights:
+    for key in sorted(adapter.weights, key=_replacement_rank):
         name, part = _split_key(key, path)
-        if part is None:
-            adapter.replacements[name] = key
-        else:
+        if part is not None:
             parts.setdefault(name, {})[part] = key
+        elif name in adapter.replacements:
+            adapter.redundant[key] = adapter.replacements[name]
+        else:
+            adapter.replacements[name] = key
+            if _replacement_rank(key) == 2:
+                adapter.base_layer.add(name)
     config = adapter.config
     for module, found in sorted(parts.items()):
         if "token_delta" in found:

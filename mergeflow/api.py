@@ -19,6 +19,7 @@ from mergeflow.checkpoint import Checkpoint
 from mergeflow.errors import InputError
 from mergeflow.execute import Progress, ShardResult, TensorSource, open_source, write_shard
 from mergeflow.hashing import HashCache, fingerprint_files, sha256_file
+from mergeflow.layout import read_layout
 from mergeflow.output import (
     INDEX_FILE,
     MANIFEST,
@@ -45,6 +46,7 @@ from mergeflow.plan import (
     resolve_dtype,
 )
 from mergeflow.spec import MergeSpec
+from mergeflow.vocab import set_config_field
 
 PLAN_FILE = "plan.json"
 DTYPE_LABELS = {v: k for k, v in DTYPE_CHOICES.items()}
@@ -97,6 +99,23 @@ def _resolve_tokenizer(spec: MergeSpec, adapter: Path, base: Path) -> Path | Non
     return folder
 
 
+def tokenizer_length(folder: Path) -> int:
+    """``len(tokenizer)``: the token ids the model must be able to embed."""
+    from transformers import AutoTokenizer
+
+    try:
+        return len(AutoTokenizer.from_pretrained(folder))
+    except Exception as exc:
+        raise InputError(f"{folder}: the tokenizer does not load ({exc}); "
+                         "pass a working one with --tokenizer") from exc
+
+
+def text_config(config: dict) -> dict:
+    """The part of config.json that describes the language model (nested in multimodal ones)."""
+    nested = config.get("text_config")
+    return nested if isinstance(nested, dict) else config
+
+
 def _input_fingerprints(base: Checkpoint, adapter: Adapter, tokenizer: Path | None) -> dict:
     cache = HashCache()
     base_files = [*base.files, "config.json", "generation_config.json", INDEX_FILE]
@@ -121,10 +140,17 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
     base = Checkpoint(base_dir)
     adapter = load_adapter(adapter_dir)
     dtype = resolve_dtype(spec.dtype, config, base)
-    plan = Planner(base, adapter, config, dtype, parse_size(spec.max_shard_size)).plan()
     tokenizer = _resolve_tokenizer(spec, adapter_dir, base_dir)
+    layout = read_layout(base_dir, set(base.tensors), config)
+    plan = Planner(base, adapter, layout, dtype, parse_size(spec.max_shard_size),
+                   tokenizer_len=tokenizer_length(tokenizer) if tokenizer else None,
+                   pad_to_multiple_of=spec.pad_vocab_to_multiple_of,
+                   allow_vocab_shrink=spec.allow_vocab_shrink,
+                   vocab_size=text_config(config).get("vocab_size")).plan()
     plan.inputs = _input_fingerprints(base, adapter, tokenizer)
     plan.options = {"dtype": dtype, "max_shard_size": parse_size(spec.max_shard_size),
+                    "pad_vocab_to_multiple_of": spec.pad_vocab_to_multiple_of,
+                    "allow_vocab_shrink": spec.allow_vocab_shrink,
                     "tokenizer": str(tokenizer) if tokenizer else None, "device": spec.device,
                     "mergeflow": __version__}
     fingerprint = plan.fingerprint()
@@ -202,6 +228,7 @@ def _report(plan: MergePlan, adapter_config: dict, out: str, status: str) -> Mer
         lora_modules=sum(t.lora is not None for t in tensors),
         replaced_tensors=sum(t.from_adapter for t in tensors),
         lora_biases=sum(t.lora_bias is not None for t in tensors), variant=variant,
+        notes=list(plan.notes),
     )
 
 
@@ -212,8 +239,10 @@ def finalize(prepared: PreparedMerge, results: list[ShardResult]) -> MergeReport
     base, adapter = Path(plan.base), Path(plan.adapter)
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     report = _report(plan, adapter_config, str(out), "merged")
-    write_json(staging / "config.json",
-               output_config(require_config(base), DTYPE_LABELS[plan.dtype]))
+    config = output_config(require_config(base), DTYPE_LABELS[plan.dtype])
+    for key, value in plan.config_updates.items():
+        set_config_field(config, key, value)
+    write_json(staging / "config.json", config)
     if (base / "generation_config.json").is_file():
         shutil.copyfile(base / "generation_config.json", staging / "generation_config.json")
     tokenizer = plan.options.get("tokenizer")

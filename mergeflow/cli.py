@@ -60,6 +60,10 @@ def merge(
     tokenizer: Annotated[Path | None, typer.Option(
         help="Tokenizer folder (default: the adapter's, else the base's).")] = None,
     no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help="Write no tokenizer files.")] = False,
+    pad_vocab_to_multiple_of: Annotated[int | None, typer.Option(
+        help="Round the vocabulary up to a multiple of N.")] = None,
+    allow_vocab_shrink: Annotated[bool, typer.Option(
+        "--allow-vocab-shrink", help="Allow fewer vocabulary rows than the base has.")] = False,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace a different finished output.")] = False,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
@@ -69,7 +73,9 @@ def merge(
         spec = MergeSpec(base=str(base), adapter=str(adapter), out=str(out), dtype=dtype,
                          max_shard_size=max_shard_size,
                          tokenizer=str(tokenizer) if tokenizer else None,
-                         no_tokenizer=no_tokenizer, overwrite=overwrite, device=device)
+                         no_tokenizer=no_tokenizer, overwrite=overwrite, device=device,
+                         pad_vocab_to_multiple_of=pad_vocab_to_multiple_of,
+                         allow_vocab_shrink=allow_vocab_shrink)
     except ValueError as exc:
         _fail(2, "invalid options: " + "; ".join(
             f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"

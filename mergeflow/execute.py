@@ -11,8 +11,9 @@ from pydantic import BaseModel
 from mergeflow.adapter import Adapter
 from mergeflow.checkpoint import DTYPES, Checkpoint
 from mergeflow.errors import AdapterError
-from mergeflow.lora import merge_bias, merge_linear
+from mergeflow.lora import embedding_delta, merge_bias, merge_linear
 from mergeflow.plan import MergePlan, ShardPlan, TensorPlan
+from mergeflow.vocab import resize_rows
 from mergeflow.writer import ShardWriter
 
 Progress = Callable[[TensorPlan], None]
@@ -29,11 +30,9 @@ class ShardResult(BaseModel):
 class TensorSource:
     """Produces output tensors for a plan from the base and the adapter, on one device."""
 
-    def __init__(self, base: Checkpoint, adapter: Adapter, fan_in_fan_out: bool,
-                 device: str = "cpu") -> None:
+    def __init__(self, base: Checkpoint, adapter: Adapter, device: str = "cpu") -> None:
         self.base = base
         self.adapter = adapter
-        self.fan_in_fan_out = fan_in_fan_out
         self.device = torch.device(device)
 
     def _adapter_tensor(self, key: str) -> torch.Tensor:
@@ -41,25 +40,44 @@ class TensorSource:
 
     def produce(self, plan: TensorPlan) -> torch.Tensor:
         """The output tensor for one plan entry, on the CPU, in the planned dtype."""
-        tensor = self.adapter.read(plan.source) if plan.from_adapter else self.base.read(plan.source)
-        if plan.lora is None and plan.lora_bias is None:
+        tensor = self._read_source(plan)
+        if not plan.computes:
             return tensor.to(DTYPES[plan.dtype])
         tensor = tensor.to(self.device)
+        if plan.rows is not None:
+            tensor = resize_rows(tensor, plan.rows)
         if plan.lora is not None:
-            spec = self.adapter.modules[plan.lora]
-            magnitude = self._adapter_tensor(spec.magnitude_key) if spec.magnitude_key else None
-            tensor = merge_linear(tensor, self._adapter_tensor(spec.a_key),
-                                  self._adapter_tensor(spec.b_key), spec.scale,
-                                  fan_in_fan_out=self.fan_in_fan_out, magnitude=magnitude)
+            tensor = self._merge_lora(tensor, plan)
+        if plan.embedding_lora is not None:
+            spec = self.adapter.modules[plan.embedding_lora]
+            delta = embedding_delta(self._adapter_tensor(spec.a_key),
+                                    self._adapter_tensor(spec.b_key), spec.scale)
+            tensor = tensor.float() + delta  # (rows, dim)
         if plan.lora_bias is not None:
             spec = self.adapter.modules[plan.lora_bias]
             tensor = merge_bias(tensor, self._adapter_tensor(spec.bias_key), spec.scale)
+        if plan.token_rows is not None:
+            key, indices = self.adapter.token_deltas[plan.token_rows]
+            tensor = tensor.float().clone()
+            tensor[torch.tensor(indices, device=self.device)] = self._adapter_tensor(key).float()
         if not bool(torch.isfinite(tensor).all()):
             raise AdapterError(
-                f"merged tensor '{plan.name}' holds NaN or Inf; the adapter weights for "
-                f"'{plan.lora or plan.lora_bias}' are not finite. Check the training run"
+                f"merged tensor '{plan.name}' holds NaN or Inf; the adapter weights that change "
+                "it are not finite. Check the training run"
             )
         return tensor.to(DTYPES[plan.dtype]).cpu()
+
+    def _read_source(self, plan: TensorPlan) -> torch.Tensor:
+        if plan.from_adapter:
+            return self.adapter.read(plan.source)
+        return self.base.read(plan.source)
+
+    def _merge_lora(self, tensor: torch.Tensor, plan: TensorPlan) -> torch.Tensor:
+        spec = self.adapter.modules[plan.lora]
+        magnitude = self._adapter_tensor(spec.magnitude_key) if spec.magnitude_key else None
+        return merge_linear(tensor, self._adapter_tensor(spec.a_key),
+                            self._adapter_tensor(spec.b_key), spec.scale,
+                            fan_in_fan_out=plan.transposed, magnitude=magnitude)
 
 
 def write_shard(shard: ShardPlan, source: TensorSource, folder: Path,
@@ -78,5 +96,4 @@ def open_source(plan: MergePlan, adapter: Adapter | None = None, device: str = "
     """Open a plan's inputs (headers only) for executing its shards."""
     from mergeflow.adapter import load_adapter
 
-    return TensorSource(Checkpoint(plan.base), adapter or load_adapter(plan.adapter),
-                        plan.fan_in_fan_out, device)
+    return TensorSource(Checkpoint(plan.base), adapter or load_adapter(plan.adapter), device)

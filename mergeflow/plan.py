@@ -17,6 +17,8 @@ from pydantic import BaseModel
 from mergeflow.adapter import Adapter
 from mergeflow.checkpoint import DTYPE_NAMES, DTYPES, Checkpoint, TensorInfo
 from mergeflow.errors import InputError, PlanError
+from mergeflow.layout import ModelLayout
+from mergeflow.vocab import decide_rows
 
 PLAN_VERSION = 1
 DTYPE_CHOICES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -27,9 +29,10 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
 class TensorPlan(BaseModel):
     """How to produce one output tensor.
 
-    ``source`` is read from the base (or from the adapter when ``from_adapter``); then the LoRA
-    pair of module ``lora`` is merged in, or the ``lora_bias`` of module ``lora_bias`` is added;
-    the result is cast to ``dtype``.
+    Steps, in order: read ``source`` from the base (or from the adapter when ``from_adapter``);
+    resize it to ``rows`` rows; merge the LoRA pair of module ``lora`` (weight stored (in, out)
+    when ``transposed``) or the embedding LoRA of ``embedding_lora``; add the ``lora_bias`` of
+    that module; overwrite the trainable-token rows of ``token_rows``; cast to ``dtype``.
     """
 
     name: str
@@ -37,8 +40,23 @@ class TensorPlan(BaseModel):
     shape: list[int]
     source: str
     from_adapter: bool = False
+    rows: int | None = None
     lora: str | None = None
+    transposed: bool = False
+    embedding_lora: str | None = None
     lora_bias: str | None = None
+    token_rows: str | None = None
+
+    @property
+    def computes(self) -> bool:
+        """True when the tensor is more than a (possibly cast) copy of its source."""
+        return any(x is not None for x in (self.rows, self.lora, self.embedding_lora,
+                                           self.lora_bias, self.token_rows))
+
+    def steps(self) -> tuple:
+        """Everything that determines the values, the output name aside."""
+        return (self.source, self.from_adapter, self.rows, self.lora, self.transposed,
+                self.embedding_lora, self.lora_bias, self.token_rows, self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -66,8 +84,9 @@ class MergePlan(BaseModel):
     base: str
     adapter: str
     dtype: str
-    fan_in_fan_out: bool
     shards: list[ShardPlan]
+    config_updates: dict[str, object] = {}  # config.json fields to set (vocab size, tie flag)
+    notes: list[str] = []  # decisions taken, for the report
     inputs: dict[str, dict[str, str]] = {}  # "base"/"adapter" -> file -> sha256
     options: dict[str, object] = {}
 
@@ -127,24 +146,6 @@ def resolve_dtype(requested: str, config: dict, base: Checkpoint) -> str:
     return max(counts, key=counts.get) if counts else "BF16"
 
 
-def _check_lora_shapes(module: str, weight: TensorInfo, a: TensorInfo, b: TensorInfo,
-                       rank: int, fan_in_fan_out: bool, adapter_file: str) -> None:
-    if len(weight.shape) != 2:
-        raise PlanError(
-            f"{adapter_file}: LoRA on '{module}', whose weight has shape {list(weight.shape)}; "
-            "Mergeflow merges LoRA on linear layers (conv layers are not supported)"
-        )
-    out_f, in_f = reversed(weight.shape) if fan_in_fan_out else weight.shape
-    if a.shape != (rank, in_f) or b.shape != (out_f, rank):
-        hint = " (is fan_in_fan_out set right?)" if {a.shape[1], b.shape[0]} == {in_f, out_f} else ""
-        raise PlanError(
-            f"{adapter_file}: '{module}' has lora_A {list(a.shape)} and lora_B {list(b.shape)}, "
-            f"but the base weight is {list(weight.shape)} and r={rank}: expected lora_A "
-            f"[{rank}, {in_f}] and lora_B [{out_f}, {rank}]{hint}. "
-            "Was the adapter trained on another base model?"
-        )
-
-
 def _expected_targets(adapter: Adapter, base: Checkpoint) -> set[str]:
     """Base modules the adapter config says were adapted (PEFT's own matching rule)."""
     targets = adapter.config.target_modules
@@ -155,74 +156,260 @@ def _expected_targets(adapter: Adapter, base: Checkpoint) -> set[str]:
     return {m for m in modules if check_target_module_exists(adapter.config, m)}
 
 
-class Planner:
-    """Builds and validates a :class:`MergePlan` from headers alone."""
+def _module(tensor_name: str) -> str:
+    return tensor_name.rsplit(".", 1)[0]
 
-    def __init__(self, base: Checkpoint, adapter: Adapter, config: dict, dtype: str,
-                 max_shard_size: int) -> None:
+
+class Planner:
+    """Builds and validates a :class:`MergePlan` from headers alone.
+
+    Args:
+        base: the base checkpoint (headers).
+        adapter: the parsed adapter.
+        layout: embedding/head/tie/Conv1D facts of the base architecture.
+        dtype: output float dtype (safetensors name).
+        max_shard_size: largest output shard in bytes.
+        tokenizer_len: length of the tokenizer that ships with the output, if any.
+        pad_to_multiple_of: round the vocabulary up to a multiple of this.
+        allow_vocab_shrink: permit a vocabulary smaller than the base's.
+        vocab_size: the base config's ``vocab_size``, if it declares one.
+    """
+
+    def __init__(self, base: Checkpoint, adapter: Adapter, layout: ModelLayout, dtype: str,
+                 max_shard_size: int, tokenizer_len: int | None = None,
+                 pad_to_multiple_of: int | None = None, allow_vocab_shrink: bool = False,
+                 vocab_size: int | None = None) -> None:
         self.base = base
         self.adapter = adapter
-        self.config = config
+        self.layout = layout
         self.dtype = dtype
         self.max_shard_size = max_shard_size
-        self.fan_in_fan_out = bool(adapter.config.fan_in_fan_out)
+        self.tokenizer_len = tokenizer_len
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.allow_vocab_shrink = allow_vocab_shrink
+        self.vocab_size = vocab_size
         self.adapter_file = str(adapter.folder / adapter.weights_file)
+        self.consumed: set[str] = set()  # adapter keys that found their place in the plan
+        self.config_updates: dict[str, object] = {}
+        self.notes: list[str] = []
 
     def plan(self) -> MergePlan:
         """Plan every output tensor, check that all adapter weights were used, cut shards."""
-        self._refuse_embedding_changes()
-        lora_for = {f"{m}.weight": m for m in self.adapter.modules}
+        planned = self._plan_vocab()
+        lora_for = {f"{m}.weight": m for m, s in self.adapter.modules.items() if s.kind == "linear"}
         bias_for = {f"{m}.bias": m for m, s in self.adapter.modules.items() if s.bias_key}
-        tensors = []
-        for name in sorted(self.base.tensors, key=natural_key):
-            tensors.append(self._plan_tensor(name, lora_for.get(name), bias_for.get(name)))
-        self._check_everything_used(set(lora_for), set(bias_for))
+        for name in self.base.tensors:
+            if name not in planned and name not in self._skipped:
+                planned[name] = self._plan_tensor(name, lora_for.get(name), bias_for.get(name))
+        self._check_everything_used()
         self._check_targets_present()
-        return MergePlan(
-            base=str(self.base.folder),
-            adapter=str(self.adapter.folder),
-            dtype=self.dtype,
-            fan_in_fan_out=self.fan_in_fan_out,
-            shards=shard(tensors, self.max_shard_size),
-        )
+        tensors = [planned[n] for n in sorted(planned, key=natural_key)]
+        return MergePlan(base=str(self.base.folder), adapter=str(self.adapter.folder),
+                         dtype=self.dtype, shards=shard(tensors, self.max_shard_size),
+                         config_updates=self.config_updates, notes=self.notes)
 
-    def _refuse_embedding_changes(self) -> None:
-        embedding = [m for m, s in self.adapter.modules.items() if s.kind == "embedding"]
-        touched = embedding + list(self.adapter.token_deltas)
-        if touched:
-            raise PlanError(
-                f"{self.adapter_file}: the adapter changes embeddings ({', '.join(touched)}); "
-                "merging embedding LoRA and trainable tokens is not supported yet"
-            )
+    # -- ordinary tensors -------------------------------------------------------------------
+
+    def _transposed(self, module: str) -> bool:
+        if self.layout.conv1d or self.layout.embed is not None:
+            return module in self.layout.conv1d
+        return bool(self.adapter.config.fan_in_fan_out)
+
+    def _source(self, name: str) -> tuple[str, bool, TensorInfo]:
+        """Where a tensor's starting value comes from: an adapter replacement, else the base."""
+        key = self.adapter.replacements.get(name)
+        if key is not None:
+            self.consumed.add(key)
+            return key, True, self.adapter.weights[key]
+        return name, False, self.base.tensors[name]
 
     def _plan_tensor(self, name: str, lora: str | None, lora_bias: str | None) -> TensorPlan:
+        source, from_adapter, src = self._source(name)
         info = self.base.tensors[name]
-        replacement = self.adapter.replacements.get(name)
-        source, from_adapter = name, False
-        if replacement is not None:
-            new = self.adapter.weights[replacement]
-            if new.shape != info.shape:
-                raise PlanError(
-                    f"{self.adapter_file}: '{replacement}' has shape {list(new.shape)} but the "
-                    f"base's '{name}' is {list(info.shape)}; was the adapter trained on another base?"
-                )
-            source, from_adapter = replacement, True
+        if src.shape != info.shape:
+            raise PlanError(
+                f"{self.adapter_file}: '{source}' has shape {list(src.shape)} but the base's "
+                f"'{name}' is {list(info.shape)}; was the adapter trained on another base?")
+        transposed = False
         if lora is not None:
-            spec = self.adapter.modules[lora]
-            _check_lora_shapes(lora, info, self.adapter.weights[spec.a_key],
-                               self.adapter.weights[spec.b_key], spec.rank,
-                               self.fan_in_fan_out, self.adapter_file)
+            transposed = self._transposed(lora)
+            self._check_lora(lora, info.shape, transposed)
+        if lora_bias is not None:
+            self.consumed.add(self.adapter.modules[lora_bias].bias_key)
         dtype = self.dtype if info.is_float else info.dtype
         return TensorPlan(name=name, dtype=dtype, shape=list(info.shape), source=source,
-                          from_adapter=from_adapter, lora=lora, lora_bias=lora_bias)
+                          from_adapter=from_adapter, lora=lora, transposed=transposed,
+                          lora_bias=lora_bias)
 
-    def _check_everything_used(self, lora_weights: set[str], lora_biases: set[str]) -> None:
-        for name in sorted(lora_weights | lora_biases | set(self.adapter.replacements)):
-            if name not in self.base.tensors:
+    def _check_lora(self, module: str, shape: tuple[int, ...], transposed: bool) -> None:
+        spec = self.adapter.modules[module]
+        a, b = self.adapter.weights[spec.a_key], self.adapter.weights[spec.b_key]
+        self.consumed.update(k for k in (spec.a_key, spec.b_key, spec.magnitude_key) if k)
+        if len(shape) != 2:
+            raise PlanError(
+                f"{self.adapter_file}: LoRA on '{module}', whose weight has shape {list(shape)}; "
+                "Mergeflow merges LoRA on linear layers (conv layers are not supported)")
+        out_f, in_f = (shape[1], shape[0]) if transposed else shape
+        if a.shape != (spec.rank, in_f) or b.shape != (out_f, spec.rank):
+            raise PlanError(
+                f"{self.adapter_file}: '{module}' has lora_A {list(a.shape)} and lora_B "
+                f"{list(b.shape)}, but the base weight is {list(shape)} and r={spec.rank}: "
+                f"expected lora_A [{spec.rank}, {in_f}] and lora_B [{out_f}, {spec.rank}]. "
+                "Was the adapter trained on another base model?")
+
+    # -- embedding and head -----------------------------------------------------------------
+
+    @property
+    def _skipped(self) -> set[str]:
+        """Base tensors not written as themselves: a tied head stored anyway."""
+        lay = self.layout
+        return {lay.head} if lay.tied and lay.head else set()
+
+    def _vocab_touched(self) -> list[str]:
+        lay = self.layout
+        names = {n for n in (lay.embed, lay.head) if n}
+        touched = [m for m, s in self.adapter.modules.items() if s.kind == "embedding"]
+        touched += [m for m in self.adapter.modules if f"{m}.weight" in names]
+        touched += list(self.adapter.token_deltas)
+        touched += [n for n in self.adapter.replacements if n in names]
+        return touched
+
+    def _plan_vocab(self) -> dict[str, TensorPlan]:
+        lay = self.layout
+        if lay.embed is None or lay.embed not in self.base.tensors:
+            touched = self._vocab_touched()
+            if touched:
                 raise PlanError(
-                    f"{self.adapter_file}: the adapter changes '{name}', which the base at "
-                    f"{self.base.folder} does not have; was the adapter trained on another base?"
-                )
+                    f"{self.adapter_file}: the adapter changes {', '.join(touched)}, but "
+                    "Mergeflow cannot identify this architecture's embedding and head")
+            return {}
+        rows = self._decide_rows()
+        embed = self._table(lay.embed, rows, lay.embed)
+        plans = {lay.embed: embed}
+        if lay.head is None:
+            return plans
+        if not lay.tied:
+            plans[lay.head] = self._table(lay.head, rows, lay.head)
+            return plans
+        head = self._tied_head(rows)
+        if head.steps() == embed.steps():
+            self.notes.append(f"{lay.head} stays tied to {lay.embed}: the adapter changes "
+                              "neither of them differently")
+        else:
+            plans[lay.head] = head
+            self.config_updates["tie_word_embeddings"] = False
+            self.notes.append(f"{lay.head} untied from {lay.embed} and written separately "
+                              f"({self._untie_reason(head)}); tie_word_embeddings=false")
+        return plans
+
+    def _untie_reason(self, head: TensorPlan) -> str:
+        if head.lora:
+            return "the adapter has LoRA on the head"
+        if self.layout.head in self.adapter.replacements:
+            return "the adapter trained its own head"
+        return "the adapter changed the embedding, while the live head reads the base embedding"
+
+    def _decide_rows(self) -> int:
+        lay, a = self.layout, self.adapter
+        base_rows = self.base.tensors[lay.embed].shape[0]
+        trained: dict[str, int] = {}
+        for name in (lay.embed, lay.head):
+            key = a.replacements.get(name) if name else None
+            if key is not None:
+                trained[key] = a.weights[key].shape[0]
+        embed_lora = a.modules.get(_module(lay.embed))
+        if embed_lora is not None:
+            if embed_lora.kind != "embedding":
+                raise PlanError(f"{self.adapter_file}: '{embed_lora.module}' is an embedding "
+                                "but its LoRA weights are saved as a linear layer's")
+            trained[embed_lora.a_key] = a.weights[embed_lora.a_key].shape[1]
+        head_lora = a.modules.get(_module(lay.head)) if lay.head else None
+        if head_lora is not None:
+            trained[head_lora.b_key] = a.weights[head_lora.b_key].shape[0]
+        rows, notes = decide_rows(base_rows, trained, self.tokenizer_len,
+                                  self.pad_to_multiple_of, self.allow_vocab_shrink)
+        self.notes.extend(notes)
+        if rows != base_rows or (self.vocab_size is not None and rows != self.vocab_size):
+            self.config_updates["vocab_size"] = rows
+        return rows
+
+    def _table(self, name: str, rows: int, base_name: str,
+               tied_tokens: str | None = None) -> TensorPlan:
+        """Plan the embedding or (untied) head table: source, resize, LoRA, token rows."""
+        a = self.adapter
+        module = _module(name)
+        key = a.replacements.get(name)
+        if key is not None:
+            source, from_adapter, src = key, True, a.weights[key]
+            self.consumed.add(key)
+        else:
+            source, from_adapter, src = base_name, False, self.base.tensors[base_name]
+        dim = self.base.tensors[base_name].shape[1]
+        if len(src.shape) != 2 or src.shape[1] != dim:
+            raise PlanError(f"{self.adapter_file}: '{source}' has shape {list(src.shape)}, but "
+                            f"the base's rows are {dim} wide; was it trained on another base?")
+        spec = a.modules.get(module)
+        lora = embedding_lora = None
+        if spec is not None and spec.kind == "embedding":
+            embedding_lora = module
+            self.consumed.update((spec.a_key, spec.b_key))
+        elif spec is not None:
+            lora = module
+            self._check_lora(module, (rows, dim), False)
+        tokens = module if module in a.token_deltas else tied_tokens
+        if tokens is not None:
+            self._check_tokens(tokens, rows, dim)
+        return TensorPlan(name=name, dtype=self.dtype, shape=[rows, dim], source=source,
+                          from_adapter=from_adapter,
+                          rows=rows if src.shape[0] != rows else None, lora=lora,
+                          embedding_lora=embedding_lora, token_rows=tokens)
+
+    def _tied_head(self, rows: int) -> TensorPlan:
+        """The head of a tied base as the live adapter computes it.
+
+        PEFT's head on a tied model reads the embedding's *base* weight: a trained
+        ``modules_to_save`` copy or LoRA of the embedding does not reach it, while trainable
+        tokens do (PEFT ties those).
+        """
+        lay, a = self.layout, self.adapter
+        if a.config.ensure_weight_tying:
+            raise PlanError(f"{self.adapter_file}: ensure_weight_tying=True on a tied base is "
+                            "not supported yet; merge an adapter saved without it")
+        embed_module = _module(lay.embed)
+        tied_tokens = embed_module if embed_module in a.token_deltas else None
+        plan = self._table(lay.head, rows, lay.embed, tied_tokens)
+        if lay.head not in a.replacements and lay.embed in a.base_layer:
+            key = a.replacements[lay.embed]  # PEFT saved the (possibly resized) base embedding
+            plan.source, plan.from_adapter = key, True
+            plan.rows = rows if a.weights[key].shape[0] != rows else None
+        return plan
+
+    def _check_tokens(self, module: str, rows: int, dim: int) -> None:
+        key, indices = self.adapter.token_deltas[module]
+        self.consumed.add(key)
+        delta = self.adapter.weights[key]
+        if delta.shape != (len(indices), dim):
+            raise PlanError(f"{self.adapter_file}: '{key}' has shape {list(delta.shape)}, "
+                            f"expected [{len(indices)}, {dim}] for trainable tokens {indices}")
+        bad = [i for i in indices if not 0 <= i < rows]
+        if bad:
+            raise PlanError(f"adapter_config.json: trainable token indices {bad} are outside "
+                            f"the {rows}-row vocabulary")
+
+    # -- completeness -----------------------------------------------------------------------
+
+    def _check_everything_used(self) -> None:
+        extra = sorted(k for k, used in self.adapter.redundant.items() if used in self.consumed)
+        if extra:
+            self.consumed.update(extra)
+            self.notes.append(f"{len(extra)} extra saved copies of modules_to_save tensors were "
+                              f"not needed (e.g. '{extra[0]}'); the plain copies were merged")
+        unused = sorted(set(self.adapter.weights) - self.consumed)
+        if unused:
+            raise PlanError(
+                f"{self.adapter_file}: '{unused[0]}' ({len(unused)} tensor(s) in all) has no "
+                f"place in the base at {self.base.folder}; was the adapter trained on another "
+                "base, or does it adapt a layer type Mergeflow cannot merge?")
 
     def _check_targets_present(self) -> None:
         missing = sorted(_expected_targets(self.adapter, self.base) - set(self.adapter.modules))

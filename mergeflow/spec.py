@@ -25,6 +25,10 @@ class MergeSpec(BaseModel):
         None, description="Tokenizer folder to ship; default: the adapter's, else the base's.")
     no_tokenizer: bool = Field(
         False, description="Write no tokenizer files (otherwise a missing tokenizer is an error).")
+    pad_vocab_to_multiple_of: int | None = Field(
+        None, ge=1, le=4096, description="Round the vocabulary up to a multiple of this.")
+    allow_vocab_shrink: bool = Field(
+        False, description="Allow a merged vocabulary smaller than the base's.")
     overwrite: bool = Field(
         False, description="Replace a finished output made from other inputs or options.")
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the merge math runs.")
