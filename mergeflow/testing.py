@@ -83,6 +83,42 @@ def build_base(folder: Path | str, arch: str = "llama", *, dtype: torch.dtype = 
     return folder
 
 
+def build_quantized_base(original: Path | str, folder: Path | str, *, bits: int = 4,
+                         quant_type: str = "nf4", double_quant: bool = False,
+                         compute_dtype: torch.dtype = torch.float32,
+                         max_shard_size: str | None = None) -> Path:
+    """Quantize a saved model with bitsandbytes, as ``from_pretrained(quantization_config=...)``
+    does, and save the quantized checkpoint (tokenizer files copied along).
+
+    Args:
+        original: a full-precision model folder (e.g. from :func:`build_base`); hidden sizes
+            must be multiples of 64 for bitsandbytes' CPU 4-bit forward pass.
+        folder: where to save the quantized model.
+        bits: 4 (``load_in_4bit``) or 8 (``load_in_8bit``, LLM.int8).
+        quant_type, double_quant, compute_dtype: the ``bnb_4bit_*`` settings (4-bit only).
+        max_shard_size: shard the quantized save (e.g. "100KB").
+    """
+    from transformers import BitsAndBytesConfig
+
+    original, folder = Path(original), Path(folder)
+    if bits == 4:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                    bnb_4bit_use_double_quant=double_quant,
+                                    bnb_4bit_compute_dtype=compute_dtype)
+    elif bits == 8:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        raise ValueError(f"bits must be 4 or 8, not {bits}")
+    model = AutoModelForCausalLM.from_pretrained(original, quantization_config=config,
+                                                 device_map="cpu")
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    for path in original.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
 def _randomize_trained_parts(peft_model, seed: int) -> None:
     """Give every trainable tensor a non-trivial value, as a training run would."""
     gen = torch.Generator().manual_seed(seed + 1)
