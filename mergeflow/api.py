@@ -45,6 +45,7 @@ from mergeflow.plan import (
     parse_size,
     resolve_dtype,
 )
+from mergeflow.quant import QuantizedBase, detect
 from mergeflow.spec import MergeSpec
 from mergeflow.vocab import set_config_field
 
@@ -79,6 +80,7 @@ class MergeReport(BaseModel):
     lora_biases: int
     variant: str
     notes: list[str] = []
+    save_method: str = "merged_16bit"
 
 
 def _resolve_tokenizer(spec: MergeSpec, adapter: Path, base: Path) -> Path | None:
@@ -116,7 +118,8 @@ def text_config(config: dict) -> dict:
     return nested if isinstance(nested, dict) else config
 
 
-def _input_fingerprints(base: Checkpoint, adapter: Adapter, tokenizer: Path | None) -> dict:
+def _input_fingerprints(base: Checkpoint, adapter: Adapter, tokenizer: Path | None,
+                        original: Checkpoint | None = None) -> dict:
     cache = HashCache()
     base_files = [*base.files, "config.json", "generation_config.json", INDEX_FILE]
     adapter_files = [adapter.weights_file, "adapter_config.json"]
@@ -124,6 +127,9 @@ def _input_fingerprints(base: Checkpoint, adapter: Adapter, tokenizer: Path | No
               "adapter": fingerprint_files(adapter.folder, adapter_files, cache)}
     if tokenizer is not None:
         inputs["tokenizer"] = fingerprint_files(tokenizer, list(TOKENIZER_FILES), cache)
+    if original is not None:
+        inputs["original"] = fingerprint_files(
+            original.folder, [*original.files, "config.json", INDEX_FILE], cache)
     cache.save()
     return inputs
 
@@ -135,23 +141,32 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
         InputError: any problem with the inputs or the output location, before a byte is written.
     """
     base_dir, adapter_dir, out = Path(spec.base), Path(spec.adapter), Path(spec.out)
-    check_output_location(out, [base_dir, adapter_dir])
+    _check_method_options(spec)
+    original_dir = Path(spec.original_base) if spec.original_base else None
+    check_output_location(out, [base_dir, adapter_dir, *([original_dir] if original_dir else [])])
     config = require_config(base_dir)
     base = Checkpoint(base_dir)
+    quantized = detect(config, base)
+    _check_quantized_options(spec, quantized)
+    original, original_config = _open_original(original_dir)
     adapter = load_adapter(adapter_dir)
-    dtype = resolve_dtype(spec.dtype, config, base)
+    dtype = _output_dtype(spec, config, base, quantized, original, original_config)
     tokenizer = _resolve_tokenizer(spec, adapter_dir, base_dir)
-    layout = read_layout(base_dir, set(base.tensors), config)
+    view = quantized.logical_view(base) if quantized is not None else base
+    layout = read_layout(base_dir, set(view.tensors), config)
     plan = Planner(base, adapter, layout, dtype, parse_size(spec.max_shard_size),
                    tokenizer_len=tokenizer_length(tokenizer) if tokenizer else None,
                    pad_to_multiple_of=spec.pad_vocab_to_multiple_of,
                    allow_vocab_shrink=spec.allow_vocab_shrink,
-                   vocab_size=text_config(config).get("vocab_size")).plan()
-    plan.inputs = _input_fingerprints(base, adapter, tokenizer)
+                   vocab_size=text_config(config).get("vocab_size"),
+                   save_method=spec.save_method, original=original, quantized=quantized).plan()
+    plan.inputs = _input_fingerprints(base, adapter, tokenizer, original)
     plan.options = {"dtype": dtype, "max_shard_size": parse_size(spec.max_shard_size),
                     "pad_vocab_to_multiple_of": spec.pad_vocab_to_multiple_of,
                     "allow_vocab_shrink": spec.allow_vocab_shrink,
                     "tokenizer": str(tokenizer) if tokenizer else None, "device": spec.device,
+                    "save_method": spec.save_method, "merge_onto": spec.merge_onto,
+                    "original_base": str(original_dir) if original_dir else None,
                     "mergeflow": __version__}
     fingerprint = plan.fingerprint()
     up_to_date = check_existing_output(out, fingerprint, spec.overwrite)
@@ -162,6 +177,58 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                          plan_path=str(staging / STATE_DIR / PLAN_FILE), fingerprint=fingerprint,
                          up_to_date=up_to_date, shard_count=len(plan.shards),
                          tensor_count=plan.tensor_count, total_size=plan.total_size)
+
+
+def _check_method_options(spec: MergeSpec) -> None:
+    """--save-method / --merge-onto / --original-base combinations that cannot mean anything."""
+    if spec.merge_onto == "original" and not spec.original_base:
+        raise InputError("--merge-onto original needs --original-base PATH: the 16-bit checkpoint "
+                         "the quantized base was made from")
+    if spec.original_base and spec.merge_onto != "original":
+        raise InputError(f"--original-base {spec.original_base} is only read with --merge-onto "
+                         "original; add that, or drop --original-base")
+    if spec.save_method == "lora" and spec.merge_onto == "original":
+        raise InputError("--save-method lora exports the adapter unmerged, so --merge-onto "
+                         "original has nothing to do; drop one of them")
+
+
+def _check_quantized_options(spec: MergeSpec, quantized: QuantizedBase | None) -> None:
+    if quantized is not None:
+        return
+    if spec.merge_onto == "original":
+        raise InputError(f"--merge-onto original: the base {spec.base} is not quantized, so its "
+                         "weights are the original ones; drop --merge-onto and --original-base")
+    if spec.save_method == "merged_4bit":
+        raise InputError(f"--save-method merged_4bit re-quantizes with the base's own "
+                         f"bitsandbytes settings, but the base {spec.base} is not quantized "
+                         "(its config.json has no quantization_config); use merged_16bit")
+
+
+def _open_original(folder: Path | None) -> tuple[Checkpoint | None, dict]:
+    """The --original-base checkpoint (headers) and its config; it must not be quantized."""
+    if folder is None:
+        return None, {}
+    config = require_config(folder)
+    original = Checkpoint(folder)
+    if detect(config, original) is not None:
+        raise InputError(f"--original-base {folder}: is itself quantized; pass the 16-bit "
+                         "checkpoint the quantized base was made from")
+    return original, config
+
+
+def _output_dtype(spec: MergeSpec, config: dict, base: Checkpoint,
+                  quantized: QuantizedBase | None, original: Checkpoint | None,
+                  original_config: dict) -> str:
+    """``--dtype``, or for "auto": the base's own float dtype; merged onto an original, the
+    original's; a quantized base merged to 16 bits, its ``bnb_4bit_compute_dtype`` (bfloat16 for
+    an 8-bit base); merged_4bit keeps the base's unquantized tensors' dtype."""
+    if spec.dtype != "auto" or quantized is None:
+        return resolve_dtype(spec.dtype, config, base)
+    if original is not None:
+        return resolve_dtype("auto", original_config, original)
+    if spec.save_method == "merged_4bit":
+        return resolve_dtype("auto", config, quantized.logical_view(base))
+    return quantized.compute_dtype() or "BF16"
 
 
 def _prepare_staging(staging: Path, plan: MergePlan, fingerprint: str) -> None:
@@ -222,13 +289,20 @@ def _report(plan: MergePlan, adapter_config: dict, out: str, status: str) -> Mer
     variant = "DoRA" if adapter_config.get("use_dora") else "LoRA"
     if adapter_config.get("use_rslora"):
         variant = f"rs{variant}"
+    save_method = str(plan.options.get("save_method", "merged_16bit"))
+    if save_method == "lora":  # the adapter's own tensors, counted by their saved names
+        names = [t.name for t in tensors]
+        counts = (sum(n.endswith((".lora_A.weight", ".lora_embedding_A")) for n in names),
+                  sum("lora_" not in n and "token_adapter" not in n for n in names),
+                  sum(n.endswith(".lora_B.bias") for n in names))
+    else:
+        counts = (sum(t.lora is not None for t in tensors), sum(t.from_adapter for t in tensors),
+                  sum(t.lora_bias is not None for t in tensors))
     return MergeReport(
         out=out, status=status, dtype=DTYPE_LABELS.get(plan.dtype, plan.dtype),
-        shards=len(plan.shards), tensors=len(tensors), total_size=plan.total_size,
-        lora_modules=sum(t.lora is not None for t in tensors),
-        replaced_tensors=sum(t.from_adapter for t in tensors),
-        lora_biases=sum(t.lora_bias is not None for t in tensors), variant=variant,
-        notes=list(plan.notes),
+        shards=len(plan.shards), tensors=sum(len(t.outputs()) for t in tensors),
+        total_size=plan.total_size, lora_modules=counts[0], replaced_tensors=counts[1],
+        lora_biases=counts[2], variant=variant, notes=list(plan.notes), save_method=save_method,
     )
 
 
@@ -239,25 +313,36 @@ def finalize(prepared: PreparedMerge, results: list[ShardResult]) -> MergeReport
     base, adapter = Path(plan.base), Path(plan.adapter)
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     report = _report(plan, adapter_config, str(out), "merged")
-    config = output_config(require_config(base), DTYPE_LABELS[plan.dtype])
-    for key, value in plan.config_updates.items():
-        set_config_field(config, key, value)
-    write_json(staging / "config.json", config)
-    if (base / "generation_config.json").is_file():
-        shutil.copyfile(base / "generation_config.json", staging / "generation_config.json")
+    if report.save_method == "lora":
+        shutil.copyfile(adapter / "adapter_config.json", staging / "adapter_config.json")
+    else:
+        _write_model_config(plan, base, staging, keep_quantization=report.save_method == "merged_4bit")
     tokenizer = plan.options.get("tokenizer")
     if tokenizer:
         copy_tokenizer(Path(tokenizer), staging)
     if len(plan.shards) > 1:
         write_json(staging / INDEX_FILE, {
             "metadata": {"total_size": plan.total_size},
-            "weight_map": {t.name: s.filename for s in plan.shards for t in s.tensors},
+            "weight_map": {name: s.filename for s in plan.shards for t in s.tensors
+                           for name, _, _ in t.outputs()},
         })
     base_name = adapter_config.get("base_model_name_or_path") or base.name
-    (staging / "README.md").write_text(model_card(base_name, adapter.name, report.model_dump()))
+    (staging / "README.md").write_text(model_card(base_name, adapter.name, report.model_dump(),
+                                                  adapter_only=report.save_method == "lora"))
     _write_manifest(staging, plan, prepared.fingerprint, report, results)
     publish(staging, out)
     return report
+
+
+def _write_model_config(plan: MergePlan, base: Path, staging: Path, keep_quantization: bool) -> None:
+    """config.json (dtype, vocab and tie updates; quantization_config only for merged_4bit)
+    and generation_config.json of a merged model."""
+    config = output_config(require_config(base), DTYPE_LABELS[plan.dtype], keep_quantization)
+    for key, value in plan.config_updates.items():
+        set_config_field(config, key, value)
+    write_json(staging / "config.json", config)
+    if (base / "generation_config.json").is_file():
+        shutil.copyfile(base / "generation_config.json", staging / "generation_config.json")
 
 
 def _write_manifest(staging: Path, plan: MergePlan, fingerprint: str, report: MergeReport,
@@ -300,7 +385,9 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *,
         out: output folder (created; it appears only when complete).
         progress: called after each output tensor is written.
         **options: any other :class:`~mergeflow.spec.MergeSpec` field (``dtype``,
-            ``max_shard_size``, ``tokenizer``, ``overwrite``, ``device``, ...).
+            ``max_shard_size``, ``tokenizer``, ``overwrite``, ``device``, ``save_method``
+            ("merged_16bit" | "merged_4bit" | "lora"), ``merge_onto`` ("dequantized" |
+            "original"), ``original_base``, ...).
 
     Returns:
         A :class:`MergeReport`; ``status`` is "up-to-date" when ``out`` already held this merge.
@@ -309,6 +396,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *,
         InputError: bad inputs or output location (nothing is written).
         MergeError: any other failure (the output folder is left untouched).
     """
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
     spec = MergeSpec(base=str(base), adapter=str(adapter), out=str(out), **options)
     prepared = prepare(spec)
     if prepared.up_to_date:

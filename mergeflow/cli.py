@@ -66,7 +66,16 @@ def merge(
         "--allow-vocab-shrink", help="Allow fewer vocabulary rows than the base has.")] = False,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace a different finished output.")] = False,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(
+        help="cpu | cuda: where dequantizing, merging and re-quantizing run.")] = "cpu",
+    save_method: Annotated[str, typer.Option(
+        help="merged_16bit | merged_4bit (re-quantize with the quantized base's settings) | "
+             "lora (export the adapter unmerged).")] = "merged_16bit",
+    merge_onto: Annotated[str, typer.Option(
+        help="dequantized | original: for a quantized base, merge onto its dequantized weights "
+             "or onto --original-base.")] = "dequantized",
+    original_base: Annotated[Path | None, typer.Option(
+        help="The 16-bit checkpoint the quantized base was made from.")] = None,
 ) -> None:
     """Merge ADAPTER into BASE and write a SafeTensors checkpoint to OUT."""
     try:
@@ -75,7 +84,9 @@ def merge(
                          tokenizer=str(tokenizer) if tokenizer else None,
                          no_tokenizer=no_tokenizer, overwrite=overwrite, device=device,
                          pad_vocab_to_multiple_of=pad_vocab_to_multiple_of,
-                         allow_vocab_shrink=allow_vocab_shrink)
+                         allow_vocab_shrink=allow_vocab_shrink, save_method=save_method,
+                         merge_onto=merge_onto,
+                         original_base=str(original_base) if original_base else None)
     except ValueError as exc:
         _fail(2, "invalid options: " + "; ".join(
             f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
@@ -97,6 +108,14 @@ def _fail(code: int, message: str) -> None:
 def _print_report(report: api.MergeReport) -> None:
     if report.status == "up-to-date":
         out.print(f"{report.out} already holds this merge; nothing to do.")
+        return
+    if report.save_method == "lora":
+        out.print(f"[bold green]exported[/] the {report.variant} adapter unmerged "
+                  f"({report.lora_modules} modules, {report.tensors} tensors, "
+                  f"{report.total_size / 1e6:.2f} MB)")
+        for note in report.notes:
+            out.print(f"  - {note}")
+        out.print(f"output: {report.out}")
         return
     out.print(f"[bold green]merged[/] {report.lora_modules} {report.variant} modules "
               f"({report.replaced_tensors} tensors replaced, {report.lora_biases} LoRA biases) "

@@ -1,4 +1,5 @@
-"""Run one shard of a plan: read each input tensor, merge, cast, stream it into the shard file."""
+"""Run one shard of a plan: read each input tensor (dequantizing quantized base weights), merge,
+cast or re-quantize, and stream it into the shard file."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pydantic import BaseModel
 
 from mergeflow.adapter import Adapter
 from mergeflow.checkpoint import DTYPES, Checkpoint
-from mergeflow.errors import AdapterError
+from mergeflow.errors import AdapterError, MergeError
 from mergeflow.lora import embedding_delta, merge_bias, merge_linear
 from mergeflow.plan import MergePlan, ShardPlan, TensorPlan
+from mergeflow.quant import dequantize, output_keys, requantize
 from mergeflow.vocab import resize_rows
 from mergeflow.writer import ShardWriter
 
@@ -28,21 +30,41 @@ class ShardResult(BaseModel):
 
 
 class TensorSource:
-    """Produces output tensors for a plan from the base and the adapter, on one device."""
+    """Produces output tensors for a plan from the base and the adapter (and, for
+    ``--merge-onto original``, the original 16-bit checkpoint), on one device: dequantizing,
+    merging and re-quantizing all run there."""
 
-    def __init__(self, base: Checkpoint, adapter: Adapter, device: str = "cpu") -> None:
+    def __init__(self, base: Checkpoint, adapter: Adapter, device: str = "cpu",
+                 original: Checkpoint | None = None) -> None:
         self.base = base
         self.adapter = adapter
         self.device = torch.device(device)
+        self.original = original
 
     def _adapter_tensor(self, key: str) -> torch.Tensor:
         return self.adapter.read(key).to(self.device)
 
     def produce(self, plan: TensorPlan) -> torch.Tensor:
-        """The output tensor for one plan entry, on the CPU, in the planned dtype."""
+        """The output tensor for one plan entry, on the CPU, in the planned dtype (for a
+        quantized unit: its stored weight; :meth:`produce_all` gives the siblings too)."""
+        if plan.parts:
+            return self.produce_all(plan)[0][1]
         tensor = self._read_source(plan)
         if not plan.computes:
             return tensor.to(DTYPES[plan.dtype])
+        return self._compute(plan, tensor).to(DTYPES[plan.dtype]).cpu()
+
+    def produce_all(self, plan: TensorPlan) -> list[tuple[str, torch.Tensor]]:
+        """Every ``(name, tensor)`` one plan entry writes, in :meth:`TensorPlan.outputs` order."""
+        if plan.requant is not None:
+            merged = self._compute(plan, self._read_source(plan))  # float32, on the device
+            return list(requantize(plan.requant, merged).items())
+        if plan.parts:  # an unchanged quantized unit, copied as stored
+            return list(self.base.read_many([name for name, _, _ in plan.outputs()]).items())
+        return [(plan.name, self.produce(plan))]
+
+    def _compute(self, plan: TensorPlan, tensor: torch.Tensor) -> torch.Tensor:
+        """Resize, merge, add bias, set token rows; float32 (or the source dtype) on the device."""
         tensor = tensor.to(self.device)
         if plan.rows is not None:
             tensor = resize_rows(tensor, plan.rows)
@@ -65,11 +87,19 @@ class TensorSource:
                 f"merged tensor '{plan.name}' holds NaN or Inf; the adapter weights that change "
                 "it are not finite. Check the training run"
             )
-        return tensor.to(DTYPES[plan.dtype]).cpu()
+        return tensor
 
     def _read_source(self, plan: TensorPlan) -> torch.Tensor:
         if plan.from_adapter:
             return self.adapter.read(plan.source)
+        if plan.from_original:
+            if self.original is None:
+                raise MergeError(f"'{plan.name}' is planned from the original checkpoint, but "
+                                 "none was opened (a planning bug; please report it)")
+            return self.original.read(plan.source)
+        if plan.dequant is not None:
+            stored = self.base.read_many(output_keys(plan.dequant))
+            return dequantize(plan.dequant, stored, self.device)  # float32, (out, in)
         return self.base.read(plan.source)
 
     def _merge_lora(self, tensor: torch.Tensor, plan: TensorPlan) -> torch.Tensor:
@@ -83,10 +113,11 @@ class TensorSource:
 def write_shard(shard: ShardPlan, source: TensorSource, folder: Path,
                 progress: Progress | None = None) -> ShardResult:
     """Write one planned shard into ``folder`` atomically; memory peaks at one tensor."""
-    specs = [(t.name, t.dtype, t.shape) for t in shard.tensors]
+    specs = [spec for t in shard.tensors for spec in t.outputs()]
     with ShardWriter(folder / shard.filename, specs) as writer:
         for plan in shard.tensors:
-            writer.write(plan.name, source.produce(plan))
+            for name, tensor in source.produce_all(plan):
+                writer.write(name, tensor)
             if progress is not None:
                 progress(plan)
     return ShardResult(filename=shard.filename, size=writer.size, sha256=writer.sha256)
@@ -96,4 +127,6 @@ def open_source(plan: MergePlan, adapter: Adapter | None = None, device: str = "
     """Open a plan's inputs (headers only) for executing its shards."""
     from mergeflow.adapter import load_adapter
 
-    return TensorSource(Checkpoint(plan.base), adapter or load_adapter(plan.adapter), device)
+    original = Checkpoint(plan.original) if plan.original else None
+    return TensorSource(Checkpoint(plan.base), adapter or load_adapter(plan.adapter), device,
+                        original)

@@ -94,30 +94,41 @@ def copy_tokenizer(source: Path, dest: Path) -> list[str]:
     return copied
 
 
-def output_config(base_config: dict, dtype_name: str) -> dict:
-    """The base's config.json for the merged model: dtype updated, quantization removed."""
-    config = {k: v for k, v in base_config.items() if k != "quantization_config"}
+def output_config(base_config: dict, dtype_name: str, keep_quantization: bool = False) -> dict:
+    """The base's config.json for the merged model: dtype updated, quantization removed (kept
+    with ``keep_quantization``, for a merged_4bit output stored in the base's own format)."""
+    config = {k: v for k, v in base_config.items()
+              if keep_quantization or k != "quantization_config"}
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype_name
     config["dtype"] = dtype_name
     return config
 
 
-def model_card(base_name: str | None, adapter_name: str | None, report: dict) -> str:
-    """A README.md model card with Hugging Face metadata and the merge options."""
+def model_card(base_name: str | None, adapter_name: str | None, report: dict,
+               adapter_only: bool = False) -> str:
+    """A README.md model card with Hugging Face metadata and the merge options
+    (``adapter_only``: the card of an unmerged adapter export, ``save_method`` lora)."""
     data = ModelCardData(
         base_model=base_name or None,
-        library_name="transformers",
-        tags=["mergeflow", "lora", "merge"],
+        library_name="peft" if adapter_only else "transformers",
+        tags=["mergeflow", "lora"] if adapter_only else ["mergeflow", "lora", "merge"],
     )
-    lines = [
-        "---", data.to_yaml(), "---", "",
-        "# Merged model", "",
-        f"This checkpoint is the base model `{base_name or 'unknown'}` with the LoRA adapter "
-        f"`{adapter_name or 'unknown'}` merged into its weights by Mergeflow. It loads with "
-        "`AutoModelForCausalLM.from_pretrained` like any other checkpoint.", "",
-        "## Merge", "",
-    ]
+    if adapter_only:
+        intro = [
+            "# LoRA adapter", "",
+            f"The LoRA adapter `{adapter_name or 'unknown'}` for the base model "
+            f"`{base_name or 'unknown'}`, exported unmerged by Mergeflow after checking it "
+            "against the base. Load it with `PeftModel.from_pretrained(base_model, path)`.", "",
+        ]
+    else:
+        intro = [
+            "# Merged model", "",
+            f"This checkpoint is the base model `{base_name or 'unknown'}` with the LoRA adapter "
+            f"`{adapter_name or 'unknown'}` merged into its weights by Mergeflow. It loads with "
+            "`AutoModelForCausalLM.from_pretrained` like any other checkpoint.", "",
+        ]
+    lines = ["---", data.to_yaml(), "---", "", *intro, "## Merge", ""]
     lines += [f"- **{k}**: {v}" for k, v in report.items() if not isinstance(v, (list, dict))]
     for note in report.get("notes", []):
         lines.append(f"- {note}")

@@ -18,21 +18,45 @@ from mergeflow.adapter import Adapter
 from mergeflow.checkpoint import DTYPE_NAMES, DTYPES, Checkpoint, TensorInfo
 from mergeflow.errors import InputError, PlanError
 from mergeflow.layout import ModelLayout
+from mergeflow.quant import QuantizedBase, QuantSpec, output_infos, output_keys
 from mergeflow.vocab import decide_rows
 
 PLAN_VERSION = 1
 DTYPE_CHOICES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
+ADAPTER_FILE = "adapter_model.safetensors"
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class TensorPart(BaseModel):
+    """A further tensor written right after its :class:`TensorPlan` (a quantized weight's
+    siblings: absmax, quant_map, quant state, SCB, ...)."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype].itemsize
+        for d in self.shape:
+            n *= d
+        return n
 
 
 class TensorPlan(BaseModel):
     """How to produce one output tensor.
 
-    Steps, in order: read ``source`` from the base (or from the adapter when ``from_adapter``);
-    resize it to ``rows`` rows; merge the LoRA pair of module ``lora`` (weight stored (in, out)
-    when ``transposed``) or the embedding LoRA of ``embedding_lora``; add the ``lora_bias`` of
-    that module; overwrite the trainable-token rows of ``token_rows``; cast to ``dtype``.
+    Steps, in order: read ``source`` from the base (or from the adapter when ``from_adapter``,
+    or from the original 16-bit checkpoint when ``from_original``), dequantizing it first when
+    ``dequant`` describes a quantized base unit; resize it to ``rows`` rows; merge the LoRA pair
+    of module ``lora`` (weight stored (in, out) when ``transposed``) or the embedding LoRA of
+    ``embedding_lora``; add the ``lora_bias`` of that module; overwrite the trainable-token rows
+    of ``token_rows``; cast to ``dtype``, or re-quantize with the ``requant`` settings.
+
+    ``parts`` are the tensors written with this one as a unit (a quantized weight's siblings):
+    re-quantized ones when ``requant`` is set, else copied as stored from the base.
     """
 
     name: str
@@ -46,24 +70,33 @@ class TensorPlan(BaseModel):
     embedding_lora: str | None = None
     lora_bias: str | None = None
     token_rows: str | None = None
+    from_original: bool = False
+    dequant: QuantSpec | None = None
+    requant: QuantSpec | None = None
+    parts: list[TensorPart] = []
 
     @property
     def computes(self) -> bool:
         """True when the tensor is more than a (possibly cast) copy of its source."""
         return any(x is not None for x in (self.rows, self.lora, self.embedding_lora,
-                                           self.lora_bias, self.token_rows))
+                                           self.lora_bias, self.token_rows, self.dequant,
+                                           self.requant))
 
     def steps(self) -> tuple:
         """Everything that determines the values, the output name aside."""
-        return (self.source, self.from_adapter, self.rows, self.lora, self.transposed,
-                self.embedding_lora, self.lora_bias, self.token_rows, self.dtype)
+        return (self.source, self.from_adapter, self.from_original, self.rows, self.lora,
+                self.transposed, self.embedding_lora, self.lora_bias, self.token_rows, self.dtype)
+
+    def outputs(self) -> list[tuple[str, str, list[int]]]:
+        """``(name, dtype, shape)`` of every tensor this entry writes, in file order."""
+        return [(self.name, self.dtype, self.shape), *((p.name, p.dtype, p.shape) for p in self.parts)]
 
     @property
     def nbytes(self) -> int:
         n = DTYPES[self.dtype].itemsize
         for d in self.shape:
             n *= d
-        return n
+        return n + sum(p.nbytes for p in self.parts)
 
 
 class ShardPlan(BaseModel):
@@ -85,6 +118,7 @@ class MergePlan(BaseModel):
     adapter: str
     dtype: str
     shards: list[ShardPlan]
+    original: str | None = None  # the 16-bit checkpoint merged onto (--merge-onto original)
     config_updates: dict[str, object] = {}  # config.json fields to set (vocab size, tie flag)
     notes: list[str] = []  # decisions taken, for the report
     inputs: dict[str, dict[str, str]] = {}  # "base"/"adapter" -> file -> sha256
@@ -173,12 +207,28 @@ class Planner:
         pad_to_multiple_of: round the vocabulary up to a multiple of this.
         allow_vocab_shrink: permit a vocabulary smaller than the base's.
         vocab_size: the base config's ``vocab_size``, if it declares one.
+        save_method: "merged_16bit", "merged_4bit" (re-quantize changed weights with the base's
+            own bitsandbytes settings) or "lora" (export the adapter unmerged, after validating
+            it against the base).
+        original: the 16-bit checkpoint a quantized base was made from, to merge onto instead
+            of the dequantized weights (``--merge-onto original``).
+        quantized: what :func:`mergeflow.quant.detect` found in the base (None: not quantized).
+            The planner then sees each quantized unit as one tensor of its real shape.
     """
 
     def __init__(self, base: Checkpoint, adapter: Adapter, layout: ModelLayout, dtype: str,
                  max_shard_size: int, tokenizer_len: int | None = None,
                  pad_to_multiple_of: int | None = None, allow_vocab_shrink: bool = False,
-                 vocab_size: int | None = None) -> None:
+                 vocab_size: int | None = None, *, save_method: str = "merged_16bit",
+                 original: Checkpoint | None = None,
+                 quantized: QuantizedBase | None = None) -> None:
+        if save_method not in SAVE_METHODS:
+            raise InputError(f"--save-method {save_method!r}: choose {', '.join(SAVE_METHODS)}")
+        self.save_method = save_method
+        self.original = original
+        self.quantized = quantized
+        self.stored = base  # the base as stored; self.base is the model's view of it
+        base = quantized.logical_view(base) if quantized is not None else base
         self.base = base
         self.adapter = adapter
         self.layout = layout
@@ -195,6 +245,7 @@ class Planner:
 
     def plan(self) -> MergePlan:
         """Plan every output tensor, check that all adapter weights were used, cut shards."""
+        self._check_original()
         planned = self._plan_vocab()
         lora_for = {f"{m}.weight": m for m, s in self.adapter.modules.items() if s.kind == "linear"}
         bias_for = {f"{m}.bias": m for m, s in self.adapter.modules.items() if s.bias_key}
@@ -204,9 +255,105 @@ class Planner:
         self._check_everything_used()
         self._check_targets_present()
         tensors = [planned[n] for n in sorted(planned, key=natural_key)]
+        if self.save_method == "lora":
+            shards = self._adapter_shards()
+        else:
+            tensors = [self._place(t) for t in tensors]
+            shards = shard(tensors, self.max_shard_size)
+        self._quant_notes(tensors)
         return MergePlan(base=str(self.base.folder), adapter=str(self.adapter.folder),
-                         dtype=self.dtype, shards=shard(tensors, self.max_shard_size),
+                         dtype=self.dtype, shards=shards,
+                         original=str(self.original.folder) if self.original else None,
                          config_updates=self.config_updates, notes=self.notes)
+
+    # -- quantized bases, the original, save methods ----------------------------------------
+
+    def _check_original(self) -> None:
+        """The original must hold the quantized base's tensors, by name and real shape."""
+        if self.original is None:
+            return
+        want, have = self.base.tensors, self.original.tensors
+        where = f"--original-base {self.original.folder}"
+        missing = sorted(set(want) - set(have), key=natural_key)
+        extra = sorted(set(have) - set(want), key=natural_key)
+        if missing or extra:
+            what = (f"has no '{missing[0]}'" if missing else f"has '{extra[0]}', which the base lacks")
+            raise PlanError(
+                f"{where}: {what} ({len(missing)} tensor(s) missing, {len(extra)} extra); it is not "
+                f"the checkpoint the quantized base {self.base.folder} was made from. Pass the "
+                "16-bit model that was quantized, or merge onto the dequantized weights")
+        for name in sorted(want, key=natural_key):
+            if have[name].shape != want[name].shape:
+                raise PlanError(
+                    f"{where}: '{name}' has shape {list(have[name].shape)}, but the quantized "
+                    f"base's is {list(want[name].shape)}; it is not the checkpoint the quantized "
+                    f"base {self.base.folder} was made from")
+
+    def _place(self, plan: TensorPlan) -> TensorPlan:
+        """Point a planned tensor at its real input (the original checkpoint, or a quantized unit
+        to dequantize) and, for merged_4bit, at its quantized output layout."""
+        units = self.quantized.units if self.quantized is not None else {}
+        if not plan.from_adapter:
+            if self.original is not None:
+                plan.from_original = True
+            elif plan.source in units:
+                plan.dequant = units[plan.source]
+        if self.save_method == "merged_4bit" and plan.name in units:
+            self._quantized_output(plan, units[plan.name])
+        return plan
+
+    def _quantized_output(self, plan: TensorPlan, unit: QuantSpec) -> None:
+        """merged_4bit: re-quantize a changed unit with the base's settings; copy an unchanged
+        one as stored (its bytes are exact, and re-encoding would round it again)."""
+        if any(x is not None for x in (plan.rows, plan.embedding_lora, plan.token_rows)):
+            raise PlanError(
+                f"{self.adapter_file}: the adapter resizes or changes rows of '{plan.name}', which "
+                "the base stores quantized; use --save-method merged_16bit")
+        unchanged = plan.lora is None and not plan.from_adapter and plan.source == plan.name
+        if unchanged:
+            plan.dequant, plan.from_original = None, False
+            infos = [self.stored.tensors[k] for k in output_keys(unit)]
+        else:
+            plan.requant = unit
+            infos = output_infos(unit, self.stored)
+        plan.dtype, plan.shape = infos[0].dtype, list(infos[0].shape)
+        plan.parts = [TensorPart(name=i.name, dtype=i.dtype, shape=list(i.shape)) for i in infos[1:]]
+
+    def _adapter_shards(self) -> list[ShardPlan]:
+        """save_method lora: the adapter's own tensors, unmerged and uncast, in one file."""
+        weights = self.adapter.weights
+        tensors = [TensorPlan(name=k, dtype=weights[k].dtype, shape=list(weights[k].shape),
+                              source=k, from_adapter=True)
+                   for k in sorted(weights, key=natural_key)]
+        return [ShardPlan(filename=ADAPTER_FILE, tensors=tensors)]
+
+    def _quant_notes(self, tensors: list[TensorPlan]) -> None:
+        """Say what happened to the quantized weights and what the merge was applied onto."""
+        q = self.quantized
+        if self.save_method == "lora":
+            self.notes.append("save_method lora: the adapter is exported unmerged (checked "
+                              "against the base first); load it with PeftModel.from_pretrained")
+            return
+        if q is not None and self.original is None:
+            self.notes.append(f"base quantized by bitsandbytes ({q.describe()}): merged onto its "
+                              "dequantized weights, the weights the adapter was trained against "
+                              "(--merge-onto dequantized)")
+        elif q is not None:
+            self.notes.append(f"merged onto the original weights in {self.original.folder} "
+                              f"(--merge-onto original), not onto the dequantized {q.bits}-bit "
+                              "weights the adapter was trained against")
+        if q is None:
+            return
+        if self.save_method == "merged_16bit":
+            self.notes.append(f"{len(q.units)} quantized weights written dequantized; "
+                              "quantization_config removed")
+            return
+        changed = sum(t.requant is not None for t in tensors)
+        target = ("int8 with the base's LLM.int8 settings (an 8-bit base stays 8-bit under "
+                  "merged_4bit)" if q.method == "bnb8" else f"{q.describe()} with the base's settings")
+        self.notes.append(f"{changed} merged weights re-quantized to {target}; "
+                          f"{len(q.units) - changed} unchanged quantized weights copied as stored; "
+                          "quantization_config kept")
 
     # -- ordinary tensors -------------------------------------------------------------------
 

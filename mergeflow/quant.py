@@ -22,6 +22,7 @@ re-implements a code book.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -102,6 +103,13 @@ class QuantizedBase:
             unit = self.units.get(name)
             view[name] = info if unit is None else TensorInfo(
                 name, info.file, tuple(unit.shape), unit.dtype)
+        return view
+
+    def logical_view(self, base: Checkpoint) -> Checkpoint:
+        """A shallow copy of ``base`` whose headers are :meth:`logical_tensors`, for planning
+        (reading through it still returns stored bytes)."""
+        view = copy.copy(base)
+        view.tensors = self.logical_tensors(base)
         return view
 
     def compute_dtype(self) -> str | None:

@@ -17,7 +17,9 @@ class MergeSpec(BaseModel):
     adapter: str = Field(description="PEFT LoRA adapter folder (adapter_config.json + weights).")
     out: str = Field(description="Output folder; it appears only once the merge is complete.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Output dtype; 'auto' keeps the base's own float dtype.")
+        "auto", description="Output dtype; 'auto' keeps the base's own float dtype (for a "
+        "4-bit base merged to 16 bits: its bnb_4bit_compute_dtype; an 8-bit one: bfloat16; "
+        "merged onto the original: the original's dtype).")
     max_shard_size: str = Field(
         "5GB", pattern=r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)?\s*$",
         description="Largest output shard, e.g. 5GB or 500MiB.")
@@ -31,4 +33,17 @@ class MergeSpec(BaseModel):
         False, description="Allow a merged vocabulary smaller than the base's.")
     overwrite: bool = Field(
         False, description="Replace a finished output made from other inputs or options.")
-    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the merge math runs.")
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="Where dequantizing, the merge math and re-quantizing run.")
+    save_method: Literal["merged_16bit", "merged_4bit", "lora"] = Field(
+        "merged_16bit", description="merged_16bit: a plain checkpoint in --dtype. merged_4bit: "
+        "merge, then re-quantize the changed weights with the quantized base's own bitsandbytes "
+        "settings (an 8-bit base stays 8-bit). lora: no merge; export the adapter as "
+        "adapter_model.safetensors, checked against the base.")
+    merge_onto: Literal["dequantized", "original"] = Field(
+        "dequantized", description="For a quantized base: merge onto its dequantized weights "
+        "(what the adapter was trained against) or onto the original 16-bit weights "
+        "(--original-base).")
+    original_base: str | None = Field(
+        None, description="The 16-bit checkpoint the quantized base was made from "
+        "(needed by merge_onto=original; tensor names and shapes must match).")
