@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from mergeflow.adapter import Adapter
 from mergeflow.checkpoint import DTYPES, Checkpoint
-from mergeflow.errors import AdapterError, MergeError
+from mergeflow.errors import AdapterError, InputError, MergeError
 from mergeflow.lora import embedding_delta, merge_bias, merge_linear
 from mergeflow.plan import MergePlan, ShardPlan, TensorPlan
 from mergeflow.quant import dequantize, output_keys, requantize
@@ -36,6 +36,9 @@ class TensorSource:
 
     def __init__(self, base: Checkpoint, adapter: Adapter, device: str = "cpu",
                  original: Checkpoint | None = None) -> None:
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"--device {device}: this machine has no usable CUDA device "
+                             "(torch.cuda.is_available() is False); run with --device cpu")
         self.base = base
         self.adapter = adapter
         self.device = torch.device(device)
