@@ -345,8 +345,9 @@ class Planner:
         if q is None:
             return
         if self.save_method == "merged_16bit":
-            self.notes.append(f"{len(q.units)} quantized weights written dequantized; "
-                              "quantization_config removed")
+            how = ("taken from the original" if self.original is not None
+                   else "written dequantized")
+            self.notes.append(f"{len(q.units)} quantized weights {how}; quantization_config removed")
             return
         changed = sum(t.requant is not None for t in tensors)
         target = ("int8 with the base's LLM.int8 settings (an 8-bit base stays 8-bit under "

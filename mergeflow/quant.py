@@ -18,6 +18,27 @@ it. 4-bit (nf4 / fp4), ``X.weight`` is the packed uint8 tensor ``((n + 1) // 2, 
 and :func:`requantize` turns a merged float weight back into the same layout, with the base's own
 settings. Decoding and encoding are bitsandbytes' own (``bitsandbytes.functional``); nothing here
 re-implements a code book.
+
+Decisions:
+
+* ``merged_4bit`` re-quantizes only the weights the adapter changed, with that unit's own quant
+  type, blocksize, double quant and dtype; unchanged units are copied byte for byte (re-encoding
+  them would round them a second time), and weights the base left unquantized (its skipped
+  modules, ``lm_head``, norms, embeddings) stay unquantized. The result equals PEFT's own merge on
+  the quantized model (dequantize, add, re-quantize), bit for bit in the tests.
+* An 8-bit (LLM.int8) base stays 8-bit under ``merged_4bit``: "re-quantize with the base's own
+  settings" means int8 rows + ``SCB`` (bitsandbytes' ``int8_vectorwise_quant`` of the float16
+  weight, as ``Int8Params`` does), not a change of precision.
+* Output sizes are known at plan time without quantizing anything: a weight of the same shape
+  re-encoded with the same settings gives tensors of exactly the base unit's sizes. The one
+  exception is the quant-state JSON, which holds a float (``nested_offset``) whose text length
+  varies; it is planned at its longest possible length (:func:`quant_state_size`) and padded
+  with spaces, which JSON ignores and bitsandbytes/transformers load as they are.
+* Planning reads each 4-bit unit's quant-state JSON (a few hundred bytes) because only it holds
+  the weight's real shape; every other check uses headers alone.
+* Only the uint8 4-bit storage transformers writes by default is read; other
+  ``bnb_4bit_quant_storage`` dtypes, non-row int8 layouts and other quantization methods (GPTQ,
+  AWQ, ...) are refused at plan time.
 """
 
 from __future__ import annotations
