@@ -27,6 +27,7 @@ class ShardResult(BaseModel):
     filename: str
     size: int
     sha256: str
+    resumed: bool = False  # found finished by an earlier run, not written by this one
 
 
 class TensorSource:
@@ -52,7 +53,7 @@ class TensorSource:
         quantized unit: its stored weight; :meth:`produce_all` gives the siblings too)."""
         if plan.parts:
             return self.produce_all(plan)[0][1]
-        tensor = self._read_source(plan)
+        tensor = self.read_input(plan)
         if not plan.computes:
             return tensor.to(DTYPES[plan.dtype])
         return self._compute(plan, tensor).to(DTYPES[plan.dtype]).cpu()
@@ -60,7 +61,7 @@ class TensorSource:
     def produce_all(self, plan: TensorPlan) -> list[tuple[str, torch.Tensor]]:
         """Every ``(name, tensor)`` one plan entry writes, in :meth:`TensorPlan.outputs` order."""
         if plan.requant is not None:
-            merged = self._compute(plan, self._read_source(plan))  # float32, on the device
+            merged = self._compute(plan, self.read_input(plan))  # float32, on the device
             return list(requantize(plan.requant, merged).items())
         if plan.parts:  # an unchanged quantized unit, copied as stored
             return list(self.base.read_many([name for name, _, _ in plan.outputs()]).items())
@@ -92,7 +93,10 @@ class TensorSource:
             )
         return tensor
 
-    def _read_source(self, plan: TensorPlan) -> torch.Tensor:
+    def read_input(self, plan: TensorPlan) -> torch.Tensor:
+        """The tensor a plan entry starts from, before any merge step: read from the adapter,
+        the original checkpoint or the base, a quantized base unit dequantized (float32, on the
+        device)."""
         if plan.from_adapter:
             return self.adapter.read(plan.source)
         if plan.from_original:
