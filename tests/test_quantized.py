@@ -323,18 +323,28 @@ def test_save_method_and_merge_onto_change_the_fingerprint(quantized, original, 
     assert len(prints) == 4
 
 
-def test_cli_flags(quantized, tmp_path):
+def test_cli_flags(quantized, original, make_adapter, tmp_path):
+    """The flags reach the spec: each of these is refused at plan time (exit 2, nothing written)
+    for the reason only that flag can cause."""
     from mergeflow.cli import app
 
     base, adapter = quantized("nf4-bf16")
-    out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["merge", "--base", str(base), "--adapter", str(adapter),
-                                      "--out", str(out), "--save-method", "merged_4bit"])
-    assert result.exit_code == 0, result.output
-    assert "quantization_config" in _config(out)
-    result = CliRunner().invoke(app, ["merge", "--base", str(base), "--adapter", str(adapter),
-                                      "--out", str(tmp_path / "x"), "--save-method", "gguf"])
-    assert result.exit_code == 2
+    plain_adapter = make_adapter(original, target_modules=["q_proj"])
+    runs = {
+        "not quantized": ["--base", str(original), "--adapter", str(plain_adapter),
+                          "--save-method", "merged_4bit"],
+        "needs --original-base": ["--base", str(base), "--adapter", str(adapter),
+                                  "--merge-onto", "original"],
+        "only read with --merge-onto": ["--base", str(base), "--adapter", str(adapter),
+                                        "--original-base", str(original)],
+        "save-method": ["--base", str(base), "--adapter", str(adapter), "--save-method", "gguf"],
+    }
+    for i, (message, args) in enumerate(runs.items()):
+        out = tmp_path / f"out{i}"
+        result = CliRunner().invoke(app, ["merge", *args, "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split()), result.output
+        assert not out.exists()
 
 
 # -- layouts (bitsandbytes directly, no model) ------------------------------------------------------
