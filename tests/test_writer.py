@@ -1,0 +1,158 @@
+"""writer.ShardWriter: streamed files are standard safetensors that read back exactly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from mergeflow.checkpoint import DTYPE_NAMES
+from mergeflow.errors import MergeError
+from mergeflow.writer import ShardWriter
+
+
+def _write(path, tensors: dict[str, torch.Tensor]):
+    specs = [(name, DTYPE_NAMES[t.dtype], list(t.shape)) for name, t in tensors.items()]
+    with ShardWriter(path, specs) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+    return writer
+
+
+def _read(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+
+def _raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert got[name].shape == tensor.shape, name
+        # Compare bytes: exact for every dtype (NaN payloads and -0.0 included).
+        assert torch.equal(_raw_bytes(got[name]), _raw_bytes(tensor)), name
+
+
+def _sample() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "w.f32": torch.randn(3, 5, generator=gen),
+        "w.bf16": torch.randn(4, 7, generator=gen).bfloat16(),
+        "w.f16": torch.randn(2, 3, 4, generator=gen).half(),
+        "w.f64": torch.randn(6, generator=gen).double(),
+        "ids.i64": torch.arange(-5, 7),
+        "ids.i32": torch.arange(9, dtype=torch.int32).reshape(3, 3),
+        "ids.i16": torch.tensor([-300, 2, 300], dtype=torch.int16),
+        "ids.i8": torch.tensor([-128, 0, 127], dtype=torch.int8),
+        "packed.u8": torch.randint(0, 256, (11,), generator=gen, dtype=torch.uint8),
+        "mask.bool": torch.tensor([True, False, True]),
+        "f8.e4m3": torch.randn(5, generator=gen).to(torch.float8_e4m3fn),
+        "f8.e5m2": torch.randn(5, generator=gen).to(torch.float8_e5m2),
+        "scalar": torch.tensor(3.25),
+        "scalar.bf16": torch.tensor(-1.5, dtype=torch.bfloat16),
+        "empty": torch.zeros(0, 4),
+        "transposed": torch.randn(4, 6, generator=gen).T,  # non-contiguous input
+    }
+
+
+def test_roundtrip_all_dtypes_and_shapes(tmp_path):
+    tensors = _sample()
+    writer = _write(tmp_path / "x.safetensors", tensors)
+
+    _assert_same(_read(tmp_path / "x.safetensors"), tensors)
+    _assert_same(load_file(str(tmp_path / "x.safetensors")), tensors)
+    data = (tmp_path / "x.safetensors").read_bytes()
+    assert writer.size == len(data)
+    assert writer.sha256 == hashlib.sha256(data).hexdigest()
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    # Tensor data starts 8-byte aligned, as the safetensors format asks.
+    assert (8 + struct.unpack("<Q", data[:8])[0]) % 8 == 0
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_header_matches_what_safetensors_reads(tmp_path):
+    tensors = _sample()
+    _write(tmp_path / "x.safetensors", tensors)
+    data = (tmp_path / "x.safetensors").read_bytes()
+    header = json.loads(data[8: 8 + struct.unpack("<Q", data[:8])[0]])
+    assert [k for k in header if k != "__metadata__"] == list(tensors)  # file order = write order
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        for name, tensor in tensors.items():
+            assert f.get_slice(name).get_shape() == list(tensor.shape)
+            assert f.get_slice(name).get_dtype() == DTYPE_NAMES[tensor.dtype]
+
+
+def test_exception_removes_temp_file_and_leaves_old_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"previous complete file")
+    tensors = {"a": torch.ones(3), "b": torch.zeros(2)}
+    specs = [(n, DTYPE_NAMES[t.dtype], list(t.shape)) for n, t in tensors.items()]
+    with pytest.raises(RuntimeError, match="boom"), ShardWriter(path, specs) as writer:
+        writer.write("a", tensors["a"])
+        assert writer.tmp.exists()
+        raise RuntimeError("boom")
+    assert not writer.tmp.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    assert path.read_bytes() == b"previous complete file"
+
+
+def test_closing_before_every_tensor_is_written_fails_cleanly(tmp_path):
+    path = tmp_path / "model.safetensors"
+    specs = [("a", "F32", [3]), ("b", "F32", [2])]
+    with pytest.raises(MergeError, match="b"), ShardWriter(path, specs) as writer:
+        writer.write("a", torch.ones(3))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [("b", torch.ones(3)), ("a", torch.ones(3, dtype=torch.float16)),
+                                 ("a", torch.ones(4))], ids=["name", "dtype", "shape"])
+def test_unplanned_tensor_is_refused(tmp_path, bad):
+    specs = [("a", "F32", [3])]
+    with pytest.raises(MergeError), ShardWriter(tmp_path / "m.safetensors", specs) as writer:
+        writer.write(*bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+           torch.int8, torch.uint8, torch.bool]
+
+
+@st.composite
+def tensor_dicts(draw):
+    names = draw(st.lists(st.text(alphabet="abcdefghij._0123456789", min_size=1, max_size=12),
+                          min_size=1, max_size=6, unique=True))
+    tensors = {}
+    for name in names:
+        dtype = draw(st.sampled_from(_DTYPES))
+        shape = draw(st.lists(st.integers(0, 4), min_size=0, max_size=3))
+        numel = 1
+        for d in shape:
+            numel *= d
+        raw = draw(st.binary(min_size=numel * dtype.itemsize, max_size=numel * dtype.itemsize))
+        flat = torch.tensor(list(raw), dtype=torch.uint8)
+        if dtype == torch.bool:
+            flat = flat % 2
+        tensors[name] = flat.view(dtype).reshape(shape)
+    return tensors
+
+
+@settings(max_examples=60, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(tensors=tensor_dicts())
+def test_property_roundtrip(tmp_path, tensors):
+    path = tmp_path / "p.safetensors"
+    path.unlink(missing_ok=True)
+    _write(path, tensors)
+    _assert_same(_read(path), tensors)
