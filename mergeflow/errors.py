@@ -44,3 +44,13 @@ class OutputError(InputError):
 
 class VerificationError(MergeError):
     """A written output failed its checks (checksums, completeness, numerics)."""
+
+
+class SourceError(InputError):
+    """An input reference (local path, ``hf://``, ``s3://``) cannot be resolved: missing repo,
+    revision, bucket or prefix, no access, or not in the cache while offline."""
+
+
+class SinkError(InputError):
+    """A publish destination (``hf://``, ``s3://``) cannot be used: missing bucket, no write
+    access, bad repo id, or the folder to publish is not a finished merge."""
