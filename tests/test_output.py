@@ -188,3 +188,26 @@ def test_manifest_records_inputs(base, adapter, tmp_path):
     assert inputs["base"]["model.safetensors"] == sha256(base / "model.safetensors")
     assert inputs["adapter"]["adapter_model.safetensors"] == sha256(adapter / "adapter_model.safetensors")
     assert json.loads((out / "merge-manifest.json").read_text())["plan_fingerprint"]
+
+
+def test_non_finite_adapter_is_refused_and_nothing_is_published(base, adapter, tmp_path):
+    """NaN in lora_B is only seen while merging (after planning): still an input error, and the
+    output folder never appears. (The staging folder beside it is kept for a resumed run.)"""
+    from safetensors.torch import load_file, save_file
+
+    from mergeflow.errors import AdapterError
+
+    broken = shutil.copytree(adapter, tmp_path / "adapter")
+    state = load_file(str(broken / "adapter_model.safetensors"))
+    key = sorted(k for k in state if k.endswith("mlp.down_proj.lora_B.weight"))[0]
+    state[key][0, 0] = float("nan")
+    save_file(state, str(broken / "adapter_model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "merged"
+
+    with pytest.raises(AdapterError) as caught:
+        mergeflow.merge(base, broken, out)
+
+    assert isinstance(caught.value, InputError)
+    module = key.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
+    assert f"{module}.weight" in str(caught.value)
+    assert not out.exists()
