@@ -1,0 +1,1 @@
+"""Prefect flows: the orchestration of Mergeflow's core, and nothing else."""

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from mergeflow import __version__
 from mergeflow.adapter import Adapter, load_adapter
 from mergeflow.checkpoint import Checkpoint
-from mergeflow.errors import InputError
+from mergeflow.errors import InputError, VerificationError
 from mergeflow.execute import Progress, ShardResult, TensorSource, open_source, write_shard
 from mergeflow.hashing import HashCache, fingerprint_files, sha256_file
 from mergeflow.layout import read_layout
@@ -47,6 +47,7 @@ from mergeflow.plan import (
 )
 from mergeflow.quant import QuantizedBase, detect
 from mergeflow.spec import MergeSpec
+from mergeflow.verify import VerifyReport, verify_output
 from mergeflow.vocab import set_config_field
 
 PLAN_FILE = "plan.json"
@@ -81,6 +82,12 @@ class MergeReport(BaseModel):
     variant: str
     notes: list[str] = []
     save_method: str = "merged_16bit"
+    groups_resumed: int = 0  # shards an interrupted earlier run had already written
+
+    def durable(self) -> dict:
+        """The fields that describe the output itself (stored in the manifest and model card);
+        how this particular run got there (resumed groups, paths) is left out."""
+        return self.model_dump(exclude={"out", "status", "groups_resumed"})
 
 
 def _resolve_tokenizer(spec: MergeSpec, adapter: Path, base: Path) -> Path | None:
@@ -259,7 +266,7 @@ def finished_shard(staging: Path, filename: str) -> ShardResult | None:
     except (OSError, ValueError):
         return None
     if path.is_file() and path.stat().st_size == result.size and sha256_file(path) == result.sha256:
-        return result
+        return result.model_copy(update={"resumed": True})
     return None
 
 
@@ -307,7 +314,7 @@ def _report(plan: MergePlan, adapter_config: dict, out: str, status: str) -> Mer
 
 
 def finalize(prepared: PreparedMerge, results: list[ShardResult]) -> MergeReport:
-    """Write config, tokenizer, index, model card and - last - the manifest; then publish."""
+    """Write config, tokenizer, index, model card and - last - the manifest, in staging."""
     staging, out = Path(prepared.staging), Path(prepared.out)
     plan = MergePlan.load(Path(prepared.plan_path))
     base, adapter = Path(plan.base), Path(plan.adapter)
@@ -327,11 +334,22 @@ def finalize(prepared: PreparedMerge, results: list[ShardResult]) -> MergeReport
                            for name, _, _ in t.outputs()},
         })
     base_name = adapter_config.get("base_model_name_or_path") or base.name
-    (staging / "README.md").write_text(model_card(base_name, adapter.name, report.model_dump(),
+    (staging / "README.md").write_text(model_card(base_name, adapter.name, report.durable(),
                                                   adapter_only=report.save_method == "lora"))
     _write_manifest(staging, plan, prepared.fingerprint, report, results)
-    publish(staging, out)
+    report.groups_resumed = sum(r.resumed for r in results)
     return report
+
+
+def verify(prepared: PreparedMerge, device: str = "cpu") -> VerifyReport:
+    """Verify the finalized staging folder against its plan (see :mod:`mergeflow.verify`)."""
+    plan = MergePlan.load(Path(prepared.plan_path))
+    return verify_output(Path(prepared.staging), plan, open_source(plan, device=device))
+
+
+def publish_output(prepared: PreparedMerge) -> None:
+    """Move the finished staging folder to the output path with one rename."""
+    publish(Path(prepared.staging), Path(prepared.out))
 
 
 def _write_model_config(plan: MergePlan, base: Path, staging: Path, keep_quantization: bool) -> None:
@@ -362,7 +380,7 @@ def _write_manifest(staging: Path, plan: MergePlan, fingerprint: str, report: Me
         "files": files,
         "inputs": {"base": plan.base, "adapter": plan.adapter, "sha256": plan.inputs},
         "options": plan.options,
-        "report": report.model_dump(exclude={"out", "status"}),
+        "report": report.durable(),
     }
     tmp = staging / f".{MANIFEST}.tmp"
     write_json(tmp, manifest)
@@ -405,5 +423,20 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *,
     source = open_source(plan, device=spec.device)
     results = [run_shard(prepared.plan_path, i, spec.device, source, progress)
                for i in range(len(plan.shards))]
-    return finalize(prepared, results)
+    report = finalize(prepared, results)
+    if spec.verify:
+        check_verified(prepared, verify(prepared, spec.device))
+    publish_output(prepared)
+    return report
+
+
+def check_verified(prepared: PreparedMerge, report: VerifyReport) -> None:
+    """Raise when verification failed; the staging folder is then left unpublished.
+
+    Raises:
+        VerificationError: with the first problems found.
+    """
+    if not report.ok:
+        raise VerificationError(f"{prepared.staging}: verification failed, output not "
+                                "published: " + "; ".join(report.problems[:5]))
 

@@ -6,6 +6,9 @@ Exit codes: 0 success, 2 bad input (a one-line message naming the file or key an
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +18,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
 from mergeflow import api
 from mergeflow.errors import InputError, MergeError
-from mergeflow.plan import MergePlan
+from mergeflow.output import STATE_DIR
 from mergeflow.spec import MergeSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -29,25 +32,59 @@ def main() -> None:
 
 
 def _run(spec: MergeSpec) -> api.MergeReport:
+    """Plan (failing fast on bad input), then run the Prefect flow with a progress bar."""
     prepared = api.prepare(spec)
     if prepared.up_to_date:
         return api.up_to_date_report(prepared)
-    plan = MergePlan.load(Path(prepared.plan_path))
-    source = api.open_source(plan, device=spec.device)
-    results = []
-    columns = [TextColumn("[bold]merging"), BarColumn(),
-               TextColumn(f"{{task.fields[tensors]}}/{prepared.tensor_count} tensors"),
-               DownloadColumn()]
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("merge", total=prepared.total_size, tensors=0)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Without PREFECT_API_URL, Prefect starts a temporary local server; give it time on a busy box.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.merge import merge_adapter
 
-        def advance(tensor: api.TensorPlan) -> None:
-            bar.update(task, advance=tensor.nbytes,
-                       tensors=bar.tasks[0].fields["tensors"] + 1)
+    with _StagingProgress(prepared):
+        return merge_adapter(spec)
 
-        for i in range(len(plan.shards)):
-            results.append(api.run_shard(prepared.plan_path, i, spec.device, source, advance))
-    return api.finalize(prepared, results)
+
+class _StagingProgress:
+    """A progress bar fed by watching the staging folder grow, so it works the same whatever
+    runs the groups (threads, processes, a Dask cluster sharing the disk)."""
+
+    def __init__(self, prepared: api.PreparedMerge, interval: float = 0.25) -> None:
+        self.staging = Path(prepared.staging)
+        self.total = prepared.total_size
+        self.groups = prepared.shard_count
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _written(self) -> tuple[int, int]:
+        size = 0
+        for path in self.staging.glob("*.safetensors*"):
+            with contextlib.suppress(OSError):
+                size += path.stat().st_size
+        for path in self.staging.glob(".*.partial"):
+            with contextlib.suppress(OSError):
+                size += path.stat().st_size
+        done = len(list((self.staging / STATE_DIR / "done").glob("*.json")))
+        return min(size, self.total), done
+
+    def _poll(self) -> None:
+        columns = [TextColumn("[bold]merging"), BarColumn(),
+                   TextColumn(f"{{task.fields[done]}}/{self.groups} groups"), DownloadColumn()]
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task("merge", total=self.total, done=0)
+            while not self._stop.wait(self.interval):
+                size, done = self._written()
+                bar.update(task, completed=size, done=done)
+
+    def __enter__(self) -> _StagingProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @app.command()
@@ -76,6 +113,11 @@ def merge(
              "or onto --original-base.")] = "dequantized",
     original_base: Annotated[Path | None, typer.Option(
         help="The 16-bit checkpoint the quantized base was made from.")] = None,
+    workers: Annotated[int, typer.Option(help="Layer groups merged in parallel.")] = 2,
+    dask_address: Annotated[str | None, typer.Option(
+        help="Run layer groups on this Dask cluster (tcp://host:8786).")] = None,
+    no_verify: Annotated[bool, typer.Option(
+        "--no-verify", help="Skip the numeric and checksum verification.")] = False,
 ) -> None:
     """Merge ADAPTER into BASE and write a SafeTensors checkpoint to OUT."""
     try:
@@ -86,7 +128,8 @@ def merge(
                          pad_vocab_to_multiple_of=pad_vocab_to_multiple_of,
                          allow_vocab_shrink=allow_vocab_shrink, save_method=save_method,
                          merge_onto=merge_onto,
-                         original_base=str(original_base) if original_base else None)
+                         original_base=str(original_base) if original_base else None,
+                         workers=workers, dask_address=dask_address, verify=not no_verify)
     except ValueError as exc:
         _fail(2, "invalid options: " + "; ".join(
             f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
@@ -109,6 +152,9 @@ def _print_report(report: api.MergeReport) -> None:
     if report.status == "up-to-date":
         out.print(f"{report.out} already holds this merge; nothing to do.")
         return
+    if report.groups_resumed:
+        out.print(f"resumed {report.groups_resumed} of {report.shards} groups from an "
+                  "interrupted run")
     if report.save_method == "lora":
         out.print(f"[bold green]exported[/] the {report.variant} adapter unmerged "
                   f"({report.lora_modules} modules, {report.tensors} tensors, "

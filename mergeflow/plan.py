@@ -121,6 +121,7 @@ class MergePlan(BaseModel):
     original: str | None = None  # the 16-bit checkpoint merged onto (--merge-onto original)
     config_updates: dict[str, object] = {}  # config.json fields to set (vocab size, tie flag)
     notes: list[str] = []  # decisions taken, for the report
+    vocab_groups: list[int] = []  # shards holding the embedding/head (resize and untie)
     inputs: dict[str, dict[str, str]] = {}  # "base"/"adapter" -> file -> sha256
     options: dict[str, object] = {}
 
@@ -254,7 +255,9 @@ class Planner:
                 planned[name] = self._plan_tensor(name, lora_for.get(name), bias_for.get(name))
         self._check_everything_used()
         self._check_targets_present()
-        tensors = [planned[n] for n in sorted(planned, key=natural_key)]
+        vocab = {n for n in (self.layout.embed, self.layout.head) if n in planned}
+        # The embedding/head group comes first, then the layers in order.
+        tensors = [planned[n] for n in sorted(planned, key=lambda n: (n not in vocab, natural_key(n)))]
         if self.save_method == "lora":
             shards = self._adapter_shards()
         else:
@@ -264,7 +267,9 @@ class Planner:
         return MergePlan(base=str(self.base.folder), adapter=str(self.adapter.folder),
                          dtype=self.dtype, shards=shards,
                          original=str(self.original.folder) if self.original else None,
-                         config_updates=self.config_updates, notes=self.notes)
+                         config_updates=self.config_updates, notes=self.notes,
+                         vocab_groups=[i for i, s in enumerate(shards)
+                                       if any(t.name in vocab for t in s.tensors)])
 
     # -- quantized bases, the original, save methods ----------------------------------------
 

@@ -47,3 +47,11 @@ class MergeSpec(BaseModel):
     original_base: str | None = Field(
         None, description="The 16-bit checkpoint the quantized base was made from "
         "(needed by merge_onto=original; tensor names and shapes must match).")
+    verify: bool = Field(
+        True, description="Check checksums, completeness and the numerics of every merged "
+        "tensor before publishing.")
+    workers: int = Field(
+        2, ge=1, le=64, description="Layer groups merged in parallel (thread pool size).")
+    dask_address: str | None = Field(
+        None, description="Run layer groups on this existing Dask cluster (e.g. "
+        "tcp://scheduler:8786) instead of local threads; workers must see the same paths.")

@@ -1,0 +1,196 @@
+"""Check a written merge before it is published.
+
+Three kinds of checks, all in bounded memory (a few tensors at a time):
+
+* integrity: every file listed in the manifest exists with its size and sha256, and nothing else
+  is there;
+* completeness: the shards hold exactly the planned tensors, with the planned dtypes and shapes,
+  all finite;
+* numerics: every merged tensor acts like base + adapter. For a linear LoRA, ``W' x`` is compared
+  with ``W x + s * B (A x)`` on a few random vectors (DoRA: rescaled by ``m / ||W + s B A||``);
+  embedding LoRA rows, trainable-token rows and ``lora_bias`` are compared directly. This uses
+  matrix-vector products, a different path from the merge's own ``W + s * B @ A``.
+
+It also measures ``||W' - W|| / ||W||`` per merged tensor, so an exploding or empty adapter is
+visible at a glance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from mergeflow.checkpoint import Checkpoint
+from mergeflow.execute import TensorSource
+from mergeflow.hashing import sha256_file
+from mergeflow.output import MANIFEST
+from mergeflow.plan import MergePlan, TensorPlan
+
+# Relative error allowed in the numeric check, by output dtype (its rounding, with headroom).
+TOLERANCE = {"BF16": 2e-2, "F16": 4e-3, "F32": 1e-4, "F64": 1e-8}
+PROBES = 4  # random vectors per tensor
+
+
+class TensorCheck(BaseModel):
+    """The numeric check of one merged tensor."""
+
+    name: str
+    kind: str  # "LoRA", "DoRA", "embedding LoRA", "trainable tokens", "lora_bias"
+    relative_error: float
+    delta_norm: float  # ||W' - W|| / ||W||
+    ok: bool
+
+
+class VerifyReport(BaseModel):
+    """What verification found. ``ok`` is False when any problem was found."""
+
+    ok: bool
+    files: int
+    tensors: int
+    problems: list[str] = []
+    warnings: list[str] = []
+    checks: list[TensorCheck] = []
+
+
+def check_files(folder: Path) -> tuple[int, list[str]]:
+    """Integrity: the manifest's files, sizes and sha256 against the folder."""
+    try:
+        listed = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        return 0, [f"{folder / MANIFEST}: missing or unreadable ({exc})"]
+    problems = []
+    present = {p.name for p in folder.iterdir() if p.is_file()} - {MANIFEST}
+    for name in sorted(present - set(listed)):
+        problems.append(f"{folder / name}: not listed in the manifest")
+    for name, entry in sorted(listed.items()):
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{path}: listed in the manifest but missing")
+        elif path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path}: size or sha256 differs from the manifest")
+    return len(listed), problems
+
+
+def _planned_outputs(plan: MergePlan) -> dict[str, tuple[str, list[int]]]:
+    return {name: (dtype, list(shape)) for s in plan.shards for t in s.tensors
+            for name, dtype, shape in t.outputs()}
+
+
+def check_tensors(folder: Path, plan: MergePlan) -> list[str]:
+    """Completeness: the written tensors are exactly the planned ones."""
+    written = Checkpoint(folder).tensors
+    planned = _planned_outputs(plan)
+    problems = [f"tensor '{n}' was planned but not written" for n in sorted(planned.keys() - written.keys())]
+    problems += [f"tensor '{n}' was written but not planned" for n in sorted(written.keys() - planned.keys())]
+    for name in sorted(planned.keys() & written.keys()):
+        info = written[name]
+        if (info.dtype, list(info.shape)) != planned[name]:
+            problems.append(f"tensor '{name}' is {info.dtype}{list(info.shape)}, planned "
+                            f"{planned[name][0]}{planned[name][1]}")
+    return problems
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
+
+
+class NumericChecker:
+    """Recomputes each merged tensor's effect from the inputs and compares it with the output."""
+
+    def __init__(self, source: TensorSource, seed: int = 0) -> None:
+        self.source = source
+        self.adapter = source.adapter
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def _a(self, key: str) -> torch.Tensor:
+        return self.adapter.read(key).float()
+
+    def check(self, plan: TensorPlan, merged: torch.Tensor) -> TensorCheck | None:
+        """Check one output tensor; None when it is a plain copy or re-quantized."""
+        if not plan.computes or getattr(plan, "requant", None) is not None:
+            return None
+        base = self.source.read_input(plan).float()
+        if plan.rows is not None:
+            from mergeflow.vocab import resize_rows
+
+            base = resize_rows(base, plan.rows)
+        merged = merged.float()
+        if plan.lora is not None:
+            kind, error = self._linear(plan, base, merged)
+        elif plan.embedding_lora is not None:
+            kind, error = self._embedding(plan, base, merged)
+        elif plan.lora_bias is not None:
+            spec = self.adapter.modules[plan.lora_bias]
+            kind, error = "lora_bias", _relative(merged, base + spec.scale * self._a(spec.bias_key))
+        elif plan.token_rows is not None:
+            kind, error = "trainable tokens", self._tokens(plan, merged)
+        else:
+            kind, error = "resize", _relative(merged[: base.shape[0]], base)
+        if plan.token_rows is not None and kind != "trainable tokens":
+            error = max(error, self._tokens(plan, merged))
+        delta = _relative(merged, base) if merged.shape == base.shape else float("nan")
+        ok = error <= TOLERANCE.get(plan.dtype, 2e-2)
+        return TensorCheck(name=plan.name, kind=kind, relative_error=error, delta_norm=delta, ok=ok)
+
+    def _linear(self, plan: TensorPlan, w: torch.Tensor, merged: torch.Tensor) -> tuple[str, float]:
+        spec = self.adapter.modules[plan.lora]
+        if plan.transposed:  # Conv1D stores (in, out)
+            w, merged = w.T, merged.T
+        a, b = self._a(spec.a_key), self._a(spec.b_key)  # (r, in), (out, r)
+        x = torch.randn(w.shape[1], PROBES, generator=self.gen)  # (in, k)
+        ref = w @ x + spec.scale * (b @ (a @ x))  # (out, k)
+        kind = "LoRA"
+        if spec.magnitude_key is not None:
+            kind = "DoRA"
+            norms = torch.linalg.vector_norm(w + spec.scale * (b @ a), dim=1)  # (out,)
+            ref = ref * (self._a(spec.magnitude_key) / norms)[:, None]
+        return kind, _relative(merged @ x, ref)
+
+    def _embedding(self, plan: TensorPlan, w: torch.Tensor, merged: torch.Tensor) -> tuple[str, float]:
+        spec = self.adapter.modules[plan.embedding_lora]
+        a, b = self._a(spec.a_key), self._a(spec.b_key)  # (r, rows), (dim, r)
+        rows = torch.randint(0, w.shape[0], (PROBES * 4,), generator=self.gen)
+        ref = w[rows] + spec.scale * (a[:, rows].T @ b.T)  # (n, r) @ (r, dim) -> (n, dim)
+        if plan.token_rows is not None:
+            _, indices = self.adapter.token_deltas[plan.token_rows]
+            keep = ~torch.isin(rows, torch.tensor(indices))
+            rows, ref = rows[keep], ref[keep]
+        return "embedding LoRA", _relative(merged[rows], ref) if len(rows) else 0.0
+
+    def _tokens(self, plan: TensorPlan, merged: torch.Tensor) -> float:
+        key, indices = self.adapter.token_deltas[plan.token_rows]
+        return _relative(merged[torch.tensor(indices)], self._a(key))
+
+
+def verify_output(folder: Path, plan: MergePlan, source: TensorSource) -> VerifyReport:
+    """Run every check on a written (not yet published) output folder."""
+    files, problems = check_files(folder)
+    problems += check_tensors(folder, plan)
+    written = Checkpoint(folder)
+    checker = NumericChecker(source)
+    checks, tensors = [], 0
+    for shard in plan.shards:
+        for tensor in shard.tensors:
+            if tensor.name not in written:
+                continue
+            value = written.read(tensor.name)
+            tensors += 1
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                problems.append(f"tensor '{tensor.name}' holds NaN or Inf")
+                continue
+            check = checker.check(tensor, value)
+            if check is not None:
+                checks.append(check)
+                if not check.ok:
+                    problems.append(f"tensor '{tensor.name}': {check.kind} check off by "
+                                    f"{check.relative_error:.2e} (relative)")
+    warnings = []
+    merged = [c for c in checks if c.kind in ("LoRA", "DoRA", "embedding LoRA")]
+    if merged and all(c.delta_norm == 0 for c in merged):
+        warnings.append("the adapter changes no weight at all (every LoRA delta is zero): "
+                        "the output equals the base; was the adapter trained?")
+    return VerifyReport(ok=not problems, files=files, tensors=tensors, problems=problems,
+                        warnings=warnings, checks=checks)

@@ -1,0 +1,60 @@
+"""The merge pipeline's tasks. Each is one core call; see ``flows/merge.py`` for the order."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from mergeflow import api
+from mergeflow.api import MergeReport, PreparedMerge
+from mergeflow.execute import ShardResult
+from mergeflow.spec import MergeSpec
+from mergeflow.verify import VerifyReport
+from tasks.policy import IO_RETRIES
+
+# Side-effecting tasks are never served from Prefect's cache: resume is decided by the core,
+# which re-verifies each finished shard's sha256 (a cache hit cannot prove a file is intact).
+_TASK = {"cache_policy": NO_CACHE, **IO_RETRIES}
+
+
+@task(name="load", **_TASK)
+def load(spec: MergeSpec) -> PreparedMerge:
+    """Resolve inputs, read headers, plan and validate the whole merge; set up staging."""
+    return api.prepare(spec)
+
+
+@task(name="merge-group", task_run_name="merge-group-{index}", **_TASK)
+def merge_group(plan_path: str, index: int, device: str = "cpu") -> ShardResult:
+    """Dequantize and merge one layer group into its output shard."""
+    return api.run_shard(plan_path, index, device)
+
+
+@task(name="resize-vocab-and-untie", task_run_name="resize-vocab-and-untie-{index}", **_TASK)
+def resize_vocab_and_untie(plan_path: str, index: int, device: str = "cpu") -> ShardResult:
+    """Write the group holding the embedding and head: resized, merged, untied as planned."""
+    return api.run_shard(plan_path, index, device)
+
+
+@task(name="finalize", **_TASK)
+def finalize(prepared: PreparedMerge, results: list[ShardResult]) -> MergeReport:
+    """Write index, config, tokenizer, model card and - last - the manifest (in staging)."""
+    return api.finalize(prepared, results)
+
+
+@task(name="verify", **_TASK)
+def verify(prepared: PreparedMerge, device: str = "cpu") -> VerifyReport:
+    """Check checksums, completeness, finiteness and the numerics of every merged tensor.
+
+    Raises:
+        VerificationError: any check failed; the output is not published.
+    """
+    report = api.verify(prepared, device)
+    api.check_verified(prepared, report)
+    return report
+
+
+@task(name="publish", **_TASK)
+def publish(prepared: PreparedMerge) -> str:
+    """Move the verified output into place with one rename; returns the output path."""
+    api.publish_output(prepared)
+    return prepared.out
