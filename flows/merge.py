@@ -32,7 +32,7 @@ from mergeflow.execute import ShardResult
 from mergeflow.plan import MergePlan
 from mergeflow.spec import MergeSpec
 from mergeflow.verify import VerifyReport
-from tasks import finalize, load, merge_group, publish, resize_vocab_and_untie, verify
+from tasks import finalize, load, merge_group, publish, resize_vocab_and_untie, upload, verify
 
 
 def _run_name() -> str:
@@ -98,7 +98,9 @@ def merge_adapter(spec: MergeSpec) -> MergeReport:
     with timings("load"):
         prepared = load(spec)
     if prepared.up_to_date:
-        get_run_logger().info("%s already holds this merge; nothing to do", prepared.out)
+        get_run_logger().info("%s already holds this merge; nothing to merge", prepared.out)
+        if spec.push_to:
+            upload(spec)
         return api.up_to_date_report(prepared)
     with timings("merge"):
         progress = create_progress_artifact(0.0, key="merge-progress",
@@ -111,6 +113,9 @@ def merge_adapter(spec: MergeSpec) -> MergeReport:
         verification = verify(prepared, spec.device) if spec.verify else None
     with timings("publish"):
         publish(prepared)
+    if spec.push_to:
+        with timings("upload"):
+            upload(spec)
     report_artifacts(spec, prepared, report, results, verification, timings)
     return report
 

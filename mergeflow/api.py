@@ -46,6 +46,9 @@ from mergeflow.plan import (
     resolve_dtype,
 )
 from mergeflow.quant import QuantizedBase, detect
+from mergeflow.sinks import PublishResult
+from mergeflow.sinks import publish as publish_folder
+from mergeflow.sources import base_from_adapter, resolve_source
 from mergeflow.spec import MergeSpec
 from mergeflow.verify import VerifyReport, verify_output
 from mergeflow.vocab import set_config_field
@@ -141,15 +144,48 @@ def _input_fingerprints(base: Checkpoint, adapter: Adapter, tokenizer: Path | No
     return inputs
 
 
+def resolve_inputs(spec: MergeSpec) -> tuple[Path, Path]:
+    """Local folders for the adapter and the base (``hf://`` and ``s3://`` are fetched into the
+    cache); without ``spec.base``, the base is the one the adapter's config names.
+
+    Raises:
+        InputError: a reference cannot be resolved, or no base is given or named.
+        TransientError: the network failed in a way worth retrying.
+    """
+    adapter_dir = resolve_source(spec.adapter)
+    base_ref = spec.base or base_from_adapter(adapter_dir)
+    if not base_ref:
+        raise InputError(f"{adapter_dir / 'adapter_config.json'}: base_model_name_or_path is "
+                         "empty; pass --base PATH (or hf://org/name, s3://bucket/prefix)")
+    return resolve_source(base_ref), adapter_dir
+
+
+def publish_options(spec: MergeSpec) -> dict[str, object]:
+    """The sink options a spec sets (None: not set, so not passed)."""
+    return {"private": spec.private or None, "revision": spec.revision,
+            "create_pr": spec.create_pr or None, "commit_message": spec.commit_message,
+            "sse": spec.s3_sse, "kms_key_id": spec.s3_kms_key_id}
+
+
+def upload(spec: MergeSpec) -> PublishResult:
+    """Publish the finished output folder to ``spec.push_to`` (skipping what is already there).
+
+    Raises:
+        SinkError: the destination cannot be used; TransientError: worth retrying.
+    """
+    return publish_folder(Path(spec.out), spec.push_to, **publish_options(spec))
+
+
 def prepare(spec: MergeSpec) -> PreparedMerge:
     """Read headers, plan and validate the whole merge, and set up its staging folder.
 
     Raises:
         InputError: any problem with the inputs or the output location, before a byte is written.
     """
-    base_dir, adapter_dir, out = Path(spec.base), Path(spec.adapter), Path(spec.out)
     _check_method_options(spec)
-    original_dir = Path(spec.original_base) if spec.original_base else None
+    base_dir, adapter_dir = resolve_inputs(spec)
+    out = Path(spec.out)
+    original_dir = resolve_source(spec.original_base) if spec.original_base else None
     check_output_location(out, [base_dir, adapter_dir, *([original_dir] if original_dir else [])])
     config = require_config(base_dir)
     base = Checkpoint(base_dir)
@@ -393,7 +429,7 @@ def up_to_date_report(prepared: PreparedMerge) -> MergeReport:
     return MergeReport(out=prepared.out, status="up-to-date", **manifest.get("report", {}))
 
 
-def merge(base: str | Path, adapter: str | Path, out: str | Path, *,
+def merge(base: str | Path | None, adapter: str | Path, out: str | Path, *,
           progress: Callable[[TensorPlan], None] | None = None, **options) -> MergeReport:
     """Merge a LoRA adapter into its base and write a SafeTensors checkpoint to ``out``.
 
@@ -415,9 +451,12 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *,
         MergeError: any other failure (the output folder is left untouched).
     """
     options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
-    spec = MergeSpec(base=str(base), adapter=str(adapter), out=str(out), **options)
+    spec = MergeSpec(base=str(base) if base is not None else None, adapter=str(adapter),
+                     out=str(out), **options)
     prepared = prepare(spec)
     if prepared.up_to_date:
+        if spec.push_to:
+            upload(spec)
         return up_to_date_report(prepared)
     plan = MergePlan.load(Path(prepared.plan_path))
     source = open_source(plan, device=spec.device)
@@ -427,6 +466,8 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *,
     if spec.verify:
         check_verified(prepared, verify(prepared, spec.device))
     publish_output(prepared)
+    if spec.push_to:
+        upload(spec)
     return report
 
 

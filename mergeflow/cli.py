@@ -34,7 +34,7 @@ def main() -> None:
 def _run(spec: MergeSpec) -> api.MergeReport:
     """Plan (failing fast on bad input), then run the Prefect flow with a progress bar."""
     prepared = api.prepare(spec)
-    if prepared.up_to_date:
+    if prepared.up_to_date and not spec.push_to:
         return api.up_to_date_report(prepared)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -89,9 +89,12 @@ class _StagingProgress:
 
 @app.command()
 def merge(
-    base: Annotated[Path, typer.Option(help="Base model folder.")],
-    adapter: Annotated[Path, typer.Option(help="PEFT LoRA adapter folder.")],
+    adapter: Annotated[str, typer.Option(
+        help="PEFT LoRA adapter: folder, hf://org/name[@rev] or s3://bucket/prefix.")],
     out: Annotated[Path, typer.Option(help="Output folder (appears when complete).")],
+    base: Annotated[str | None, typer.Option(
+        help="Base model: folder, hf://org/name[@rev] or s3://bucket/prefix "
+             "(default: the adapter config's base_model_name_or_path).")] = None,
     dtype: Annotated[str, typer.Option(help="auto | bfloat16 | float16 | float32")] = "auto",
     max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB.")] = "5GB",
     tokenizer: Annotated[Path | None, typer.Option(
@@ -118,10 +121,18 @@ def merge(
         help="Run layer groups on this Dask cluster (tcp://host:8786).")] = None,
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip the numeric and checksum verification.")] = False,
+    push_to: Annotated[str | None, typer.Option(
+        help="Publish to hf://org/name or s3://bucket/prefix after verifying.")] = None,
+    private: Annotated[bool, typer.Option("--private", help="hf://: private repo.")] = False,
+    revision: Annotated[str | None, typer.Option(help="hf://: branch to commit to.")] = None,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="hf://: open a PR.")] = False,
+    commit_message: Annotated[str | None, typer.Option(help="hf://: commit message.")] = None,
+    s3_sse: Annotated[str | None, typer.Option(help="s3://: AES256 | aws:kms")] = None,
+    s3_kms_key_id: Annotated[str | None, typer.Option(help="s3://: KMS key id.")] = None,
 ) -> None:
     """Merge ADAPTER into BASE and write a SafeTensors checkpoint to OUT."""
     try:
-        spec = MergeSpec(base=str(base), adapter=str(adapter), out=str(out), dtype=dtype,
+        spec = MergeSpec(base=base, adapter=adapter, out=str(out), dtype=dtype,
                          max_shard_size=max_shard_size,
                          tokenizer=str(tokenizer) if tokenizer else None,
                          no_tokenizer=no_tokenizer, overwrite=overwrite, device=device,
@@ -129,7 +140,10 @@ def merge(
                          allow_vocab_shrink=allow_vocab_shrink, save_method=save_method,
                          merge_onto=merge_onto,
                          original_base=str(original_base) if original_base else None,
-                         workers=workers, dask_address=dask_address, verify=not no_verify)
+                         workers=workers, dask_address=dask_address, verify=not no_verify,
+                         push_to=push_to, private=private, revision=revision,
+                         create_pr=create_pr, commit_message=commit_message, s3_sse=s3_sse,
+                         s3_kms_key_id=s3_kms_key_id)
     except ValueError as exc:
         _fail(2, "invalid options: " + "; ".join(
             f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
@@ -141,6 +155,8 @@ def merge(
     except MergeError as exc:
         _fail(1, str(exc))
     _print_report(report)
+    if spec.push_to:
+        out.print(f"published to {spec.push_to}")
 
 
 def _fail(code: int, message: str) -> None:

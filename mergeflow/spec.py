@@ -13,8 +13,12 @@ class MergeSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base: str = Field(description="Base model folder (model.safetensors or shards + index).")
-    adapter: str = Field(description="PEFT LoRA adapter folder (adapter_config.json + weights).")
+    base: str | None = Field(
+        None, description="Base model: a folder (model.safetensors or shards + index), "
+        "hf://org/name[@revision] or s3://bucket/prefix. Default: the base the adapter's "
+        "config names.")
+    adapter: str = Field(description="PEFT LoRA adapter: a folder (adapter_config.json + "
+                         "weights), hf://org/name[@revision] or s3://bucket/prefix.")
     out: str = Field(description="Output folder; it appears only once the merge is complete.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Output dtype; 'auto' keeps the base's own float dtype (for a "
@@ -55,3 +59,13 @@ class MergeSpec(BaseModel):
     dask_address: str | None = Field(
         None, description="Run layer groups on this existing Dask cluster (e.g. "
         "tcp://scheduler:8786) instead of local threads; workers must see the same paths.")
+    push_to: str | None = Field(
+        None, pattern=r"^(hf|s3)://.+", description="Publish the verified output to "
+        "hf://org/name or s3://bucket/prefix (the manifest goes last).")
+    private: bool = Field(False, description="hf:// only: create the repo private.")
+    revision: str | None = Field(None, description="hf:// only: branch to commit to.")
+    create_pr: bool = Field(False, description="hf:// only: open a pull request instead.")
+    commit_message: str | None = Field(None, description="hf:// only: the commit message.")
+    s3_sse: Literal["AES256", "aws:kms"] | None = Field(
+        None, description="s3:// only: server-side encryption.")
+    s3_kms_key_id: str | None = Field(None, description="s3:// only: KMS key for aws:kms.")

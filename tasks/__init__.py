@@ -3,8 +3,16 @@
 Tasks take and return paths and small pydantic models, never tensors.
 """
 
-from tasks.merge import finalize, load, merge_group, publish, resize_vocab_and_untie, verify
+from tasks.merge import (
+    finalize,
+    load,
+    merge_group,
+    publish,
+    resize_vocab_and_untie,
+    upload,
+    verify,
+)
 from tasks.policy import IO_RETRIES, retry_transient
 
 __all__ = ["IO_RETRIES", "finalize", "load", "merge_group", "publish", "resize_vocab_and_untie",
-           "retry_transient", "verify"]
+           "retry_transient", "upload", "verify"]

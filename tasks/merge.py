@@ -8,6 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from mergeflow import api
 from mergeflow.api import MergeReport, PreparedMerge
 from mergeflow.execute import ShardResult
+from mergeflow.sinks import PublishResult
 from mergeflow.spec import MergeSpec
 from mergeflow.verify import VerifyReport
 from tasks.policy import IO_RETRIES
@@ -58,3 +59,10 @@ def publish(prepared: PreparedMerge) -> str:
     """Move the verified output into place with one rename; returns the output path."""
     api.publish_output(prepared)
     return prepared.out
+
+
+@task(name="upload", **_TASK)
+def upload(spec: MergeSpec) -> PublishResult:
+    """Publish the finished output to ``spec.push_to``; files already there are skipped, the
+    manifest goes last."""
+    return api.upload(spec)
