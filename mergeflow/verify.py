@@ -27,7 +27,7 @@ from mergeflow.checkpoint import Checkpoint
 from mergeflow.execute import TensorSource
 from mergeflow.hashing import sha256_file
 from mergeflow.output import MANIFEST
-from mergeflow.plan import MergePlan, TensorPlan
+from mergeflow.plan import ADAPTER_FILE, MergePlan, TensorPlan
 
 # Relative error allowed in the numeric check, by output dtype (its rounding, with headroom).
 TOLERANCE = {"BF16": 2e-2, "F16": 4e-3, "F32": 1e-4, "F64": 1e-8}
@@ -79,9 +79,16 @@ def _planned_outputs(plan: MergePlan) -> dict[str, tuple[str, list[int]]]:
             for name, dtype, shape in t.outputs()}
 
 
+def _written(folder: Path, plan: MergePlan) -> Checkpoint:
+    """The output's weights: the model shards, or the single file of an adapter export."""
+    if [s.filename for s in plan.shards] == [ADAPTER_FILE]:
+        return Checkpoint(folder, weights_file=ADAPTER_FILE)
+    return Checkpoint(folder)
+
+
 def check_tensors(folder: Path, plan: MergePlan) -> list[str]:
     """Completeness: the written tensors are exactly the planned ones."""
-    written = Checkpoint(folder).tensors
+    written = _written(folder, plan).tensors
     planned = _planned_outputs(plan)
     problems = [f"tensor '{n}' was planned but not written" for n in sorted(planned.keys() - written.keys())]
     problems += [f"tensor '{n}' was written but not planned" for n in sorted(written.keys() - planned.keys())]
@@ -169,7 +176,7 @@ def verify_output(folder: Path, plan: MergePlan, source: TensorSource) -> Verify
     """Run every check on a written (not yet published) output folder."""
     files, problems = check_files(folder)
     problems += check_tensors(folder, plan)
-    written = Checkpoint(folder)
+    written = _written(folder, plan)
     checker = NumericChecker(source)
     checks, tensors = [], 0
     for shard in plan.shards:
