@@ -32,7 +32,16 @@ from mergeflow.execute import ShardResult
 from mergeflow.plan import MergePlan
 from mergeflow.spec import MergeSpec
 from mergeflow.verify import VerifyReport
-from tasks import finalize, load, merge_group, publish, resize_vocab_and_untie, upload, verify
+from tasks import (
+    finalize,
+    load,
+    merge_group,
+    merge_low_disk,
+    publish,
+    resize_vocab_and_untie,
+    upload,
+    verify,
+)
 
 
 def _run_name() -> str:
@@ -102,6 +111,11 @@ def merge_adapter(spec: MergeSpec) -> MergeReport:
         if spec.push_to:
             upload(spec)
         return api.up_to_date_report(prepared)
+    if spec.low_disk:  # one shard on disk at a time: write, verify, ship, delete
+        with timings("merge, verify and upload"):
+            report = merge_low_disk(prepared, spec)
+        report_artifacts(spec, prepared, report, [], None, timings)
+        return report
     with timings("merge"):
         progress = create_progress_artifact(0.0, key="merge-progress",
                                             description="layer groups written")

@@ -46,11 +46,11 @@ from mergeflow.plan import (
     resolve_dtype,
 )
 from mergeflow.quant import QuantizedBase, detect
-from mergeflow.sinks import PublishResult
+from mergeflow.sinks import PublishResult, open_publisher
 from mergeflow.sinks import publish as publish_folder
 from mergeflow.sources import base_from_adapter, resolve_source
 from mergeflow.spec import MergeSpec
-from mergeflow.verify import VerifyReport, verify_output
+from mergeflow.verify import VerifyReport, verify_output, verify_shard
 from mergeflow.vocab import set_config_field
 
 PLAN_FILE = "plan.json"
@@ -401,14 +401,13 @@ def _write_model_config(plan: MergePlan, base: Path, staging: Path, keep_quantiz
 
 def _write_manifest(staging: Path, plan: MergePlan, fingerprint: str, report: MergeReport,
                     results: list[ShardResult]) -> None:
-    known = {r.filename: r for r in results}
-    files = {}
-    for path in sorted(p for p in staging.iterdir() if p.is_file()):
-        if path.name.startswith("."):
-            continue
-        shard = known.get(path.name)
-        files[path.name] = {"size": path.stat().st_size,
-                            "sha256": shard.sha256 if shard else sha256_file(path)}
+    # Shards are described by their write results (in low-disk mode they are already shipped
+    # and gone); every other file by its bytes on disk.
+    files = {r.filename: {"size": r.size, "sha256": r.sha256} for r in results}
+    for path in staging.iterdir():
+        if path.is_file() and not path.name.startswith(".") and path.name not in files:
+            files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    files = dict(sorted(files.items()))
     manifest = {
         "format": "mergeflow-manifest/1",
         "mergeflow_version": __version__,
@@ -458,6 +457,8 @@ def merge(base: str | Path | None, adapter: str | Path, out: str | Path, *,
         if spec.push_to:
             upload(spec)
         return up_to_date_report(prepared)
+    if spec.low_disk:
+        return merge_low_disk(prepared, spec, progress)[0]
     plan = MergePlan.load(Path(prepared.plan_path))
     source = open_source(plan, device=spec.device)
     results = [run_shard(prepared.plan_path, i, spec.device, source, progress)
@@ -469,6 +470,40 @@ def merge(base: str | Path | None, adapter: str | Path, out: str | Path, *,
     if spec.push_to:
         upload(spec)
     return report
+
+
+def merge_low_disk(prepared: PreparedMerge, spec: MergeSpec,
+                   progress: Progress | None = None) -> tuple[MergeReport, PublishResult]:
+    """Merge straight to ``spec.push_to`` keeping one shard on local disk at a time.
+
+    Each shard is written, verified, published and deleted before the next is written; then the
+    small files and - last - the manifest are published, and the staging folder is removed.
+    A rerun re-creates (byte-identical) shards that are gone locally; the publisher skips the
+    ones already at the destination.
+
+    Raises:
+        VerificationError: a shard failed its checks (it is not published).
+        SinkError, TransientError: from the destination.
+    """
+    plan = MergePlan.load(Path(prepared.plan_path))
+    staging = Path(prepared.staging)
+    publisher = open_publisher(spec.push_to, **publish_options(spec))
+    source = open_source(plan, device=spec.device)
+    results = []
+    for index, shard in enumerate(plan.shards):
+        result = run_shard(prepared.plan_path, index, spec.device, source, progress)
+        if spec.verify:
+            check_verified(prepared, verify_shard(staging, shard, source))
+        publisher.put(staging / shard.filename, result.sha256, result.size)
+        (staging / shard.filename).unlink()
+        results.append(result)
+    report = finalize(prepared, results)
+    small = sorted(p for p in staging.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST)
+    published = publisher.finish(small, staging / MANIFEST)
+    shutil.rmtree(staging, ignore_errors=True)
+    report.out = spec.push_to
+    return report, published
 
 
 def check_verified(prepared: PreparedMerge, report: VerifyReport) -> None:

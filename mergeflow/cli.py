@@ -129,6 +129,8 @@ def merge(
     commit_message: Annotated[str | None, typer.Option(help="hf://: commit message.")] = None,
     s3_sse: Annotated[str | None, typer.Option(help="s3://: AES256 | aws:kms")] = None,
     s3_kms_key_id: Annotated[str | None, typer.Option(help="s3://: KMS key id.")] = None,
+    low_disk: Annotated[bool, typer.Option(
+        "--low-disk", help="With --push-to: ship and delete each shard as it is verified.")] = False,
 ) -> None:
     """Merge ADAPTER into BASE and write a SafeTensors checkpoint to OUT."""
     try:
@@ -143,7 +145,7 @@ def merge(
                          workers=workers, dask_address=dask_address, verify=not no_verify,
                          push_to=push_to, private=private, revision=revision,
                          create_pr=create_pr, commit_message=commit_message, s3_sse=s3_sse,
-                         s3_kms_key_id=s3_kms_key_id)
+                         s3_kms_key_id=s3_kms_key_id, low_disk=low_disk)
     except ValueError as exc:
         _fail(2, "invalid options: " + "; ".join(
             f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class MergeSpec(BaseModel):
@@ -69,3 +69,12 @@ class MergeSpec(BaseModel):
     s3_sse: Literal["AES256", "aws:kms"] | None = Field(
         None, description="s3:// only: server-side encryption.")
     s3_kms_key_id: str | None = Field(None, description="s3:// only: KMS key for aws:kms.")
+    low_disk: bool = Field(
+        False, description="With push_to: publish each shard as soon as it is written and "
+        "verified, then delete it locally (local disk stays near one shard).")
+
+    @model_validator(mode="after")
+    def _low_disk_needs_destination(self) -> MergeSpec:
+        if self.low_disk and not self.push_to:
+            raise ValueError("low_disk needs push_to: shards are shipped and deleted as they go")
+        return self

@@ -27,7 +27,7 @@ from mergeflow.checkpoint import Checkpoint
 from mergeflow.execute import TensorSource
 from mergeflow.hashing import sha256_file
 from mergeflow.output import MANIFEST
-from mergeflow.plan import ADAPTER_FILE, MergePlan, TensorPlan
+from mergeflow.plan import ADAPTER_FILE, MergePlan, ShardPlan, TensorPlan
 
 # Relative error allowed in the numeric check, by output dtype (its rounding, with headroom).
 TOLERANCE = {"BF16": 2e-2, "F16": 4e-3, "F32": 1e-4, "F64": 1e-8}
@@ -172,32 +172,52 @@ class NumericChecker:
         return _relative(merged[torch.tensor(indices)], self._a(key))
 
 
+def check_values(written: Checkpoint, tensors: list[TensorPlan], checker: NumericChecker
+                 ) -> tuple[int, list[TensorCheck], list[str]]:
+    """Finiteness and the numeric check of the given planned tensors, read from ``written``."""
+    checks, problems, count = [], [], 0
+    for tensor in tensors:
+        if tensor.name not in written:
+            continue
+        value = written.read(tensor.name)
+        count += 1
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            problems.append(f"tensor '{tensor.name}' holds NaN or Inf")
+            continue
+        check = checker.check(tensor, value)
+        if check is not None:
+            checks.append(check)
+            if not check.ok:
+                problems.append(f"tensor '{tensor.name}': {check.kind} check off by "
+                                f"{check.relative_error:.2e} (relative)")
+    return count, checks, problems
+
+
+def _no_op_warnings(checks: list[TensorCheck]) -> list[str]:
+    merged = [c for c in checks if c.kind in ("LoRA", "DoRA", "embedding LoRA")]
+    if merged and all(c.delta_norm == 0 for c in merged):
+        return ["the adapter changes no weight at all (every LoRA delta is zero): "
+                "the output equals the base; was the adapter trained?"]
+    return []
+
+
+def verify_shard(folder: Path, shard: ShardPlan, source: TensorSource) -> VerifyReport:
+    """Check one freshly written shard (low-disk mode verifies each shard before shipping it)."""
+    written = Checkpoint(folder, weights_file=shard.filename)
+    planned = {n for t in shard.tensors for n, _, _ in t.outputs()}
+    problems = [f"{shard.filename}: tensor '{n}' missing" for n in sorted(planned - set(written.tensors))]
+    count, checks, more = check_values(written, shard.tensors, NumericChecker(source))
+    return VerifyReport(ok=not problems and not more, files=1, tensors=count,
+                        problems=problems + more, warnings=[], checks=checks)
+
+
 def verify_output(folder: Path, plan: MergePlan, source: TensorSource) -> VerifyReport:
     """Run every check on a written (not yet published) output folder."""
     files, problems = check_files(folder)
     problems += check_tensors(folder, plan)
     written = _written(folder, plan)
-    checker = NumericChecker(source)
-    checks, tensors = [], 0
-    for shard in plan.shards:
-        for tensor in shard.tensors:
-            if tensor.name not in written:
-                continue
-            value = written.read(tensor.name)
-            tensors += 1
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                problems.append(f"tensor '{tensor.name}' holds NaN or Inf")
-                continue
-            check = checker.check(tensor, value)
-            if check is not None:
-                checks.append(check)
-                if not check.ok:
-                    problems.append(f"tensor '{tensor.name}': {check.kind} check off by "
-                                    f"{check.relative_error:.2e} (relative)")
-    warnings = []
-    merged = [c for c in checks if c.kind in ("LoRA", "DoRA", "embedding LoRA")]
-    if merged and all(c.delta_norm == 0 for c in merged):
-        warnings.append("the adapter changes no weight at all (every LoRA delta is zero): "
-                        "the output equals the base; was the adapter trained?")
-    return VerifyReport(ok=not problems, files=files, tensors=tensors, problems=problems,
-                        warnings=warnings, checks=checks)
+    tensors = [t for shard in plan.shards for t in shard.tensors]
+    count, checks, more = check_values(written, tensors, NumericChecker(source))
+    problems += more
+    return VerifyReport(ok=not problems, files=files, tensors=count, problems=problems,
+                        warnings=_no_op_warnings(checks), checks=checks)

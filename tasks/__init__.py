@@ -14,5 +14,5 @@ from tasks.merge import (
 )
 from tasks.policy import IO_RETRIES, retry_transient
 
-__all__ = ["IO_RETRIES", "finalize", "load", "merge_group", "publish", "resize_vocab_and_untie",
-           "retry_transient", "upload", "verify"]
+__all__ = ["IO_RETRIES", "finalize", "load", "merge_group", "merge_low_disk", "publish",
+           "resize_vocab_and_untie", "retry_transient", "upload", "verify"]

@@ -66,3 +66,9 @@ def upload(spec: MergeSpec) -> PublishResult:
     """Publish the finished output to ``spec.push_to``; files already there are skipped, the
     manifest goes last."""
     return api.upload(spec)
+
+
+@task(name="merge-low-disk", **_TASK)
+def merge_low_disk(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
+    """Low-disk mode: write, verify, publish and delete one shard at a time, manifest last."""
+    return api.merge_low_disk(prepared, spec)[0]
