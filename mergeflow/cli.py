@@ -114,7 +114,7 @@ def merge(
     merge_onto: Annotated[str, typer.Option(
         help="dequantized | original: for a quantized base, merge onto its dequantized weights "
              "or onto --original-base.")] = "dequantized",
-    original_base: Annotated[Path | None, typer.Option(
+    original_base: Annotated[str | None, typer.Option(
         help="The 16-bit checkpoint the quantized base was made from.")] = None,
     workers: Annotated[int, typer.Option(help="Layer groups merged in parallel.")] = 2,
     dask_address: Annotated[str | None, typer.Option(
@@ -141,7 +141,7 @@ def merge(
                          pad_vocab_to_multiple_of=pad_vocab_to_multiple_of,
                          allow_vocab_shrink=allow_vocab_shrink, save_method=save_method,
                          merge_onto=merge_onto,
-                         original_base=str(original_base) if original_base else None,
+                         original_base=original_base,
                          workers=workers, dask_address=dask_address, verify=not no_verify,
                          push_to=push_to, private=private, revision=revision,
                          create_pr=create_pr, commit_message=commit_message, s3_sse=s3_sse,
