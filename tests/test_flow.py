@@ -56,7 +56,7 @@ def test_flow_output_equals_core_output_and_has_artifacts(sharded_inputs, tmp_pa
     assert state.is_completed()
     report = state.result()
     assert report.status == "merged" and report.shards > 3
-    core = mergeflow.merge(base, adapter, tmp_path / "core", max_shard_size="40KB")
+    mergeflow.merge(base, adapter, tmp_path / "core", max_shard_size="40KB")
     flow_files, core_files = snapshot(tmp_path / "flow"), snapshot(tmp_path / "core")
     assert {k: v[2] for k, v in flow_files.items()} == {k: v[2] for k, v in core_files.items()}
     live = logits_of(base, input_ids, adapter=adapter)
