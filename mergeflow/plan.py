@@ -339,16 +339,16 @@ class Planner:
             self.notes.append("save_method lora: the adapter is exported unmerged (checked "
                               "against the base first); load it with PeftModel.from_pretrained")
             return
-        if q is not None and self.original is None:
+        if q is None:
+            return
+        if self.original is None:
             self.notes.append(f"base quantized by bitsandbytes ({q.describe()}): merged onto its "
                               "dequantized weights, the weights the adapter was trained against "
                               "(--merge-onto dequantized)")
-        elif q is not None:
+        else:
             self.notes.append(f"merged onto the original weights in {self.original.folder} "
                               f"(--merge-onto original), not onto the dequantized {q.bits}-bit "
                               "weights the adapter was trained against")
-        if q is None:
-            return
         if self.save_method == "merged_16bit":
             how = ("taken from the original" if self.original is not None
                    else "written dequantized")
