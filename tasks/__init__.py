@@ -7,6 +7,7 @@ from tasks.merge import (
     finalize,
     load,
     merge_group,
+    merge_low_disk,
     publish,
     resize_vocab_and_untie,
     upload,
