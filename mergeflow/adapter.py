@@ -15,6 +15,7 @@ import json
 import math
 import pickle
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,6 +103,14 @@ class Adapter:
             return self._reader.read(key)
         assert self._pickled is not None
         return self._pickled[key]
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every adapter tensor as ``(key, tensor)``, one at a time (CPU)."""
+        if self._reader is not None:
+            yield from self._reader.iter_tensors()
+        else:
+            assert self._pickled is not None
+            yield from self._pickled.items()
 
     @property
     def use_dora(self) -> bool:
@@ -298,3 +307,58 @@ def load_adapter(folder: Path | str) -> Adapter:
     if not adapter.modules and not adapter.replacements and not adapter.token_deltas:
         raise AdapterError(f"{folder / adapter.weights_file}: holds no adapter weights")
     return adapter
+
+
+def check_values(adapter: Adapter) -> list[str]:
+    """Read every adapter tensor once (adapters are small) before any work is done.
+
+    Refuses NaN or Inf anywhere, naming the key and the base tensor it would be merged into, and
+    warns when every LoRA delta is zero (``lora_B`` all zeros, as saved right after
+    ``get_peft_model`` with the default ``init_lora_weights=True``): such a merge is a silent
+    no-op.
+
+    Returns:
+        Warnings for the merge report, each starting with "warning:".
+
+    Raises:
+        AdapterError: a tensor holds NaN or Inf.
+    """
+    targets = _merge_targets(adapter)
+    deltas = {k: m for m, s in adapter.modules.items() for k in (s.b_key, s.bias_key) if k}
+    changing: set[str] = set()  # LoRA modules whose delta is not zero
+    for key, tensor in adapter.iter_tensors():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(
+                f"{adapter.folder / adapter.weights_file}: tensor '{key}' holds NaN or Inf "
+                f"(merged into '{targets.get(key, key)}'); the training run diverged or the file "
+                "is damaged: retrain, or merge an earlier checkpoint")
+        if key in deltas and bool(tensor.any()):
+            changing.add(deltas[key])
+    return _zero_delta_warnings(adapter, changing)
+
+
+def _merge_targets(adapter: Adapter) -> dict[str, str]:
+    """Adapter key -> the base tensor it changes (for messages)."""
+    targets = {key: name for name, key in adapter.replacements.items()}
+    for module, spec in adapter.modules.items():
+        for key in (spec.a_key, spec.b_key, spec.magnitude_key):
+            if key:
+                targets[key] = f"{module}.weight"
+        if spec.bias_key:
+            targets[spec.bias_key] = f"{module}.bias"
+    for module, (key, _) in adapter.token_deltas.items():
+        targets[key] = f"{module}.weight"
+    return targets
+
+
+def _zero_delta_warnings(adapter: Adapter, changing: set[str]) -> list[str]:
+    """The no-op warning when no LoRA module changes anything (DoRA magnitudes aside)."""
+    modules = adapter.modules
+    if not modules or changing or any(s.magnitude_key for s in modules.values()):
+        return []
+    why = (f"lora_B is all zeros in all {len(modules)} LoRA modules; was the adapter trained? "
+           "(PEFT's default init_lora_weights=True saves B = 0)")
+    if adapter.replacements or adapter.token_deltas:
+        return [f"warning: every LoRA delta is zero, so only the adapter's replaced tensors and "
+                f"token rows change the base ({why})"]
+    return [f"warning: the adapter changes no weight at all, the output equals the base ({why})"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from mergeflow import __version__
+from mergeflow import __version__, preflight
 from mergeflow.adapter import Adapter, load_adapter
 from mergeflow.checkpoint import Checkpoint
 from mergeflow.errors import InputError, VerificationError
@@ -211,6 +211,7 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                     "save_method": spec.save_method, "merge_onto": spec.merge_onto,
                     "original_base": str(original_dir) if original_dir else None,
                     "mergeflow": __version__}
+    preflight.check(plan, adapter, out, low_disk=spec.low_disk)  # adapter values, free disk
     fingerprint = plan.fingerprint()
     up_to_date = check_existing_output(out, fingerprint, spec.overwrite)
     staging = staging_dir(out)

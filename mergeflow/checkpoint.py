@@ -8,7 +8,9 @@ again, so the memory a read costs is the tensor itself and no mapped shard stays
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +37,12 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+# Every dtype the safetensors format defines; those missing from DTYPES are valid files that
+# Mergeflow cannot merge (complex numbers, unsigned 16-64 bit, sub-byte floats).
+FORMAT_DTYPES = frozenset({*DTYPES, "F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "F8_E4M3FNUZ",
+                           "F8_E5M2FNUZ", "U16", "U32", "U64", "C64"})
+MAX_HEADER = 100 * 10**6  # the safetensors library's own limit on the header's JSON
+METADATA_KEY = "__metadata__"
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,29 @@ class TensorInfo:
         return DTYPES[self.dtype].is_floating_point
 
 
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    """The ``weight_map`` of a ``model.safetensors.index.json``: tensor name -> shard file name.
+
+    Raises:
+        CheckpointError: unreadable JSON, no ``weight_map`` object, or an entry that does not
+            map a name to a file name.
+    """
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise CheckpointError(
+            f"{index_path}: unreadable index ({type(exc).__name__}: {exc}); it must be JSON with "
+            "a 'weight_map'") from exc
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: 'weight_map' must be a non-empty object mapping "
+                              "tensor names to shard files; re-save the checkpoint")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"{index_path}: weight_map maps '{key}' to {name!r}, not a file "
+                                  "name; re-save the checkpoint")
+    return weight_map
+
+
 def _inside(folder: Path, name: str, index_path: Path) -> Path:
     """Resolve an index entry, refusing paths that escape the checkpoint folder."""
     candidate = Path(name)
@@ -74,29 +105,145 @@ def _inside(folder: Path, name: str, index_path: Path) -> Path:
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Read the tensor table of one safetensors file without reading tensor data.
+    """Read and validate the tensor table of one safetensors file without reading tensor data.
+
+    The header is parsed here (see :func:`parse_header`: every check the format implies, plus
+    duplicate names, which the safetensors library lets through) and then opened once with
+    ``safe_open``, so a file that passes will also read.
 
     Raises:
-        CheckpointError: the file is missing, truncated, or its header is corrupt.
+        CheckpointError: the file is missing, truncated, or its header is corrupt, or a tensor
+            has a dtype Mergeflow cannot merge.
     """
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            infos = {}
-            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                sl = f.get_slice(key)
-                dtype = sl.get_dtype()
-                if dtype not in DTYPES:
-                    raise CheckpointError(
-                        f"{path}: tensor '{key}' has dtype {dtype}, which Mergeflow cannot merge"
-                    )
-                infos[key] = TensorInfo(key, path.name, tuple(sl.get_shape()), dtype)
-            return infos
+        if not path.is_file():
+            raise CheckpointError(f"{path}: file not found")
+        with open(path, "rb") as f:
+            infos = parse_header(f, path.stat().st_size, path)
+        with safe_open(str(path), framework="pt", device="cpu"):
+            pass
     except SafetensorError as exc:
         raise CheckpointError(
             f"{path}: not a readable safetensors file ({exc}); re-download or re-save it"
         ) from exc
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc}); check the path and its "
+                              "permissions") from exc
+    return infos
+
+
+def parse_header(f, file_size: int, path: Path | str) -> dict[str, TensorInfo]:
+    """Parse a safetensors header from an open binary file of ``file_size`` bytes.
+
+    Checks the length prefix against the file, the JSON (an object, no repeated names), each
+    entry's dtype, shape and data offsets, and that the offsets tile the data area exactly, as
+    the format requires.
+
+    Raises:
+        CheckpointError: naming ``path`` and, where there is one, the tensor at fault.
+    """
+    what = "re-download or re-save it"
+    if file_size < 8:
+        raise CheckpointError(f"{path}: {file_size} bytes, too short for a safetensors file; {what}")
+    (length,) = struct.unpack("<Q", f.read(8))
+    if length > MAX_HEADER or 8 + length > file_size:
+        raise CheckpointError(
+            f"{path}: header length {length} bytes is impossible (the file has {file_size} bytes, "
+            f"the format allows {MAX_HEADER}); the file is truncated or not safetensors; {what}")
+    table = _header_json(f.read(length), path)
+    infos: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for key, entry in table.items():
+        if key == METADATA_KEY:
+            _check_metadata(entry, path)
+            continue
+        info, span = _tensor_entry(key, entry, Path(path).name, path)
+        infos[key] = info
+        spans.append((*span, key))
+    _check_spans(spans, file_size - 8 - length, path)
+    return infos
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``json`` object hook: a name may appear once (safetensors keeps the last silently)."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object names the same key twice."""
+
+
+def _header_json(raw: bytes, path: Path | str) -> dict:
+    """The header's JSON object, refusing anything else and repeated names."""
+    try:
+        table = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except _DuplicateKey as exc:
+        raise CheckpointError(
+            f"{path}: the header lists tensor '{exc.args[0]}' twice; the file is corrupt, "
+            "re-download or re-save it") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: the header is not valid JSON ({type(exc).__name__}); "
+                              "the file is corrupt, re-download or re-save it") from exc
+    if not isinstance(table, dict):
+        raise CheckpointError(f"{path}: the header is not a JSON object; the file is corrupt, "
+                              "re-download or re-save it")
+    return table
+
+
+def _check_metadata(entry: object, path: Path | str) -> None:
+    if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+        raise CheckpointError(f"{path}: '{METADATA_KEY}' must map names to strings; the file is "
+                              "corrupt, re-download or re-save it")
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_entry(key: str, entry: object, file: str,
+                  path: Path | str) -> tuple[TensorInfo, tuple[int, int]]:
+    """One header entry as a TensorInfo and its data span, or a CheckpointError naming it."""
+    where = f"{path}: tensor '{key}'"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: entry is not an object; the file is corrupt")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in FORMAT_DTYPES:
+        raise CheckpointError(f"{where}: dtype {dtype!r} is not a safetensors dtype; the file is "
+                              "corrupt, re-download or re-save it")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"{where}: has dtype {dtype}, which Mergeflow cannot merge; convert "
+                              f"the checkpoint to one of {', '.join(sorted(DTYPES))}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise CheckpointError(f"{where}: shape {shape!r} is not a list of sizes; the file is corrupt")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets))
+            or offsets[0] > offsets[1]):
+        raise CheckpointError(f"{where}: data_offsets {offsets!r} are invalid; the file is corrupt")
+    info = TensorInfo(key, file, tuple(shape), dtype)
+    if offsets[1] - offsets[0] != info.nbytes:
+        raise CheckpointError(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} "
+                              f"bytes, but {dtype}{shape} needs {info.nbytes}; the file is corrupt")
+    return info, (offsets[0], offsets[1])
+
+
+def _check_spans(spans: list[tuple[int, int, str]], data_size: int, path: Path | str) -> None:
+    """The tensors' data must tile the data area: no gaps, no overlaps, nothing missing."""
+    end = 0
+    for start, stop, key in sorted(spans):
+        if start != end:
+            raise CheckpointError(f"{path}: tensor '{key}' starts at byte {start} of the data, "
+                                  f"expected {end} (overlap or gap); the file is corrupt")
+        end = stop
+    if end > data_size:
+        raise CheckpointError(f"{path}: the header describes {end} bytes of tensor data but the "
+                              f"file holds {data_size}; it is truncated, re-download or re-save it")
+    if end < data_size:
+        raise CheckpointError(f"{path}: {data_size - end} bytes after the last tensor's data; the "
+                              "file is corrupt, re-download or re-save it")
 
 
 class Checkpoint:
@@ -135,15 +282,13 @@ class Checkpoint:
         self.tensors = read_header(path)
 
     def _load_index(self, index_path: Path) -> None:
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(
-                f"{index_path}: unreadable index ({exc}); it must be JSON with a 'weight_map'"
-            ) from exc
+        weight_map = read_weight_map(index_path)
         headers: dict[str, dict[str, TensorInfo]] = {}
         for name in sorted(set(weight_map.values())):
-            headers[name] = read_header(_inside(self.folder, name, index_path))
+            path = _inside(self.folder, name, index_path)
+            # The file as the index names it, relative to the folder (it may be in a subfolder).
+            rel = path.relative_to(self.folder).as_posix()
+            headers[name] = {k: replace(v, file=rel) for k, v in read_header(path).items()}
         for key, name in weight_map.items():
             if key not in headers[name]:
                 raise CheckpointError(
@@ -195,3 +340,22 @@ class Checkpoint:
             except (SafetensorError, OSError) as exc:
                 raise CheckpointError(f"{path}: cannot read tensors {keys} ({exc})") from exc
         return {name: out[name] for name in names}
+
+    def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` one at a time (CPU), opening each shard once; memory peaks
+        at one tensor. Default: every tensor, shard by shard.
+
+        Raises:
+            CheckpointError: a tensor's bytes cannot be read.
+        """
+        by_file: dict[str, list[str]] = {}
+        for name in self.tensors if names is None else names:
+            by_file.setdefault(self.tensors[name].file, []).append(name)
+        for file, keys in by_file.items():
+            path = self.folder / file
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for key in keys:
+                        yield key, f.get_tensor(key)
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{path}: cannot read its tensors ({exc})") from exc

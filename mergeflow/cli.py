@@ -20,6 +20,7 @@ from mergeflow import api
 from mergeflow.errors import InputError, MergeError
 from mergeflow.output import STATE_DIR
 from mergeflow.spec import MergeSpec
+from mergeflow.writer import DISK_FULL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Merge LoRA adapters into base models and publish SafeTensors checkpoints.")
@@ -156,6 +157,11 @@ def merge(
         _fail(2, str(exc))
     except MergeError as exc:
         _fail(1, str(exc))
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        _fail(2, f"{exc.filename or spec.out}: no space left on the device ({exc.strerror}); free "
+                 "space or pass --out on a bigger disk, then rerun: finished groups are kept")
     _print_report(report)
     if spec.push_to:
         out.print(f"published to {spec.push_to}")
@@ -166,9 +172,19 @@ def _fail(code: int, message: str) -> None:
     raise typer.Exit(code)
 
 
+def _print_notes(notes: list[str]) -> None:
+    """Notes under the report on stdout; warnings (``warning: ...``) in yellow on stderr."""
+    for note in notes:
+        if note.startswith("warning:"):
+            err.print(f"[yellow]{note}[/]", highlight=False, soft_wrap=True)
+        else:
+            out.print(f"  - {note}")
+
+
 def _print_report(report: api.MergeReport) -> None:
     if report.status == "up-to-date":
         out.print(f"{report.out} already holds this merge; nothing to do.")
+        _print_notes([n for n in report.notes if n.startswith("warning:")])
         return
     if report.groups_resumed:
         out.print(f"resumed {report.groups_resumed} of {report.shards} groups from an "
@@ -177,16 +193,14 @@ def _print_report(report: api.MergeReport) -> None:
         out.print(f"[bold green]exported[/] the {report.variant} adapter unmerged "
                   f"({report.lora_modules} modules, {report.tensors} tensors, "
                   f"{report.total_size / 1e6:.2f} MB)")
-        for note in report.notes:
-            out.print(f"  - {note}")
+        _print_notes(report.notes)
         out.print(f"output: {report.out}")
         return
     out.print(f"[bold green]merged[/] {report.lora_modules} {report.variant} modules "
               f"({report.replaced_tensors} tensors replaced, {report.lora_biases} LoRA biases) "
               f"into {report.tensors} tensors, {report.total_size / 1e9:.2f} GB {report.dtype} "
               f"in {report.shards} shard(s)")
-    for note in report.notes:
-        out.print(f"  - {note}")
+    _print_notes(report.notes)
     out.print(f"output: {report.out}")
 
 

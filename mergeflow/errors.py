@@ -54,3 +54,8 @@ class SourceError(InputError):
 class SinkError(InputError):
     """A publish destination (``hf://``, ``s3://``) cannot be used: missing bucket, no write
     access, bad repo id, or the folder to publish is not a finished merge."""
+
+
+class DiskSpaceError(InputError):
+    """The output's disk has too little free space for the merge (found before any work by the
+    preflight check, or as ENOSPC while writing); free space or write elsewhere, then rerun."""

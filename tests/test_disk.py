@@ -1,0 +1,247 @@
+"""Disk space (issue 8): the preflight estimate refuses a merge that cannot fit before any work,
+and a disk that fills up mid-merge (ENOSPC) is a clear DiskSpaceError that publishes nothing and
+leaves a resumable staging folder."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import os
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+from helpers import snapshot, staging_leftovers
+from test_bad_inputs import run_cli_env
+
+import mergeflow
+from mergeflow import api, preflight, writer
+from mergeflow.errors import DiskSpaceError, InputError
+from mergeflow.output import MANIFEST, staging_dir
+from mergeflow.plan import MergePlan
+from mergeflow.spec import MergeSpec
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+Usage = namedtuple("Usage", "total used free")
+SHARD = "100KB"  # output shard size: several shards
+
+
+@pytest.fixture(scope="module")
+def inputs(make_base, make_adapter):
+    base = make_base("llama", max_shard_size="100KB")
+    return base, make_adapter(base, target_modules=TARGETS)
+
+
+@pytest.fixture
+def parent(tmp_path):
+    """The folder the output goes into, with a sentinel file."""
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    (folder / "sentinel.txt").write_text("keep\n")
+    return folder
+
+
+class FullDisk:
+    """Stands in for ``open`` in the writer: files opened for writing accept ``budget`` bytes in
+    all, then every write fails with ENOSPC (after writing what still fits), like a real disk."""
+
+    def __init__(self, budget: int, on_flush: bool = False, error: int = errno.ENOSPC) -> None:
+        self.left = budget
+        self.on_flush = on_flush  # fail at flush (a buffered write found out late) instead
+        self.error = error
+
+    def open(self, path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)  # noqa: SIM115 (returned open)
+        return _Limited(f, self) if "w" in mode else f
+
+
+class _Limited:
+    def __init__(self, f, disk: FullDisk) -> None:
+        self._f, self._disk = f, disk
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size > self._disk.left:
+            if not self._disk.on_flush:
+                self._f.write(memoryview(data).cast("B")[: self._disk.left])
+                self._disk.left = 0
+                raise OSError(self._disk.error, os.strerror(self._disk.error))
+            self._disk.left = -1
+        else:
+            self._disk.left -= size
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        if self._disk.left < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._f.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _plan(base: Path, adapter: Path, out: Path) -> tuple[MergePlan, api.PreparedMerge]:
+    prepared = api.prepare(MergeSpec(base=str(base), adapter=str(adapter), out=str(out),
+                                     max_shard_size=SHARD))
+    return MergePlan.load(Path(prepared.plan_path)), prepared
+
+
+# --------------------------------------------------------------------------- preflight
+
+
+def test_preflight_refuses_a_disk_too_small_before_any_work(inputs, parent, monkeypatch):
+    base, adapter = inputs
+    before = snapshot(parent)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: Usage(10**6, 10**6 - 5000, 5000))
+    with pytest.raises(DiskSpaceError) as caught:
+        mergeflow.merge(base, adapter, parent / "merged")
+    message = str(caught.value)
+    assert isinstance(caught.value, InputError)
+    assert message.startswith(f"{parent}: 5000 bytes (5.0 KB) free, but the merge into "
+                              f"{parent / 'merged'} needs ")
+    needed = int(message.split("needs ")[1].split(" ")[0])
+    assert needed > 5000 and f"free {needed - 5000} bytes" in message
+    assert "\n" not in message
+    assert snapshot(parent) == before  # no output, no staging folder
+
+
+def test_estimate_counts_shards_tokenizer_small_files_and_resume(inputs, tmp_path):
+    base, adapter = inputs
+    out = tmp_path / "merged"
+    plan, prepared = _plan(base, adapter, out)
+    tokenizer = sum((base / n).stat().st_size for n in os.listdir(base)
+                    if n.startswith(("tokenizer", "special_tokens", "chat_template")))
+    full = preflight.required_bytes(plan, out)
+    assert full == plan.total_size + tokenizer + preflight.SMALL_FILES
+    largest = max(s.nbytes for s in plan.shards)
+    assert preflight.required_bytes(plan, out, low_disk=True) == largest + tokenizer + \
+        preflight.SMALL_FILES
+    # An interrupted run of the same plan kept its first shard: that part is not needed again.
+    first = api.run_shard(prepared.plan_path, 0)
+    assert preflight.required_bytes(plan, out) == full - first.size
+
+
+def test_headroom_setting(inputs, parent, monkeypatch):
+    base, adapter = inputs
+    plan, _ = _plan(base, adapter, parent / "merged")
+    needed = preflight.required_bytes(plan, parent / "merged")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: Usage(0, 0, needed + 100))
+    preflight.check_disk_space(plan, parent / "merged")  # fits
+    monkeypatch.setenv("MERGEFLOW_MIN_FREE_BYTES", "1KB")
+    with pytest.raises(DiskSpaceError, match=r"\+ 1000 bytes \(1\.0 KB\) kept free "
+                                             r"\(MERGEFLOW_MIN_FREE_BYTES\)"):
+        preflight.check_disk_space(plan, parent / "merged")
+
+
+def test_a_finished_output_needs_no_space(inputs, parent, monkeypatch):
+    base, adapter = inputs
+    mergeflow.merge(base, adapter, parent / "merged")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: Usage(0, 0, 0))
+    assert mergeflow.merge(base, adapter, parent / "merged").status == "up-to-date"
+
+
+def test_cli_headroom_exits_2_with_the_numbers(inputs, parent, tmp_path):
+    base, adapter = inputs
+    before = snapshot(parent)
+    [result] = run_cli_env([["merge", "--base", str(base), "--adapter", str(adapter),
+                             "--out", str(parent / "merged")]], tmp_path,
+                           {"MERGEFLOW_MIN_FREE_BYTES": str(10**18)})
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {parent}: ") and " free, but the merge into " in line
+    assert "kept free (MERGEFLOW_MIN_FREE_BYTES)" in line and "--out on a bigger disk" in line
+    assert snapshot(parent) == before
+
+
+# --------------------------------------------------------------------------- ENOSPC mid-merge
+
+
+@pytest.mark.parametrize("on_flush", [False, True], ids=["write", "flush"])
+def test_disk_full_mid_merge_is_a_disk_error_then_resumes(inputs, parent, tmp_path, monkeypatch,
+                                                          on_flush):
+    base, adapter = inputs
+    out = parent / "merged"
+    clean = mergeflow.merge(base, adapter, tmp_path / "clean", max_shard_size=SHARD)
+    assert clean.shards >= 3
+    first = sorted((tmp_path / "clean").glob("*.safetensors"))[0].stat().st_size
+    disk = FullDisk(first + 1000, on_flush=on_flush)  # the disk fills up in the 2nd shard
+    monkeypatch.setattr(writer, "open", disk.open, raising=False)
+
+    with pytest.raises(DiskSpaceError) as caught:
+        mergeflow.merge(base, adapter, out, max_shard_size=SHARD)
+    message = str(caught.value)
+    staging = staging_dir(out)
+    assert message.startswith(f"{staging}/model-0000")  # the file being written
+    assert "no space left on the device" in message and "bytes not yet stored" in message
+    assert "\n" not in message
+    assert not out.exists()
+    assert not list(parent.rglob(MANIFEST))
+    assert not list(staging.glob(".*.partial")), "the half-written file must be deleted"
+    assert len(list((staging / ".mergeflow" / "done").glob("*.json"))) == 1
+
+    monkeypatch.undo()
+    report = mergeflow.merge(base, adapter, out, max_shard_size=SHARD)
+    assert report.groups_resumed == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == \
+        {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir()}
+    assert staging_leftovers(out) == []
+
+
+def test_other_write_errors_are_not_disk_errors(tmp_path, monkeypatch):
+    import torch
+
+    from mergeflow.writer import ShardWriter
+
+    monkeypatch.setattr(writer, "open", FullDisk(200, error=errno.EIO).open, raising=False)
+    with pytest.raises(OSError) as caught, \
+            ShardWriter(tmp_path / "x.safetensors", [("w", "F32", [64])]) as shard:
+        shard.write("w", torch.zeros(64))
+    assert caught.value.errno == errno.EIO and not isinstance(caught.value, DiskSpaceError)
+    assert caught.value.__cause__ is None
+    assert not list(tmp_path.iterdir())
+
+
+def _cli_child_disk_full(args: list[str], stdout_path: str, stderr_path: str,
+                         env: dict[str, str], where: str) -> None:
+    """The CLI with the disk filling up in the shard writer or while finalizing."""
+    from helpers import _cli_child
+
+    os.environ.update(env)
+    if where == "writer":
+        writer.open = FullDisk(20_000).open
+    else:
+        real = api.write_json
+
+        def full(path, data):
+            if Path(path).name == "config.json":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            real(path, data)
+
+        api.write_json = full
+    _cli_child(args, stdout_path, stderr_path)
+
+
+@pytest.mark.parametrize("where", ["writer", "finalize"])
+def test_cli_disk_full_exits_2_with_one_line(inputs, parent, tmp_path, prefect_server, where):
+    """Through the Prefect flow: a full disk in a merge task or while finalizing."""
+    import multiprocessing
+
+    base, adapter = inputs
+    out = parent / "merged"
+    ctx = multiprocessing.get_context("forkserver")
+    paths = (str(tmp_path / "out.txt"), str(tmp_path / "err.txt"))
+    args = ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out),
+            "--workers", "1", "--max-shard-size", SHARD]
+    proc = ctx.Process(target=_cli_child_disk_full,
+                       args=(args, *paths, {"PREFECT_API_URL": prefect_server}, where))
+    proc.start()
+    proc.join(300)
+    stderr = Path(paths[1]).read_text()
+    assert proc.exitcode == 2, stderr
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "no space left on the device" in lines[0], stderr
+    name = "model-00001-of-0000" if where == "writer" else "config.json"
+    assert name in lines[0]
+    assert not out.exists() and not list(parent.rglob(MANIFEST))
+    shutil.rmtree(staging_dir(out), ignore_errors=True)
