@@ -164,12 +164,17 @@ def merge(
                  "space or pass --out on a bigger disk, then rerun: finished groups are kept")
     _print_report(report)
     if spec.push_to:
-        out.print(f"published to {spec.push_to}")
+        _print_published(spec.push_to)
 
 
 def _fail(code: int, message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _print_published(dest: str) -> None:
+    """Say where the output went (a function of its own: in ``merge``, ``out`` is the path)."""
+    out.print(f"published to {dest}")
 
 
 def _print_notes(notes: list[str]) -> None:
