@@ -209,5 +209,44 @@ def _print_report(report: api.MergeReport) -> None:
     out.print(f"output: {report.out}")
 
 
+webhook_app = typer.Typer(no_args_is_help=True,
+                          help="Receive training / Hugging Face webhooks and start merge runs.")
+app.add_typer(webhook_app, name="webhook")
+
+
+@webhook_app.command("serve")
+def webhook_serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8787,
+    deployment: Annotated[str, typer.Option(
+        help="Merge deployment to run, <flow>/<deployment>.")] = "merge-adapter/merge-adapter",
+    max_body_bytes: Annotated[int, typer.Option(help="Largest accepted body (413 above).")] = 65536,
+    secret_block: Annotated[str | None, typer.Option(
+        help="Prefect Secret block holding the training hook's HMAC secret "
+             "(default: $MERGEFLOW_WEBHOOK_SECRET).")] = None,
+    hf_secret_block: Annotated[str | None, typer.Option(
+        help="Prefect Secret block holding the Hugging Face webhook secret "
+             "(default: $MERGEFLOW_HF_WEBHOOK_SECRET).")] = None,
+    hf_out_root: Annotated[str | None, typer.Option(
+        help="Hugging Face hook: merge outputs go under this folder.")] = None,
+    hf_push_root: Annotated[str | None, typer.Option(
+        help="Hugging Face hook: publish to <root>/<name> (hf://org or s3://bucket/prefix).")] = None,
+    api_url: Annotated[str | None, typer.Option(
+        help="Prefect API URL (default: $PREFECT_API_URL).")] = None,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
+) -> None:
+    """Serve POST /hooks/training, POST /hooks/huggingface and GET /healthz (triggers.webhook)."""
+    from triggers.webhook import load_settings, serve
+
+    try:
+        settings = load_settings(deployment=deployment, max_body_bytes=max_body_bytes,
+                                 api_url=api_url, secret_block=secret_block,
+                                 hf_secret_block=hf_secret_block, hf_out_root=hf_out_root,
+                                 hf_push_root=hf_push_root)
+    except ValueError as exc:
+        _fail(2, str(exc))
+    serve(settings, host=host, port=port, log_level=log_level)
+
+
 if __name__ == "__main__":
     app()

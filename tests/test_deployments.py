@@ -1,0 +1,327 @@
+"""deployments/prefect.yaml, the Kubernetes pool template, the finished-adapter scan and the
+watcher flow (issue 7). The watcher runs against the session's Prefect server; the merge runs it
+starts are only created here (no worker): tests/test_e2e_prefect.py executes them for real."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import REPO
+
+from mergeflow.errors import SourceError
+from mergeflow.hashing import HashCache
+from mergeflow.output import MANIFEST
+from mergeflow.spec import MergeSpec
+from triggers import finished
+from triggers.finished import find_local, merged_already
+
+PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
+K8S_TEMPLATE = REPO / "deployments" / "work-pools" / "kubernetes-gpu.json"
+
+
+@pytest.fixture(scope="module")
+def prefect_yaml() -> dict:
+    return yaml.safe_load(PREFECT_YAML.read_text())
+
+
+def _deployment(doc: dict, name: str) -> dict:
+    return next(d for d in doc["deployments"] if d["name"] == name)
+
+
+def _render_trigger(trigger: dict, payload: dict) -> dict:
+    """The trigger's parameters rendered for an event, by the server's own code path."""
+    from prefect.server.events.actions import RunDeployment
+    from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
+
+    params = copy.deepcopy(trigger["parameters"])
+    RunDeployment._upgrade_v1_templates(params)
+    context = HydrationContext(render_jinja=True, raise_on_error=True,
+                               jinja_context={"event": {"payload": payload}})
+    return hydrate(params, context)
+
+
+# --------------------------------------------------------------------------- prefect.yaml
+
+
+def test_merge_deployments_are_complete(prefect_yaml):
+    gpu = _deployment(prefect_yaml, "merge-adapter")
+    cpu = _deployment(prefect_yaml, "merge-adapter-cpu")
+    for dep, pool in ((gpu, "gpu"), (cpu, "cpu")):
+        assert dep["entrypoint"] == "flows/merge.py:merge_adapter"
+        assert dep["work_pool"]["name"] == pool
+        assert dep["enforce_parameter_schema"] is True
+        assert dep["concurrency_limit"]["limit"] >= 1
+        assert "mergeflow" in dep["tags"]
+        # the defaults are valid MergeSpec fields (adapter and out come from each trigger)
+        MergeSpec(adapter="a", out="o", **dep["parameters"]["spec"])
+    assert gpu["parameters"]["spec"]["device"] == "cuda"
+    assert cpu["parameters"]["spec"]["device"] == "cpu"
+    pull = prefect_yaml["pull"][0]["prefect.deployments.steps.set_working_directory"]
+    assert pull["directory"] == "{{ checkout.stdout }}"
+
+
+def test_event_triggers_route_and_template_the_spec(prefect_yaml):
+    gpu = _deployment(prefect_yaml, "merge-adapter")["triggers"][0]
+    cpu = _deployment(prefect_yaml, "merge-adapter-cpu")["triggers"][0]
+    assert gpu["expect"] == cpu["expect"] == ["mergeflow.adapter.ready"]
+    assert gpu["match"] == {"prefect.resource.id": "mergeflow.adapter.*"}
+    assert cpu["match"] == {"prefect.resource.id": "mergeflow.cpu-adapter.*"}
+
+    minimal = _render_trigger(gpu, {"adapter": "/a", "out": "/o"})["spec"]
+    assert minimal == {"adapter": "/a", "out": "/o", "base": None, "push_to": None,
+                       "dtype": "auto", "save_method": "merged_16bit", "device": "cuda",
+                       "workers": 4}
+    MergeSpec(**minimal)
+    full = _render_trigger(cpu, {"adapter": "hf://o/a@1", "out": "/o", "base": "/b",
+                                 "destination": "s3://bk/m", "dtype": "bfloat16",
+                                 "device": "cuda"})["spec"]
+    assert full["base"] == "/b" and full["push_to"] == "s3://bk/m"
+    assert full["dtype"] == "bfloat16" and full["device"] == "cpu"  # the CPU deployment stays CPU
+    MergeSpec(**full)
+
+
+def test_watcher_deployment(prefect_yaml):
+    from prefect.client.schemas.schedules import CronSchedule
+
+    watch = _deployment(prefect_yaml, "watch-adapters")
+    assert watch["entrypoint"] == "flows/watch.py:merge_new_adapters"
+    assert watch["concurrency_limit"]["collision_strategy"] == "CANCEL_NEW"
+    schedule = watch["schedules"][0]
+    CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+    from flows.watch import merge_new_adapters
+
+    names = set(merge_new_adapters.parameters.properties)
+    assert set(watch["parameters"]) <= names
+    assert {"location", "out_root", "push_root"} <= names
+
+
+def test_deploy_script_is_valid_bash():
+    script = REPO / "deployments" / "deploy.sh"
+    assert script.stat().st_mode & 0o111
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "work-pool create gpu" in text and "concurrency-limit create gpu" in text
+    assert "deploy --no-prompt --all --prefect-file deployments/prefect.yaml" in text
+
+
+# --------------------------------------------------------------------------- Kubernetes pool
+
+
+def test_kubernetes_template_requests_gpus_with_selector_and_tolerations():
+    from prefect.utilities.templating import apply_values, find_placeholders
+
+    template = json.loads(K8S_TEMPLATE.read_text())
+    variables = template["variables"]["properties"]
+    used = {p.name for p in find_placeholders(template["job_configuration"])}
+    assert used <= set(variables), used - set(variables)
+    defaults = {k: v["default"] for k, v in variables.items() if "default" in v}
+    job = apply_values(template["job_configuration"], defaults)["job_manifest"]
+    pod = job["spec"]["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_kubernetes_pool_is_accepted_by_the_server(prefect_server):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    template = json.loads(K8S_TEMPLATE.read_text())
+
+    async def create():
+        async with get_client() as client:
+            pool = await client.create_work_pool(WorkPoolCreate(
+                name=f"k8s-{uuid.uuid4().hex[:8]}", type="kubernetes", base_job_template=template))
+            return await client.read_work_pool(pool.name)
+
+    pool = asyncio.run(create())
+    assert pool.base_job_template["variables"]["properties"]["gpu_count"]["default"] == 1
+
+
+# --------------------------------------------------------------------------- finished adapters
+
+
+def _finished_adapter(adapter: Path, root: Path, name: str, marker: str = "_COMPLETE") -> Path:
+    folder = root / name
+    shutil.copytree(adapter, folder)
+    if marker:
+        (folder / marker).write_text("{}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(make_base, make_adapter) -> tuple[Path, Path]:
+    base = make_base("llama")
+    return base, make_adapter(base)
+
+
+def test_scan_finds_only_finished_adapters(tiny_adapter, tmp_path):
+    _, adapter = tiny_adapter
+    root = tmp_path / "inbox"
+    root.mkdir()
+    _finished_adapter(adapter, root, "done-marker")
+    _finished_adapter(adapter, root, "done-trainer", marker="trainer_state.json")
+    _finished_adapter(adapter, root, "still-training", marker="")
+    _finished_adapter(adapter, root, "checkpoint-500", marker="trainer_state.json")
+    _finished_adapter(adapter, root, ".hidden")
+    no_weights = _finished_adapter(adapter, root, "no-weights")
+    (no_weights / "adapter_model.safetensors").unlink()
+    (root / "stray-file.txt").write_text("x")
+
+    cache = HashCache(tmp_path / "hashes.json")
+    found = find_local(root, cache=cache)
+    assert [a.name for a in found] == ["done-marker", "done-trainer"]
+    assert found[0].ref == str((root / "done-marker").resolve())
+    assert found[0].key.startswith("mergeflow-watch:")
+    # stable across scans; different per location; changed by new weights
+    assert find_local(root, cache=cache) == found
+    assert found[0].fingerprint != found[1].fingerprint
+    weights = root / "done-marker" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    assert find_local(root, cache=cache)[0].fingerprint != found[0].fingerprint
+    assert [a.name for a in find_local(root, markers=("trainer_state.json",), cache=cache)] == [
+        "done-trainer"]
+
+
+def test_scan_rejects_missing_folder_and_other_schemes(tmp_path):
+    with pytest.raises(SourceError, match="not a folder"):
+        finished.find_finished(str(tmp_path / "nope"))
+    with pytest.raises(SourceError, match="s3://"):
+        finished.find_finished("hf://org/name")
+
+
+def test_merged_already_reads_the_local_manifest(tmp_path):
+    assert not merged_already("a", str(tmp_path))
+    (tmp_path / "a").mkdir()
+    assert not merged_already("a", str(tmp_path))
+    (tmp_path / "a" / MANIFEST).write_text('{"files": {}}')
+    assert merged_already("a", str(tmp_path))
+
+
+def test_scan_and_manifest_check_on_s3(tiny_adapter):
+    from s3_server import aws_test_env, moto_s3, new_bucket
+
+    from mergeflow.sources import s3_client
+
+    _, adapter = tiny_adapter
+    with aws_test_env(), moto_s3() as endpoint:
+        client = s3_client(endpoint)
+        bucket = new_bucket(client)
+        for name, marker in (("ready", "_COMPLETE"), ("busy", None), ("checkpoint-9", "_COMPLETE")):
+            for path in adapter.iterdir():
+                client.upload_file(str(path), bucket, f"inbox/{name}/{path.name}")
+            if marker:
+                client.put_object(Bucket=bucket, Key=f"inbox/{name}/{marker}", Body=b"")
+        found = finished.find_finished(f"s3://{bucket}/inbox", client=client)
+        assert [(a.name, a.ref) for a in found] == [("ready", f"s3://{bucket}/inbox/ready")]
+        assert finished.find_s3(f"s3://{bucket}/inbox", client=client) == found
+        client.put_object(Bucket=bucket, Key="inbox/ready/adapter_config.json", Body=b"{}")
+        assert finished.find_s3(f"s3://{bucket}/inbox", client=client)[0].fingerprint != \
+            found[0].fingerprint
+
+        push_root = f"s3://{bucket}/merged"
+        assert not merged_already("ready", "/unused", push_root, client=client)
+        client.put_object(Bucket=bucket, Key=f"merged/ready/{MANIFEST}", Body=b"{}")
+        assert merged_already("ready", "/unused", push_root, client=client)
+
+
+# --------------------------------------------------------------------------- watcher flow
+
+
+def stand_in_merge_adapter(spec: MergeSpec) -> None:
+    """The merge flow's signature (its parameter schema) without its body: these runs are only
+    created, never executed."""
+
+
+@pytest.fixture(scope="module")
+def merge_deployment(prefect_server) -> str:
+    """A ``merge-adapter`` deployment on the session server with the real parameter schema
+    (enforced) and a default spec; no worker serves it."""
+    from prefect import flow
+
+    name = f"watch-test-{uuid.uuid4().hex[:8]}"
+    flow(stand_in_merge_adapter, name="merge-adapter").to_deployment(
+        name=name, parameters={"spec": {"workers": 3}}, enforce_parameter_schema=True).apply()
+    return f"merge-adapter/{name}"
+
+
+def _runs_of(deployment: str) -> list:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_runs(deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=[deployment.split("/")[1]])))
+
+    return asyncio.run(read())
+
+
+def test_watcher_starts_each_new_adapter_once(tiny_adapter, merge_deployment, tmp_path):
+    from flows.watch import merge_new_adapters
+
+    base, adapter = tiny_adapter
+    inbox, out_root = tmp_path / "inbox", tmp_path / "merged"
+    inbox.mkdir()
+    _finished_adapter(adapter, inbox, "alpha")
+    _finished_adapter(adapter, inbox, "beta")
+    _finished_adapter(adapter, inbox, "gamma", marker="")  # not finished
+    (out_root / "beta").mkdir(parents=True)
+    (out_root / "beta" / MANIFEST).write_text("{}")  # already merged
+
+    kwargs = dict(location=str(inbox), out_root=str(out_root), deployment=merge_deployment,
+                  options={"base": str(base), "device": "cpu"})
+    first = merge_new_adapters(**kwargs)
+    second = merge_new_adapters(**kwargs)  # an overlapping schedule: the same run comes back
+    assert [r["adapter"] for r in first] == [str((inbox / "alpha").resolve())]
+    assert [r["flow_run_id"] for r in second] == [r["flow_run_id"] for r in first]
+    runs = [r for r in _runs_of(merge_deployment)
+            if r.parameters["spec"]["adapter"].startswith(str(inbox.resolve()))]
+    assert len(runs) == 1
+    spec = runs[0].parameters["spec"]
+    assert spec["adapter"] == str((inbox / "alpha").resolve())
+    assert spec["out"] == str((out_root / "alpha").resolve())
+    assert spec["base"] == str(base) and spec["device"] == "cpu"
+    assert spec["workers"] == 3  # the deployment's default, under the watcher's fields
+    assert runs[0].idempotency_key.startswith("mergeflow-watch:")
+
+
+def test_watcher_retries_a_failed_merge_under_the_next_key(tiny_adapter, merge_deployment,
+                                                           tmp_path):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Failed
+
+    from flows.watch import merge_new_adapters
+
+    _, adapter = tiny_adapter
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _finished_adapter(adapter, inbox, "delta")
+    kwargs = dict(location=str(inbox), out_root=str(tmp_path / "merged"),
+                  deployment=merge_deployment, options={"device": "cpu"}, attempts=2)
+    first = merge_new_adapters(**kwargs)[0]
+
+    async def fail(run_id: str):
+        async with get_client() as client:
+            await client.set_flow_run_state(run_id, Failed(), force=True)
+
+    asyncio.run(fail(first["flow_run_id"]))
+    retry = merge_new_adapters(**kwargs)[0]
+    assert retry["flow_run_id"] != first["flow_run_id"]
+    asyncio.run(fail(retry["flow_run_id"]))
+    # attempts exhausted: the last attempt's run is reported, nothing new is started
+    assert merge_new_adapters(**kwargs)[0]["flow_run_id"] == retry["flow_run_id"]

@@ -1,0 +1,353 @@
+"""The webhook receiver in-process (issue 7): every answer (202/401/404/413/422/503), idempotent
+redelivery, secrets never logged. Runs are created on the session's Prefect server in a
+deployment with the merge flow's parameter schema; no worker runs them (test_e2e_prefect does)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from mergeflow.spec import MergeSpec
+from triggers.webhook import (
+    DELIVERY_HEADER,
+    HF_SECRET_HEADER,
+    SIGNATURE_HEADER,
+    WebhookSettings,
+    create_app,
+    load_settings,
+    sign,
+)
+
+SECRET = "mergeflow-webhook-test-secret-5e1f0c"
+HF_SECRET = "mergeflow-hf-test-secret-93ab77"
+
+
+def stand_in_merge_adapter(spec: MergeSpec) -> None:
+    """The merge flow's signature (its parameter schema) without its body."""
+
+
+@pytest.fixture(scope="module")
+def deployment(prefect_server) -> str:
+    """A ``merge-adapter`` deployment with the real, enforced parameter schema and defaults."""
+    from prefect import flow
+
+    name = f"webhook-test-{uuid.uuid4().hex[:8]}"
+    flow(stand_in_merge_adapter, name="merge-adapter").to_deployment(
+        name=name, parameters={"spec": {"workers": 3, "device": "cuda"}},
+        enforce_parameter_schema=True).apply()
+    return f"merge-adapter/{name}"
+
+
+def _settings(api_url: str, deployment: str, **kw) -> WebhookSettings:
+    values = dict(deployment=deployment, api_url=api_url, max_body_bytes=4096,
+                  training_secret=SecretStr(SECRET), hf_secret=SecretStr(HF_SECRET),
+                  hf_out_root="/srv/merged", hf_push_root="hf://acme-merged")
+    values.update(kw)
+    return WebhookSettings(**values)
+
+
+@pytest.fixture
+def client(prefect_server, deployment):
+    with TestClient(create_app(_settings(prefect_server, deployment))) as test_client:
+        yield test_client
+
+
+def _post(client: TestClient, body: dict | bytes, *, secret: str | None = SECRET,
+          headers: dict | None = None):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    sent = {"Content-Type": "application/json", **(headers or {})}
+    if secret is not None:
+        sent[SIGNATURE_HEADER] = sign(raw, secret)
+    return client.post("/hooks/training", content=raw, headers=sent)
+
+
+def _payload(**kw) -> dict:
+    payload = {"adapter": "/data/adapters/run-7", "out": "/data/merged/run-7",
+               "base": "/data/bases/tiny", "options": {"device": "cpu", "dtype": "bfloat16"},
+               "delivery_id": f"delivery-{uuid.uuid4().hex}"}
+    payload.update(kw)
+    return payload
+
+
+def _run(run_id: str):
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as prefect:
+            return await prefect.read_flow_run(run_id)
+
+    return asyncio.run(read())
+
+
+def _runs_with_key(key: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempotencyKey
+
+    async def read():
+        async with get_client() as prefect:
+            return await prefect.read_flow_runs(flow_run_filter=FlowRunFilter(
+                idempotency_key=FlowRunFilterIdempotencyKey(any_=[key])))
+
+    return asyncio.run(read())
+
+
+def _dead_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/api"
+
+
+# --------------------------------------------------------------------------- 202 and redelivery
+
+
+def test_signed_call_starts_one_run_per_delivery(client, deployment):
+    payload = _payload()
+    first = _post(client, payload)
+    assert first.status_code == 202, first.text
+    answer = first.json()
+    assert answer["deployment"] == deployment
+    assert answer["idempotency_key"] == f"mergeflow-webhook:training:{payload['delivery_id']}"
+
+    again = _post(client, payload)  # a redelivery
+    assert again.status_code == 202 and again.json()["flow_run_id"] == answer["flow_run_id"]
+    assert len(_runs_with_key(answer["idempotency_key"])) == 1
+
+    spec = _run(answer["flow_run_id"]).parameters["spec"]
+    assert spec["adapter"] == payload["adapter"] and spec["out"] == payload["out"]
+    assert spec["base"] == payload["base"] and spec["dtype"] == "bfloat16"
+    assert spec["device"] == "cpu"  # the payload's option over the deployment's default
+    assert spec["workers"] == 3  # the deployment's default
+    MergeSpec(**spec)
+
+    other = _post(client, _payload())
+    assert other.status_code == 202 and other.json()["flow_run_id"] != answer["flow_run_id"]
+
+
+def test_delivery_key_from_header_else_body_hash(client):
+    payload = _payload(delivery_id=None)
+    header = {DELIVERY_HEADER: f"hdr-{uuid.uuid4().hex}"}
+    by_header = _post(client, payload, headers=header).json()
+    assert by_header["idempotency_key"].endswith(header[DELIVERY_HEADER])
+    body = json.dumps(_payload(delivery_id=None)).encode()
+    first, second = _post(client, body).json(), _post(client, body).json()
+    assert first["flow_run_id"] == second["flow_run_id"]
+    assert first["flow_run_id"] != by_header["flow_run_id"]
+
+
+# --------------------------------------------------------------------------- 401 / 404 / 413
+
+
+@pytest.mark.parametrize("signature", [
+    None, "", "sha256=", "sha256=" + "0" * 64, "md5=abc", "sha256=deadbeef",
+])
+def test_missing_or_bad_signature_is_401(client, signature):
+    body = json.dumps(_payload()).encode()
+    headers = {} if signature is None else {SIGNATURE_HEADER: signature}
+    answer = _post(client, body, secret=None, headers=headers)
+    assert answer.status_code == 401
+    assert SIGNATURE_HEADER in answer.json()["detail"]
+
+
+def test_signature_with_another_secret_or_body_is_401(client):
+    payload = _payload()
+    assert _post(client, payload, secret="not-the-secret").status_code == 401
+    raw = json.dumps(payload).encode()
+    tampered = raw.replace(b"run-7", b"run-8")
+    answer = client.post("/hooks/training", content=tampered,
+                         headers={SIGNATURE_HEADER: sign(raw, SECRET)})
+    assert answer.status_code == 401
+    assert _runs_with_key(f"mergeflow-webhook:training:{payload['delivery_id']}") == []
+
+
+def test_body_over_the_limit_is_413(client):
+    big = _payload(options={"commit_message": "x" * 5000})
+    assert _post(client, big).status_code == 413  # by Content-Length
+
+    raw = json.dumps(big).encode()
+    chunks = (raw[i:i + 1000] for i in range(0, len(raw), 1000))  # chunked: no Content-Length
+    answer = client.post("/hooks/training", content=chunks,
+                         headers={SIGNATURE_HEADER: sign(raw, SECRET)})
+    assert answer.status_code == 413
+    assert client.post("/hooks/huggingface", content=b"x" * 5000).status_code == 413
+
+
+def test_disabled_hooks_are_404(prefect_server, deployment):
+    settings = _settings(prefect_server, deployment, training_secret=None, hf_secret=None)
+    with TestClient(create_app(settings)) as disabled:
+        assert _post(disabled, _payload()).status_code == 404
+        assert disabled.post("/hooks/huggingface", json={}).status_code == 404
+
+
+# --------------------------------------------------------------------------- 422
+
+
+@pytest.mark.parametrize(("payload", "loc"), [
+    ({"adapter": "/a"}, ["body", "out"]),
+    ({"out": "/o"}, ["body", "adapter"]),
+    (_payload(options={"dtype": "int3"}), ["spec", "dtype"]),
+    (_payload(options={"no_such_option": 1}), ["spec", "no_such_option"]),
+    (_payload(push_to="ftp://x/y"), ["spec", "push_to"]),
+    (_payload(options={"workers": 0}), ["spec", "workers"]),
+    (_payload(unexpected=True), ["body", "unexpected"]),
+    ([1, 2], ["body"]),
+])
+def test_invalid_payload_is_422_with_field_errors(client, payload, loc):
+    answer = _post(client, payload)
+    assert answer.status_code == 422, answer.text
+    errors = answer.json()["detail"]
+    assert any(e["loc"] == loc for e in errors), errors
+
+
+def test_body_that_is_not_json_is_422(client):
+    answer = _post(client, b"{not json")
+    assert answer.status_code == 422
+    assert answer.json()["detail"][0]["type"] == "json_invalid"
+
+
+def test_spec_refused_with_the_deployment_defaults_is_422(prefect_server):
+    from prefect import flow
+
+    name = f"bad-defaults-{uuid.uuid4().hex[:8]}"
+    flow(stand_in_merge_adapter, name="merge-adapter").to_deployment(
+        name=name, parameters={"spec": {"workers": 9999}}, enforce_parameter_schema=False).apply()
+    with TestClient(create_app(_settings(prefect_server, f"merge-adapter/{name}"))) as bad:
+        answer = _post(bad, _payload())
+    assert answer.status_code == 422
+    assert any(e["loc"] == ["spec", "workers"] for e in answer.json()["detail"])
+
+
+# --------------------------------------------------------------------------- 503 and health
+
+
+def test_unreachable_prefect_api_is_503(deployment):
+    with TestClient(create_app(_settings(_dead_url(), deployment, api_timeout=5))) as dead:
+        answer = _post(dead, _payload())
+        assert answer.status_code == 503
+        assert "unreachable" in answer.json()["detail"]
+        health = dead.get("/healthz")
+        assert health.status_code == 503 and health.json()["prefect_api"] is False
+
+
+def test_missing_deployment_is_503(prefect_server):
+    with TestClient(create_app(_settings(prefect_server, "merge-adapter/not-deployed"))) as app:
+        answer = _post(app, _payload())
+    assert answer.status_code == 503
+    assert "not found" in answer.json()["detail"]
+
+
+def test_healthz_reports_the_api_and_hooks(client):
+    answer = client.get("/healthz")
+    assert answer.status_code == 200
+    assert answer.json()["status"] == "ok" and answer.json()["prefect_api"] is True
+    assert answer.json()["hooks"] == {"training": True, "huggingface": True}
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def _hf_payload(name: str = "acme/llama-lora", sha: str | None = None, **event) -> dict:
+    return {"event": {"action": "update", "scope": "repo.content", **event},
+            "repo": {"type": "model", "name": name, "id": "65f0", "private": False,
+                     "headSha": sha or uuid.uuid4().hex[:40].ljust(40, "0")},
+            "webhook": {"id": "6a1b", "version": 3}}
+
+
+def test_huggingface_update_starts_a_merge_of_the_new_head(client):
+    payload = _hf_payload()
+    sha = payload["repo"]["headSha"]
+    answer = client.post("/hooks/huggingface", json=payload, headers={HF_SECRET_HEADER: HF_SECRET})
+    assert answer.status_code == 202, answer.text
+    again = client.post("/hooks/huggingface", json=payload, headers={HF_SECRET_HEADER: HF_SECRET})
+    assert again.json()["flow_run_id"] == answer.json()["flow_run_id"]
+    spec = _run(answer.json()["flow_run_id"]).parameters["spec"]
+    assert spec["adapter"] == f"hf://acme/llama-lora@{sha}"
+    assert spec["out"] == "/srv/merged/acme--llama-lora" and spec["overwrite"] is True
+    assert spec["push_to"] == "hf://acme-merged/llama-lora"
+
+
+@pytest.mark.parametrize("secret", [None, "", "wrong", HF_SECRET + "x", SECRET])
+def test_huggingface_without_the_secret_is_401(client, secret):
+    headers = {} if secret is None else {HF_SECRET_HEADER: secret}
+    assert client.post("/hooks/huggingface", json=_hf_payload(),
+                       headers=headers).status_code == 401
+
+
+@pytest.mark.parametrize("payload", [
+    _hf_payload(scope="repo.config"),
+    _hf_payload(action="delete", scope="repo"),
+    {**_hf_payload(), "repo": {**_hf_payload()["repo"], "type": "dataset"}},
+])
+def test_huggingface_events_other_than_model_updates_are_ignored(client, payload):
+    answer = client.post("/hooks/huggingface", json=payload, headers={HF_SECRET_HEADER: HF_SECRET})
+    assert answer.status_code == 200 and "ignored" in answer.json()
+
+
+def test_huggingface_payload_errors_are_422(client):
+    bad_name = _hf_payload(name="no-org; rm -rf /")
+    no_sha = _hf_payload()
+    del no_sha["repo"]["headSha"]
+    for payload in (bad_name, no_sha, {"repo": {}}):
+        answer = client.post("/hooks/huggingface", json=payload,
+                             headers={HF_SECRET_HEADER: HF_SECRET})
+        assert answer.status_code == 422, payload
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def test_secrets_are_never_logged_or_echoed(prefect_server, deployment, caplog):
+    caplog.set_level(logging.DEBUG)
+    settings = _settings(prefect_server, deployment)
+    answers = []
+    with TestClient(create_app(settings)) as app:
+        answers.append(_post(app, _payload()))
+        answers.append(_post(app, _payload(), secret=None, headers={SIGNATURE_HEADER: SECRET}))
+        answers.append(_post(app, _payload(options={"dtype": SECRET})))
+        answers.append(app.post("/hooks/huggingface", json=_hf_payload(),
+                                headers={HF_SECRET_HEADER: HF_SECRET}))
+        answers.append(app.post("/hooks/huggingface", json=_hf_payload(),
+                                headers={HF_SECRET_HEADER: HF_SECRET[:-1]}))
+    assert [a.status_code for a in answers] == [202, 401, 422, 202, 401]
+    logging.getLogger("mergeflow.webhook").info("settings: %s", settings)
+    for text in [caplog.text, repr(settings), *(a.text for a in answers)]:
+        assert SECRET not in text and HF_SECRET not in text
+
+
+def test_settings_from_env_and_secret_block(prefect_server, monkeypatch):
+    from prefect.blocks.system import Secret
+
+    monkeypatch.setenv("MERGEFLOW_WEBHOOK_SECRET", "from-env")
+    monkeypatch.delenv("MERGEFLOW_HF_WEBHOOK_SECRET", raising=False)
+    settings = load_settings(api_url=prefect_server)
+    assert settings.training_secret.get_secret_value() == "from-env"
+    assert settings.hf_secret is None
+
+    block = f"mergeflow-hf-{uuid.uuid4().hex[:8]}"
+    Secret(value="from-block").save(block)
+    settings = load_settings(api_url=prefect_server, hf_secret_block=block, hf_out_root="/o")
+    assert settings.hf_secret.get_secret_value() == "from-block"
+    with pytest.raises(ValueError, match="output root"):
+        load_settings(api_url=prefect_server, hf_secret_block=block)
+    monkeypatch.delenv("MERGEFLOW_WEBHOOK_SECRET")
+    with pytest.raises(ValueError, match="no webhook secret"):
+        load_settings(api_url=prefect_server)
+
+
+def test_cli_refuses_to_serve_without_a_secret(prefect_server, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mergeflow.cli import app
+
+    monkeypatch.delenv("MERGEFLOW_WEBHOOK_SECRET", raising=False)
+    monkeypatch.delenv("MERGEFLOW_HF_WEBHOOK_SECRET", raising=False)
+    result = CliRunner().invoke(app, ["webhook", "serve", "--port", "1"])
+    assert result.exit_code == 2
+    assert "no webhook secret" in " ".join(result.output.split())

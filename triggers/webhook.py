@@ -1,0 +1,360 @@
+"""The webhook receiver: turns a signed HTTP request into a merge run (``mergeflow webhook serve``).
+
+Endpoints:
+
+* ``POST /hooks/training``: a trainer's "adapter finished" call. JSON body
+  ``{"adapter", "out", "base"?, "push_to"?, "options"?: {MergeSpec fields}, "delivery_id"?}``,
+  signed with HMAC-SHA256 over the raw body: ``X-Mergeflow-Signature: sha256=<hex>``.
+* ``POST /hooks/huggingface``: a Hugging Face Hub webhook (repo content update of a model repo),
+  authenticated by its ``X-Webhook-Secret`` header. The adapter is ``hf://<repo>@<headSha>``, the
+  output ``<hf_out_root>/<org>--<name>`` (replaced when the adapter changes), published to
+  ``<hf_push_root>/<name>`` when that is set.
+* ``GET /healthz``: 200 when the Prefect API answers, else 503.
+
+Each accepted request creates a run of the merge deployment with an idempotency key (the
+delivery id, else the body's sha256; for the Hub, repo and commit), so a redelivery answers the
+same run: ``202 {"flow_run_id": ...}``. Errors: 401 bad or missing signature, 404 hook not
+enabled, 413 body too large, 422 invalid payload (with the field errors), 503 Prefect API
+unreachable or deployment missing. Secrets are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from mergeflow.spec import MergeSpec
+from triggers.launch import (
+    DEFAULT_DEPLOYMENT,
+    PrefectUnavailable,
+    RunRefused,
+    api_healthy,
+    start_merge,
+)
+
+log = logging.getLogger("mergeflow.webhook")
+
+SIGNATURE_HEADER = "X-Mergeflow-Signature"
+DELIVERY_HEADER = "X-Mergeflow-Delivery"
+HF_SECRET_HEADER = "X-Webhook-Secret"
+SECRET_ENV = "MERGEFLOW_WEBHOOK_SECRET"
+HF_SECRET_ENV = "MERGEFLOW_HF_WEBHOOK_SECRET"
+
+
+class WebhookSettings(BaseModel):
+    """What the receiver needs; a hook whose secret is None is disabled (404)."""
+
+    deployment: str = DEFAULT_DEPLOYMENT
+    api_url: str | None = Field(None, description="Prefect API; default PREFECT_API_URL.")
+    max_body_bytes: int = Field(65536, ge=1)
+    training_secret: SecretStr | None = None
+    hf_secret: SecretStr | None = None
+    hf_out_root: str | None = Field(None, description="Hub hooks: outputs go under here.")
+    hf_push_root: str | None = Field(None, description="Hub hooks: publish to <root>/<name>.")
+    api_timeout: float = Field(15.0, gt=0)
+
+
+class HookError(Exception):
+    """An error answer: HTTP status and JSON detail."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(status, detail)
+        self.status = status
+        self.detail = detail
+
+
+class TrainingPayload(BaseModel):
+    """The body of ``POST /hooks/training``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str
+    out: str
+    base: str | None = None
+    push_to: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    delivery_id: str | None = Field(None, min_length=1, max_length=200)
+
+    def spec_fields(self) -> dict[str, Any]:
+        """The MergeSpec fields this payload sets."""
+        fields = {**self.options, "adapter": self.adapter, "out": self.out, "base": self.base,
+                  "push_to": self.push_to}
+        return {k: v for k, v in fields.items() if v is not None}
+
+
+class HfEvent(BaseModel):
+    action: str
+    scope: str
+
+
+class HfRepo(BaseModel):
+    type: str
+    name: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+    headSha: str | None = Field(None, pattern=r"^[0-9a-f]{7,64}$")
+
+
+class HfPayload(BaseModel):
+    """The parts of a Hugging Face Hub webhook payload the receiver reads."""
+
+    event: HfEvent
+    repo: HfRepo
+
+
+# --------------------------------------------------------------------------- request checks
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refusing (413) more than ``limit`` bytes by Content-Length or as read."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HookError(400, "invalid Content-Length")
+        if int(declared) > limit:
+            raise HookError(413, f"body larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HookError(413, f"body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def sign(body: bytes, secret: str) -> str:
+    """The signature header value for ``body``: ``sha256=<hex HMAC-SHA256>``."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def check_signature(body: bytes, header: str | None, secret: SecretStr) -> None:
+    """401 unless ``header`` is the HMAC-SHA256 signature of ``body`` (constant-time compare)."""
+    expected = sign(body, secret.get_secret_value())
+    if not header or not hmac.compare_digest(header.strip().encode(), expected.encode()):
+        raise HookError(401, f"missing or invalid {SIGNATURE_HEADER} signature")
+
+
+def check_secret(header: str | None, secret: SecretStr) -> None:
+    """401 unless ``header`` equals the shared secret (constant-time compare)."""
+    if not header or not hmac.compare_digest(header.encode(), secret.get_secret_value().encode()):
+        raise HookError(401, f"missing or invalid {HF_SECRET_HEADER}")
+
+
+def field_errors(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """A pydantic error as FastAPI-style field errors (without echoing input values)."""
+    return [{"loc": [*prefix, *map(str, e["loc"])], "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors(include_url=False, include_input=False)]
+
+
+def parse(model: type[BaseModel], body: bytes) -> Any:
+    """The body as ``model``; 422 with the field errors otherwise."""
+    try:
+        return model.model_validate(json.loads(body))
+    except ValueError as exc:
+        if isinstance(exc, ValidationError):
+            raise HookError(422, field_errors(exc, ("body",))) from None
+        raise HookError(422, [{"loc": ["body"], "msg": "not valid JSON", "type": "json_invalid"}]
+                        ) from None
+
+
+def check_spec(fields: dict[str, Any]) -> None:
+    """422 unless the fields make a valid MergeSpec on their own."""
+    try:
+        MergeSpec.model_validate(fields)
+    except ValidationError as exc:
+        raise HookError(422, field_errors(exc, ("spec",))) from None
+
+
+# --------------------------------------------------------------------------- payload mapping
+
+
+def training_request(payload: TrainingPayload, body: bytes,
+                     delivery: str | None) -> tuple[dict[str, Any], str]:
+    """(spec fields, idempotency key) of a training-completion call."""
+    fields = payload.spec_fields()
+    check_spec(fields)
+    delivery_id = payload.delivery_id or delivery or hashlib.sha256(body).hexdigest()
+    return fields, f"mergeflow-webhook:training:{delivery_id}"
+
+
+def hf_ignored(payload: HfPayload) -> str | None:
+    """Why a Hub event starts no merge (None: it does)."""
+    if payload.repo.type != "model":
+        return f"repo type {payload.repo.type!r} is not a model"
+    if payload.event.scope != "repo.content" or payload.event.action not in ("create", "update"):
+        return f"event {payload.event.scope}/{payload.event.action} is not a content update"
+    return None
+
+
+def hf_request(payload: HfPayload, settings: WebhookSettings) -> tuple[dict[str, Any], str]:
+    """(spec fields, idempotency key) of a Hub content update: the repo at its new head."""
+    repo, sha = payload.repo.name, payload.repo.headSha
+    if not sha:
+        raise HookError(422, [{"loc": ["body", "repo", "headSha"], "msg": "Field required",
+                               "type": "missing"}])
+    fields: dict[str, Any] = {
+        "adapter": f"hf://{repo}@{sha}",
+        "out": f"{settings.hf_out_root.rstrip('/')}/{repo.replace('/', '--')}",
+        "overwrite": True,
+    }
+    if settings.hf_push_root:
+        fields["push_to"] = f"{settings.hf_push_root.rstrip('/')}/{repo.split('/')[1]}"
+    check_spec(fields)
+    return fields, f"mergeflow-webhook:hf:{repo}@{sha}"
+
+
+# --------------------------------------------------------------------------- the app
+
+
+async def launch(settings: WebhookSettings, fields: dict[str, Any], key: str) -> dict[str, Any]:
+    """Start the run; the 202 answer body, or a HookError (422 / 503)."""
+    try:
+        run = await start_merge(fields, key, deployment=settings.deployment,
+                                api_url=settings.api_url, timeout=settings.api_timeout)
+    except ValidationError as exc:
+        raise HookError(422, field_errors(exc, ("spec",))) from None
+    except RunRefused as exc:
+        raise HookError(422, str(exc)) from None
+    except PrefectUnavailable as exc:
+        raise HookError(503, str(exc)) from None
+    return {"flow_run_id": str(run.id), "flow_run_name": run.name,
+            "deployment": settings.deployment, "idempotency_key": key}
+
+
+def enabled(secret: SecretStr | None, hook: str) -> SecretStr:
+    """The hook's secret; 404 when the hook has none (disabled)."""
+    if secret is None:
+        raise HookError(404, f"the {hook} hook is not enabled on this server")
+    return secret
+
+
+def create_app(settings: WebhookSettings) -> FastAPI:
+    """The receiver as a FastAPI app (serve it with uvicorn, or test it in-process)."""
+    app = FastAPI(title="Mergeflow webhook receiver", docs_url=None, redoc_url=None,
+                  openapi_url=None)
+
+    @app.exception_handler(HookError)
+    async def hook_error(request: Request, exc: HookError) -> JSONResponse:
+        log.warning("%s %s -> %d", request.method, request.url.path, exc.status)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.post("/hooks/training", status_code=202)
+    async def training(request: Request) -> dict[str, Any]:
+        secret = enabled(settings.training_secret, "training")
+        body = await read_body(request, settings.max_body_bytes)
+        check_signature(body, request.headers.get(SIGNATURE_HEADER), secret)
+        payload = parse(TrainingPayload, body)
+        fields, key = training_request(payload, body, request.headers.get(DELIVERY_HEADER))
+        answer = await launch(settings, fields, key)
+        log.info("training hook: adapter %s -> flow run %s", fields["adapter"],
+                 answer["flow_run_id"])
+        return answer
+
+    @app.post("/hooks/huggingface", status_code=202)
+    async def huggingface(request: Request) -> Any:
+        secret = enabled(settings.hf_secret, "huggingface")
+        body = await read_body(request, settings.max_body_bytes)
+        check_secret(request.headers.get(HF_SECRET_HEADER), secret)
+        payload = parse(HfPayload, body)
+        if reason := hf_ignored(payload):
+            return JSONResponse({"ignored": reason}, status_code=200)
+        fields, key = hf_request(payload, settings)
+        answer = await launch(settings, fields, key)
+        log.info("huggingface hook: %s -> flow run %s", fields["adapter"], answer["flow_run_id"])
+        return answer
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        api = await api_healthy(settings.api_url, timeout=min(settings.api_timeout, 5.0))
+        body = {"status": "ok" if api else "degraded", "prefect_api": api,
+                "deployment": settings.deployment,
+                "hooks": {"training": settings.training_secret is not None,
+                          "huggingface": settings.hf_secret is not None}}
+        return JSONResponse(body, status_code=200 if api else 503)
+
+    return app
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def block_secret(name: str) -> SecretStr:
+    """The value of a Prefect Secret block (a string)."""
+    from prefect.blocks.system import Secret
+
+    value = Secret.load(name).get()
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"Secret block {name!r} must hold a non-empty string")
+    return SecretStr(value)
+
+
+def env_secret(name: str) -> SecretStr | None:
+    """A secret from the environment (None when unset or empty)."""
+    value = os.environ.get(name, "")
+    return SecretStr(value) if value else None
+
+
+def load_settings(*, deployment: str = DEFAULT_DEPLOYMENT, max_body_bytes: int = 65536,
+                  api_url: str | None = None, secret_block: str | None = None,
+                  hf_secret_block: str | None = None, hf_out_root: str | None = None,
+                  hf_push_root: str | None = None) -> WebhookSettings:
+    """Settings from options, the environment and Prefect Secret blocks.
+
+    Secrets: a named block wins over ``MERGEFLOW_WEBHOOK_SECRET`` / ``MERGEFLOW_HF_WEBHOOK_SECRET``.
+
+    Raises:
+        ValueError: no Prefect API URL, no secret at all, or a Hub secret without an output root.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from triggers.launch import configured_api_url
+
+    api_url = api_url or configured_api_url()
+    if not api_url:
+        raise ValueError("no Prefect API: set PREFECT_API_URL (or --api-url) to the server's "
+                         "API, e.g. http://127.0.0.1:4200/api")
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):  # blocks live on that server
+        training = block_secret(secret_block) if secret_block else env_secret(SECRET_ENV)
+        hf = block_secret(hf_secret_block) if hf_secret_block else env_secret(HF_SECRET_ENV)
+    settings = WebhookSettings(
+        deployment=deployment, max_body_bytes=max_body_bytes, api_url=api_url,
+        training_secret=training, hf_secret=hf,
+        hf_out_root=hf_out_root or os.environ.get("MERGEFLOW_HF_OUT_ROOT") or None,
+        hf_push_root=hf_push_root or os.environ.get("MERGEFLOW_HF_PUSH_ROOT") or None)
+    check_settings(settings)
+    return settings
+
+
+def check_settings(settings: WebhookSettings) -> None:
+    """Refuse a receiver that could not work (see :func:`load_settings`)."""
+    if not settings.api_url:
+        raise ValueError("no Prefect API: set PREFECT_API_URL (or --api-url) to the server's "
+                         "API, e.g. http://127.0.0.1:4200/api")
+    if settings.training_secret is None and settings.hf_secret is None:
+        raise ValueError(f"no webhook secret: set {SECRET_ENV} and/or {HF_SECRET_ENV}, or "
+                         "name a Prefect Secret block with --secret-block / --hf-secret-block")
+    if settings.hf_secret is not None and not settings.hf_out_root:
+        raise ValueError("the Hugging Face hook needs an output root: --hf-out-root or "
+                         "MERGEFLOW_HF_OUT_ROOT")
+
+
+def serve(settings: WebhookSettings, host: str = "127.0.0.1", port: int = 8787,
+          log_level: str = "info") -> None:
+    """Run the receiver with uvicorn until interrupted."""
+    import uvicorn
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call
+    hooks = [n for n, s in (("training", settings.training_secret),
+                            ("huggingface", settings.hf_secret)) if s is not None]
+    log.info("mergeflow webhook on http://%s:%d (hooks: %s; deployment %s; Prefect API %s)",
+             host, port, ", ".join(hooks), settings.deployment, settings.api_url)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level,
+                proxy_headers=False, server_header=False)
