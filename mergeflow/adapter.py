@@ -24,6 +24,7 @@ from peft import LoraConfig
 
 from mergeflow.checkpoint import DTYPE_NAMES, Checkpoint, TensorInfo
 from mergeflow.errors import AdapterError, CheckpointError
+from mergeflow.numerics import all_finite
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -327,7 +328,7 @@ def check_values(adapter: Adapter) -> list[str]:
     deltas = {k: m for m, s in adapter.modules.items() for k in (s.b_key, s.bias_key) if k}
     changing: set[str] = set()  # LoRA modules whose delta is not zero
     for key, tensor in adapter.iter_tensors():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise AdapterError(
                 f"{adapter.folder / adapter.weights_file}: tensor '{key}' holds NaN or Inf "
                 f"(merged into '{targets.get(key, key)}'); the training run diverged or the file "

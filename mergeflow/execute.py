@@ -13,6 +13,7 @@ from mergeflow.adapter import Adapter
 from mergeflow.checkpoint import DTYPES, Checkpoint
 from mergeflow.errors import AdapterError, InputError, MergeError
 from mergeflow.lora import embedding_delta, merge_bias, merge_linear
+from mergeflow.numerics import all_finite
 from mergeflow.plan import MergePlan, ShardPlan, TensorPlan
 from mergeflow.quant import dequantize, output_keys, requantize
 from mergeflow.vocab import resize_rows
@@ -86,7 +87,7 @@ class TensorSource:
             key, indices = self.adapter.token_deltas[plan.token_rows]
             tensor = tensor.float().clone()
             tensor[torch.tensor(indices, device=self.device)] = self._adapter_tensor(key).float()
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise AdapterError(
                 f"merged tensor '{plan.name}' holds NaN or Inf; the adapter weights that change "
                 "it are not finite. Check the training run"

@@ -62,7 +62,8 @@ def merge_linear(
     w = weight.float()
     if fan_in_fan_out:
         w = w.T  # (in, out) -> (out, in)
-    merged = w + linear_delta(a, b, scale)  # (out, in)
+    # W + scale * B @ A in one fused pass: (out, in) + (out, r) @ (r, in)
+    merged = torch.addmm(w, b.float(), a.float(), alpha=scale)
     if magnitude is not None:
         merged = dora_rescale(merged, magnitude)
     return merged.T if fan_in_fan_out else merged
