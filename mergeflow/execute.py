@@ -57,12 +57,15 @@ class TensorSource:
         tensor = self.read_input(plan)
         if not plan.computes:
             return tensor.to(DTYPES[plan.dtype])
-        return self._compute(plan, tensor).to(DTYPES[plan.dtype]).cpu()
+        out = self._compute(plan, tensor).to(DTYPES[plan.dtype])
+        _require_finite(plan, out)  # after the cast: an overflow of the output dtype counts too
+        return out.cpu()
 
     def produce_all(self, plan: TensorPlan) -> list[tuple[str, torch.Tensor]]:
         """Every ``(name, tensor)`` one plan entry writes, in :meth:`TensorPlan.outputs` order."""
         if plan.requant is not None:
             merged = self._compute(plan, self.read_input(plan))  # float32, on the device
+            _require_finite(plan, merged)
             return list(requantize(plan.requant, merged).items())
         if plan.parts:  # an unchanged quantized unit, copied as stored
             return list(self.base.read_many([name for name, _, _ in plan.outputs()]).items())
@@ -87,11 +90,6 @@ class TensorSource:
             key, indices = self.adapter.token_deltas[plan.token_rows]
             tensor = tensor.float().clone()
             tensor[torch.tensor(indices, device=self.device)] = self._adapter_tensor(key).float()
-        if not all_finite(tensor):
-            raise AdapterError(
-                f"merged tensor '{plan.name}' holds NaN or Inf; the adapter weights that change "
-                "it are not finite. Check the training run"
-            )
         return tensor
 
     def read_input(self, plan: TensorPlan) -> torch.Tensor:
@@ -116,6 +114,15 @@ class TensorSource:
         return merge_linear(tensor, self._adapter_tensor(spec.a_key),
                             self._adapter_tensor(spec.b_key), spec.scale,
                             fan_in_fan_out=plan.transposed, magnitude=magnitude)
+
+
+def _require_finite(plan: TensorPlan, tensor: torch.Tensor) -> None:
+    """Fail the group when a merged tensor holds NaN or Inf, naming it."""
+    if not all_finite(tensor):
+        raise AdapterError(
+            f"merged tensor '{plan.name}' holds NaN or Inf as {plan.dtype}: the merged values "
+            "exceed the output dtype's range, or the adapter weights are not finite. Check the "
+            "training run, or choose a wider --dtype (bfloat16 or float32)")
 
 
 def write_shard(shard: ShardPlan, source: TensorSource, folder: Path,

@@ -472,24 +472,36 @@ def test_overflowing_merge_fails_the_group_naming_the_tensor(make_base, make_ada
     assert not list(tmp_path.glob(".out.mergeflow-partial/*.safetensors"))
 
 
-@pytest.mark.xfail(strict=True, reason="execute.py checks finiteness before the cast to the "
-                   "output dtype, so a float32 value beyond float16's range becomes Inf unseen "
-                   "when verification is off (verification catches it; see the next test)")
 def test_overflow_in_the_output_dtype_is_caught_without_verification(make_base, make_adapter,
                                                                       tmp_path):
     base = make_base("llama")
     adapter = _scaled_adapter(make_adapter(base, target_modules=["q_proj"]), tmp_path / "a", 300.0)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=r"q_proj\.weight' holds NaN or Inf as F16"):
         mergeflow.merge(base, adapter, tmp_path / "out", dtype="float16", verify=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_overflow_in_the_output_dtype_is_not_published(make_base, make_adapter, tmp_path):
+    """Verification re-reads the written values: an Inf that reached a shard is never published."""
+    from mergeflow import api
     from mergeflow.errors import VerificationError
+    from mergeflow.spec import MergeSpec
 
     base = make_base("llama")
     adapter = _scaled_adapter(make_adapter(base, target_modules=["q_proj"]), tmp_path / "a", 300.0)
+    prepared = api.prepare(MergeSpec(base=str(base), adapter=str(adapter),
+                                     out=str(tmp_path / "out"), dtype="float16"))
+    plan = api.MergePlan.load(Path(prepared.plan_path))
+    source = api.open_source(plan)
+    source_produce = source.produce
+    source.produce = lambda t: source_produce(t.model_copy(update={"dtype": "F32"})).half() \
+        if t.lora else source_produce(t)  # write the overflowed values, as a buggy writer would
+    results = [api.run_shard(prepared.plan_path, i, source=source)
+               for i in range(prepared.shard_count)]
+    api.finalize(prepared, results)
+    report = api.verify(prepared)
     with pytest.raises(VerificationError, match=r"q_proj\.weight' holds NaN or Inf"):
-        mergeflow.merge(base, adapter, tmp_path / "out", dtype="float16")
+        api.check_verified(prepared, report)
     assert not (tmp_path / "out").exists()
 
 
