@@ -1,8 +1,9 @@
 """No secret reaches a log (issue 8).
 
 The end-to-end merge with publishing to S3 (moto's server over HTTP) runs twice - through the real
-CLI and the Prefect flow (session Prefect server, Prefect logging at DEBUG), and through the
-Python API (Mergeflow's loggers at DEBUG) - with distinctive AWS keys, an HF_TOKEN and
+CLI and the Prefect flow (session Prefect server, Prefect logging at DEBUG, Mergeflow's own
+loggers shipped to the Prefect API at INFO), and through the Python API (Mergeflow's loggers at
+DEBUG) - with distinctive AWS keys, an HF_TOKEN and
 MERGEFLOW_WEBHOOK_SECRET in the environment, plus a failing publish to a missing bucket. None of
 the values may appear in stdout, stderr, the flow runs' logs, parameters and artifacts as the
 Prefect API returns them, the output files or the published objects.
@@ -62,13 +63,15 @@ def s3_url():
 def _env(url: str, prefect_url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(_AWS_ENV, **SECRETS, AWS_ENDPOINT_URL=url, PREFECT_API_URL=prefect_url,
-               PREFECT_LOGGING_LEVEL="DEBUG", PYTHONWARNINGS="ignore", NO_COLOR="1")
+               PREFECT_LOGGING_LEVEL="DEBUG", PREFECT_LOGGING_EXTRA_LOGGERS="mergeflow",
+               PREFECT_LOGGING_ROOT_LEVEL="INFO",
+               PYTHONWARNINGS="ignore", NO_COLOR="1")
     return env
 
 
 def _prefect_records(out_paths: list[str]) -> tuple[list[str], int]:
     """Every log message, flow-run parameter set and artifact the Prefect API holds, as text;
-    and how many log lines belong to this test's flow runs."""
+    and how many of this test's flow-run log lines came from Mergeflow's own loggers."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
@@ -78,14 +81,14 @@ def _prefect_records(out_paths: list[str]) -> tuple[list[str], int]:
             runs = await client.read_flow_runs(limit=200)
             ours = [r.id for r in runs if any(p in str(r.parameters) for p in out_paths)]
             texts += [f"{r.name} {r.parameters}" for r in runs]
+            ours_logs = await client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=ours))) if ours else []
             offset = 0
             while page := await client.read_logs(limit=200, offset=offset):
                 texts += [f"{log.name} {log.message}" for log in page]
                 offset += len(page)
-            ours_logs = await client.read_logs(log_filter=LogFilter(
-                flow_run_id=LogFilterFlowRunId(any_=ours))) if ours else []
             texts += [f"{a.key} {a.data} {a.description}" for a in await client.read_artifacts()]
-        return texts, len(ours_logs)
+        return texts, sum(log.name.startswith("mergeflow") for log in ours_logs)
 
     return asyncio.run(read())
 
@@ -117,7 +120,7 @@ def test_no_secret_in_any_output(make_base, make_adapter, tmp_path, s3_url, pref
     assert {"cli/merge-manifest.json", "api/merge-manifest.json"} <= keys
 
     records, our_logs = _prefect_records([str(cli_out)])
-    assert our_logs > 0, "the CLI's flow run sent no logs to the Prefect API"
+    assert our_logs > 0, "Mergeflow's log lines did not reach the Prefect API"
     texts = {"cli stdout": cli_stdout, "cli stderr": cli_stderr, "api stdout": api_stdout,
              "api stderr": api_stderr, "prefect": "\n".join(records)}
     for folder in (cli_out, api_out):
