@@ -406,7 +406,9 @@ def _write_manifest(staging: Path, plan: MergePlan, fingerprint: str, report: Me
     # and gone); every other file by its bytes on disk.
     files = {r.filename: {"size": r.size, "sha256": r.sha256} for r in results}
     for path in staging.iterdir():
-        if path.is_file() and not path.name.startswith(".") and path.name not in files:
+        # A manifest left by a run killed before publishing is about to be replaced.
+        if path.is_file() and not path.name.startswith(".") and path.name not in files \
+                and path.name != MANIFEST:
             files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     files = dict(sorted(files.items()))
     manifest = {

@@ -38,14 +38,6 @@ def check(plan: MergePlan, adapter: Adapter, out: Path | str, *, low_disk: bool 
     """
     plan.notes.extend(w for w in check_values(adapter) if w not in plan.notes)
     check_disk_space(plan, Path(out), low_disk=low_disk)
-    discard_stale_manifest(Path(out))
-
-
-def discard_stale_manifest(out: Path) -> None:
-    """Remove a manifest left in the staging folder by a run killed between writing it and
-    publishing: finalize writes a new one, and must not list the stale one among the files
-    (it would then fail verification on every rerun)."""
-    (staging_dir(out) / MANIFEST).unlink(missing_ok=True)
 
 
 def check_disk_space(plan: MergePlan, out: Path, *, low_disk: bool = False) -> None:
