@@ -182,10 +182,10 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
         self.peak_total = self.peak_anon = self.anon_at_peak = self.file_at_peak = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             # Only the measured command counts, not the time/wrapper process above it.
             pids = _descendants(self.pid)[1:]
             anon = file = 0
@@ -195,10 +195,10 @@ class Sampler(threading.Thread):
             if anon + file > self.peak_total:
                 self.peak_total, self.anon_at_peak, self.file_at_peak = anon + file, anon, file
             self.peak_anon = max(self.peak_anon, anon)
-            self._stop.wait(self.interval)
+            self._halt.wait(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
@@ -210,13 +210,13 @@ def rss_method(requested: str) -> str:
 
 def measure(cmd: list[str], env: dict, method: str, log_path: Path) -> dict:
     """Run ``cmd`` as its own process; wall seconds, peak RSS (GiB) and the anon/file split."""
-    if method == "time":
-        full = ["/usr/bin/time", "-v", *cmd]
-    else:
-        full = [sys.executable, "-c", RUSAGE_WRAPPER, *cmd]
+    wrapper = ["/usr/bin/time", "-v"] if method == "time" else [sys.executable, "-c", RUSAGE_WRAPPER]
+    full = [*wrapper, *cmd]
     with open(log_path, "w") as logf:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(full, env=env, stdout=logf, stderr=subprocess.STDOUT)
+        # cwd: a neutral folder, so `python -c`/`-m` do not import the repo's tree by accident
+        proc = subprocess.Popen(full, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                cwd=log_path.parent)
         sampler = Sampler(proc.pid)
         sampler.start()
         rc = proc.wait()
@@ -238,6 +238,28 @@ def measure(cmd: list[str], env: dict, method: str, log_path: Path) -> dict:
             "peak_anon_gib": sampler.peak_anon / gib}
 
 
+def warm_page_cache(*folders: Path) -> None:
+    """Read the inputs once (untimed) so every measured run starts with them in the page cache;
+    otherwise whichever route runs first after a build pays the disk reads."""
+    buf = bytearray(16 << 20)
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                with open(path, "rb", buffering=0) as f:
+                    while f.readinto(buf):
+                        pass
+
+
+def mergeflow_supports(args, option: str) -> bool:
+    """Whether the benchmarked mergeflow's CLI has ``option`` (read from its source)."""
+    out = subprocess.run([sys.executable, "-c", "import mergeflow.cli as c; print(c.__file__)"],
+                         env=bench_env(args), capture_output=True, text=True, cwd=args.workdir)
+    try:
+        return option in Path(out.stdout.strip()).read_text()
+    except OSError:
+        return False
+
+
 def mergeflow_cmd() -> list[str]:
     script = Path(sys.executable).parent / "mergeflow"
     return [str(script)] if script.is_file() else [sys.executable, "-m", "mergeflow.cli"]
@@ -254,7 +276,7 @@ def _weight_map(folder: Path) -> dict[str, str]:
     from safetensors import safe_open
 
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        return {k: "model.safetensors" for k in f}
+        return {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
 
 
 def _load(folder: Path, wmap: dict[str, str], name: str):
@@ -310,6 +332,35 @@ def compare_outputs(mf_out: Path, peft_out: Path, base: Path, layers: int) -> di
 # The benchmark
 
 
+def bench_env(args) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    # Mergeflow runs its pipeline as a Prefect flow: give it a Prefect home (database) of the
+    # benchmark's own, so it neither contends with nor grows anybody else's ~/.prefect.
+    env["PREFECT_HOME"] = str(Path(args.workdir).resolve() / "prefect-home")
+    env.pop("PREFECT_API_URL", None)
+    if args.mergeflow_src:
+        src = str(Path(args.mergeflow_src).resolve())
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def mergeflow_origin(args) -> str:
+    """Which mergeflow the measured processes import (file and git commit when known)."""
+    out = subprocess.run([sys.executable, "-c", "import mergeflow; print(mergeflow.__file__)"],
+                         env=bench_env(args), capture_output=True, text=True, check=True,
+                         cwd=args.workdir)
+    path = Path(out.stdout.strip()).parent
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "mergeflow"],
+                           capture_output=True, text=True).stdout.strip()
+    stamp = path.parent / "SNAPSHOT"
+    if stamp.is_file():
+        return f"{path} ({stamp.read_text().strip()})"
+    return f"{path} (repo HEAD {commit}{', with uncommitted changes' if dirty else ''})"
+
+
 def run_size(size: str, args, method: str) -> dict:
     workdir = Path(args.workdir)
     log(f"{size}: {count_params(size):,} parameters ({SIZES[size]})")
@@ -317,36 +368,42 @@ def run_size(size: str, args, method: str) -> dict:
     runs_dir = workdir / "runs" / size
     runs_dir.mkdir(parents=True, exist_ok=True)
     mf_out, peft_out = runs_dir / "out-mergeflow", runs_dir / "out-peft"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+    env = bench_env(args)
     results: dict[str, list[dict]] = {"mergeflow": [], "mergeflow (warm hash)": [], "peft": []}
+    mf_merge = [*mergeflow_cmd(), "merge", "--base", str(base), "--adapter", str(adapter),
+                "--out", str(mf_out), "--max-shard-size", SHARD, "--no-tokenizer"]
+
+    def run_mergeflow(route: str, cache: Path, extra: list[str], log_name: str) -> None:
+        shutil.rmtree(mf_out, ignore_errors=True)
+        warm_page_cache(base, adapter)
+        r = measure([*mf_merge, *extra], dict(env, MERGEFLOW_CACHE=str(cache)), method,
+                    runs_dir / log_name)
+        results.setdefault(route, []).append(r)
+        log(f"{size}: {route} #{len(results[route])}: {r['wall_s']:.1f} s, "
+            f"{r['rss_gib']:.2f} GiB (process tree, sampled: {r['sampled_peak_gib']:.2f} GiB)")
+
     cache = None
     for rep in range(args.repeats):
         # Mergeflow, hash cache empty: hashing the inputs is part of the job.
-        shutil.rmtree(mf_out, ignore_errors=True)
-        cache = Path(tempfile.mkdtemp(prefix="mf-cache-", dir=workdir))
-        cmd = [*mergeflow_cmd(), "merge", "--base", str(base), "--adapter", str(adapter),
-               "--out", str(mf_out), "--max-shard-size", SHARD, "--no-tokenizer"]
-        r = measure(cmd, dict(env, MERGEFLOW_CACHE=str(cache)), method,
-                    runs_dir / f"mergeflow-{rep}.log")
-        results["mergeflow"].append(r)
-        log(f"{size}: mergeflow #{rep + 1}: {r['wall_s']:.1f} s, {r['rss_gib']:.2f} GiB")
-        if rep < args.repeats - 1:
+        if cache is not None:
             shutil.rmtree(cache, ignore_errors=True)
+        cache = Path(tempfile.mkdtemp(prefix="mf-cache-", dir=workdir))
+        run_mergeflow("mergeflow", cache, [], f"mergeflow-{rep}.log")
         # PEFT.
         shutil.rmtree(peft_out, ignore_errors=True)
+        warm_page_cache(base, adapter)
         cmd = [sys.executable, str(HERE / "peft_merge.py"), str(base), str(adapter),
                str(peft_out), "--max-shard-size", SHARD]
         r = measure(cmd, env, method, runs_dir / f"peft-{rep}.log")
         results["peft"].append(r)
-        log(f"{size}: peft #{rep + 1}: {r['wall_s']:.1f} s, {r['rss_gib']:.2f} GiB")
-    # Mergeflow once more, the hash cache of the last run left in place.
-    shutil.rmtree(mf_out, ignore_errors=True)
-    cmd = [*mergeflow_cmd(), "merge", "--base", str(base), "--adapter", str(adapter),
-           "--out", str(mf_out), "--max-shard-size", SHARD, "--no-tokenizer"]
-    r = measure(cmd, dict(env, MERGEFLOW_CACHE=str(cache)), method, runs_dir / "mergeflow-warm.log")
-    results["mergeflow (warm hash)"].append(r)
-    log(f"{size}: mergeflow (warm hash): {r['wall_s']:.1f} s, {r['rss_gib']:.2f} GiB")
+        log(f"{size}: peft #{rep + 1}: {r['wall_s']:.1f} s, {r['rss_gib']:.2f} GiB "
+            f"(process tree, sampled: {r['sampled_peak_gib']:.2f} GiB)")
+    # Mergeflow once more with the hash cache of the last run left in place, and (when the CLI
+    # has it) once without its post-merge verification, to show what each part costs.
+    run_mergeflow("mergeflow (warm hash)", cache, [], "mergeflow-warm.log")
+    if mergeflow_supports(args, "--no-verify"):
+        run_mergeflow("mergeflow (warm hash, --no-verify)", cache, ["--no-verify"],
+                      "mergeflow-warm-noverify.log")
     shutil.rmtree(cache, ignore_errors=True)
 
     log(f"{size}: comparing outputs ...")
@@ -365,16 +422,27 @@ def run_size(size: str, args, method: str) -> dict:
 
 
 def report(all_results: list[dict], method: str) -> str:
-    lines = [f"peak RSS from {'/usr/bin/time -v' if method == 'time' else 'getrusage(RUSAGE_CHILDREN)'}"
-             " (GiB); anon/file = sampled split at the sampled peak", "",
+    source = "/usr/bin/time -v" if method == "time" else "getrusage(RUSAGE_CHILDREN)"
+    lines = [f"peak RSS: ru_maxrss from {source}"
+             " (the largest single process); process tree: sum over the command's processes, "
+             "sampled every 0.1 s; anon/file: its split at that peak", "",
              "| size | params | route | runs | wall s (median) | peak RSS GiB (median) "
-             "| anon / file-backed at peak GiB |",
-             "|---|---|---|---|---|---|---|"]
+             "| process tree, sampled GiB | anon / file-backed at peak GiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for res in all_results:
         for route, m in res["median"].items():
             lines.append(f"| {res['size']} | {res['params'] / 1e9:.3f}B | {route} "
                          f"| {len(res['runs'][route])} | {m['wall_s']:.1f} | {m['rss_gib']:.2f} "
+                         f"| {m['sampled_peak_gib']:.2f} "
                          f"| {m['anon_at_peak_gib']:.2f} / {m['file_at_peak_gib']:.2f} |")
+    lines += ["", "| size | route | time / peft | peak RSS / peft |", "|---|---|---|---|"]
+    for res in all_results:
+        m = res["median"]
+        for route in m:
+            if route != "peft":
+                lines.append(f"| {res['size']} | {route} "
+                             f"| {m[route]['wall_s'] / m['peft']['wall_s']:.2f} "
+                             f"| {m[route]['rss_gib'] / m['peft']['rss_gib']:.2f} |")
     lines += ["", "| size | time mergeflow/peft | time warm-hash/peft | RSS mergeflow/peft "
               "| max abs diff (bf16 ulp) |", "|---|---|---|---|---|"]
     by_size = {r["size"]: r for r in all_results}
@@ -413,6 +481,9 @@ def main() -> None:
     parser.add_argument("--rss", choices=["auto", "time", "getrusage"], default="auto",
                         help="peak RSS from /usr/bin/time -v or a getrusage wrapper")
     parser.add_argument("--keep-outputs", action="store_true", help="keep the merged outputs")
+    parser.add_argument("--mergeflow-src", default=None,
+                        help="a folder holding the mergeflow package to benchmark (put first on "
+                        "PYTHONPATH), e.g. a `git archive` snapshot; default: the installed one")
     parser.add_argument("--_build-base", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_build-adapter", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -434,14 +505,22 @@ def main() -> None:
     method = rss_method(args.rss)
     free = shutil.disk_usage(workdir).free / 1e9
     log(f"workdir {workdir} ({free:.0f} GB free), {os.cpu_count()} CPUs, peak RSS via {method}")
+    origin = mergeflow_origin(args)
+    # Create the benchmark's Prefect database (migrations) untimed, with a trivial flow.
+    subprocess.run([sys.executable, "-c", "from prefect import flow\n"
+                    "@flow\ndef warm_up():\n    return 1\nwarm_up()"],
+                   env=bench_env(args), cwd=workdir, capture_output=True)
+    log(f"benchmarking mergeflow from {origin}")
     all_results = []
     for size in sizes:
         size_args = argparse.Namespace(**vars(args))
         size_args.repeats = int(per_size.get(size, args.repeats))
         all_results.append(run_size(size, size_args, method))
         (workdir / "results.json").write_text(json.dumps(
-            {"rss_method": method, "cpus": os.cpu_count(), "results": all_results}, indent=1))
+            {"rss_method": method, "cpus": os.cpu_count(), "mergeflow": origin,
+             "results": all_results}, indent=1))
     print()
+    print(f"mergeflow: {origin}")
     print(report(all_results, method))
     print(f"\nraw figures: {workdir / 'results.json'}")
 
