@@ -1,10 +1,42 @@
-"""Mergeflow: merge LoRA adapters into their base models, streaming, and publish SafeTensors."""
+"""Mergeflow: merge LoRA adapters into their base models, streaming, and publish SafeTensors.
+
+The names below are loaded on first use (PEP 562), so ``import mergeflow.spec`` or the CLI's
+``--help`` never pay for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from mergeflow.api import MergeReport, merge
-from mergeflow.errors import InputError, MergeError, TransientError
-from mergeflow.spec import MergeSpec
+_LAZY = {
+    "merge": "mergeflow.api",
+    "MergeReport": "mergeflow.api",
+    "InputError": "mergeflow.errors",
+    "MergeError": "mergeflow.errors",
+    "TransientError": "mergeflow.errors",
+    "MergeSpec": "mergeflow.spec",
+}
 
 __all__ = ["InputError", "MergeError", "MergeReport", "MergeSpec", "TransientError", "merge",
            "__version__"]
+
+if TYPE_CHECKING:
+    from mergeflow.api import MergeReport, merge
+    from mergeflow.errors import InputError, MergeError, TransientError
+    from mergeflow.spec import MergeSpec
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mergeflow' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

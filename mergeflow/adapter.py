@@ -1,4 +1,5 @@
-"""Read a PEFT LoRA adapter: its config (parsed by PEFT itself) and its weights, lazily.
+"""Read a PEFT LoRA adapter: its config (read with PEFT's own semantics, see
+:mod:`mergeflow.adapter_config`) and its weights, lazily.
 
 The adapter becomes a set of per-module specs the planner can check against the base:
 
@@ -14,14 +15,13 @@ from __future__ import annotations
 import json
 import math
 import pickle
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
 
+from mergeflow.adapter_config import AdapterConfig, ConfigError, parse_config
 from mergeflow.checkpoint import DTYPE_NAMES, Checkpoint, TensorInfo
 from mergeflow.errors import AdapterError, CheckpointError
 from mergeflow.numerics import all_finite
@@ -83,7 +83,7 @@ class Adapter:
     """A LoRA adapter folder, parsed; tensors are read on demand with :meth:`read`."""
 
     folder: Path
-    config: LoraConfig
+    config: AdapterConfig
     raw_config: dict
     weights: dict[str, TensorInfo]
     weights_file: str
@@ -118,7 +118,7 @@ class Adapter:
         return bool(self.config.use_dora)
 
 
-def _read_config(folder: Path) -> tuple[LoraConfig, dict]:
+def _read_config(folder: Path) -> tuple[AdapterConfig, dict]:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise AdapterError(f"{path}: not found; point --adapter at a PEFT adapter folder")
@@ -134,14 +134,17 @@ def _read_config(folder: Path) -> tuple[LoraConfig, dict]:
             f"{path}: peft_type is {raw.get('peft_type')!r}; Mergeflow merges LoRA adapters only "
             "(IA3, LoHa, LoKr, prompt tuning and others are not supported)"
         )
+    if raw.get("peft_type") != "LORA":
+        raise AdapterError(f"{path}: peft_type is {raw.get('peft_type')!r}; PEFT writes (and only "
+                           "reads) 'LORA'; fix the spelling")
     try:
-        config = LoraConfig.from_pretrained(str(folder))
-    except (TypeError, ValueError) as exc:
-        raise AdapterError(f"{path}: PEFT cannot parse this LoRA config ({exc})") from exc
+        config = parse_config(raw)
+    except ConfigError as exc:
+        raise AdapterError(f"{path}: not a valid LoRA config: {exc}") from exc
     return config, raw
 
 
-def _check_supported(config: LoraConfig, path: Path) -> None:
+def _check_supported(config: AdapterConfig, path: Path) -> None:
     for option, what in UNSUPPORTED_OPTIONS.items():
         if getattr(config, option, None):
             raise AdapterError(
@@ -188,14 +191,6 @@ def _load_weights(folder: Path, adapter: Adapter) -> None:
         k: TensorInfo(k, PICKLE_FILE, tuple(v.shape), DTYPE_NAMES[v.dtype]) for k, v in state.items()
     }
     adapter.weights_file = PICKLE_FILE
-
-
-def _pattern_value(patterns: dict, module: str, default: float) -> float:
-    """PEFT's rank/alpha pattern rule: the first key matching the end of the module name wins."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def _split_key(key: str, path: Path) -> tuple[str, str | None]:
@@ -252,8 +247,8 @@ def _group_keys(adapter: Adapter, path: Path) -> None:
                 f"{path}: module '{module}' has {sorted(found)} but not both LoRA matrices; "
                 "the adapter file is incomplete"
             )
-        rank = int(_pattern_value(config.rank_pattern or {}, module, config.r))
-        alpha = float(_pattern_value(config.alpha_pattern or {}, module, config.lora_alpha))
+        rank = int(config.rank_for(module))
+        alpha = float(config.alpha_for(module))
         scale = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
         adapter.modules[module] = LoraModule(
             module=module,
@@ -272,13 +267,13 @@ def _group_keys(adapter: Adapter, path: Path) -> None:
             )
 
 
-def _token_indices(config: LoraConfig, module: str) -> list[int]:
+def _token_indices(config: AdapterConfig, module: str) -> list[int]:
     """The token indices PEFT trained for one module (``trainable_token_indices``)."""
     spec = config.trainable_token_indices
     if isinstance(spec, dict):
-        for key, indices in spec.items():
-            if re.match(rf"(.*\.)?({key})$", module):
-                return list(indices)
+        indices = config.token_indices_for(module)
+        if indices is not None:
+            return indices
         raise AdapterError(
             f"adapter_config.json: trainable token rows saved for '{module}', but "
             "trainable_token_indices does not name it"
@@ -292,7 +287,7 @@ def _token_indices(config: LoraConfig, module: str) -> list[int]:
 
 
 def load_adapter(folder: Path | str) -> Adapter:
-    """Parse an adapter folder: config (via PEFT's ``LoraConfig``), weight headers, module specs.
+    """Parse an adapter folder: config (PEFT's semantics), weight headers, module specs.
 
     Raises:
         AdapterError: missing or unreadable files, a non-LoRA adapter, an option that cannot be

@@ -12,8 +12,6 @@ import os
 import shutil
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
-
 from mergeflow.errors import InputError, OutputError
 
 MANIFEST = "merge-manifest.json"
@@ -109,6 +107,8 @@ def model_card(base_name: str | None, adapter_name: str | None, report: dict,
                adapter_only: bool = False) -> str:
     """A README.md model card with Hugging Face metadata and the merge options
     (``adapter_only``: the card of an unmerged adapter export, ``save_method`` lora)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     data = ModelCardData(
         base_model=base_name or None,
         library_name="peft" if adapter_only else "transformers",

@@ -11,10 +11,10 @@ import json
 import re
 from pathlib import Path
 
-from peft.tuners.tuners_utils import check_target_module_exists
 from pydantic import BaseModel
 
 from mergeflow.adapter import Adapter
+from mergeflow.adapter_config import check_target_module_exists
 from mergeflow.checkpoint import DTYPE_NAMES, DTYPES, Checkpoint, TensorInfo
 from mergeflow.errors import InputError, PlanError
 from mergeflow.layout import ModelLayout
