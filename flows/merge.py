@@ -124,7 +124,7 @@ def merge_adapter(spec: MergeSpec) -> MergeReport:
     with timings("finalize"):
         report = finalize(prepared, results)
     with timings("verify"):
-        verification = verify(prepared, spec.device) if spec.verify else None
+        verification = verify(prepared, spec.device, results) if spec.verify else None
     with timings("publish"):
         publish(prepared)
     if spec.push_to:

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from mergeflow import __version__, preflight
 from mergeflow.adapter import Adapter, load_adapter
 from mergeflow.checkpoint import Checkpoint
+from mergeflow.durable import atomic_write, fsync_file
 from mergeflow.errors import InputError, VerificationError
 from mergeflow.execute import Progress, ShardResult, TensorSource, open_source, write_shard
 from mergeflow.hashing import HashCache, fingerprint_files, sha256_file
@@ -112,14 +113,11 @@ def _resolve_tokenizer(spec: MergeSpec, adapter: Path, base: Path) -> Path | Non
 
 
 def tokenizer_length(folder: Path) -> int:
-    """``len(tokenizer)``: the token ids the model must be able to embed."""
-    from transformers import AutoTokenizer
+    """``len(tokenizer)``: the token ids the model must be able to embed (computed without
+    transformers where possible; see :mod:`mergeflow.tokenizer`)."""
+    from mergeflow.tokenizer import tokenizer_length as length
 
-    try:
-        return len(AutoTokenizer.from_pretrained(folder))
-    except Exception as exc:
-        raise InputError(f"{folder}: the tokenizer does not load ({exc}); "
-                         "pass a working one with --tokenizer") from exc
+    return length(folder)
 
 
 def text_config(config: dict) -> dict:
@@ -211,6 +209,7 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                     "save_method": spec.save_method, "merge_onto": spec.merge_onto,
                     "original_base": str(original_dir) if original_dir else None,
                     "mergeflow": __version__}
+    plan.runtime = {"block_bytes": parse_size(spec.block_size)}
     preflight.check(plan, adapter, out, low_disk=spec.low_disk)  # adapter values, free disk
     fingerprint = plan.fingerprint()
     up_to_date = check_existing_output(out, fingerprint, spec.overwrite)
@@ -280,15 +279,16 @@ def _prepare_staging(staging: Path, plan: MergePlan, fingerprint: str) -> None:
     plan_path = staging / STATE_DIR / PLAN_FILE
     if plan_path.is_file():
         try:
-            if MergePlan.load(plan_path).fingerprint() == fingerprint:
-                return
+            existing = MergePlan.load(plan_path)
         except ValueError:
-            pass
+            existing = None
+        if existing is not None and existing.fingerprint() == fingerprint:
+            if existing.runtime != plan.runtime:  # same output, new way to run: keep the shards
+                plan.save(plan_path)
+            return
     shutil.rmtree(staging, ignore_errors=True)
     (staging / STATE_DIR / "done").mkdir(parents=True)
-    tmp = plan_path.with_suffix(".tmp")
-    plan.save(tmp)
-    tmp.replace(plan_path)
+    plan.save(plan_path)
 
 
 def _done_record(staging: Path, filename: str) -> Path:
@@ -322,9 +322,7 @@ def run_shard(plan_path: str | Path, index: int, device: str = "cpu",
         return done
     source = source or open_source(plan, device=device)
     result = write_shard(shard, source, staging, progress)
-    record = _done_record(staging, shard.filename)
-    record.with_suffix(".tmp").write_text(result.model_dump_json())
-    record.with_suffix(".tmp").replace(record)
+    atomic_write(_done_record(staging, shard.filename), result.model_dump_json())
     return result
 
 
@@ -378,10 +376,16 @@ def finalize(prepared: PreparedMerge, results: list[ShardResult]) -> MergeReport
     return report
 
 
-def verify(prepared: PreparedMerge, device: str = "cpu") -> VerifyReport:
-    """Verify the finalized staging folder against its plan (see :mod:`mergeflow.verify`)."""
+def verify(prepared: PreparedMerge, device: str = "cpu",
+           results: list[ShardResult] | None = None) -> VerifyReport:
+    """Verify the finalized staging folder against its plan (see :mod:`mergeflow.verify`).
+
+    ``results``: the shards this run wrote or checked for resume; their writers' sha256 is
+    trusted, so the shards are not read again just to hash them.
+    """
     plan = MergePlan.load(Path(prepared.plan_path))
-    return verify_output(Path(prepared.staging), plan, open_source(plan, device=device))
+    trusted = {r.filename: r.sha256 for r in results or []}
+    return verify_output(Path(prepared.staging), plan, open_source(plan, device=device), trusted)
 
 
 def publish_output(prepared: PreparedMerge) -> None:
@@ -409,6 +413,7 @@ def _write_manifest(staging: Path, plan: MergePlan, fingerprint: str, report: Me
         # A manifest left by a run killed before publishing is about to be replaced.
         if path.is_file() and not path.name.startswith(".") and path.name not in files \
                 and path.name != MANIFEST:
+            fsync_file(path)  # the manifest may only name data that is on the disk
             files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     files = dict(sorted(files.items()))
     manifest = {
@@ -420,9 +425,7 @@ def _write_manifest(staging: Path, plan: MergePlan, fingerprint: str, report: Me
         "options": plan.options,
         "report": report.durable(),
     }
-    tmp = staging / f".{MANIFEST}.tmp"
-    write_json(tmp, manifest)
-    tmp.replace(staging / MANIFEST)
+    atomic_write(staging / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
 def up_to_date_report(prepared: PreparedMerge) -> MergeReport:
@@ -468,7 +471,7 @@ def merge(base: str | Path | None, adapter: str | Path, out: str | Path, *,
                for i in range(len(plan.shards))]
     report = finalize(prepared, results)
     if spec.verify:
-        check_verified(prepared, verify(prepared, spec.device))
+        check_verified(prepared, verify(prepared, spec.device, results))
     publish_output(prepared)
     if spec.push_to:
         upload(spec)

@@ -8,8 +8,9 @@ again, so the memory a read costs is the tensor itself and no mapped shard stays
 from __future__ import annotations
 
 import json
+import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class TensorInfo:
     file: str  # file name relative to the checkpoint folder
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype string, e.g. "BF16"
+    offset: int = -1  # absolute byte offset of the data in ``file``; -1: not in a safetensors file
 
     @property
     def numel(self) -> int:
@@ -158,7 +160,7 @@ def parse_header(f, file_size: int, path: Path | str) -> dict[str, TensorInfo]:
             _check_metadata(entry, path)
             continue
         info, span = _tensor_entry(key, entry, Path(path).name, path)
-        infos[key] = info
+        infos[key] = replace(info, offset=8 + length + span[0])
         spans.append((*span, key))
     _check_spans(spans, file_size - 8 - length, path)
     return infos
@@ -306,6 +308,63 @@ class Checkpoint:
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
+
+    # -- positional reads: rows and byte ranges, never a mapping of the file -----------------
+    #
+    # ``safe_open`` maps the whole file; every page a read touches then counts in the process's
+    # RSS until the mapping closes, so reading a 2 GB tensor in blocks through one open mapping
+    # still peaks at 2 GB. ``os.pread`` into a buffer of the caller's costs exactly that buffer.
+
+    def pread(self, info: TensorInfo, start: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with the bytes of tensor ``info`` from byte ``start`` of its data.
+
+        Raises:
+            CheckpointError: the file ends early or cannot be read.
+        """
+        path = self.folder / info.file
+        want, done = len(buffer), 0
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read tensor '{info.name}' ({exc})") from exc
+        try:
+            while done < want:
+                got = os.preadv(fd, [buffer[done:]], info.offset + start + done)
+                if got == 0:
+                    raise CheckpointError(f"{path}: ends inside tensor '{info.name}'; the file "
+                                          "was truncated after planning, re-download or re-save it")
+                done += got
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read tensor '{info.name}' ({exc})") from exc
+        finally:
+            os.close(fd)
+
+    def read_rows(self, name: str, start: int, stop: int,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` (along dim 0) of a tensor, in its stored dtype, on the CPU.
+
+        ``scratch`` (uint8, at least the rows' bytes) is used as the buffer when given, so a
+        loop over blocks allocates nothing; the result is then a view of it.
+        """
+        info = self.tensors[name]
+        shape = info.shape or (1,)
+        row = info.nbytes // shape[0] if shape[0] else 0
+        nbytes = (stop - start) * row
+        if scratch is None or scratch.numel() < nbytes:
+            scratch = torch.empty(nbytes, dtype=torch.uint8)
+        raw = scratch[:nbytes]
+        if nbytes:
+            self.pread(info, start * row, memoryview(raw.numpy()))
+        tensor = raw.view(DTYPES[info.dtype])
+        return tensor.reshape(stop - start, *shape[1:]) if info.shape else tensor.reshape(())
+
+    def read_row_set(self, name: str, rows: Sequence[int]) -> torch.Tensor:
+        """The given rows (along dim 0) of a tensor, stacked, in its stored dtype."""
+        parts = [self.read_rows(name, r, r + 1).clone() for r in rows]
+        info = self.tensors[name]
+        if not parts:
+            return torch.empty((0, *info.shape[1:]), dtype=DTYPES[info.dtype])
+        return torch.cat(parts)
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into memory (CPU).

@@ -1,16 +1,35 @@
-"""Run one shard of a plan: read each input tensor (dequantizing quantized base weights), merge,
-cast or re-quantize, and stream it into the shard file."""
+"""Run one shard of a plan: stream every output tensor into the shard file in row blocks.
+
+No code path here holds a whole tensor of a dense base. Each planned tensor is one of:
+
+* **stored bytes** - unchanged and already in the output dtype (norms, untouched layers): its
+  bytes are copied from the input file into the shard in chunks, never decoded;
+* **row blocks** - everything else: rows ``[i, j)`` are read with a positional read into a
+  reused buffer, turned into float32 in a reused working buffer, merged in place (linear LoRA,
+  DoRA, embedding LoRA, ``lora_bias``, trainable-token rows, new vocabulary rows), checked for
+  NaN/Inf, cast to the output dtype and handed to the shard writer, whose thread writes and
+  hashes it while the next block is merged;
+* **a quantized unit** - a bitsandbytes weight and its siblings, dequantized, merged and
+  re-quantized whole (4-bit storage is a quarter of the 16-bit size; see ``docs/benchmarks.md``).
+
+Memory per worker is therefore about ``block_bytes`` of float32 work plus the writer's queue of
+encoded blocks, whatever the model's width. On CUDA the blocks go host-to-device from pinned
+buffers, are merged on the device in float32, and come back asynchronously: the writer thread
+waits for each block's copy event, so the next block is read while the last one travels.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel
 
 from mergeflow.adapter import Adapter
-from mergeflow.checkpoint import DTYPES, Checkpoint
+from mergeflow.checkpoint import DTYPES, Checkpoint, TensorInfo
 from mergeflow.errors import AdapterError, InputError, MergeError
 from mergeflow.lora import embedding_delta, merge_bias, merge_linear
 from mergeflow.numerics import all_finite
@@ -20,6 +39,12 @@ from mergeflow.vocab import resize_rows
 from mergeflow.writer import ShardWriter
 
 Progress = Callable[[TensorPlan], None]
+
+DEFAULT_BLOCK_BYTES = 24 * 2**20  # float32 working bytes per block (the --block-size default)
+COPY_CHUNK = 8 * 2**20  # pass-through copies move this many bytes at a time
+# Rows per step of the passes that reduce over rows (vocabulary mean, DoRA column norms): fixed,
+# so the output bytes never depend on the block size.
+STAT_ROWS = 256
 
 
 class ShardResult(BaseModel):
@@ -31,13 +56,43 @@ class ShardResult(BaseModel):
     resumed: bool = False  # found finished by an earlier run, not written by this one
 
 
+@dataclass
+class _Lora:
+    """A LoRA pair as the block loop uses it, float32 on the device."""
+
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (out, r)
+    scale: float
+    magnitude: torch.Tensor | None  # DoRA: (out,)
+
+
+class _Pickled:
+    """Row reads from a legacy ``adapter_model.bin`` adapter (already in memory, whole)."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+
+    def read_rows(self, name: str, start: int, stop: int,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
+        tensor = self.adapter.read(name)
+        return tensor[start:stop] if tensor.dim() else tensor
+
+    def read_row_set(self, name: str, rows: list[int]) -> torch.Tensor:
+        return self.adapter.read(name)[rows]
+
+
 class TensorSource:
     """Produces output tensors for a plan from the base and the adapter (and, for
     ``--merge-onto original``, the original 16-bit checkpoint), on one device: dequantizing,
-    merging and re-quantizing all run there."""
+    merging and re-quantizing all run there.
+
+    Args:
+        block_bytes: float32 bytes of one row block (at least one row is always taken).
+    """
 
     def __init__(self, base: Checkpoint, adapter: Adapter, device: str = "cpu",
-                 original: Checkpoint | None = None) -> None:
+                 original: Checkpoint | None = None,
+                 block_bytes: int = DEFAULT_BLOCK_BYTES) -> None:
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"--device {device}: this machine has no usable CUDA device "
                              "(torch.cuda.is_available() is False); run with --device cpu")
@@ -45,39 +100,106 @@ class TensorSource:
         self.adapter = adapter
         self.device = torch.device(device)
         self.original = original
+        self.block_bytes = max(1, int(block_bytes))
+        self._local = threading.local()  # per-thread reusable buffers
 
-    def _adapter_tensor(self, key: str) -> torch.Tensor:
-        return self.adapter.read(key).to(self.device)
+    # -- where a plan entry's input lives ---------------------------------------------------
 
-    def produce(self, plan: TensorPlan) -> torch.Tensor:
-        """The output tensor for one plan entry, on the CPU, in the planned dtype (for a
-        quantized unit: its stored weight; :meth:`produce_all` gives the siblings too)."""
-        if plan.parts:
-            return self.produce_all(plan)[0][1]
-        tensor = self.read_input(plan)
-        if not plan.computes:
-            return tensor.to(DTYPES[plan.dtype])
-        out = self._compute(plan, tensor).to(DTYPES[plan.dtype])
-        _require_finite(plan, out)  # after the cast: an overflow of the output dtype counts too
-        return out.cpu()
+    def input_reader(self, plan: TensorPlan) -> tuple[Checkpoint | _Pickled, TensorInfo]:
+        """The reader holding a plan entry's input tensor, and that tensor's header."""
+        if plan.from_adapter:
+            reader = self.adapter._reader or _Pickled(self.adapter)
+            return reader, self.adapter.weights[plan.source]
+        if plan.from_original:
+            if self.original is None:
+                raise MergeError(f"'{plan.name}' is planned from the original checkpoint, but "
+                                 "none was opened (a planning bug; please report it)")
+            return self.original, self.original.tensors[plan.source]
+        return self.base, self.base.tensors[plan.source]
+
+    @staticmethod
+    def is_unit(plan: TensorPlan) -> bool:
+        """True for a quantized unit (produced whole, with its siblings)."""
+        return bool(plan.parts) or plan.requant is not None or plan.dequant is not None
+
+    def stored_bytes(self, plan: TensorPlan) -> tuple[Checkpoint, TensorInfo] | None:
+        """The input whose bytes are exactly this entry's output (copied, never decoded), or
+        None when the entry must be computed or cast."""
+        if plan.computes or self.is_unit(plan):
+            return None
+        reader, info = self.input_reader(plan)
+        if info.dtype != plan.dtype or info.offset < 0 or not isinstance(reader, Checkpoint):
+            return None
+        return reader, info
+
+    def read_rows(self, plan: TensorPlan, start: int, stop: int,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` of a plan entry's input, as stored (CPU)."""
+        reader, info = self.input_reader(plan)
+        return reader.read_rows(info.name, start, stop, scratch)
+
+    def read_input(self, plan: TensorPlan) -> torch.Tensor:
+        """The whole tensor a plan entry starts from, before any merge step (a quantized unit
+        dequantized, float32, on the device). For small tensors and tests; merging streams."""
+        if plan.dequant is not None:
+            stored = self.base.read_many(output_keys(plan.dequant))
+            return dequantize(plan.dequant, stored, self.device)  # float32, (out, in)
+        reader, info = self.input_reader(plan)
+        return reader.read_rows(info.name, 0, info.shape[0]) if info.shape else \
+            reader.read_rows(info.name, 0, 1)
+
+    # -- buffers ----------------------------------------------------------------------------
+
+    def _buffer(self, kind: str, numel: int, dtype: torch.dtype, device: torch.device,
+                pinned: bool = False) -> torch.Tensor:
+        """A per-thread buffer of at least ``numel`` elements, reused across blocks and tensors."""
+        key = (kind, dtype, device.type, pinned)
+        cache = self._local.__dict__.setdefault("buffers", {})
+        buf = cache.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=device, pin_memory=pinned)
+            cache[key] = buf
+        return buf[:numel]
+
+    def _rows_per_block(self, plan: TensorPlan, row_elems: int) -> int:
+        return max(1, self.block_bytes // max(1, 4 * row_elems))
+
+    # -- producing tensors ------------------------------------------------------------------
 
     def produce_all(self, plan: TensorPlan) -> list[tuple[str, torch.Tensor]]:
-        """Every ``(name, tensor)`` one plan entry writes, in :meth:`TensorPlan.outputs` order."""
+        """Every ``(name, tensor)`` one plan entry writes, in :meth:`TensorPlan.outputs` order,
+        whole (CPU). The writer streams :meth:`blocks` instead; this is for quantized units,
+        small tensors and tests."""
         if plan.requant is not None:
-            merged = self._compute(plan, self.read_input(plan))  # float32, on the device
+            merged = self._compute_whole(plan)  # float32, on the device
             _require_finite(plan, merged)
             return list(requantize(plan.requant, merged).items())
         if plan.parts:  # an unchanged quantized unit, copied as stored
             return list(self.base.read_many([name for name, _, _ in plan.outputs()]).items())
-        return [(plan.name, self.produce(plan))]
+        if plan.dequant is not None:
+            out = self._compute_whole(plan).to(DTYPES[plan.dtype])
+            _require_finite(plan, out)
+            return [(plan.name, out.cpu())]
+        blocks = [b.clone() for b, _ in self.blocks(plan)]
+        tensor = torch.cat(blocks) if plan.shape else blocks[0]
+        return [(plan.name, tensor.reshape(plan.shape))]
 
-    def _compute(self, plan: TensorPlan, tensor: torch.Tensor) -> torch.Tensor:
-        """Resize, merge, add bias, set token rows; float32 (or the source dtype) on the device."""
-        tensor = tensor.to(self.device)
+    def produce(self, plan: TensorPlan) -> torch.Tensor:
+        """The output tensor of one plan entry, whole, on the CPU, in the planned dtype."""
+        return self.produce_all(plan)[0][1]
+
+    def _compute_whole(self, plan: TensorPlan) -> torch.Tensor:
+        """A quantized unit, whole: dequantize, resize, merge, add bias, set token rows;
+        float32 (or the source dtype) on the device."""
+        tensor = self.read_input(plan).to(self.device)
         if plan.rows is not None:
             tensor = resize_rows(tensor, plan.rows)
         if plan.lora is not None:
-            tensor = self._merge_lora(tensor, plan)
+            spec = self.adapter.modules[plan.lora]
+            magnitude = self._adapter_tensor(spec.magnitude_key) if spec.magnitude_key else None
+            tensor = merge_linear(tensor, self._adapter_tensor(spec.a_key),
+                                  self._adapter_tensor(spec.b_key), spec.scale,
+                                  fan_in_fan_out=plan.transposed, magnitude=magnitude)
         if plan.embedding_lora is not None:
             spec = self.adapter.modules[plan.embedding_lora]
             delta = embedding_delta(self._adapter_tensor(spec.a_key),
@@ -92,28 +214,166 @@ class TensorSource:
             tensor[torch.tensor(indices, device=self.device)] = self._adapter_tensor(key).float()
         return tensor
 
-    def read_input(self, plan: TensorPlan) -> torch.Tensor:
-        """The tensor a plan entry starts from, before any merge step: read from the adapter,
-        the original checkpoint or the base, a quantized base unit dequantized (float32, on the
-        device)."""
-        if plan.from_adapter:
-            return self.adapter.read(plan.source)
-        if plan.from_original:
-            if self.original is None:
-                raise MergeError(f"'{plan.name}' is planned from the original checkpoint, but "
-                                 "none was opened (a planning bug; please report it)")
-            return self.original.read(plan.source)
-        if plan.dequant is not None:
-            stored = self.base.read_many(output_keys(plan.dequant))
-            return dequantize(plan.dequant, stored, self.device)  # float32, (out, in)
-        return self.base.read(plan.source)
+    def blocks(self, plan: TensorPlan) -> Iterator[tuple[torch.Tensor, object]]:
+        """The output of a (non-quantized) plan entry as consecutive row blocks in the planned
+        dtype: ``(block, ready)`` pairs, where ``block`` is a CPU tensor and ``ready`` a CUDA
+        event the block's device-to-host copy completes at (None on the CPU)."""
+        out_dtype = DTYPES[plan.dtype]
+        if not plan.shape:  # a 0-d tensor: one "row"
+            value = self.read_rows(plan, 0, 1).to(out_dtype)
+            yield value.reshape(()), None
+            return
+        rows = plan.shape[0]
+        row_elems = 1
+        for d in plan.shape[1:]:
+            row_elems *= d
+        step = self._rows_per_block(plan, row_elems)
+        if not plan.computes:
+            for i in range(0, rows, step):
+                yield self.read_rows(plan, i, min(i + step, rows)).to(out_dtype), None
+            return
+        yield from self._merged_blocks(plan, rows, row_elems, step, out_dtype)
 
-    def _merge_lora(self, tensor: torch.Tensor, plan: TensorPlan) -> torch.Tensor:
+    def _merged_blocks(self, plan: TensorPlan, rows: int, row_elems: int, step: int,
+                       out_dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, object]]:
+        reader, info = self.input_reader(plan)
+        src_rows = info.shape[0]
+        src_dtype = DTYPES[info.dtype]
+        cuda = self.device.type == "cuda"
+        lora = self._lora(plan)
+        embed = self._embedding_lora(plan)
+        bias = self._lora_bias(plan)
+        tokens = self._token_rows(plan)
+        mean_row = self.mean_row(plan, reader, info) if rows > src_rows else None
+        col_scale = self._dora_column_scale(plan, reader, info, lora) \
+            if lora is not None and lora.magnitude is not None and plan.transposed else None
+        row_bytes = row_elems * src_dtype.itemsize
+        for i in range(0, rows, step):
+            j = min(i + step, rows)
+            work = self._buffer("work", (j - i) * row_elems, torch.float32, self.device)
+            work = work.view(j - i, *plan.shape[1:])  # (k, ...) float32
+            k = max(0, min(j, src_rows) - i)  # rows that come from the input
+            if k:
+                scratch = self._buffer("read", k * row_bytes, torch.uint8, torch.device("cpu"),
+                                       pinned=cuda)
+                block = reader.read_rows(info.name, i, i + k, scratch)
+                work[:k].copy_(block, non_blocking=cuda)
+            if k < j - i:
+                work[k:].copy_(mean_row.expand(j - i - k, *mean_row.shape[1:]))
+            if lora is not None:
+                self._merge_block(work, lora, i, j, plan.transposed, col_scale)
+            if embed is not None:
+                a, b, scale = embed
+                # ((dim, r) @ (r, k)).T -> (k, dim): one block of (B @ A).T
+                delta = torch.mm(b, a[:, i:j])
+                delta.mul_(scale)
+                work.add_(delta.T)
+            if bias is not None:
+                work.add_(bias)
+            if tokens is not None:
+                self._set_token_rows(work, tokens, i, j)
+            out = work.to(out_dtype, copy=True)  # the writer keeps it; work is reused
+            _require_finite(plan, out)  # after the cast: an overflow of the output dtype counts
+            if cuda:
+                host = torch.empty(out.shape, dtype=out_dtype, pin_memory=True)
+                host.copy_(out, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+                if k:  # the read buffer is reused by the next block: its upload must be done
+                    torch.cuda.current_stream().synchronize()
+                yield host, ready
+            else:
+                yield out, None
+
+    # -- the merge steps, one block at a time -----------------------------------------------
+
+    def _adapter_tensor(self, key: str) -> torch.Tensor:
+        return self.adapter.read(key).to(self.device)
+
+    def _lora(self, plan: TensorPlan) -> _Lora | None:
+        if plan.lora is None:
+            return None
         spec = self.adapter.modules[plan.lora]
-        magnitude = self._adapter_tensor(spec.magnitude_key) if spec.magnitude_key else None
-        return merge_linear(tensor, self._adapter_tensor(spec.a_key),
-                            self._adapter_tensor(spec.b_key), spec.scale,
-                            fan_in_fan_out=plan.transposed, magnitude=magnitude)
+        magnitude = self._adapter_tensor(spec.magnitude_key).float() if spec.magnitude_key else None
+        return _Lora(self._adapter_tensor(spec.a_key).float(),
+                     self._adapter_tensor(spec.b_key).float(), spec.scale, magnitude)
+
+    @staticmethod
+    def _merge_block(work: torch.Tensor, lora: _Lora, i: int, j: int, transposed: bool,
+                     col_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Merge rows ``[i, j)`` of a stored weight in place and return it.
+
+        Stored ``(out, in)``: ``W[i:j] += s * B[i:j] @ A``, then DoRA rescales each row.
+        Stored ``(in, out)`` (Conv1D): ``W[i:j] += s * A[:, i:j].T @ B.T``; DoRA's per-output
+        scale (over whole columns) was measured by a first pass, ``col_scale``.
+        """
+        if transposed:
+            # (k, r) @ (r, out) -> (k, out)
+            work.addmm_(lora.a[:, i:j].T, lora.b.T, alpha=lora.scale)
+            if col_scale is not None:
+                work.mul_(col_scale[None, :])  # (k, out) * (1, out)
+            return work
+        # (k, r) @ (r, in) -> (k, in)
+        work.addmm_(lora.b[i:j], lora.a, alpha=lora.scale)
+        if lora.magnitude is not None:
+            norms = torch.linalg.vector_norm(work, dim=1)  # (k,)
+            work.mul_((lora.magnitude[i:j] / norms)[:, None])  # (k, in) * (k, 1)
+        return work
+
+    def _dora_column_scale(self, plan: TensorPlan, reader: Checkpoint | _Pickled,
+                           info: TensorInfo, lora: _Lora) -> torch.Tensor:
+        """DoRA on a Conv1D weight stored ``(in, out)``: the row norms of the merged
+        ``(out, in)`` weight are column norms here, so a first pass over the blocks sums their
+        squares; returns ``m / ||W + dW||`` per output, (out,)."""
+        plain = _Lora(lora.a, lora.b, lora.scale, None)
+        squares = torch.zeros(info.shape[1], dtype=torch.float64, device=self.device)
+        for i in range(0, info.shape[0], STAT_ROWS):
+            j = min(i + STAT_ROWS, info.shape[0])
+            work = reader.read_rows(info.name, i, j).to(self.device).float()
+            self._merge_block(work, plain, i, j, True)
+            squares += work.double().square().sum(dim=0)  # (out,)
+        return lora.magnitude / squares.sqrt().float()
+
+    def mean_row(self, plan: TensorPlan, reader: Checkpoint | _Pickled,
+                 info: TensorInfo) -> torch.Tensor:
+        """New vocabulary rows: the mean of the input's rows (accumulated block by block in
+        float64), in the input's dtype as transformers' mean resizing stores it, (1, dim)."""
+        total = torch.zeros(info.shape[1:], dtype=torch.float64, device=self.device)
+        for i in range(0, info.shape[0], STAT_ROWS):
+            j = min(i + STAT_ROWS, info.shape[0])
+            total += reader.read_rows(info.name, i, j).to(self.device).double().sum(dim=0)
+        mean = (total / info.shape[0]).float()
+        return mean.to(DTYPES[info.dtype]).float().unsqueeze(0)
+
+    def _embedding_lora(self, plan: TensorPlan) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        if plan.embedding_lora is None:
+            return None
+        spec = self.adapter.modules[plan.embedding_lora]
+        return (self._adapter_tensor(spec.a_key).float(),  # (r, rows)
+                self._adapter_tensor(spec.b_key).float(), spec.scale)  # (dim, r)
+
+    def _lora_bias(self, plan: TensorPlan) -> torch.Tensor | None:
+        """``s * lora_B.bias``, added to the (1-D) bias as one block."""
+        if plan.lora_bias is None:
+            return None
+        spec = self.adapter.modules[plan.lora_bias]
+        return self._adapter_tensor(spec.bias_key).float() * spec.scale
+
+    def _token_rows(self, plan: TensorPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Trainable tokens: (row indices, their trained rows), on the device."""
+        if plan.token_rows is None:
+            return None
+        key, indices = self.adapter.token_deltas[plan.token_rows]
+        return (torch.tensor(indices, device=self.device),
+                self._adapter_tensor(key).float())
+
+    @staticmethod
+    def _set_token_rows(work: torch.Tensor, tokens: tuple[torch.Tensor, torch.Tensor],
+                        i: int, j: int) -> None:
+        indices, values = tokens
+        inside = (indices >= i) & (indices < j)
+        if bool(inside.any()):
+            work[indices[inside] - i] = values[inside]
 
 
 def _require_finite(plan: TensorPlan, tensor: torch.Tensor) -> None:
@@ -125,23 +385,42 @@ def _require_finite(plan: TensorPlan, tensor: torch.Tensor) -> None:
             "training run, or choose a wider --dtype (bfloat16 or float32)")
 
 
+def write_tensor(writer: ShardWriter, plan: TensorPlan, source: TensorSource) -> None:
+    """Stream one plan entry (and, for a quantized unit, its siblings) into ``writer``."""
+    if source.is_unit(plan):
+        for name, tensor in source.produce_all(plan):
+            writer.write(name, tensor)
+        return
+    writer.begin(plan.name, plan.dtype, plan.shape)
+    stored = source.stored_bytes(plan)
+    if stored is not None:
+        reader, info = stored
+        writer.copy_from(lambda start, buf: reader.pread(info, start, buf), info.nbytes,
+                         min(COPY_CHUNK, source.block_bytes))
+    else:
+        for block, ready in source.blocks(plan):
+            writer.append(block, ready)
+    writer.end()
+
+
 def write_shard(shard: ShardPlan, source: TensorSource, folder: Path,
                 progress: Progress | None = None) -> ShardResult:
-    """Write one planned shard into ``folder`` atomically; memory peaks at one tensor."""
+    """Write one planned shard into ``folder`` atomically; memory stays at a few blocks."""
     specs = [spec for t in shard.tensors for spec in t.outputs()]
     with ShardWriter(folder / shard.filename, specs) as writer:
         for plan in shard.tensors:
-            for name, tensor in source.produce_all(plan):
-                writer.write(name, tensor)
+            write_tensor(writer, plan, source)
             if progress is not None:
                 progress(plan)
     return ShardResult(filename=shard.filename, size=writer.size, sha256=writer.sha256)
 
 
-def open_source(plan: MergePlan, adapter: Adapter | None = None, device: str = "cpu") -> TensorSource:
+def open_source(plan: MergePlan, adapter: Adapter | None = None, device: str = "cpu",
+                block_bytes: int | None = None) -> TensorSource:
     """Open a plan's inputs (headers only) for executing its shards."""
     from mergeflow.adapter import load_adapter
 
     original = Checkpoint(plan.original) if plan.original else None
+    block = block_bytes or int(plan.runtime.get("block_bytes") or DEFAULT_BLOCK_BYTES)
     return TensorSource(Checkpoint(plan.base), adapter or load_adapter(plan.adapter), device,
-                        original)
+                        original, block_bytes=block)

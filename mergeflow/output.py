@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+from mergeflow.durable import durable_rename, fsync_dir
 from mergeflow.errors import InputError, OutputError
 
 MANIFEST = "merge-manifest.json"
@@ -139,14 +140,15 @@ def model_card(base_name: str | None, adapter_name: str | None, report: dict,
 def publish(staging: Path, out: Path) -> None:
     """Move a finished staging folder to ``out`` (replacing what was there) by renames."""
     shutil.rmtree(staging / STATE_DIR, ignore_errors=True)
+    fsync_dir(staging)
     if out.exists():
         old = out.parent / f".{out.name}.mergeflow-old"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)
-        os.replace(staging, out)
+        durable_rename(staging, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(staging, out)
+        durable_rename(staging, out)
 
 
 def require_config(base: Path) -> dict:

@@ -124,6 +124,9 @@ class MergePlan(BaseModel):
     vocab_groups: list[int] = []  # shards holding the embedding/head (resize and untie)
     inputs: dict[str, dict[str, str]] = {}  # "base"/"adapter" -> file -> sha256
     options: dict[str, object] = {}
+    # How this run executes (block size, ...): never changes the output bytes, so it is left
+    # out of the fingerprint.
+    runtime: dict[str, object] = {}
 
     @property
     def tensor_count(self) -> int:
@@ -135,11 +138,14 @@ class MergePlan(BaseModel):
 
     def fingerprint(self) -> str:
         """A hash of everything that determines the output bytes."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        blob = json.dumps(self.model_dump(mode="json", exclude={"runtime"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def save(self, path: Path) -> None:
-        path.write_text(self.model_dump_json(indent=1))
+        """Write the plan durably (see :func:`mergeflow.durable.atomic_write`)."""
+        from mergeflow.durable import atomic_write
+
+        atomic_write(path, self.model_dump_json(indent=1))
 
     @classmethod
     def load(cls, path: Path) -> MergePlan:

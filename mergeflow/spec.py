@@ -54,8 +54,17 @@ class MergeSpec(BaseModel):
     verify: bool = Field(
         True, description="Check checksums, completeness and the numerics of every merged "
         "tensor before publishing.")
-    workers: int = Field(
-        2, ge=1, le=64, description="Layer groups merged in parallel (thread pool size).")
+    workers: int | None = Field(
+        None, ge=1, le=64, description="Layer groups merged in parallel (thread pool size); "
+        "default: decided from the cores and memory available (see mergeflow.resources).")
+    block_size: str = Field(
+        "24MiB", pattern=r"^\s*\d+(\.\d+)?\s*([KMGTkmgt]i?[Bb]|[Bb])?\s*$",
+        description="Bytes of one row block: every tensor is read, merged and written in "
+        "blocks of about this many float32 bytes, so memory never follows a tensor's size.")
+    memory_limit: str | None = Field(
+        None, pattern=r"^\s*\d+(\.\d+)?\s*([KMGTkmgt]i?[Bb]|[Bb])?\s*$",
+        description="Budget for the merge's working memory beyond the process baseline "
+        "(workers x blocks must fit); default: a quarter of the available memory.")
     dask_address: str | None = Field(
         None, description="Run layer groups on this existing Dask cluster (e.g. "
         "tcp://scheduler:8786) instead of local threads; workers must see the same paths.")

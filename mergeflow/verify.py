@@ -1,11 +1,13 @@
 """Check a written merge before it is published.
 
-Three kinds of checks, all in bounded memory (a few tensors at a time):
+Three kinds of checks, all in bounded memory (a few hundred rows at a time):
 
 * integrity: every file listed in the manifest exists with its size and sha256, and nothing else
-  is there;
-* completeness: the shards hold exactly the planned tensors, with the planned dtypes and shapes,
-  all finite;
+  is there. Shards this process has just written (or checked for resume) are trusted by the
+  sha256 their writer computed while writing them; only their sizes are checked again, so no
+  shard is read back just to be hashed a second time;
+* completeness: the shards hold exactly the planned tensors, with the planned dtypes and shapes;
+  every merged tensor's sampled rows are finite (the merge itself checked every block);
 * numerics: every merged tensor acts like base + adapter. For a linear LoRA, ``W' x`` is compared
   with ``W x + s * B (A x)`` on a few random vectors (DoRA: rescaled by ``m / ||W + s B A||``);
   embedding LoRA rows, trainable-token rows and ``lora_bias`` are compared directly. This uses
@@ -59,8 +61,13 @@ class VerifyReport(BaseModel):
     checks: list[TensorCheck] = []
 
 
-def check_files(folder: Path) -> tuple[int, list[str]]:
-    """Integrity: the manifest's files, sizes and sha256 against the folder."""
+def check_files(folder: Path, trusted: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    """Integrity: the manifest's files, sizes and sha256 against the folder.
+
+    ``trusted`` maps file names to the sha256 this process computed while writing them: those
+    files are checked by size and that hash, not read again.
+    """
+    trusted = trusted or {}
     try:
         listed = json.loads((folder / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError) as exc:
@@ -73,7 +80,8 @@ def check_files(folder: Path) -> tuple[int, list[str]]:
         path = folder / name
         if not path.is_file():
             problems.append(f"{path}: listed in the manifest but missing")
-        elif path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
+        elif path.stat().st_size != entry["size"] or trusted.get(name, sha256_file(path)) \
+                != entry["sha256"]:
             problems.append(f"{path}: size or sha256 differs from the manifest")
     return len(listed), problems
 
@@ -111,9 +119,9 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 class NumericChecker:
     """Recomputes each merged tensor's effect from the inputs and compares it with the output.
 
-    Large tensors are checked on a random sample of ``ROWS`` output rows (every row of a small
-    one), so the cost per tensor is a read plus a few small products, whatever the model size;
-    the delta norm is measured on the same rows.
+    Large tensors are checked on a random sample of ``ROWS`` stored rows (every row of a small
+    one), read with positional reads, so the cost per tensor is a few hundred rows plus a few
+    small products, whatever the model size; the delta norm is measured on the same rows.
     """
 
     def __init__(self, source: TensorSource, seed: int = 0) -> None:
@@ -129,41 +137,78 @@ class NumericChecker:
             return torch.arange(n)
         return torch.randperm(n, generator=self.gen)[:ROWS].sort().values
 
-    def check(self, plan: TensorPlan, merged: torch.Tensor) -> TensorCheck | None:
-        """Check one output tensor; None when it is a plain copy or re-quantized."""
-        if not plan.computes or getattr(plan, "requant", None) is not None:
+    def sample(self, plan: TensorPlan) -> torch.Tensor | None:
+        """The stored rows to check of a planned tensor (all of a small or 1-d one); None when
+        the tensor is a plain copy or re-quantized, so nothing is checked numerically."""
+        if not plan.computes or plan.requant is not None:
             return None
-        base = self.source.read_input(plan)
-        if plan.rows is not None:
-            base = resize_rows(base, plan.rows)
+        if len(plan.shape) < 2 or (plan.transposed and self._dora(plan)):
+            return torch.arange(plan.shape[0]) if plan.shape else torch.arange(1)
+        rows = self._rows(plan.shape[0])
+        if plan.token_rows is not None:  # always look at the trained token rows too
+            _, indices = self.adapter.token_deltas[plan.token_rows]
+            rows = torch.unique(torch.cat([rows, torch.tensor(indices)]))
+        return rows
+
+    def _dora(self, plan: TensorPlan) -> bool:
+        return plan.lora is not None and self.adapter.modules[plan.lora].magnitude_key is not None
+
+    def _input_rows(self, plan: TensorPlan, rows: torch.Tensor) -> torch.Tensor:
+        """The sampled rows of the tensor a plan entry starts from, resized as planned, float32."""
+        if self.source.is_unit(plan):
+            base = self.source.read_input(plan).cpu()
+            if plan.rows is not None:
+                base = resize_rows(base, plan.rows)
+            return base[rows].float()
+        reader, info = self.source.input_reader(plan)
+        if not info.shape:
+            return reader.read_rows(info.name, 0, 1).float().reshape(1)
+        src_rows = info.shape[0]
+        inside = [int(r) for r in rows if r < src_rows]
+        got = reader.read_row_set(info.name, inside).float()
+        if len(inside) == len(rows):
+            return got
+        mean = self.source.mean_row(plan, reader, info).cpu()
+        return torch.cat([got, mean.expand(len(rows) - len(inside), *mean.shape[1:])])
+
+    def check(self, plan: TensorPlan, merged: torch.Tensor, rows: torch.Tensor
+              ) -> TensorCheck | None:
+        """Check the sampled ``rows`` (stored order) of one output tensor, ``merged``."""
+        if not plan.computes or plan.requant is not None:
+            return None
+        base = self._input_rows(plan, rows)
+        merged = merged.float().reshape(base.shape)
         if plan.lora is not None:
-            kind, error, delta = self._linear(plan, base, merged)
+            kind, error, delta = self._linear(plan, base, merged, rows)
         elif plan.embedding_lora is not None:
-            kind, error, delta = self._embedding(plan, base, merged)
+            kind, error, delta = self._embedding(plan, base, merged, rows)
         elif plan.lora_bias is not None:
             spec = self.adapter.modules[plan.lora_bias]
-            ref = base.float() + spec.scale * self._a(spec.bias_key)
-            kind, error, delta = "lora_bias", _relative(merged.float(), ref), _relative(
-                merged.float(), base.float())
+            ref = base + spec.scale * self._a(spec.bias_key)
+            kind, error, delta = "lora_bias", _relative(merged, ref), _relative(merged, base)
         elif plan.token_rows is not None:
-            kind, error, delta = "trainable tokens", self._tokens(plan, merged), float("nan")
+            kind, error, delta = "trainable tokens", self._tokens(plan, merged, rows), float("nan")
         else:
-            rows = self._rows(min(base.shape[0], merged.shape[0]))
-            kind, error = "resize", _relative(merged[rows].float(), base[rows].float())
+            kind, error = "resize", _relative(merged, base)
             delta = error
         if plan.token_rows is not None and kind != "trainable tokens":
-            error = max(error, self._tokens(plan, merged))
+            error = max(error, self._tokens(plan, merged, rows))
         ok = error <= TOLERANCE.get(plan.dtype, 2e-2)
         return TensorCheck(name=plan.name, kind=kind, relative_error=error, delta_norm=delta, ok=ok)
 
-    def _linear(self, plan: TensorPlan, w: torch.Tensor, merged: torch.Tensor
-                ) -> tuple[str, float, float]:
+    def _linear(self, plan: TensorPlan, w: torch.Tensor, merged: torch.Tensor,
+                rows: torch.Tensor) -> tuple[str, float, float]:
         spec = self.adapter.modules[plan.lora]
-        if plan.transposed:  # Conv1D stores (in, out)
-            w, merged = w.T, merged.T
-        rows = self._rows(w.shape[0])
-        w, merged = w[rows].float(), merged[rows].float()  # (k, in)
-        a, b = self._a(spec.a_key), self._a(spec.b_key)[rows]  # (r, in), (k, r)
+        a, b = self._a(spec.a_key), self._a(spec.b_key)  # (r, in), (out, r)
+        if plan.transposed:  # Conv1D stores (in, out); the sampled rows are inputs
+            if spec.magnitude_key is None:
+                x = torch.randn(w.shape[1], PROBES, generator=self.gen)  # (out, p)
+                # (k, out) @ (out, p) + (k, r) @ ((r, out) @ (out, p)) -> (k, p)
+                ref = w @ x + spec.scale * (a[:, rows].T @ (b.T @ x))
+                return "LoRA", _relative(merged @ x, ref), _relative(merged, w)
+            w, merged = w.T, merged.T  # every row was read: back to (out, in)
+            rows = torch.arange(w.shape[0])
+        b = b[rows]  # (k, r)
         x = torch.randn(w.shape[1], PROBES, generator=self.gen)  # (in, p)
         ref = w @ x + spec.scale * (b @ (a @ x))  # (k, p)
         kind = "LoRA"
@@ -173,38 +218,46 @@ class NumericChecker:
             ref = ref * (self._a(spec.magnitude_key)[rows] / norms)[:, None]
         return kind, _relative(merged @ x, ref), _relative(merged, w)
 
-    def _embedding(self, plan: TensorPlan, w: torch.Tensor, merged: torch.Tensor
-                   ) -> tuple[str, float, float]:
+    def _embedding(self, plan: TensorPlan, w: torch.Tensor, merged: torch.Tensor,
+                   rows: torch.Tensor) -> tuple[str, float, float]:
         spec = self.adapter.modules[plan.embedding_lora]
         a, b = self._a(spec.a_key), self._a(spec.b_key)  # (r, rows), (dim, r)
-        rows = self._rows(w.shape[0])
+        keep = torch.ones(len(rows), dtype=torch.bool)
         if plan.token_rows is not None:  # those rows are replaced, checked separately
             _, indices = self.adapter.token_deltas[plan.token_rows]
-            rows = rows[~torch.isin(rows, torch.tensor(indices))]
-        w, got = w[rows].float(), merged[rows].float()  # (n, dim)
-        ref = w + spec.scale * (a[:, rows].T @ b.T)  # (n, r) @ (r, dim) -> (n, dim)
-        if not len(rows):
+            keep = ~torch.isin(rows, torch.tensor(indices))
+        if not bool(keep.any()):
             return "embedding LoRA", 0.0, 0.0
+        w, got, rows = w[keep], merged[keep], rows[keep]  # (n, dim)
+        ref = w + spec.scale * (a[:, rows].T @ b.T)  # (n, r) @ (r, dim) -> (n, dim)
         return "embedding LoRA", _relative(got, ref), _relative(got, w)
 
-    def _tokens(self, plan: TensorPlan, merged: torch.Tensor) -> float:
+    def _tokens(self, plan: TensorPlan, merged: torch.Tensor, rows: torch.Tensor) -> float:
         key, indices = self.adapter.token_deltas[plan.token_rows]
-        return _relative(merged[torch.tensor(indices)].float(), self._a(key))
+        position = {int(r): i for i, r in enumerate(rows)}
+        picked = [position[i] for i in indices if i in position]
+        trained = self._a(key)[[n for n, i in enumerate(indices) if i in position]]
+        return _relative(merged[picked], trained) if picked else 0.0
 
 
 def check_values(written: Checkpoint, tensors: list[TensorPlan], checker: NumericChecker
                  ) -> tuple[int, list[TensorCheck], list[str]]:
-    """Finiteness and the numeric check of the given planned tensors, read from ``written``."""
+    """Finiteness and the numeric check of the given planned tensors' sampled rows, read from
+    ``written``; plain copies are checked by their shard's sha256 alone."""
     checks, problems, count = [], [], 0
     for tensor in tensors:
         if tensor.name not in written:
             continue
-        value = written.read(tensor.name)
         count += 1
+        rows = checker.sample(tensor)
+        if rows is None:
+            continue
+        value = written.read_row_set(tensor.name, [int(r) for r in rows]) if tensor.shape \
+            else written.read_rows(tensor.name, 0, 1)
         if not all_finite(value):
             problems.append(f"tensor '{tensor.name}' holds NaN or Inf")
             continue
-        check = checker.check(tensor, value)
+        check = checker.check(tensor, value, rows)
         if check is not None:
             checks.append(check)
             if not check.ok:
@@ -231,9 +284,11 @@ def verify_shard(folder: Path, shard: ShardPlan, source: TensorSource) -> Verify
                         problems=problems + more, warnings=[], checks=checks)
 
 
-def verify_output(folder: Path, plan: MergePlan, source: TensorSource) -> VerifyReport:
-    """Run every check on a written (not yet published) output folder."""
-    files, problems = check_files(folder)
+def verify_output(folder: Path, plan: MergePlan, source: TensorSource,
+                  trusted: dict[str, str] | None = None) -> VerifyReport:
+    """Run every check on a written (not yet published) output folder; ``trusted``: see
+    :func:`check_files`."""
+    files, problems = check_files(folder, trusted)
     problems += check_tensors(folder, plan)
     written = _written(folder, plan)
     tensors = [t for shard in plan.shards for t in shard.tensors]

@@ -1,12 +1,17 @@
 """Streaming safetensors shard writer.
 
 The ``safetensors`` library serializes a whole dict of tensors held in memory. A merge must not
-hold a shard in memory, so this writer streams: the plan knows every tensor's name, dtype and
-shape before any data exists, so the header (with all data offsets) is written first and each
-tensor's bytes are appended as soon as that tensor is ready. The file is written under a
-temporary name and renamed into place only when every planned tensor has been written, so a
-file with the final name is always complete. The output is a standard safetensors file that
-``safetensors.safe_open`` and ``from_pretrained`` read.
+hold a shard - or even one tensor - in memory, so this writer streams: the plan knows every
+tensor's name, dtype and shape before any data exists, so the header (with all data offsets) is
+written first and each tensor's bytes are appended block by block as they are produced. The file
+is written under a temporary name, fsynced, renamed into place and its folder fsynced only when
+every planned tensor has been written, so a file with the final name is always complete and
+durable. The output is a standard safetensors file that ``safe_open`` and ``from_pretrained`` read.
+
+Writing and hashing run on a background thread (``file.write`` and ``hashlib`` release the GIL),
+so they overlap the merge math of the next block; a bounded queue keeps at most
+``depth`` blocks in flight. The sha256 of the file comes out of the same pass: no byte is read
+back to hash it.
 
 A full disk (ENOSPC, or EDQUOT: over quota) while writing is a
 :class:`~mergeflow.errors.DiskSpaceError` naming the file and the bytes it still needed; the
@@ -20,14 +25,17 @@ import errno
 import hashlib
 import json
 import os
+import queue
 import struct
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from mergeflow import faults
 from mergeflow.checkpoint import DTYPE_NAMES, DTYPES
+from mergeflow.durable import fsync_dir
 from mergeflow.errors import DiskSpaceError, MergeError
 
 ALIGNMENT = 8  # safetensors pads the header so tensor data starts 8-byte aligned
@@ -64,44 +72,101 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-class ShardWriter:
-    """Write one safetensors file tensor by tensor, atomically.
+class _Flush:
+    """Queue marker: the writer thread has drained every block before it."""
 
-    Use as a context manager; call :meth:`write` once per planned tensor, in plan order. On a
-    clean exit the temporary file is fsynced and renamed to ``path``; on an exception it is
-    deleted. :attr:`sha256` and :attr:`size` describe the finished file.
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+class ShardWriter:
+    """Write one safetensors file block by block, atomically and durably.
+
+    Use as a context manager. For each planned tensor, in plan order, either call
+    :meth:`write` with the whole tensor, or :meth:`begin` it and :meth:`append` its bytes in
+    blocks (CPU tensors, or any buffer), then :meth:`end`. :meth:`copy_from` appends bytes read
+    straight from another file (a pass-through tensor, never decoded). On a clean exit the file
+    is fsynced, renamed to ``path`` and its folder fsynced; on an exception it is deleted.
+    :attr:`sha256` and :attr:`size` describe the finished file.
+
+    ``on_written(nbytes)`` (optional) is called from the writer thread after each block.
     """
 
-    def __init__(self, path: Path, specs: Sequence[tuple[str, str, Sequence[int]]]) -> None:
+    def __init__(self, path: Path, specs: Sequence[tuple[str, str, Sequence[int]]], *,
+                 depth: int = 3, on_written: Callable[[int], None] | None = None) -> None:
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.partial")
         self.specs = list(specs)
         self.header, self.sizes = build_header(self.specs)
         self._next = 0
+        self._open: int | None = None  # bytes still expected for the tensor begun, or None
         self._hash = hashlib.sha256()
-        self.size = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None
+        self._on_written = on_written
+        self.size = 0  # bytes handed to the writer thread
         self.sha256 = ""
         self.total = len(self.header) + sum(self.sizes)  # the finished file's size
 
     def __enter__(self) -> ShardWriter:
-        self._file = open(self.tmp, "wb")
+        self._file = open(self.tmp, "wb", buffering=0)
+        self._thread = threading.Thread(target=self._drain, name=f"write {self.path.name}",
+                                        daemon=True)
+        self._thread.start()
         try:
-            self._emit(self.header)
+            self._put(self.header)
         except BaseException:
+            self._stop()
             self._file.close()
             self.tmp.unlink(missing_ok=True)
             raise
         return self
 
-    def _emit(self, data: bytes | memoryview) -> None:
-        try:
-            self._file.write(data)
-        except OSError as exc:
-            if exc.errno in DISK_FULL:
-                raise self._disk_error(exc, self.total - self.size) from exc
-            raise
-        self._hash.update(data)
-        self.size += len(data)
+    # -- the writer thread ------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Write and hash queued blocks in order; after an error, only consume the queue."""
+        written = 0
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, _Flush):
+                item.done.set()
+                continue
+            data, ready = item
+            if self._error is not None:
+                continue
+            try:
+                if ready is not None:
+                    ready.synchronize()  # a device-to-host copy still in flight
+                view = data if isinstance(data, memoryview | bytes) else _as_bytes(data)
+                self._write_all(view)
+                self._hash.update(view)
+                written += len(view)
+                if self._on_written is not None:
+                    self._on_written(len(view))
+            except BaseException as exc:  # handed to the producer at its next call
+                self._error = self._disk_error(exc, self.total - written) \
+                    if isinstance(exc, OSError) and exc.errno in DISK_FULL else exc
+
+    def _write_all(self, view: memoryview | bytes) -> None:
+        view = memoryview(view).cast("B")
+        while view:
+            n = self._file.write(view)
+            view = view[n:]
+
+    # -- the producer side ------------------------------------------------------------------
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _put(self, data: object, ready: object = None) -> None:
+        self._raise_pending()
+        nbytes = len(data) if isinstance(data, bytes | memoryview) else _nbytes(data)
+        self._queue.put((data, ready))
+        self.size += nbytes
 
     def _disk_error(self, exc: OSError, missing: int) -> DiskSpaceError:
         """A full disk, as a DiskSpaceError naming the file and the bytes it still needed."""
@@ -111,21 +176,82 @@ class ShardWriter:
             f"in {self.path.parent} (the whole merge needs more: see the preflight estimate) or "
             "write elsewhere, then rerun: finished groups are kept")
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next planned tensor; its name, dtype and shape must match the plan."""
+    def begin(self, name: str, dtype: str, shape: Sequence[int]) -> None:
+        """Start the next planned tensor; its name, dtype and shape must match the plan."""
+        if self._open is not None or self._next >= len(self.specs):
+            where = self.specs[self._next - 1][0] if self._open is not None else "the last one"
+            raise MergeError(f"{self.path.name}: tensor {name} begun before {where} was ended "
+                             "(a planning bug; please report it)")
         want_name, want_dtype, want_shape = self.specs[self._next]
-        got = (name, DTYPE_NAMES.get(tensor.dtype), list(tensor.shape))
-        if got != (want_name, want_dtype, list(want_shape)):
+        if (name, dtype, list(shape)) != (want_name, want_dtype, list(want_shape)):
             raise MergeError(
                 f"{self.path.name}: expected tensor {want_name} {want_dtype}{list(want_shape)} "
-                f"next, got {got[0]} {got[1]}{got[2]} (a planning bug; please report it)"
-            )
-        self._emit(tensor_bytes(tensor))
+                f"next, got {name} {dtype}{list(shape)} (a planning bug; please report it)")
+        self._open = self.sizes[self._next]
         self._next += 1
+
+    def append(self, block: torch.Tensor | bytes | memoryview, ready: object = None) -> None:
+        """Append bytes of the tensor begun last. A CPU tensor block is written as its raw
+        little-endian bytes; the caller must not change it afterwards. ``ready`` (a CUDA event)
+        is waited for by the writer thread before it reads the block."""
+        if isinstance(block, torch.Tensor):
+            block = block.detach()
+            if block.device.type != "cpu":
+                raise MergeError("ShardWriter.append takes CPU tensors (copy the block to the "
+                                 "host first)")
+            block = block.contiguous()
+        nbytes = len(block) if isinstance(block, bytes | memoryview) else _nbytes(block)
+        if self._open is None or nbytes > self._open:
+            name = self.specs[self._next - 1][0] if self._next else "?"
+            raise MergeError(f"{self.path.name}: {nbytes} more bytes than planned for {name} "
+                             "(a planning bug; please report it)")
+        self._put(block, ready)
+        self._open -= nbytes
+
+    def end(self) -> None:
+        """Finish the tensor begun last; every planned byte of it must have been appended."""
+        if self._open:
+            name = self.specs[self._next - 1][0]
+            raise MergeError(f"{self.path.name}: tensor {name} ended {self._open} bytes short "
+                             "(a planning bug; please report it)")
+        self._open = None
         faults.checkpoint("tensor-written")
 
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next planned tensor whole; its name, dtype and shape must match the plan."""
+        self.begin(name, DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)), list(tensor.shape))
+        self.append(tensor.detach().to("cpu"))
+        self.end()
+
+    def copy_from(self, read: Callable[[int, memoryview], None], nbytes: int,
+                  block_bytes: int) -> None:
+        """Append ``nbytes`` bytes of the tensor begun last, read by ``read(start, buffer)``
+        block by block: a pass-through tensor is copied as stored bytes, never decoded."""
+        start = 0
+        while start < nbytes:
+            n = min(block_bytes, nbytes - start)
+            buffer = bytearray(n)
+            read(start, memoryview(buffer))
+            self.append(memoryview(buffer))
+            start += n
+
+    def flush(self) -> None:
+        """Wait until every block handed over so far is written (and raise its error)."""
+        marker = _Flush()
+        self._queue.put(marker)
+        while not marker.done.wait(0.05):
+            if not self._thread.is_alive():
+                break
+        self._raise_pending()
+
+    def _stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
     def __exit__(self, exc_type, exc, tb) -> None:
-        complete = exc_type is None and self._next == len(self.specs)
+        self._stop()
+        complete = exc_type is None and self._error is None and self._next == len(self.specs) \
+            and self._open is None
         try:
             self._close(complete)
         except BaseException:
@@ -134,17 +260,19 @@ class ShardWriter:
         if not complete:
             self.tmp.unlink(missing_ok=True)
             if exc_type is None:
-                missing = self.specs[self._next][0]
+                self._raise_pending()
+                missing = self.specs[min(self._next, len(self.specs) - 1)][0]
                 raise MergeError(f"{self.path.name}: closed before tensor {missing} was written")
             return
         faults.checkpoint("shard-before-rename")
         os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
         faults.checkpoint("shard-renamed")
         self.sha256 = self._hash.hexdigest()
 
     def _close(self, complete: bool) -> None:
-        """Flush, fsync (when complete) and close the temporary file; a full disk found by the
-        flush is a DiskSpaceError. Closing an incomplete file cannot fail the merge further."""
+        """Fsync (when complete) and close the temporary file; a full disk found by the fsync
+        is a DiskSpaceError. Closing an incomplete file cannot fail the merge further."""
         try:
             if complete:
                 self._file.flush()
@@ -163,3 +291,12 @@ class ShardWriter:
             if exc.errno in DISK_FULL:
                 raise self._disk_error(exc, self.total) from exc
             raise
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())

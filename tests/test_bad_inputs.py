@@ -493,9 +493,14 @@ def test_overflow_in_the_output_dtype_is_not_published(make_base, make_adapter, 
                                      out=str(tmp_path / "out"), dtype="float16"))
     plan = api.MergePlan.load(Path(prepared.plan_path))
     source = api.open_source(plan)
-    source_produce = source.produce
-    source.produce = lambda t: source_produce(t.model_copy(update={"dtype": "F32"})).half() \
-        if t.lora else source_produce(t)  # write the overflowed values, as a buggy writer would
+    source_blocks = source.blocks
+
+    def unchecked(t):  # write the overflowed values, as a buggy writer would
+        if not t.lora:
+            return source_blocks(t)
+        return ((b.half(), ready) for b, ready in source_blocks(t.model_copy(update={"dtype": "F32"})))
+
+    source.blocks = unchecked
     results = [api.run_shard(prepared.plan_path, i, source=source)
                for i in range(prepared.shard_count)]
     api.finalize(prepared, results)

@@ -43,6 +43,18 @@ CASES = {
 LIVE_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
+def _live_reference_is_bf16() -> bool:
+    """On CPUs with AVX512-BF16, bitsandbytes runs the live 4-bit layers with its fused bf16
+    kernel whatever the compute dtype, so the live reference itself is bf16-rounded there."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+if _live_reference_is_bf16():
+    LIVE_TOL[torch.float32] = 3e-2  # measured there: 2e-3 (LoRA) to 2.2e-2 (DoRA)
+
+
 # -- fixtures ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
