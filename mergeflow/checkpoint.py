@@ -359,8 +359,15 @@ class Checkpoint:
         return tensor.reshape(stop - start, *shape[1:]) if info.shape else tensor.reshape(())
 
     def read_row_set(self, name: str, rows: Sequence[int]) -> torch.Tensor:
-        """The given rows (along dim 0) of a tensor, stacked, in its stored dtype."""
-        parts = [self.read_rows(name, r, r + 1).clone() for r in rows]
+        """The given rows (along dim 0) of a tensor, stacked, in its stored dtype; each run of
+        consecutive rows is one positional read."""
+        runs: list[list[int]] = []
+        for r in rows:
+            if runs and r == runs[-1][1]:
+                runs[-1][1] = r + 1
+            else:
+                runs.append([r, r + 1])
+        parts = [self.read_rows(name, a, b).clone() for a, b in runs]
         info = self.tensors[name]
         if not parts:
             return torch.empty((0, *info.shape[1:]), dtype=DTYPES[info.dtype])

@@ -24,3 +24,15 @@ def all_finite(tensor: torch.Tensor) -> bool:
         # a non-finite sum may be an overflow of finite values, so then ask exactly.
         return math.isfinite(float(tensor.sum())) or bool(torch.isfinite(tensor).all())
     return bool(torch.isfinite(tensor).all())
+
+
+def fits(work: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True when a float32 tensor has no NaN/Inf and casting it to ``dtype`` cannot overflow,
+    decided by one ``aminmax`` pass (NaN propagates through it). False means "maybe not":
+    ask :func:`all_finite` on the cast result then."""
+    if work.numel() == 0 or not dtype.is_floating_point:
+        return True
+    low, high = torch.aminmax(work)
+    low, high = float(low), float(high)
+    bound = torch.finfo(dtype).max
+    return math.isfinite(low) and math.isfinite(high) and -bound <= low and high <= bound

@@ -38,6 +38,7 @@ from mergeflow.vocab import resize_rows
 TOLERANCE = {"BF16": 2e-2, "F16": 4e-3, "F32": 1e-4, "F64": 1e-8}
 PROBES = 4  # random vectors per tensor
 ROWS = 256  # output rows sampled per large tensor
+WINDOWS = 8  # ... in this many runs of consecutive rows
 
 
 class TensorCheck(BaseModel):
@@ -80,8 +81,8 @@ def check_files(folder: Path, trusted: dict[str, str] | None = None) -> tuple[in
         path = folder / name
         if not path.is_file():
             problems.append(f"{path}: listed in the manifest but missing")
-        elif path.stat().st_size != entry["size"] or trusted.get(name, sha256_file(path)) \
-                != entry["sha256"]:
+        elif path.stat().st_size != entry["size"] or (
+                trusted[name] if name in trusted else sha256_file(path)) != entry["sha256"]:
             problems.append(f"{path}: size or sha256 differs from the manifest")
     return len(listed), problems
 
@@ -133,9 +134,13 @@ class NumericChecker:
         return self.adapter.read(key).float()
 
     def _rows(self, n: int) -> torch.Tensor:
+        """``ROWS`` rows of ``n``: ``WINDOWS`` random runs of consecutive rows (one positional
+        read each), sorted; every row when there are few."""
         if n <= ROWS:
             return torch.arange(n)
-        return torch.randperm(n, generator=self.gen)[:ROWS].sort().values
+        run = ROWS // WINDOWS
+        starts = torch.randperm(n // run, generator=self.gen)[:WINDOWS].sort().values * run
+        return (starts[:, None] + torch.arange(run)[None, :]).reshape(-1)
 
     def sample(self, plan: TensorPlan) -> torch.Tensor | None:
         """The stored rows to check of a planned tensor (all of a small or 1-d one); None when
