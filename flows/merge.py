@@ -26,7 +26,7 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from mergeflow import api
+from mergeflow import api, resources
 from mergeflow.api import MergeReport, PreparedMerge
 from mergeflow.execute import ShardResult
 from mergeflow.plan import MergePlan
@@ -61,12 +61,16 @@ class Timings(dict):
 
 
 def task_runner(spec: MergeSpec):
-    """A Dask runner on the cluster at ``spec.dask_address``, else a bounded thread pool."""
+    """A Dask runner on the cluster at ``spec.dask_address``, else a thread pool of the workers
+    :func:`mergeflow.resources.for_spec` decides (``spec.workers``, or from the cores and
+    memory; torch's threads are divided between them)."""
     if spec.dask_address:
         from prefect_dask import DaskTaskRunner
 
         return DaskTaskRunner(address=spec.dask_address)
-    return ThreadPoolTaskRunner(max_workers=spec.workers)
+    decided = resources.for_spec(spec)
+    resources.apply_threads(decided)
+    return ThreadPoolTaskRunner(max_workers=decided.workers)
 
 
 @flow(name="merge-groups")
@@ -101,11 +105,15 @@ def merge_groups(prepared: PreparedMerge, device: str = "cpu",
 
 
 @flow(name="merge-adapter", flow_run_name=_run_name)
-def merge_adapter(spec: MergeSpec) -> MergeReport:
-    """Merge a LoRA adapter into its base and publish a verified SafeTensors checkpoint."""
+def merge_adapter(spec: MergeSpec, prepared: PreparedMerge | None = None) -> MergeReport:
+    """Merge a LoRA adapter into its base and publish a verified SafeTensors checkpoint.
+
+    ``prepared``: the merge already planned by the caller (the CLI plans first, to fail fast on
+    bad input); ``load`` then reuses it instead of planning again.
+    """
     timings = Timings()
     with timings("load"):
-        prepared = load(spec)
+        prepared = load(spec, prepared)
     if prepared.up_to_date:
         get_run_logger().info("%s already holds this merge; nothing to merge", prepared.out)
         if spec.push_to:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from mergeflow import __version__, preflight
+from mergeflow import faults, preflight
 from mergeflow.adapter import Adapter, load_adapter
 from mergeflow.checkpoint import Checkpoint
 from mergeflow.durable import atomic_write, fsync_file
@@ -52,6 +52,7 @@ from mergeflow.sinks import publish as publish_folder
 from mergeflow.sources import base_from_adapter, resolve_source
 from mergeflow.spec import MergeSpec
 from mergeflow.verify import VerifyReport, verify_output, verify_shard
+from mergeflow.version import __version__
 from mergeflow.vocab import set_config_field
 
 PLAN_FILE = "plan.json"
@@ -276,6 +277,7 @@ def _output_dtype(spec: MergeSpec, config: dict, base: Checkpoint,
 
 def _prepare_staging(staging: Path, plan: MergePlan, fingerprint: str) -> None:
     """Reuse a staging folder of the same plan (resume); otherwise start it afresh."""
+    faults.checkpoint("before-planned")
     plan_path = staging / STATE_DIR / PLAN_FILE
     if plan_path.is_file():
         try:
@@ -289,6 +291,7 @@ def _prepare_staging(staging: Path, plan: MergePlan, fingerprint: str) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     (staging / STATE_DIR / "done").mkdir(parents=True)
     plan.save(plan_path)
+    faults.checkpoint("after-planned")
 
 
 def _done_record(staging: Path, filename: str) -> Path:
@@ -310,6 +313,7 @@ def finished_shard(staging: Path, filename: str) -> ShardResult | None:
 def run_shard(plan_path: str | Path, index: int, device: str = "cpu",
               source: TensorSource | None = None, progress: Progress | None = None) -> ShardResult:
     """Write shard ``index`` of a plan into its staging folder (skipped if already finished)."""
+    faults.checkpoint("before-shard-recorded")
     plan_path = Path(plan_path)
     staging = plan_path.parent.parent
     plan = MergePlan.load(plan_path)
@@ -323,6 +327,7 @@ def run_shard(plan_path: str | Path, index: int, device: str = "cpu",
     source = source or open_source(plan, device=device)
     result = write_shard(shard, source, staging, progress)
     atomic_write(_done_record(staging, shard.filename), result.model_dump_json())
+    faults.checkpoint("after-shard-recorded")
     return result
 
 
@@ -425,7 +430,9 @@ def _write_manifest(staging: Path, plan: MergePlan, fingerprint: str, report: Me
         "options": plan.options,
         "report": report.durable(),
     }
+    faults.checkpoint("before-manifest")
     atomic_write(staging / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    faults.checkpoint("after-manifest")
 
 
 def up_to_date_report(prepared: PreparedMerge) -> MergeReport:
@@ -458,24 +465,7 @@ def merge(base: str | Path | None, adapter: str | Path, out: str | Path, *,
     options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
     spec = MergeSpec(base=str(base) if base is not None else None, adapter=str(adapter),
                      out=str(out), **options)
-    prepared = prepare(spec)
-    if prepared.up_to_date:
-        if spec.push_to:
-            upload(spec)
-        return up_to_date_report(prepared)
-    if spec.low_disk:
-        return merge_low_disk(prepared, spec, progress)[0]
-    plan = MergePlan.load(Path(prepared.plan_path))
-    source = open_source(plan, device=spec.device)
-    results = [run_shard(prepared.plan_path, i, spec.device, source, progress)
-               for i in range(len(plan.shards))]
-    report = finalize(prepared, results)
-    if spec.verify:
-        check_verified(prepared, verify(prepared, spec.device, results))
-    publish_output(prepared)
-    if spec.push_to:
-        upload(spec)
-    return report
+    return run_local(prepare(spec), spec, progress)
 
 
 def merge_low_disk(prepared: PreparedMerge, spec: MergeSpec,
@@ -522,3 +512,64 @@ def check_verified(prepared: PreparedMerge, report: VerifyReport) -> None:
         raise VerificationError(f"{prepared.staging}: verification failed, output not "
                                 "published: " + "; ".join(report.problems[:5]))
 
+
+def run_local(prepared: PreparedMerge, spec: MergeSpec,
+              progress: Progress | None = None) -> MergeReport:
+    """Run a prepared merge in this process, without Prefect: write every shard not already
+    written (see :func:`run_shards`), finalize, verify, publish and, with ``spec.push_to``,
+    upload. ``mergeflow.merge`` and a local ``mergeflow merge`` both run this; the Prefect flow
+    runs the same steps as tasks.
+
+    ``progress`` is called after each output tensor is written (from the worker threads when
+    several shards are written at once).
+
+    Raises:
+        InputError, MergeError: as :func:`merge`.
+    """
+    if prepared.up_to_date:
+        if spec.push_to:
+            upload(spec)
+        return up_to_date_report(prepared)
+    if spec.low_disk:
+        return merge_low_disk(prepared, spec, progress)[0]
+    results = run_shards(prepared, spec, progress)
+    report = finalize(prepared, results)
+    if spec.verify:
+        check_verified(prepared, verify(prepared, spec.device, results))
+    publish_output(prepared)
+    if spec.push_to:
+        upload(spec)
+    return report
+
+
+def run_shards(prepared: PreparedMerge, spec: MergeSpec,
+               progress: Progress | None = None) -> list[ShardResult]:
+    """Write every shard of a prepared merge (finished ones are kept, see :func:`run_shard`),
+    as many at once as :func:`mergeflow.resources.for_spec` decides: in order with one tensor
+    source, or on a thread pool (each shard opening its own source, as the flow's tasks do,
+    and torch's threads divided between them). The first failure stops the shards not yet
+    started.
+    """
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    from mergeflow import resources
+
+    plan = MergePlan.load(Path(prepared.plan_path))
+    count = len(plan.shards)
+    decided = resources.for_spec(spec)
+    workers = min(decided.workers, count)
+    if workers <= 1:
+        source = open_source(plan, device=spec.device)
+        return [run_shard(prepared.plan_path, i, spec.device, source, progress)
+                for i in range(count)]
+    resources.apply_threads(decided)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergeflow-shard") as pool:
+        futures = [pool.submit(run_shard, prepared.plan_path, i, spec.device, None, progress)
+                   for i in range(count)]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures if f in done and f.exception() is not None]
+        if failed:
+            for future in futures:
+                future.cancel()
+            raise failed[0].exception()
+        return [f.result() for f in futures]

@@ -2,6 +2,11 @@
 
 Exit codes: 0 success, 2 bad input (a one-line message naming the file or key and the fix),
 1 any other failure.
+
+``mergeflow merge`` runs in-process (``mergeflow.api.run_local``) unless the run should be a
+Prefect flow run: with ``--prefect``, ``PREFECT_API_URL`` in the environment, ``--dask-address``
+or ``--push-to``. The core (torch, ...) and Prefect are imported only inside the commands, so
+``--help`` starts in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -10,17 +15,16 @@ import contextlib
 import os
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-from mergeflow import api
 from mergeflow.errors import InputError, MergeError
-from mergeflow.output import STATE_DIR
 from mergeflow.spec import MergeSpec
-from mergeflow.writer import DISK_FULL
+
+if TYPE_CHECKING:
+    from mergeflow.api import MergeReport, PreparedMerge
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Merge LoRA adapters into base models and publish SafeTensors checkpoints.")
@@ -32,11 +36,37 @@ def main() -> None:
     """Mergeflow: streaming LoRA merges."""
 
 
-def _run(spec: MergeSpec) -> api.MergeReport:
-    """Plan (failing fast on bad input), then run the Prefect flow with a progress bar."""
+def flow_reason(spec: MergeSpec, prefect: bool = False) -> str | None:
+    """Why this merge runs as a Prefect flow run; None: it runs in-process."""
+    if prefect:
+        return "--prefect"
+    if os.environ.get("PREFECT_API_URL"):
+        return "PREFECT_API_URL is set"
+    if spec.dask_address:
+        return "--dask-address"
+    if spec.push_to:
+        return "--push-to"
+    return None
+
+
+def _run(spec: MergeSpec, prefect: bool = False) -> tuple[MergeReport, str]:
+    """Plan (failing fast on bad input), then run the merge - in-process, or as the Prefect flow
+    (see :func:`flow_reason`) - with a progress bar. Returns the report and the line saying
+    which path ran."""
+    from mergeflow import api, resources
+
+    resources.for_spec(spec)  # sizes and the memory bound are checked before anything runs
     prepared = api.prepare(spec)
-    if prepared.up_to_date and not spec.push_to:
-        return api.up_to_date_report(prepared)
+    reason = flow_reason(spec, prefect)
+    if reason is None or (prepared.up_to_date and not spec.push_to):
+        with _StagingProgress(prepared, enabled=not prepared.up_to_date):
+            report = api.run_local(prepared, spec)
+        return report, "ran in-process"
+    return _run_flow(spec, prepared, reason)
+
+
+def _run_flow(spec: MergeSpec, prepared: PreparedMerge, reason: str) -> tuple[MergeReport, str]:
+    """Run the ``merge-adapter`` flow on the merge planned already (it is not planned twice)."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Without PREFECT_API_URL, Prefect starts a temporary local server; give it time on a busy box.
@@ -44,18 +74,37 @@ def _run(spec: MergeSpec) -> api.MergeReport:
     from flows.merge import merge_adapter
 
     with _StagingProgress(prepared):
-        return merge_adapter(spec)
+        state = merge_adapter(spec, prepared=prepared, return_state=True)
+    name = _flow_run_name(state.state_details.flow_run_id)
+    report = state.result()  # raises the flow's own exception when it failed
+    return report, f"ran as Prefect flow run merge-adapter/{name} ({reason})"
+
+
+def _flow_run_name(flow_run_id) -> str:
+    """The flow run's name as the Prefect UI shows it (its id if the API cannot say)."""
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(flow_run_id).name
+    except Exception:
+        return str(flow_run_id)
 
 
 class _StagingProgress:
     """A progress bar fed by watching the staging folder grow, so it works the same whatever
     runs the groups (threads, processes, a Dask cluster sharing the disk)."""
 
-    def __init__(self, prepared: api.PreparedMerge, interval: float = 0.25) -> None:
+    def __init__(self, prepared: PreparedMerge, interval: float = 0.25,
+                 enabled: bool = True) -> None:
+        from mergeflow.output import STATE_DIR
+
         self.staging = Path(prepared.staging)
+        self._done_dir = self.staging / STATE_DIR / "done"
         self.total = prepared.total_size
         self.groups = prepared.shard_count
         self.interval = interval
+        self.enabled = enabled
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -67,10 +116,12 @@ class _StagingProgress:
         for path in self.staging.glob(".*.partial"):
             with contextlib.suppress(OSError):
                 size += path.stat().st_size
-        done = len(list((self.staging / STATE_DIR / "done").glob("*.json")))
+        done = len(list(self._done_dir.glob("*.json")))
         return min(size, self.total), done
 
     def _poll(self) -> None:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
         columns = [TextColumn("[bold]merging"), BarColumn(),
                    TextColumn(f"{{task.fields[done]}}/{self.groups} groups"), DownloadColumn()]
         with Progress(*columns, console=err, transient=True) as bar:
@@ -80,12 +131,14 @@ class _StagingProgress:
                 bar.update(task, completed=size, done=done)
 
     def __enter__(self) -> _StagingProgress:
-        self._thread.start()
+        if self.enabled:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join()
+        if self.enabled:
+            self._thread.join()
 
 
 @app.command()
@@ -117,7 +170,18 @@ def merge(
              "or onto --original-base.")] = "dequantized",
     original_base: Annotated[str | None, typer.Option(
         help="The 16-bit checkpoint the quantized base was made from.")] = None,
-    workers: Annotated[int, typer.Option(help="Layer groups merged in parallel.")] = 2,
+    workers: Annotated[int | None, typer.Option(
+        help="Layer groups merged in parallel (default: from the cores and memory; "
+             "1 below 4 cores).")] = None,
+    block_size: Annotated[str, typer.Option(
+        help="Row block read, merged and written at a time, e.g. 32MiB.")] = "32MiB",
+    memory_limit: Annotated[str | None, typer.Option(
+        help="Working memory the merge may use beyond its baseline, e.g. 4GiB "
+             "(default: a quarter of the available memory).")] = None,
+    prefect: Annotated[bool, typer.Option(
+        "--prefect", help="Run as the Prefect flow merge-adapter (visible in the UI; without "
+        "PREFECT_API_URL Prefect starts a temporary server). Default: in-process, unless "
+        "PREFECT_API_URL, --dask-address or --push-to is set.")] = False,
     dask_address: Annotated[str | None, typer.Option(
         help="Run layer groups on this Dask cluster (tcp://host:8786).")] = None,
     no_verify: Annotated[bool, typer.Option(
@@ -143,7 +207,8 @@ def merge(
                          allow_vocab_shrink=allow_vocab_shrink, save_method=save_method,
                          merge_onto=merge_onto,
                          original_base=original_base,
-                         workers=workers, dask_address=dask_address, verify=not no_verify,
+                         workers=workers, block_size=block_size, memory_limit=memory_limit,
+                         dask_address=dask_address, verify=not no_verify,
                          push_to=push_to, private=private, revision=revision,
                          create_pr=create_pr, commit_message=commit_message, s3_sse=s3_sse,
                          s3_kms_key_id=s3_kms_key_id, low_disk=low_disk)
@@ -152,12 +217,14 @@ def merge(
             f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
             for e in exc.errors()))
     try:
-        report = _run(spec)
+        report, ran = _run(spec, prefect)
     except InputError as exc:
         _fail(2, str(exc))
     except MergeError as exc:
         _fail(1, str(exc))
     except OSError as exc:
+        from mergeflow.writer import DISK_FULL
+
         if exc.errno not in DISK_FULL:
             raise
         _fail(2, f"{exc.filename or spec.out}: no space left on the device ({exc.strerror}); free "
@@ -165,6 +232,7 @@ def merge(
     _print_report(report)
     if spec.push_to:
         _print_published(spec.push_to)
+    _print_line(ran)
 
 
 def _fail(code: int, message: str) -> None:
@@ -177,6 +245,10 @@ def _print_published(dest: str) -> None:
     out.print(f"published to {dest}")
 
 
+def _print_line(text: str) -> None:
+    out.print(text, highlight=False, soft_wrap=True)
+
+
 def _print_notes(notes: list[str]) -> None:
     """Notes under the report on stdout; warnings (``warning: ...``) in yellow on stderr."""
     for note in notes:
@@ -186,7 +258,7 @@ def _print_notes(notes: list[str]) -> None:
             out.print(f"  - {note}")
 
 
-def _print_report(report: api.MergeReport) -> None:
+def _print_report(report: MergeReport) -> None:
     if report.status == "up-to-date":
         out.print(f"{report.out} already holds this merge; nothing to do.")
         _print_notes([n for n in report.notes if n.startswith("warning:")])

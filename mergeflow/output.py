@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+from mergeflow import faults
 from mergeflow.durable import durable_rename, fsync_dir
 from mergeflow.errors import InputError, OutputError
 
@@ -139,6 +140,7 @@ def model_card(base_name: str | None, adapter_name: str | None, report: dict,
 
 def publish(staging: Path, out: Path) -> None:
     """Move a finished staging folder to ``out`` (replacing what was there) by renames."""
+    faults.checkpoint("before-publish-rename")
     shutil.rmtree(staging / STATE_DIR, ignore_errors=True)
     fsync_dir(staging)
     if out.exists():
@@ -149,6 +151,7 @@ def publish(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         durable_rename(staging, out)
+    faults.checkpoint("after-publish-rename")
 
 
 def require_config(base: Path) -> dict:

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
+from mergeflow import faults
 from mergeflow.errors import MergeError, SinkError, SourceError
 from mergeflow.hashing import sha256_file
 from mergeflow.output import MANIFEST, read_manifest
@@ -327,11 +328,14 @@ class S3Publisher:
     def _upload(self, path: Path, name: str, sha256: str) -> None:
         """One upload (multipart above the threshold) with SHA256 checksums and sha256 metadata."""
         extra = {**self._extra, "Metadata": {"sha256": sha256}, "ContentType": _content_type(name)}
+        point = "s3-manifest-put" if name == MANIFEST else "s3-put"
+        faults.checkpoint(f"before-{point}")
         try:
             self.client.upload_file(str(path), self.bucket, s3_key(self.prefix, name),
                                     ExtraArgs=extra, Config=self.transfer)
         except Exception as exc:
             raise_s3(exc, self._where(name), SinkError)
+        faults.checkpoint(f"after-{point}")
 
     def _check_complete(self, entries: dict[str, dict]) -> None:
         """Refuse to write the manifest while a file it lists is not at the destination."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -19,8 +21,14 @@ _TASK = {"cache_policy": NO_CACHE, **IO_RETRIES}
 
 
 @task(name="load", **_TASK)
-def load(spec: MergeSpec) -> PreparedMerge:
-    """Resolve inputs, read headers, plan and validate the whole merge; set up staging."""
+def load(spec: MergeSpec, prepared: PreparedMerge | None = None) -> PreparedMerge:
+    """Resolve inputs, read headers, plan and validate the whole merge; set up staging.
+
+    A ``prepared`` merge (planned by the caller moments ago) is reused as it is while its plan
+    is still in its staging folder (or it was already finished): the merge is not planned twice.
+    """
+    if prepared is not None and (prepared.up_to_date or Path(prepared.plan_path).is_file()):
+        return prepared
     return api.prepare(spec)
 
 

@@ -66,9 +66,7 @@ def _merge_child(job: dict) -> None:
     _redirect(job["log"])
     os.environ.pop("MERGEFLOW_FAULT_AT", None)
     os.environ.update(job["env"])
-    from mergeflow import api, faults
-
-    faults.install_boundary_points()
+    from mergeflow import api
     code = 1
     try:
         if job.get("cli"):
