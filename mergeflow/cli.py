@@ -61,6 +61,8 @@ def _run(spec: MergeSpec, prefect: bool = False) -> tuple[MergeReport, str]:
     if reason is None or (prepared.up_to_date and not spec.push_to):
         with _StagingProgress(prepared, enabled=not prepared.up_to_date):
             report = api.run_local(prepared, spec)
+        if reason is not None:  # nothing to merge, so no flow run was started
+            return report, f"ran in-process (already up to date; no flow run started although {reason})"
         return report, "ran in-process"
     return _run_flow(spec, prepared, reason)
 

@@ -1,0 +1,259 @@
+"""Lean start (issue 11, item 4): what a local merge and the CLI import, the layout cache and
+the tokenizer length computed without transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "prefect")
+REPORT = "import json, sys; print(json.dumps(sorted(m for m in {names!r} if m in sys.modules)))"
+
+
+def _python(code: str, env: dict[str, str] | None = None, timeout: float = 300) -> list[str]:
+    """Run ``code`` in a fresh interpreter; return the modules of HEAVY (etc.) it loaded, as
+    printed by its last line."""
+    full = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
+    full.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=full, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_spec_cli_and_package_load_no_heavy_module():
+    code = ("import mergeflow.spec, mergeflow.cli, mergeflow\n"
+            "assert mergeflow.__version__ and mergeflow.MergeSpec is mergeflow.spec.MergeSpec\n"
+            "assert issubclass(mergeflow.InputError, mergeflow.MergeError)\n"
+            "assert 'merge' in dir(mergeflow)\n" + REPORT.format(names=HEAVY))
+    assert _python(code) == []
+
+
+@pytest.mark.parametrize("args", [["--help"], ["merge", "--help"], ["webhook", "serve", "--help"],
+                                  ["webhook", "--help"]])
+def test_help_loads_no_heavy_module(args):
+    code = ("from mergeflow.cli import app\n"
+            f"try:\n    app(args={args!r}, prog_name='mergeflow')\n"
+            "except SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
+            + REPORT.format(names=(*HEAVY, "fastapi", "triggers", "flows")))
+    assert _python(code) == []
+
+
+def test_lazy_package_attributes_still_work():
+    import mergeflow
+    from mergeflow import api
+
+    assert mergeflow.merge is api.merge and mergeflow.MergeReport is api.MergeReport
+    with pytest.raises(AttributeError):
+        mergeflow.no_such_thing  # noqa: B018
+
+
+@pytest.fixture(scope="module")
+def tiny(make_base, make_adapter):
+    base = make_base("llama", max_shard_size="60KB")
+    return base, make_adapter(base, target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+def test_a_local_merge_imports_no_transformers_peft_bitsandbytes_or_prefect(tiny, tmp_path):
+    """The first merge of a base asks transformers for its layout (cached); the second merge of
+    the same base, in a fresh process, imports none of them."""
+    base, adapter = tiny
+    env = {"MERGEFLOW_CACHE": str(tmp_path / "cache")}
+    merge = ("import mergeflow.api as api\n"
+             "r = api.merge({base!r}, {adapter!r}, {out!r}, max_shard_size='40KB')\n"
+             "assert r.status == 'merged' and r.shards > 1, r\n")
+    first = _python(merge.format(base=str(base), adapter=str(adapter), out=str(tmp_path / "a"))
+                    + REPORT.format(names=HEAVY), env)
+    assert "transformers" in first  # the layout question, answered once
+    assert list((tmp_path / "cache" / "layout").glob("*.json"))
+    second = _python(merge.format(base=str(base), adapter=str(adapter), out=str(tmp_path / "b"))
+                     + REPORT.format(names=HEAVY), env)
+    assert second == ["torch"]
+    for path in (tmp_path / "a").iterdir():
+        assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
+
+
+def test_a_local_cli_merge_runs_in_process_without_prefect(tiny, tmp_path):
+    base, adapter = tiny
+    env = {"MERGEFLOW_CACHE": str(tmp_path / "cache"), "NO_COLOR": "1", "COLUMNS": "200"}
+    run = ("import io, contextlib\n"
+           "from mergeflow.cli import app\n"
+           "buf = io.StringIO()\n"
+           "with contextlib.redirect_stdout(buf):\n"
+           "    try:\n"
+           "        app(args={args!r}, prog_name='mergeflow')\n"
+           "    except SystemExit as exc:\n"
+           "        assert exc.code in (0, None), exc.code\n"
+           "assert 'ran in-process' in buf.getvalue(), buf.getvalue()\n")
+    for out in ("a", "b"):
+        args = ["merge", "--base", str(base), "--adapter", str(adapter),
+                "--out", str(tmp_path / out), "--max-shard-size", "40KB"]
+        loaded = _python(run.format(args=args) + REPORT.format(names=HEAVY), env)
+    assert loaded == ["torch"]
+
+
+# -- the layout cache -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "phi3"])
+def test_layout_is_cached_and_a_damaged_entry_is_harmless(arch, make_base, tmp_path, monkeypatch):
+    from mergeflow import layout
+    from mergeflow.checkpoint import Checkpoint
+    from mergeflow.output import require_config
+
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path))
+    base = make_base(arch)
+    names, config = set(Checkpoint(base).tensors), require_config(base)
+    fresh = layout.read_layout(base, names, config)
+    assert fresh.embed is not None and (arch != "gpt2" or fresh.conv1d)
+    [entry] = (tmp_path / "layout").glob("*.json")
+
+    def no_transformers(config_dir):
+        raise AssertionError("the cached layout was not used")
+
+    with monkeypatch.context() as m:
+        m.setattr(layout, "_meta_model", no_transformers)
+        assert layout.read_layout(base, names, config) == fresh
+    for damage in ("", "{not json", "[]", json.dumps({"format": 1, "embed": 3, "head": None,
+                                                      "tied": False, "conv1d": []}),
+                   json.dumps({"format": 1, "embed": "x", "head": None, "tied": "yes",
+                               "conv1d": []}), "\udcff"):
+        entry.write_bytes(damage.encode("utf-8", "surrogateescape"))
+        assert layout.read_layout(base, names, config) == fresh
+        assert layout._load_cached(entry) == fresh  # rewritten whole
+    # Other tensor names (e.g. a quantized base's view) are another entry.
+    layout.read_layout(base, names | {"extra.weight"}, config)
+    assert len(list((tmp_path / "layout").glob("*.json"))) == 2
+
+
+def test_an_architecture_transformers_cannot_build_is_not_cached(make_base, tmp_path, monkeypatch):
+    import shutil
+
+    from mergeflow import layout
+
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
+    base = shutil.copytree(make_base("llama"), tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    config["model_type"] = "no-such-architecture"
+    (base / "config.json").write_text(json.dumps(config))
+    got = layout.read_layout(base, {"model.embed_tokens.weight"}, config)
+    assert (got.embed, got.head, got.conv1d) == (None, None, set())
+    assert not list((tmp_path / "cache").rglob("*.json"))
+
+
+# -- the tokenizer length -------------------------------------------------------------------
+
+
+def _edit_config(folder: Path, **changes) -> Path:
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+    return folder
+
+
+def _tokenizers(root: Path, base: Path) -> dict[str, Path]:
+    """The tokenizers the test suite builds (mergeflow.testing.save_tokenizer, test_vocab's
+    trained tokenizer), and edits of them that exercise each rule."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from mergeflow.testing import save_tokenizer
+
+    made = {"base": base}
+    for extra in (0, 8, 20):
+        made[f"extra-{extra}"] = save_tokenizer(root / f"extra-{extra}", 128, extra_tokens=extra)
+    made["vocab-512"] = save_tokenizer(root / "vocab-512", 512, extra_tokens=3)
+    trained = save_tokenizer(root / "trained", 128)
+    tok = AutoTokenizer.from_pretrained(trained)
+    tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    tok.eos_token = "<|tool|>"
+    tok.add_tokens(["newword", "w7"])  # one new, one already in the vocabulary
+    tok.save_pretrained(trained)
+    made["trained"] = trained
+
+    def variant(name: str, source: str = "extra-8", **changes) -> None:
+        made[name] = _edit_config(shutil.copytree(made[source], root / name), **changes)
+
+    entry = {"content": "<|decoder-only|>", "lstrip": False, "normalized": False,
+             "rstrip": False, "single_word": False, "special": True}
+    variant("added-tokens-decoder", added_tokens_decoder={"300": entry, "0": {
+        **entry, "content": "<unk>"}})
+    variant("eos-not-in-vocab", eos_token="<|eot|>")
+    variant("eos-as-added-token", eos_token={"__type": "AddedToken", "content": "<|end|>",
+                                             "lstrip": False, "normalized": False,
+                                             "rstrip": False, "single_word": False,
+                                             "special": True})
+    variant("model-specific-token", image_token="<image>", add_bos_token=True)
+    variant("extra-tokens-in-vocab", extra_special_tokens=["w5", "<s>", "<|fresh|>"])
+    variant("named-extra-tokens", extra_special_tokens={"audio_token": "<audio>"})
+    variant("legacy-additional", additional_special_tokens=["<|legacy|>"])
+    variant("fast-class", tokenizer_class="PreTrainedTokenizerFast")
+    return made
+
+
+@pytest.fixture(scope="module")
+def tokenizer_corpus(make_base, tmp_path_factory) -> dict[str, Path]:
+    return _tokenizers(tmp_path_factory.mktemp("tokenizers"), make_base("llama"))
+
+
+def test_tokenizer_length_without_transformers_equals_len_autotokenizer(tokenizer_corpus):
+    from transformers import AutoTokenizer
+
+    from mergeflow.tokenizer import generic_length
+
+    lengths = {}
+    for name, folder in tokenizer_corpus.items():
+        expected = len(AutoTokenizer.from_pretrained(folder))
+        assert generic_length(folder) == expected, name
+        lengths[name] = expected
+    assert lengths["extra-20"] == 148 and lengths["trained"] == 130  # the suite's own numbers
+    assert lengths["added-tokens-decoder"] == lengths["extra-8"] + 1
+    assert lengths["extra-tokens-in-vocab"] == lengths["extra-8"] + 1
+
+
+def test_other_tokenizers_are_measured_by_transformers_once(tokenizer_corpus, tmp_path,
+                                                            monkeypatch):
+    import shutil
+
+    from mergeflow import tokenizer
+
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
+    legacy = shutil.copytree(tokenizer_corpus["extra-8"], tmp_path / "legacy")
+    (legacy / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|legacy-eos|>"}))
+    calls = []
+    real = tokenizer._transformers_length
+    monkeypatch.setattr(tokenizer, "_transformers_length",
+                        lambda folder: calls.append(folder) or real(folder))
+    from transformers import AutoTokenizer
+
+    expected = len(AutoTokenizer.from_pretrained(legacy))
+    assert tokenizer.tokenizer_length(legacy) == expected and len(calls) == 1
+    assert tokenizer.tokenizer_length(legacy) == expected and len(calls) == 1  # cached
+    (legacy / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|other|>"}))
+    assert tokenizer.tokenizer_length(legacy) == expected and len(calls) == 2  # files changed
+    [entry] = [p for p in (tmp_path / "cache" / "tokenizer-length").glob("*.json")][:1]
+    entry.write_text('{"format": 1, "length": "many"}')  # damaged: measured again
+    tokenizer.tokenizer_length(legacy)
+    assert len(calls) >= 3
+    assert tokenizer.tokenizer_length(tokenizer_corpus["extra-8"]) == 136
+    assert len(calls) <= 4  # the generic one never needs transformers
+
+
+def test_a_broken_tokenizer_json_is_an_input_error(tokenizer_corpus, tmp_path):
+    import shutil
+
+    from mergeflow.errors import InputError
+    from mergeflow.tokenizer import tokenizer_length
+
+    broken = shutil.copytree(tokenizer_corpus["extra-0"], tmp_path / "broken")
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(InputError, match="does not load"):
+        tokenizer_length(broken)

@@ -1,0 +1,115 @@
+"""Workers, block size and torch threads from the machine (issue 11, item 6): mergeflow.resources."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from mergeflow.errors import InputError
+from mergeflow.resources import (
+    BUFFERS_PER_WORKER,
+    MIN_BLOCK,
+    Resources,
+    available_memory,
+    decide,
+    for_spec,
+    usable_cpus,
+)
+from mergeflow.spec import MergeSpec
+
+MiB, GiB = 2**20, 2**30
+BLOCK = 32 * MiB
+PLENTY = 64 * GiB
+
+
+@pytest.mark.parametrize(("cpus", "workers", "threads"), [
+    (1, 1, 1), (2, 1, 2), (3, 1, 3),  # small boxes: one worker with all of torch's threads
+    (4, 2, 2), (6, 3, 2), (16, 8, 2), (64, 8, 8),  # one per two cores, at most 8
+])
+def test_automatic_workers_follow_the_cores(cpus, workers, threads):
+    got = decide(None, BLOCK, None, cpus=cpus, available=PLENTY)
+    assert (got.workers, got.torch_threads, got.block_bytes) == (workers, threads, BLOCK)
+    assert got.memory_budget == PLENTY // 4
+
+
+def test_explicit_workers_are_kept_and_threads_divided():
+    assert decide(3, BLOCK, None, cpus=2, available=PLENTY) == Resources(
+        workers=3, block_bytes=BLOCK, torch_threads=1, memory_budget=PLENTY // 4)
+    assert decide(4, BLOCK, None, cpus=16, available=PLENTY).torch_threads == 4
+
+
+def test_memory_limit_reduces_automatic_workers_first():
+    got = decide(None, BLOCK, 256 * MiB, cpus=16, available=PLENTY)
+    assert (got.workers, got.block_bytes, got.torch_threads) == (2, BLOCK, 8)
+    assert got.working_bytes <= 256 * MiB
+
+
+def test_default_budget_is_a_quarter_of_available_memory():
+    got = decide(None, BLOCK, None, cpus=16, available=GiB)  # 256 MiB budget
+    assert got.memory_budget == GiB // 4 and got.workers == 2
+
+
+def test_memory_limit_then_shrinks_the_block():
+    got = decide(2, BLOCK, 64 * MiB, cpus=8, available=PLENTY)
+    assert (got.workers, got.block_bytes) == (2, 8 * MiB)
+    got = decide(None, BLOCK, 16 * MiB, cpus=8, available=PLENTY)
+    assert (got.workers, got.block_bytes) == (1, 4 * MiB)
+
+
+def test_block_is_never_made_larger_than_asked():
+    assert decide(None, 4 * MiB, 10 * GiB, cpus=2, available=PLENTY).block_bytes == 4 * MiB
+
+
+def test_a_memory_limit_that_cannot_hold_the_workers_is_an_input_error():
+    with pytest.raises(InputError, match="--memory-limit"):
+        decide(4, BLOCK, 8 * MiB, cpus=8, available=PLENTY)
+    with pytest.raises(InputError, match="--memory-limit"):
+        decide(None, BLOCK, MiB, cpus=2, available=PLENTY)
+
+
+def test_unknown_memory_decides_from_the_cores_alone():
+    got = decide(None, BLOCK, None, cpus=8, available=0)
+    assert (got.workers, got.block_bytes, got.memory_budget) == (4, BLOCK, None)
+
+
+@pytest.mark.parametrize("bad", [dict(workers=0), dict(block_bytes=0), dict(memory_limit=-1)])
+def test_non_positive_values_are_refused(bad):
+    args = dict(workers=None, block_bytes=BLOCK, memory_limit=None) | bad
+    with pytest.raises(InputError):
+        decide(**args, cpus=2, available=PLENTY)
+
+
+def test_the_bound_holds_whenever_a_limit_is_set():
+    """workers x BUFFERS_PER_WORKER x block <= --memory-limit, for every accepted combination."""
+    for workers, block, limit, cpus in itertools.product(
+            [None, 1, 2, 5, 16], [MIN_BLOCK, 8 * MiB, 32 * MiB, 100 * MiB],
+            [4 * MiB, 20 * MiB, 300 * MiB, 5 * GiB], [1, 2, 4, 7, 32]):
+        try:
+            got = decide(workers, block, limit, cpus=cpus, available=PLENTY)
+        except InputError:
+            assert (workers or 1) * BUFFERS_PER_WORKER * MIN_BLOCK > limit
+            continue
+        assert got.working_bytes <= limit, (workers, block, limit, cpus, got)
+        assert got.block_bytes <= block and got.block_bytes >= min(block, MIN_BLOCK)
+        assert got.torch_threads == max(1, cpus // got.workers)
+        if workers is not None:
+            assert got.workers == workers
+
+
+def test_machine_probes(tmp_path):
+    assert usable_cpus() >= 1
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16384 kB\nMemFree:  100 kB\nMemAvailable:    8192 kB\n")
+    assert available_memory(str(meminfo)) == 8192 * 1024
+    real = available_memory()
+    assert real is None or real > 0
+
+
+def test_for_spec_parses_the_sizes_and_names_the_option():
+    spec = MergeSpec(adapter="a", out="o", workers=2, block_size="8MiB", memory_limit="1gb")
+    got = for_spec(spec, cpus=4, available=PLENTY)
+    assert (got.workers, got.block_bytes, got.memory_budget) == (2, 8 * MiB, 10**9)
+    assert for_spec(MergeSpec(adapter="a", out="o"), cpus=2, available=PLENTY).workers == 1
+    with pytest.raises(InputError, match="--memory-limit"):
+        for_spec(MergeSpec(adapter="a", out="o", memory_limit="0MB"), cpus=2)
