@@ -19,7 +19,7 @@ from mergeflow.checkpoint import Checkpoint
 from mergeflow.durable import atomic_write, fsync_file
 from mergeflow.errors import InputError, VerificationError
 from mergeflow.execute import Progress, ShardResult, TensorSource, open_source, write_shard
-from mergeflow.hashing import HashCache, fingerprint_files, sha256_file
+from mergeflow.hashing import HashCache, fingerprint_files, identify_files, prefetch, sha256_file
 from mergeflow.layout import read_layout
 from mergeflow.output import (
     INDEX_FILE,
@@ -127,20 +127,38 @@ def text_config(config: dict) -> dict:
     return nested if isinstance(nested, dict) else config
 
 
-def _input_fingerprints(base: Checkpoint, adapter: Adapter, tokenizer: Path | None,
-                        original: Checkpoint | None = None) -> dict:
-    cache = HashCache()
-    base_files = [*base.files, "config.json", "generation_config.json", INDEX_FILE]
-    adapter_files = [adapter.weights_file, "adapter_config.json"]
-    inputs = {"base": fingerprint_files(base.folder, base_files, cache),
-              "adapter": fingerprint_files(adapter.folder, adapter_files, cache)}
+def _input_files(base: Checkpoint, adapter: Adapter, tokenizer: Path | None,
+                 original: Checkpoint | None = None) -> dict[str, tuple[Path, list[str]]]:
+    """Every input file that determines the output, by role: (folder, file names)."""
+    files = {"base": (base.folder, [*base.files, "config.json", "generation_config.json",
+                                    INDEX_FILE]),
+             "adapter": (adapter.folder, [adapter.weights_file, "adapter_config.json"])}
     if tokenizer is not None:
-        inputs["tokenizer"] = fingerprint_files(tokenizer, list(TOKENIZER_FILES), cache)
+        files["tokenizer"] = (tokenizer, list(TOKENIZER_FILES))
     if original is not None:
-        inputs["original"] = fingerprint_files(
-            original.folder, [*original.files, "config.json", INDEX_FILE], cache)
+        files["original"] = (original.folder, [*original.files, "config.json", INDEX_FILE])
+    return files
+
+
+def _input_identities(files: dict[str, tuple[Path, list[str]]]) -> dict[str, dict[str, str]]:
+    """What the plan records of its inputs (size and mtime, or a cache-known sha256), so
+    planning never waits for a hash; the sha256 of every file is computed meanwhile on a
+    background thread (:func:`mergeflow.hashing.prefetch`) for the manifest."""
+    identities = {role: identify_files(folder, names) for role, (folder, names) in files.items()}
+    prefetch(folder / name for role, (folder, _) in files.items() for name in identities[role])
+    return identities
+
+
+def _input_sha256(plan: MergePlan) -> dict[str, dict[str, str]]:
+    """sha256 of every input file the plan identifies (from the memo, the background hashes
+    or the Hugging Face cache's blob names when possible)."""
+    folders = {"base": plan.base, "adapter": plan.adapter, "original": plan.original,
+               "tokenizer": plan.options.get("tokenizer")}
+    cache = HashCache()
+    sums = {role: fingerprint_files(Path(str(folders[role])), list(names), cache)
+            for role, names in plan.inputs.items()}
     cache.save()
-    return inputs
+    return sums
 
 
 def resolve_inputs(spec: MergeSpec) -> tuple[Path, Path]:
@@ -202,7 +220,7 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                    allow_vocab_shrink=spec.allow_vocab_shrink,
                    vocab_size=text_config(config).get("vocab_size"),
                    save_method=spec.save_method, original=original, quantized=quantized).plan()
-    plan.inputs = _input_fingerprints(base, adapter, tokenizer, original)
+    plan.inputs = _input_identities(_input_files(base, adapter, tokenizer, original))
     plan.options = {"dtype": dtype, "max_shard_size": parse_size(spec.max_shard_size),
                     "pad_vocab_to_multiple_of": spec.pad_vocab_to_multiple_of,
                     "allow_vocab_shrink": spec.allow_vocab_shrink,
@@ -426,7 +444,7 @@ def _write_manifest(staging: Path, plan: MergePlan, fingerprint: str, report: Me
         "mergeflow_version": __version__,
         "plan_fingerprint": fingerprint,
         "files": files,
-        "inputs": {"base": plan.base, "adapter": plan.adapter, "sha256": plan.inputs},
+        "inputs": {"base": plan.base, "adapter": plan.adapter, "sha256": _input_sha256(plan)},
         "options": plan.options,
         "report": report.durable(),
     }

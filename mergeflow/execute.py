@@ -264,10 +264,10 @@ class TensorSource:
                 self._merge_block(work, lora, i, j, plan.transposed, col_scale)
             if embed is not None:
                 a, b, scale = embed
-                # ((dim, r) @ (r, k)).T -> (k, dim): one block of (B @ A).T
-                delta = torch.mm(b, a[:, i:j])
+                # (k, r) @ (r, dim) -> (k, dim): rows [i, j) of (B @ A).T, laid out as the table
+                delta = torch.mm(a[:, i:j].T, b.T)
                 delta.mul_(scale)
-                work.add_(delta.T)
+                work.add_(delta)
             if bias is not None:
                 work.add_(bias)
             if tokens is not None:

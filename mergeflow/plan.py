@@ -122,7 +122,9 @@ class MergePlan(BaseModel):
     config_updates: dict[str, object] = {}  # config.json fields to set (vocab size, tie flag)
     notes: list[str] = []  # decisions taken, for the report
     vocab_groups: list[int] = []  # shards holding the embedding/head (resize and untie)
-    inputs: dict[str, dict[str, str]] = {}  # "base"/"adapter" -> file -> sha256
+    # "base"/"adapter"/... -> file -> identity (size and mtime, or a known sha256; see
+    # mergeflow.hashing.file_identity); the manifest lists their sha256
+    inputs: dict[str, dict[str, str]] = {}
     options: dict[str, object] = {}
     # How this run executes (block size, ...): never changes the output bytes, so it is left
     # out of the fingerprint.
