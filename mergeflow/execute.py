@@ -20,8 +20,9 @@ waits for each block's copy event, so the next block is read while the last one 
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,8 @@ from mergeflow.vocab import resize_rows
 from mergeflow.writer import ShardWriter
 
 Progress = Callable[[TensorPlan], None]
+# One encoded block: (CPU tensor, CUDA event to wait for or None, callback releasing its buffer)
+Block = tuple[torch.Tensor, object, "Callable[[], None] | None"]
 
 DEFAULT_BLOCK_BYTES = 24 * 2**20  # float32 working bytes per block (the --block-size default)
 COPY_CHUNK = 8 * 2**20  # pass-through copies move this many bytes at a time
@@ -64,6 +67,34 @@ class _Lora:
     b: torch.Tensor  # (out, r)
     scale: float
     magnitude: torch.Tensor | None  # DoRA: (out,)
+
+
+class _BufferPool:
+    """Reusable host buffers for encoded blocks: a block is taken, filled, handed to the shard
+    writer and given back by the writer thread once written. Reuse spares the page faults of a
+    fresh allocation per block; the pool's size bounds the blocks in flight."""
+
+    def __init__(self, capacity: int, count: int = 4) -> None:
+        self.capacity = capacity
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        for _ in range(count):
+            self._free.put(torch.empty(capacity, dtype=torch.uint8))
+
+    def take(self, shape: Sequence[int], dtype: torch.dtype) -> tuple[torch.Tensor, Callable[[], None]]:
+        """A buffer viewed as ``dtype[shape]``, and the callback that gives it back."""
+        raw = self._free.get()
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * dtype.itemsize
+        if nbytes > self.capacity:  # a single row wider than the block budget
+            self._free.put(raw)
+            return torch.empty(tuple(shape), dtype=dtype), _noop
+        return raw[:nbytes].view(dtype).view(tuple(shape)), lambda: self._free.put(raw)
+
+
+def _noop() -> None:
+    return None
 
 
 class _Pickled:
@@ -161,6 +192,13 @@ class TensorSource:
             cache[key] = buf
         return buf[:numel]
 
+    def _pool(self) -> _BufferPool:
+        """This thread's pool of encoded-block buffers (a block is at most ``block_bytes``)."""
+        pool = self._local.__dict__.get("pool")
+        if pool is None:
+            pool = self._local.pool = _BufferPool(self.block_bytes)
+        return pool
+
     def _rows_per_block(self, plan: TensorPlan, row_elems: int) -> int:
         return max(1, self.block_bytes // max(1, 4 * row_elems))
 
@@ -180,7 +218,11 @@ class TensorSource:
             out = self._compute_whole(plan).to(DTYPES[plan.dtype])
             _require_finite(plan, out)
             return [(plan.name, out.cpu())]
-        blocks = [b.clone() for b, _ in self.blocks(plan)]
+        blocks = []
+        for block, _, release in self.blocks(plan):
+            blocks.append(block.clone())
+            if release is not None:
+                release()
         tensor = torch.cat(blocks) if plan.shape else blocks[0]
         return [(plan.name, tensor.reshape(plan.shape))]
 
@@ -214,14 +256,15 @@ class TensorSource:
             tensor[torch.tensor(indices, device=self.device)] = self._adapter_tensor(key).float()
         return tensor
 
-    def blocks(self, plan: TensorPlan) -> Iterator[tuple[torch.Tensor, object]]:
+    def blocks(self, plan: TensorPlan) -> Iterator[Block]:
         """The output of a (non-quantized) plan entry as consecutive row blocks in the planned
-        dtype: ``(block, ready)`` pairs, where ``block`` is a CPU tensor and ``ready`` a CUDA
-        event the block's device-to-host copy completes at (None on the CPU)."""
+        dtype: ``(block, ready, release)``, where ``block`` is a CPU tensor, ``ready`` a CUDA
+        event the block's device-to-host copy completes at (None on the CPU) and ``release``
+        gives a pooled buffer back once the block is written (None when it is not pooled)."""
         out_dtype = DTYPES[plan.dtype]
         if not plan.shape:  # a 0-d tensor: one "row"
             value = self.read_rows(plan, 0, 1).to(out_dtype)
-            yield value.reshape(()), None
+            yield value.reshape(()), None, None
             return
         rows = plan.shape[0]
         row_elems = 1
@@ -230,12 +273,12 @@ class TensorSource:
         step = self._rows_per_block(plan, row_elems)
         if not plan.computes:
             for i in range(0, rows, step):
-                yield self.read_rows(plan, i, min(i + step, rows)).to(out_dtype), None
+                yield self.read_rows(plan, i, min(i + step, rows)).to(out_dtype), None, None
             return
         yield from self._merged_blocks(plan, rows, row_elems, step, out_dtype)
 
     def _merged_blocks(self, plan: TensorPlan, rows: int, row_elems: int, step: int,
-                       out_dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, object]]:
+                       out_dtype: torch.dtype) -> Iterator[Block]:
         reader, info = self.input_reader(plan)
         src_rows = info.shape[0]
         src_dtype = DTYPES[info.dtype]
@@ -273,19 +316,21 @@ class TensorSource:
             if tokens is not None:
                 self._set_token_rows(work, tokens, i, j)
             safe = fits(work, out_dtype)  # one pass: no NaN/Inf, and the cast cannot overflow
-            out = work.to(out_dtype, copy=True)  # the writer keeps it; work is reused
             if not safe:
-                _require_finite(plan, out)  # after the cast: an overflow of the dtype counts
+                _require_finite(plan, work.to(out_dtype))  # after the cast: overflow counts
             if cuda:
+                out = work.to(out_dtype)
                 host = torch.empty(out.shape, dtype=out_dtype, pin_memory=True)
                 host.copy_(out, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record()
                 if k:  # the read buffer is reused by the next block: its upload must be done
                     torch.cuda.current_stream().synchronize()
-                yield host, ready
+                yield host, ready, None
             else:
-                yield out, None
+                out, release = self._pool().take(work.shape, out_dtype)
+                out.copy_(work)  # cast into a reused buffer; the writer gives it back
+                yield out, None, release
 
     # -- the merge steps, one block at a time -----------------------------------------------
 
@@ -400,8 +445,8 @@ def write_tensor(writer: ShardWriter, plan: TensorPlan, source: TensorSource) ->
         writer.copy_from(lambda start, buf: reader.pread(info, start, buf), info.nbytes,
                          min(COPY_CHUNK, source.block_bytes))
     else:
-        for block, ready in source.blocks(plan):
-            writer.append(block, ready)
+        for block, ready, release in source.blocks(plan):
+            writer.append(block, ready, release)
     writer.end()
 
 

@@ -134,8 +134,10 @@ class ShardWriter:
             if isinstance(item, _Flush):
                 item.done.set()
                 continue
-            data, ready = item
+            data, ready, release = item
             if self._error is not None:
+                if release is not None:
+                    release()
                 continue
             try:
                 if ready is not None:
@@ -149,6 +151,9 @@ class ShardWriter:
             except BaseException as exc:  # handed to the producer at its next call
                 self._error = self._disk_error(exc, self.total - written) \
                     if isinstance(exc, OSError) and exc.errno in DISK_FULL else exc
+            finally:
+                if release is not None:
+                    release()
 
     def _write_all(self, view: memoryview | bytes) -> None:
         view = memoryview(view).cast("B")
@@ -162,10 +167,11 @@ class ShardWriter:
         if self._error is not None:
             raise self._error
 
-    def _put(self, data: object, ready: object = None) -> None:
+    def _put(self, data: object, ready: object = None,
+             release: Callable[[], None] | None = None) -> None:
         self._raise_pending()
         nbytes = len(data) if isinstance(data, bytes | memoryview) else _nbytes(data)
-        self._queue.put((data, ready))
+        self._queue.put((data, ready, release))
         self.size += nbytes
 
     def _disk_error(self, exc: OSError, missing: int) -> DiskSpaceError:
@@ -190,10 +196,12 @@ class ShardWriter:
         self._open = self.sizes[self._next]
         self._next += 1
 
-    def append(self, block: torch.Tensor | bytes | memoryview, ready: object = None) -> None:
+    def append(self, block: torch.Tensor | bytes | memoryview, ready: object = None,
+               release: Callable[[], None] | None = None) -> None:
         """Append bytes of the tensor begun last. A CPU tensor block is written as its raw
-        little-endian bytes; the caller must not change it afterwards. ``ready`` (a CUDA event)
-        is waited for by the writer thread before it reads the block."""
+        little-endian bytes; the caller must not change it until ``release`` is called (from
+        the writer thread, once the block is written), or ever when no ``release`` is given.
+        ``ready`` (a CUDA event) is waited for by the writer thread before it reads the block."""
         if isinstance(block, torch.Tensor):
             block = block.detach()
             if block.device.type != "cpu":
@@ -205,7 +213,7 @@ class ShardWriter:
             name = self.specs[self._next - 1][0] if self._next else "?"
             raise MergeError(f"{self.path.name}: {nbytes} more bytes than planned for {name} "
                              "(a planning bug; please report it)")
-        self._put(block, ready)
+        self._put(block, ready, release)
         self._open -= nbytes
 
     def end(self) -> None:

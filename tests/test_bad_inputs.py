@@ -498,7 +498,8 @@ def test_overflow_in_the_output_dtype_is_not_published(make_base, make_adapter, 
     def unchecked(t):  # write the overflowed values, as a buggy writer would
         if not t.lora:
             return source_blocks(t)
-        return ((b.half(), ready) for b, ready in source_blocks(t.model_copy(update={"dtype": "F32"})))
+        wide = source_blocks(t.model_copy(update={"dtype": "F32"}))
+        return ((b.half(), ready, release) for b, ready, release in wide)
 
     source.blocks = unchecked
     results = [api.run_shard(prepared.plan_path, i, source=source)
