@@ -35,7 +35,7 @@ from mergeflow.errors import AdapterError, InputError, MergeError
 from mergeflow.lora import embedding_delta, merge_bias, merge_linear
 from mergeflow.numerics import all_finite, fits
 from mergeflow.plan import MergePlan, ShardPlan, TensorPlan
-from mergeflow.quant import dequantize, output_keys, requantize
+from mergeflow.quant import RowDequantizer, dequantize, output_keys, requantize
 from mergeflow.vocab import resize_rows
 from mergeflow.writer import ShardWriter
 
@@ -136,8 +136,15 @@ class TensorSource:
 
     # -- where a plan entry's input lives ---------------------------------------------------
 
-    def input_reader(self, plan: TensorPlan) -> tuple[Checkpoint | _Pickled, TensorInfo]:
-        """The reader holding a plan entry's input tensor, and that tensor's header."""
+    def input_reader(self, plan: TensorPlan
+                     ) -> tuple[Checkpoint | _Pickled | RowDequantizer, TensorInfo]:
+        """The reader holding a plan entry's input tensor, and that tensor's header (for a
+        quantized unit decoded by rows: its decoded float32 view)."""
+        if plan.dequant is not None:
+            spec = plan.dequant
+            info = self.base.tensors[spec.weight]
+            return (RowDequantizer(spec, self.base, self.device),
+                    TensorInfo(spec.weight, info.file, tuple(spec.shape), "F32"))
         if plan.from_adapter:
             reader = self.adapter._reader or _Pickled(self.adapter)
             return reader, self.adapter.weights[plan.source]
@@ -150,8 +157,12 @@ class TensorSource:
 
     @staticmethod
     def is_unit(plan: TensorPlan) -> bool:
-        """True for a quantized unit (produced whole, with its siblings)."""
-        return bool(plan.parts) or plan.requant is not None or plan.dequant is not None
+        """True for a quantized unit produced whole (with its siblings, or re-quantized, or one
+        whose rows do not decode on their own); a dequantized unit otherwise streams by rows."""
+        if plan.parts or plan.requant is not None:
+            return True
+        return plan.dequant is not None and (
+            plan.rows is not None or not RowDequantizer.streams(plan.dequant))
 
     def stored_bytes(self, plan: TensorPlan) -> tuple[Checkpoint, TensorInfo] | None:
         """The input whose bytes are exactly this entry's output (copied, never decoded), or
@@ -200,7 +211,12 @@ class TensorSource:
         return pool
 
     def _rows_per_block(self, plan: TensorPlan, row_elems: int) -> int:
-        return max(1, self.block_bytes // max(1, 4 * row_elems))
+        """Rows per block: as many float32 rows as ``block_bytes`` holds, then evened out over
+        the tensor so that no block is a sliver (a 1-row GEMM takes another kernel path)."""
+        rows = plan.shape[0] if plan.shape else 1
+        step = max(1, self.block_bytes // max(1, 4 * row_elems))
+        blocks = -(-rows // step)
+        return -(-rows // blocks)
 
     # -- producing tensors ------------------------------------------------------------------
 
@@ -367,7 +383,7 @@ class TensorSource:
             work.mul_((lora.magnitude[i:j] / norms)[:, None])  # (k, in) * (k, 1)
         return work
 
-    def _dora_column_scale(self, plan: TensorPlan, reader: Checkpoint | _Pickled,
+    def _dora_column_scale(self, plan: TensorPlan, reader: Checkpoint | _Pickled | RowDequantizer,
                            info: TensorInfo, lora: _Lora) -> torch.Tensor:
         """DoRA on a Conv1D weight stored ``(in, out)``: the row norms of the merged
         ``(out, in)`` weight are column norms here, so a first pass over the blocks sums their
@@ -381,7 +397,7 @@ class TensorSource:
             squares += work.double().square().sum(dim=0)  # (out,)
         return lora.magnitude / squares.sqrt().float()
 
-    def mean_row(self, plan: TensorPlan, reader: Checkpoint | _Pickled,
+    def mean_row(self, plan: TensorPlan, reader: Checkpoint | _Pickled | RowDequantizer,
                  info: TensorInfo) -> torch.Tensor:
         """New vocabulary rows: the mean of the input's rows (accumulated block by block in
         float64), in the input's dtype as transformers' mean resizing stores it, (1, dim)."""

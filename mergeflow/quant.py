@@ -372,6 +372,73 @@ def dequantize(spec: QuantSpec, tensors: dict[str, torch.Tensor],
     return stored.float() * scb[:, None] / 127  # (out, in) * (out, 1)
 
 
+class RowDequantizer:
+    """Decodes one unit row block by row block, so a merge never holds the whole weight.
+
+    4-bit: rows ``[i, j)`` of an ``(out, in)`` weight are elements ``[i*in, j*in)``; when ``in``
+    is a multiple of the blocksize (and even), they are whole quantization blocks, so the packed
+    bytes ``[i*in/2, j*in/2)`` and the absmax entries ``[i*in/bs, j*in/bs)`` decode on their own,
+    with bitsandbytes' own kernel, to exactly the values of a whole-weight decode. A
+    double-quantized absmax (a few MB even for a 70B layer) is decoded once, as bitsandbytes does.
+    8-bit: each row is ``int8 * SCB[row] / 127``.
+    """
+
+    def __init__(self, spec: QuantSpec, base: Checkpoint, device: torch.device | str = "cpu") -> None:
+        self.spec = spec
+        self.base = base
+        self.device = torch.device(device)
+        siblings = base.read_many(sorted(spec.siblings.values()))
+        if spec.method == "bnb8":
+            self.scb = siblings[spec.siblings["SCB"]].to(self.device).float()  # (out,)
+            return
+        import bitsandbytes.functional as bnbf
+
+        state = bnbf.QuantState.from_dict(
+            {role: siblings[key].to(self.device) for role, key in spec.siblings.items()},
+            self.device)
+        absmax = state.absmax
+        if state.nested:  # as bitsandbytes' dequantize_4bit: decode the absmax, add the offset
+            absmax = bnbf.dequantize_blockwise(state.absmax, state.state2)
+            absmax += state.offset
+        self.absmax = absmax.float()  # (blocks,)
+        self.dtype = state.dtype
+
+    @staticmethod
+    def streams(spec: QuantSpec) -> bool:
+        """True when the unit's rows decode independently (always for 8-bit; for 4-bit when a
+        row is whole quantization blocks)."""
+        if spec.method == "bnb8":
+            return True
+        return len(spec.shape) == 2 and spec.shape[1] % (spec.blocksize or 1) == 0 \
+            and spec.shape[1] % 2 == 0
+
+    def read_rows(self, name: str, start: int, stop: int,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` of the decoded weight, float32 (k, in), on the device."""
+        spec = self.spec
+        cols = spec.shape[1]
+        if spec.method == "bnb8":
+            stored = self.base.read_rows(spec.weight, start, stop).to(self.device)  # int8 (k, in)
+            return stored.float() * self.scb[start:stop, None] / 127  # (k, in) * (k, 1)
+        per = cols // spec.blocksize
+        packed = self.base.read_rows(spec.weight, start * cols // 2, stop * cols // 2)
+        out = torch.ops.bitsandbytes.dequantize_4bit.default(
+            packed.to(self.device), self.absmax[start * per:stop * per], spec.blocksize,
+            spec.quant_type, [stop - start, cols], self.dtype)  # (k, in) in the state's dtype
+        return out.float()
+
+    def read_row_set(self, name: str, rows: list[int]) -> torch.Tensor:
+        """The given rows of the decoded weight, stacked, float32 (CPU)."""
+        runs: list[list[int]] = []
+        for r in rows:
+            if runs and r == runs[-1][1]:
+                runs[-1][1] = r + 1
+            else:
+                runs.append([r, r + 1])
+        parts = [self.read_rows(name, a, b).cpu() for a, b in runs]
+        return torch.cat(parts) if parts else torch.empty(0, self.spec.shape[1])
+
+
 def requantize(spec: QuantSpec, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """Encode a merged float weight in the unit's own layout and settings.
 
@@ -435,5 +502,5 @@ def output_infos(spec: QuantSpec, base: Checkpoint) -> list[TensorInfo]:
     return infos
 
 
-__all__ = ["QuantSpec", "QuantizedBase", "dequantize", "detect", "output_infos",
-           "output_keys", "requantize"]
+__all__ = ["QuantSpec", "QuantizedBase", "RowDequantizer", "dequantize", "detect",
+           "output_infos", "output_keys", "requantize"]
