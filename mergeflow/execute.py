@@ -35,7 +35,7 @@ from mergeflow.errors import AdapterError, InputError, MergeError
 from mergeflow.lora import embedding_delta, merge_bias, merge_linear
 from mergeflow.numerics import all_finite, fits
 from mergeflow.plan import MergePlan, ShardPlan, TensorPlan
-from mergeflow.quant import RowDequantizer, dequantize, output_keys, requantize
+from mergeflow.quant import RowDequantizer, RowRequantizer, dequantize, output_keys, requantize
 from mergeflow.vocab import resize_rows
 from mergeflow.writer import ShardWriter
 
@@ -295,6 +295,27 @@ class TensorSource:
 
     def _merged_blocks(self, plan: TensorPlan, rows: int, row_elems: int, step: int,
                        out_dtype: torch.dtype) -> Iterator[Block]:
+        """Merged row blocks, checked and cast to ``out_dtype`` (see :meth:`blocks`)."""
+        cuda = self.device.type == "cuda"
+        for _, _, work in self.merged_rows(plan, rows, row_elems, step):
+            if not fits(work, out_dtype):  # one pass: no NaN/Inf, and the cast cannot overflow
+                _require_finite(plan, work.to(out_dtype))  # after the cast: overflow counts
+            if cuda:
+                out = work.to(out_dtype)
+                host = torch.empty(out.shape, dtype=out_dtype, pin_memory=True)
+                host.copy_(out, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+                yield host, ready, None
+            else:
+                out, release = self._pool().take(work.shape, out_dtype)
+                out.copy_(work)  # cast into a reused buffer; the writer gives it back
+                yield out, None, release
+
+    def merged_rows(self, plan: TensorPlan, rows: int, row_elems: int, step: int
+                    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(i, j, work)``: rows ``[i, j)`` of the merged tensor, float32 on the device, in a
+        reused buffer (valid until the next block is asked for)."""
         reader, info = self.input_reader(plan)
         src_rows = info.shape[0]
         src_dtype = DTYPES[info.dtype]
@@ -307,16 +328,23 @@ class TensorSource:
         col_scale = self._dora_column_scale(plan, reader, info, lora) \
             if lora is not None and lora.magnitude is not None and plan.transposed else None
         row_bytes = row_elems * src_dtype.itemsize
-        for i in range(0, rows, step):
+        uploads: list[object] = [None, None]  # CUDA: the event each pinned read slot is free at
+        for n, i in enumerate(range(0, rows, step)):
             j = min(i + step, rows)
             work = self._buffer("work", (j - i) * row_elems, torch.float32, self.device)
             work = work.view(j - i, *plan.shape[1:])  # (k, ...) float32
             k = max(0, min(j, src_rows) - i)  # rows that come from the input
             if k:
-                scratch = self._buffer("read", k * row_bytes, torch.uint8, torch.device("cpu"),
-                                       pinned=cuda)
+                slot = n % 2  # two read buffers: the next block is read while one uploads
+                if uploads[slot] is not None:
+                    uploads[slot].synchronize()
+                scratch = self._buffer(f"read{slot}", k * row_bytes, torch.uint8,
+                                       torch.device("cpu"), pinned=cuda)
                 block = reader.read_rows(info.name, i, i + k, scratch)
                 work[:k].copy_(block, non_blocking=cuda)
+                if cuda:
+                    uploads[slot] = torch.cuda.Event()
+                    uploads[slot].record()
             if k < j - i:
                 work[k:].copy_(mean_row.expand(j - i - k, *mean_row.shape[1:]))
             if lora is not None:
@@ -331,22 +359,7 @@ class TensorSource:
                 work.add_(bias)
             if tokens is not None:
                 self._set_token_rows(work, tokens, i, j)
-            safe = fits(work, out_dtype)  # one pass: no NaN/Inf, and the cast cannot overflow
-            if not safe:
-                _require_finite(plan, work.to(out_dtype))  # after the cast: overflow counts
-            if cuda:
-                out = work.to(out_dtype)
-                host = torch.empty(out.shape, dtype=out_dtype, pin_memory=True)
-                host.copy_(out, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record()
-                if k:  # the read buffer is reused by the next block: its upload must be done
-                    torch.cuda.current_stream().synchronize()
-                yield host, ready, None
-            else:
-                out, release = self._pool().take(work.shape, out_dtype)
-                out.copy_(work)  # cast into a reused buffer; the writer gives it back
-                yield out, None, release
+            yield i, j, work
 
     # -- the merge steps, one block at a time -----------------------------------------------
 
@@ -448,8 +461,29 @@ def _require_finite(plan: TensorPlan, tensor: torch.Tensor) -> None:
             "training run, or choose a wider --dtype (bfloat16 or float32)")
 
 
+def write_requantized(writer: ShardWriter, plan: TensorPlan, source: TensorSource) -> None:
+    """merged_4bit, streamed: merge row blocks, encode each in the unit's layout as it comes,
+    then write the (small) siblings."""
+    spec = plan.requant
+    logical = plan.model_copy(update={"shape": list(spec.shape), "dtype": "F32", "parts": []})
+    encoder = RowRequantizer(spec, source.device)
+    writer.begin(*plan.outputs()[0])
+    row_elems = spec.shape[1]
+    step = source._rows_per_block(logical, row_elems)
+    for i, j, work in source.merged_rows(logical, spec.shape[0], row_elems, step):
+        if not fits(work, torch.float32):
+            _require_finite(plan, work)
+        writer.append(encoder.encode(i, j, work))
+    writer.end()
+    for name, tensor in encoder.siblings().items():
+        writer.write(name, tensor)
+
+
 def write_tensor(writer: ShardWriter, plan: TensorPlan, source: TensorSource) -> None:
     """Stream one plan entry (and, for a quantized unit, its siblings) into ``writer``."""
+    if plan.requant is not None and plan.rows is None and RowDequantizer.streams(plan.requant):
+        write_requantized(writer, plan, source)
+        return
     if source.is_unit(plan):
         for name, tensor in source.produce_all(plan):
             writer.write(name, tensor)

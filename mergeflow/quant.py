@@ -439,6 +439,76 @@ class RowDequantizer:
         return torch.cat(parts) if parts else torch.empty(0, self.spec.shape[1])
 
 
+class RowRequantizer:
+    """Encodes a merged weight row block by row block in a unit's own layout (merged_4bit).
+
+    4-bit: quantization blocks never straddle rows when a row is whole blocks (see
+    :meth:`RowDequantizer.streams`), so each row block is quantized on its own by bitsandbytes'
+    kernel, giving the packed bytes and per-block absmax of a whole-weight call; the absmax
+    (1/16 of the float32 weight at most) is kept, and once every row is encoded it is stored as
+    bitsandbytes would (double quant: offset = mean, blockwise-quantized in blocks of 256).
+    8-bit: ``int8_vectorwise_quant`` works per row; the SCB rows are collected likewise.
+    """
+
+    def __init__(self, spec: QuantSpec, device: torch.device | str = "cpu") -> None:
+        self.spec = spec
+        self.device = torch.device(device)
+        rows = spec.shape[0]
+        if spec.method == "bnb8":
+            self.scb = torch.empty(rows, dtype=torch.float32, device=self.device)
+        else:
+            per = spec.shape[1] // spec.blocksize
+            self.absmax = torch.empty(rows * per, dtype=torch.float32, device=self.device)
+
+    def encode(self, start: int, stop: int, rows: torch.Tensor) -> torch.Tensor:
+        """The stored bytes of merged rows ``[start, stop)`` (float32 (k, in)), on the CPU:
+        packed uint8 (k*in/2, 1) for 4-bit, int8 (k, in) for 8-bit."""
+        import bitsandbytes.functional as bnbf
+
+        spec = self.spec
+        if spec.method == "bnb8":
+            # as Int8Params: float16 rows -> int8 (k, in) + absmax per row (k,)
+            cb, scb, _ = bnbf.int8_vectorwise_quant(rows.to(torch.float16).contiguous())
+            self.scb[start:stop] = scb.float()
+            return cb.cpu()
+        per = spec.shape[1] // spec.blocksize
+        packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(
+            rows.to(DTYPES[spec.dtype]).contiguous(), spec.blocksize, spec.quant_type,
+            torch.uint8)
+        self.absmax[start * per:stop * per] = absmax.reshape(-1)
+        return packed.cpu()
+
+    def siblings(self) -> dict[str, torch.Tensor]:
+        """Every sibling of the encoded weight by base key, in :func:`output_keys` order (the
+        weight itself excluded), on the CPU."""
+        import bitsandbytes.functional as bnbf
+
+        spec = self.spec
+        if spec.method == "bnb8":
+            out = {spec.siblings["SCB"]: self.scb}
+            if "weight_format" in spec.siblings:
+                out[spec.siblings["weight_format"]] = torch.tensor(ROW_FORMAT, dtype=torch.uint8)
+            return {k: out[k].cpu() for k in output_keys(spec)[1:]}
+        code = bnbf.get_4bit_type(spec.quant_type, device=self.device)
+        common = dict(shape=torch.Size(spec.shape), dtype=DTYPES[spec.dtype],
+                      blocksize=spec.blocksize, code=code, quant_type=spec.quant_type)
+        if spec.nested:  # as bitsandbytes' quantize_4bit(compress_statistics=True)
+            offset = self.absmax.mean()
+            qabsmax, state2 = bnbf.quantize_blockwise(self.absmax - offset, blocksize=256)
+            state = bnbf.QuantState(absmax=qabsmax, offset=offset, state2=state2, **common)
+        else:
+            state = bnbf.QuantState(absmax=self.absmax, **common)
+        parts = state.as_dict(packed=True)
+        out = {}
+        for role, key in spec.siblings.items():
+            if role not in parts:
+                raise MergeError(f"bitsandbytes returned no '{role}' when re-quantizing "
+                                 f"'{spec.weight}' (a version mismatch; please report it)")
+            out[key] = parts[role]
+        out[spec.quant_state_key] = _pad(out[spec.quant_state_key], spec)
+        return {k: out[k].cpu() for k in output_keys(spec)[1:]}
+
+
 def requantize(spec: QuantSpec, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """Encode a merged float weight in the unit's own layout and settings.
 
@@ -502,5 +572,5 @@ def output_infos(spec: QuantSpec, base: Checkpoint) -> list[TensorInfo]:
     return infos
 
 
-__all__ = ["QuantSpec", "QuantizedBase", "RowDequantizer", "dequantize", "detect",
+__all__ = ["QuantSpec", "QuantizedBase", "RowDequantizer", "RowRequantizer", "dequantize", "detect",
            "output_infos", "output_keys", "requantize"]
