@@ -48,6 +48,9 @@ COPY_CHUNK = 8 * 2**20  # pass-through copies move this many bytes at a time
 # Rows per step of the passes that reduce over rows (vocabulary mean, DoRA column norms): fixed,
 # so the output bytes never depend on the block size.
 STAT_ROWS = 256
+# GEMMs run on tiles of this many rows at fixed positions (multiples of it from row 0), so the
+# kernel path - and so every last bit - never depends on the block size; blocks are whole tiles.
+ROW_TILE = 64
 
 
 class ShardResult(BaseModel):
@@ -216,7 +219,8 @@ class TensorSource:
         rows = plan.shape[0] if plan.shape else 1
         step = max(1, self.block_bytes // max(1, 4 * row_elems))
         blocks = -(-rows // step)
-        return -(-rows // blocks)
+        step = -(-rows // blocks)
+        return -(-step // ROW_TILE) * ROW_TILE
 
     # -- producing tensors ------------------------------------------------------------------
 
@@ -351,10 +355,12 @@ class TensorSource:
                 self._merge_block(work, lora, i, j, plan.transposed, col_scale)
             if embed is not None:
                 a, b, scale = embed
-                # (k, r) @ (r, dim) -> (k, dim): rows [i, j) of (B @ A).T, laid out as the table
-                delta = torch.mm(a[:, i:j].T, b.T)
-                delta.mul_(scale)
-                work.add_(delta)
+                for t in range(i, j, ROW_TILE):
+                    u = min(t + ROW_TILE, j)
+                    # (n, r) @ (r, dim) -> (n, dim): rows [t, u) of (B @ A).T, as the table lays out
+                    delta = torch.mm(a[:, t:u].T, b.T)
+                    delta.mul_(scale)
+                    work[t - i:u - i].add_(delta)
             if bias is not None:
                 work.add_(bias)
             if tokens is not None:
@@ -383,14 +389,16 @@ class TensorSource:
         Stored ``(in, out)`` (Conv1D): ``W[i:j] += s * A[:, i:j].T @ B.T``; DoRA's per-output
         scale (over whole columns) was measured by a first pass, ``col_scale``.
         """
+        for t in range(i, j, ROW_TILE):  # rows [t, u) of the stored weight, at work[t-i:u-i]
+            u = min(t + ROW_TILE, j)
+            if transposed:  # (n, r) @ (r, out) -> (n, out)
+                work[t - i:u - i].addmm_(lora.a[:, t:u].T, lora.b.T, alpha=lora.scale)
+            else:  # (n, r) @ (r, in) -> (n, in)
+                work[t - i:u - i].addmm_(lora.b[t:u], lora.a, alpha=lora.scale)
         if transposed:
-            # (k, r) @ (r, out) -> (k, out)
-            work.addmm_(lora.a[:, i:j].T, lora.b.T, alpha=lora.scale)
             if col_scale is not None:
                 work.mul_(col_scale[None, :])  # (k, out) * (1, out)
             return work
-        # (k, r) @ (r, in) -> (k, in)
-        work.addmm_(lora.b[i:j], lora.a, alpha=lora.scale)
         if lora.magnitude is not None:
             norms = torch.linalg.vector_norm(work, dim=1)  # (k,)
             work.mul_((lora.magnitude[i:j] / norms)[:, None])  # (k, in) * (k, 1)

@@ -444,3 +444,19 @@ def test_cuda_without_a_device_is_a_clear_input_error(quantized, tmp_path):
     with pytest.raises(InputError, match="--device cuda"):
         mergeflow.merge(base, adapter, tmp_path / "out", device="cuda")
     assert not (tmp_path / "out").exists()
+
+
+# -- streaming: row blocks of quantized units ---------------------------------------------------
+
+@pytest.mark.parametrize("case", ["nf4-bf16", "fp4-dq-bf16", "int8"])
+@pytest.mark.parametrize("method", ["merged_16bit", "merged_4bit"])
+def test_quantized_units_stream_by_rows_to_the_same_bytes(case, method, quantized, tmp_path):
+    """Dequantizing and re-quantizing row block by row block (1 KB of float32 rows: a few rows
+    per block) gives the bytes of whole-weight decoding and encoding (1 GB blocks)."""
+    from helpers import sha256, weight_files
+
+    base, adapter = quantized(case)
+    for size in ("1KB", "1GB"):
+        mergeflow.merge(base, adapter, tmp_path / size, save_method=method, block_size=size)
+    rows, whole = (({p.name: sha256(p) for p in weight_files(tmp_path / s)}) for s in ("1KB", "1GB"))
+    assert rows == whole
