@@ -77,15 +77,23 @@ class _BufferPool:
     writer and given back by the writer thread once written. Reuse spares the page faults of a
     fresh allocation per block; the pool's size bounds the blocks in flight."""
 
-    def __init__(self, capacity: int, count: int = 4) -> None:
+    def __init__(self, capacity: int, count: int = 3) -> None:
         self.capacity = capacity
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
-        for _ in range(count):
-            self._free.put(torch.empty(capacity, dtype=torch.uint8))
+        self._spare = count  # buffers not allocated yet (allocated on first need)
+
+    def _get(self) -> torch.Tensor:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            if self._spare > 0:
+                self._spare -= 1
+                return torch.empty(self.capacity, dtype=torch.uint8)
+            return self._free.get()
 
     def take(self, shape: Sequence[int], dtype: torch.dtype) -> tuple[torch.Tensor, Callable[[], None]]:
         """A buffer viewed as ``dtype[shape]``, and the callback that gives it back."""
-        raw = self._free.get()
+        raw = self._get()
         numel = 1
         for d in shape:
             numel *= d
@@ -206,21 +214,27 @@ class TensorSource:
             cache[key] = buf
         return buf[:numel]
 
-    def _pool(self) -> _BufferPool:
-        """This thread's pool of encoded-block buffers (a block is at most ``block_bytes``)."""
-        pool = self._local.__dict__.get("pool")
+    def _pool(self, itemsize: int) -> _BufferPool:
+        """This thread's pool of buffers for blocks encoded ``itemsize`` bytes per value (a
+        block holds at most ``block_bytes`` of float32, so ``block_bytes * itemsize / 4``)."""
+        pools = self._local.__dict__.setdefault("pools", {})
+        pool = pools.get(itemsize)
         if pool is None:
-            pool = self._local.pool = _BufferPool(self.block_bytes)
+            # 3 blocks in flight for 16-bit outputs, 2 for float32: at most 2 blocks' bytes,
+            # so a worker holds work + read + encoded <= 4 blocks (mergeflow.resources)
+            pool = pools[itemsize] = _BufferPool(max(1, self.block_bytes * itemsize // 4),
+                                                 count=3 if itemsize <= 2 else 2)
         return pool
 
     def _rows_per_block(self, plan: TensorPlan, row_elems: int) -> int:
         """Rows per block: as many float32 rows as ``block_bytes`` holds, then evened out over
         the tensor so that no block is a sliver (a 1-row GEMM takes another kernel path)."""
         rows = plan.shape[0] if plan.shape else 1
-        step = max(1, self.block_bytes // max(1, 4 * row_elems))
-        blocks = -(-rows // step)
-        step = -(-rows // blocks)
-        return -(-step // ROW_TILE) * ROW_TILE
+        # whole tiles that fit the budget (at least one), then evened out over the tensor
+        per_block = max(1, self.block_bytes // max(1, 4 * row_elems * ROW_TILE))
+        tiles = -(-rows // ROW_TILE)
+        blocks = -(-tiles // per_block)
+        return -(-tiles // blocks) * ROW_TILE
 
     # -- producing tensors ------------------------------------------------------------------
 
@@ -312,7 +326,7 @@ class TensorSource:
                 ready.record()
                 yield host, ready, None
             else:
-                out, release = self._pool().take(work.shape, out_dtype)
+                out, release = self._pool(out_dtype.itemsize).take(work.shape, out_dtype)
                 out.copy_(work)  # cast into a reused buffer; the writer gives it back
                 yield out, None, release
 
@@ -339,7 +353,7 @@ class TensorSource:
             work = work.view(j - i, *plan.shape[1:])  # (k, ...) float32
             k = max(0, min(j, src_rows) - i)  # rows that come from the input
             if k:
-                slot = n % 2  # two read buffers: the next block is read while one uploads
+                slot = n % 2 if cuda else 0  # CUDA: the next block is read while one uploads
                 if uploads[slot] is not None:
                     uploads[slot].synchronize()
                 scratch = self._buffer(f"read{slot}", k * row_bytes, torch.uint8,
