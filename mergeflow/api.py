@@ -16,7 +16,6 @@ from pydantic import BaseModel
 from mergeflow import faults, preflight
 from mergeflow.adapter import Adapter, load_adapter
 from mergeflow.checkpoint import Checkpoint
-from mergeflow.durable import atomic_write, fsync_file
 from mergeflow.errors import InputError, VerificationError
 from mergeflow.execute import Progress, ShardResult, TensorSource, open_source, write_shard
 from mergeflow.hashing import HashCache, fingerprint_files, identify_files, prefetch, sha256_file
@@ -24,7 +23,6 @@ from mergeflow.layout import read_layout
 from mergeflow.output import (
     INDEX_FILE,
     MANIFEST,
-    STATE_DIR,
     TOKENIZER_FILES,
     check_existing_output,
     check_output_location,
@@ -32,10 +30,8 @@ from mergeflow.output import (
     find_tokenizer,
     model_card,
     output_config,
-    publish,
     read_manifest,
     require_config,
-    staging_dir,
     write_json,
 )
 from mergeflow.plan import (
@@ -51,11 +47,11 @@ from mergeflow.sinks import PublishResult, open_publisher
 from mergeflow.sinks import publish as publish_folder
 from mergeflow.sources import base_from_adapter, resolve_source
 from mergeflow.spec import MergeSpec
+from mergeflow.staging import Staging, atomic_write, fsync_file
 from mergeflow.verify import VerifyReport, verify_output, verify_shard
 from mergeflow.version import __version__
 from mergeflow.vocab import set_config_field
 
-PLAN_FILE = "plan.json"
 DTYPE_LABELS = {v: k for k, v in DTYPE_CHOICES.items()}
 
 
@@ -232,11 +228,13 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
     preflight.check(plan, adapter, out, low_disk=spec.low_disk)  # adapter values, free disk
     fingerprint = plan.fingerprint()
     up_to_date = check_existing_output(out, fingerprint, spec.overwrite)
-    staging = staging_dir(out)
-    if not up_to_date:
+    staging = Staging.for_output(out)
+    if up_to_date:
+        staging.clear_leftovers()
+    else:
         _prepare_staging(staging, plan, fingerprint)
-    return PreparedMerge(out=str(out), staging=str(staging),
-                         plan_path=str(staging / STATE_DIR / PLAN_FILE), fingerprint=fingerprint,
+    return PreparedMerge(out=str(out), staging=str(staging.folder),
+                         plan_path=str(staging.plan_path), fingerprint=fingerprint,
                          up_to_date=up_to_date, shard_count=len(plan.shards),
                          tensor_count=plan.tensor_count, total_size=plan.total_size)
 
@@ -293,39 +291,26 @@ def _output_dtype(spec: MergeSpec, config: dict, base: Checkpoint,
     return quantized.compute_dtype() or "BF16"
 
 
-def _prepare_staging(staging: Path, plan: MergePlan, fingerprint: str) -> None:
-    """Reuse a staging folder of the same plan (resume); otherwise start it afresh."""
-    faults.checkpoint("before-planned")
-    plan_path = staging / STATE_DIR / PLAN_FILE
-    if plan_path.is_file():
-        try:
-            existing = MergePlan.load(plan_path)
-        except ValueError:
-            existing = None
-        if existing is not None and existing.fingerprint() == fingerprint:
-            if existing.runtime != plan.runtime:  # same output, new way to run: keep the shards
-                plan.save(plan_path)
-            return
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / STATE_DIR / "done").mkdir(parents=True)
-    plan.save(plan_path)
-    faults.checkpoint("after-planned")
+def _prepare_staging(staging: Staging, plan: MergePlan, fingerprint: str) -> None:
+    """Reuse a staging folder of the same plan (resume; a new way to run the same merge only
+    rewrites the plan); otherwise start it afresh (see :meth:`Staging.begin`)."""
+    staging.begin(plan.model_dump_json(indent=1), fingerprint,
+                  lambda text: MergePlan.model_validate_json(text).fingerprint())
 
 
-def _done_record(staging: Path, filename: str) -> Path:
-    return staging / STATE_DIR / "done" / f"{filename}.json"
-
-
-def finished_shard(staging: Path, filename: str) -> ShardResult | None:
-    """A shard a previous run finished, if its file still matches its recorded sha256."""
-    record, path = _done_record(staging, filename), staging / filename
-    try:
-        result = ShardResult.model_validate_json(record.read_text())
-    except (OSError, ValueError):
+def finished_shard(staging: Path | str | Staging, filename: str) -> ShardResult | None:
+    """A shard a previous run finished, if its file still matches its recorded sha256
+    (``staging``: the staging folder, as in :attr:`PreparedMerge.staging`)."""
+    if not isinstance(staging, Staging):
+        staging = Staging.from_folder(staging)
+    record = staging.finished(filename)
+    if record is None:
         return None
-    if path.is_file() and path.stat().st_size == result.size and sha256_file(path) == result.sha256:
-        return result.model_copy(update={"resumed": True})
-    return None
+    try:
+        result = ShardResult.model_validate(record)
+    except ValueError:
+        return None
+    return result.model_copy(update={"resumed": True})
 
 
 def run_shard(plan_path: str | Path, index: int, device: str = "cpu",
@@ -333,7 +318,7 @@ def run_shard(plan_path: str | Path, index: int, device: str = "cpu",
     """Write shard ``index`` of a plan into its staging folder (skipped if already finished)."""
     faults.checkpoint("before-shard-recorded")
     plan_path = Path(plan_path)
-    staging = plan_path.parent.parent
+    staging = Staging.from_plan(plan_path)
     plan = MergePlan.load(plan_path)
     shard = plan.shards[index]
     done = finished_shard(staging, shard.filename)
@@ -343,8 +328,8 @@ def run_shard(plan_path: str | Path, index: int, device: str = "cpu",
                 progress(tensor)
         return done
     source = source or open_source(plan, device=device)
-    result = write_shard(shard, source, staging, progress)
-    atomic_write(_done_record(staging, shard.filename), result.model_dump_json())
+    result = write_shard(shard, source, staging.folder, progress)
+    staging.record_done(shard.filename, result.model_dump_json())
     faults.checkpoint("after-shard-recorded")
     return result
 
@@ -412,8 +397,8 @@ def verify(prepared: PreparedMerge, device: str = "cpu",
 
 
 def publish_output(prepared: PreparedMerge) -> None:
-    """Move the finished staging folder to the output path with one rename."""
-    publish(Path(prepared.staging), Path(prepared.out))
+    """Move the finished staging folder to the output path with one durable rename."""
+    Staging.for_output(prepared.out).publish()
 
 
 def _write_model_config(plan: MergePlan, base: Path, staging: Path, keep_quantization: bool) -> None:
@@ -515,7 +500,7 @@ def merge_low_disk(prepared: PreparedMerge, spec: MergeSpec,
     small = sorted(p for p in staging.iterdir()
                    if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST)
     published = publisher.finish(small, staging / MANIFEST)
-    shutil.rmtree(staging, ignore_errors=True)
+    Staging.for_output(prepared.out).remove()
     report.out = spec.push_to
     return report, published
 

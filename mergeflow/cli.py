@@ -99,10 +99,9 @@ class _StagingProgress:
 
     def __init__(self, prepared: PreparedMerge, interval: float = 0.25,
                  enabled: bool = True) -> None:
-        from mergeflow.output import STATE_DIR
+        from mergeflow.staging import Staging
 
-        self.staging = Path(prepared.staging)
-        self._done_dir = self.staging / STATE_DIR / "done"
+        self.staging = Staging.for_output(prepared.out)
         self.total = prepared.total_size
         self.groups = prepared.shard_count
         self.interval = interval
@@ -112,14 +111,10 @@ class _StagingProgress:
 
     def _written(self) -> tuple[int, int]:
         size = 0
-        for path in self.staging.glob("*.safetensors*"):
+        for path in self.staging.progress_files():
             with contextlib.suppress(OSError):
                 size += path.stat().st_size
-        for path in self.staging.glob(".*.partial"):
-            with contextlib.suppress(OSError):
-                size += path.stat().st_size
-        done = len(list(self._done_dir.glob("*.json")))
-        return min(size, self.total), done
+        return min(size, self.total), len(self.staging.done_records())
 
     def _poll(self) -> None:
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn

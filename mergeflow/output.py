@@ -1,23 +1,20 @@
-"""The output folder: staging, the small files around the shards, the manifest, publishing.
+"""The output folder: the small files around the shards and the manifest.
 
-A merge is built in a staging folder beside the output (``.<name>.mergeflow-partial``) and moved
-into place with one rename once its manifest is written. The output folder therefore either does
-not exist, or holds a finished model whose manifest lists every file with its sha256.
+A merge is built in a staging folder beside the output and moved into place with one rename once
+its manifest is written (the folder's layout and the publish: :mod:`mergeflow.staging`). The
+output folder therefore either does not exist, or holds a finished model whose manifest lists
+every file with its sha256.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
-from mergeflow import faults
-from mergeflow.durable import durable_rename, fsync_dir
 from mergeflow.errors import InputError, OutputError
 
 MANIFEST = "merge-manifest.json"
-STATE_DIR = ".mergeflow"  # inside staging only: plan and per-shard records; removed on publish
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -29,11 +26,6 @@ TOKENIZER_FILES = (
 def write_json(path: Path, data: object) -> None:
     """Write JSON deterministically (same data, same bytes)."""
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def staging_dir(out: Path) -> Path:
-    """Where a merge into ``out`` is built before it is published."""
-    return out.parent / f".{out.name}.mergeflow-partial"
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -136,22 +128,6 @@ def model_card(base_name: str | None, adapter_name: str | None, report: dict,
         lines.append(f"- {note}")
     lines += ["", f"Every file's sha256 is listed in `{MANIFEST}`.", ""]
     return ModelCard("\n".join(lines)).content
-
-
-def publish(staging: Path, out: Path) -> None:
-    """Move a finished staging folder to ``out`` (replacing what was there) by renames."""
-    faults.checkpoint("before-publish-rename")
-    shutil.rmtree(staging / STATE_DIR, ignore_errors=True)
-    fsync_dir(staging)
-    if out.exists():
-        old = out.parent / f".{out.name}.mergeflow-old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        durable_rename(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        durable_rename(staging, out)
-    faults.checkpoint("after-publish-rename")
 
 
 def require_config(base: Path) -> dict:

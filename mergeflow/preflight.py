@@ -18,12 +18,12 @@ from pathlib import Path
 
 from mergeflow.adapter import Adapter, check_values
 from mergeflow.errors import DiskSpaceError, InputError
-from mergeflow.output import MANIFEST, TOKENIZER_FILES, read_manifest, staging_dir
+from mergeflow.output import MANIFEST, TOKENIZER_FILES, read_manifest
 from mergeflow.plan import MergePlan, parse_size
+from mergeflow.staging import Staging
 
 MIN_FREE_ENV = "MERGEFLOW_MIN_FREE_BYTES"
 SMALL_FILES = 2 * 2**20  # config, generation config, index, model card, manifest: generous
-STATE_PLAN = Path(".mergeflow") / "plan.json"
 
 
 def check(plan: MergePlan, adapter: Adapter, out: Path | str, *, low_disk: bool = False) -> None:
@@ -65,7 +65,7 @@ def required_bytes(plan: MergePlan, out: Path, *, low_disk: bool = False) -> int
     if low_disk:
         total = max((s.nbytes for s in plan.shards), default=0)
     else:
-        total = plan.total_size - _resumable_bytes(plan, staging_dir(out))
+        total = plan.total_size - _resumable_bytes(plan, Staging.for_output(out))
     tokenizer = plan.options.get("tokenizer")
     if tokenizer:
         total += sum(_file_size(Path(str(tokenizer)) / name) for name in TOKENIZER_FILES)
@@ -94,14 +94,14 @@ def _already_there(plan: MergePlan, out: Path) -> bool:
     return bool(manifest) and manifest.get("plan_fingerprint") == plan.fingerprint()
 
 
-def _resumable_bytes(plan: MergePlan, staging: Path) -> int:
+def _resumable_bytes(plan: MergePlan, staging: Staging) -> int:
     """Bytes of planned shards already in a staging folder of the same plan (kept on resume)."""
     try:
-        if MergePlan.load(staging / STATE_PLAN).fingerprint() != plan.fingerprint():
+        if MergePlan.load(staging.plan_path).fingerprint() != plan.fingerprint():
             return 0
     except (OSError, ValueError):
         return 0
-    return sum(_file_size(staging / s.filename) for s in plan.shards)
+    return sum(_file_size(staging.folder / s.filename) for s in plan.shards)
 
 
 def _existing_folder(path: Path) -> Path:

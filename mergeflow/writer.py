@@ -37,6 +37,7 @@ from mergeflow import faults
 from mergeflow.checkpoint import DTYPE_NAMES, DTYPES
 from mergeflow.durable import fsync_dir
 from mergeflow.errors import DiskSpaceError, MergeError
+from mergeflow.staging import partial_path
 
 ALIGNMENT = 8  # safetensors pads the header so tensor data starts 8-byte aligned
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -95,7 +96,7 @@ class ShardWriter:
     def __init__(self, path: Path, specs: Sequence[tuple[str, str, Sequence[int]]], *,
                  depth: int = 3, on_written: Callable[[int], None] | None = None) -> None:
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.partial")
+        self.tmp = partial_path(self.path)
         self.specs = list(specs)
         self.header, self.sizes = build_header(self.specs)
         self._next = 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 import builtins
 import errno
 import os
-import shutil
 from collections import namedtuple
 from pathlib import Path
 
@@ -18,9 +17,10 @@ from test_bad_inputs import run_cli_env
 import mergeflow
 from mergeflow import api, preflight, writer
 from mergeflow.errors import DiskSpaceError, InputError
-from mergeflow.output import MANIFEST, staging_dir
+from mergeflow.output import MANIFEST
 from mergeflow.plan import MergePlan
 from mergeflow.spec import MergeSpec
+from mergeflow.staging import Staging
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 Usage = namedtuple("Usage", "total used free")
@@ -171,14 +171,14 @@ def test_disk_full_mid_merge_is_a_disk_error_then_resumes(inputs, parent, tmp_pa
     with pytest.raises(DiskSpaceError) as caught:
         mergeflow.merge(base, adapter, out, max_shard_size=SHARD)
     message = str(caught.value)
-    staging = staging_dir(out)
-    assert message.startswith(f"{staging}/model-0000")  # the file being written
+    staging = Staging.for_output(out)
+    assert message.startswith(f"{staging.folder}/model-0000")  # the file being written
     assert "no space left on the device" in message and "bytes not yet stored" in message
     assert "\n" not in message
     assert not out.exists()
     assert not list(parent.rglob(MANIFEST))
-    assert not list(staging.glob(".*.partial")), "the half-written file must be deleted"
-    assert len(list((staging / ".mergeflow" / "done").glob("*.json"))) == 1
+    assert not staging.leftovers(), "the half-written file must be deleted"
+    assert len(staging.done_records()) == 1
 
     monkeypatch.undo()
     report = mergeflow.merge(base, adapter, out, max_shard_size=SHARD)
@@ -244,4 +244,4 @@ def test_cli_disk_full_exits_2_with_one_line(inputs, parent, tmp_path, prefect_s
     name = "model-00001-of-0000" if where == "writer" else "config.json"
     assert name in lines[0]
     assert not out.exists() and not list(parent.rglob(MANIFEST))
-    shutil.rmtree(staging_dir(out), ignore_errors=True)
+    Staging.for_output(out).remove()

@@ -15,8 +15,8 @@ from helpers import REPO, load_json, logits_of, read_tensors, snapshot
 import mergeflow
 from mergeflow import api
 from mergeflow.errors import PlanError, TransientError
-from mergeflow.output import STATE_DIR, staging_dir
 from mergeflow.spec import MergeSpec
+from mergeflow.staging import Staging
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -148,7 +148,7 @@ def test_sigkill_mid_merge_then_rerun_is_byte_identical(make_base, make_adapter,
     out = tmp_path / "out"
     args = ["--base", str(base), "--adapter", str(adapter), "--out", str(out),
             "--max-shard-size", "300KB", "--workers", "1", "--no-verify"]
-    done_dir = staging_dir(out) / STATE_DIR / "done"
+    done_dir = Staging.for_output(out).done_dir
     proc = _cli(args)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -158,7 +158,7 @@ def test_sigkill_mid_merge_then_rerun_is_byte_identical(make_base, make_adapter,
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished_before = len(list(done_dir.glob("*.json")))
-    total = load_json(staging_dir(out) / STATE_DIR / "plan.json")["shards"]
+    total = load_json(Staging.for_output(out).plan_path)["shards"]
     assert 0 < finished_before < len(total), "the kill must land mid-merge"
     assert not out.exists()  # nothing half-written where the model belongs
 

@@ -14,8 +14,9 @@ import pytest
 from s3_server import aws_test_env, moto_s3, new_bucket
 
 import mergeflow
-from mergeflow.output import MANIFEST, staging_dir
+from mergeflow.output import MANIFEST
 from mergeflow.sources import s3_client
+from mergeflow.staging import Staging
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_low_disk_keeps_one_shard_and_publishes_the_same_objects(client, s3_inpu
     models = new_bucket(client, "models")
     reference = mergeflow.merge(base, adapter_ref, tmp_path / "ref", max_shard_size="40KB")
 
-    staging = staging_dir(tmp_path / "out")
+    staging = Staging.for_output(tmp_path / "out").folder
     peak = {"shards": 0}
     from mergeflow import api
 
