@@ -6,17 +6,29 @@ The steps take and return paths and small models only, so an orchestrator (the P
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from mergeflow import faults, preflight
+from mergeflow import faults, preflight, resources
 from mergeflow.adapter import Adapter, load_adapter
 from mergeflow.checkpoint import Checkpoint
-from mergeflow.errors import InputError, VerificationError
+from mergeflow.errors import (
+    DiskSpaceError,
+    InputError,
+    MergeError,
+    NotEnoughDiskSpace,
+    OptionsError,
+    TransientError,
+    TransientUploadError,
+    UploadError,
+    VerificationError,
+    disk_full_error,
+)
 from mergeflow.execute import Progress, ShardResult, TensorSource, open_source, write_shard
 from mergeflow.hashing import HashCache, fingerprint_files, identify_files, prefetch, sha256_file
 from mergeflow.layout import read_layout
@@ -46,7 +58,7 @@ from mergeflow.quant import QuantizedBase, detect
 from mergeflow.sinks import PublishResult, open_publisher
 from mergeflow.sinks import publish as publish_folder
 from mergeflow.sources import base_from_adapter, resolve_source
-from mergeflow.spec import MergeSpec
+from mergeflow.spec import OPTION_COMBINATION, MergeSpec
 from mergeflow.staging import Staging, atomic_write, fsync_file
 from mergeflow.verify import VerifyReport, verify_output, verify_shard
 from mergeflow.version import __version__
@@ -173,6 +185,47 @@ def resolve_inputs(spec: MergeSpec) -> tuple[Path, Path]:
     return resolve_source(base_ref), adapter_dir
 
 
+def _staging_kept(staging: str | Path) -> str:
+    return (f"the staging folder {staging} is kept: free space (or move it and --out to a bigger "
+            "disk), then rerun the same command to resume from its finished groups")
+
+
+def _disk_full_is_disk_space_error(staging_of: Callable[..., str | Path | None]):
+    """Decorate a step that writes: a full disk (ENOSPC / EDQUOT) escaping it as an ``OSError``
+    becomes a :class:`DiskSpaceError` naming the file, and every DiskSpaceError of the step says
+    that the staging folder (``staging_of(*args, **kwargs)``; None: nothing staged yet) is kept
+    and a rerun resumes. The preflight's refusal (:class:`NotEnoughDiskSpace`) passes as it is."""
+    def decorate(step):
+        @functools.wraps(step)
+        def run(*args, **kwargs):
+            try:
+                return step(*args, **kwargs)
+            except NotEnoughDiskSpace:
+                raise
+            except (DiskSpaceError, OSError) as exc:
+                staging = staging_of(*args, **kwargs)
+                kept = _staging_kept(staging) if staging is not None else \
+                    "nothing is published; free space (or write elsewhere), then rerun"
+                if isinstance(exc, DiskSpaceError):
+                    if "staging folder" in str(exc):
+                        raise
+                    raise DiskSpaceError(f"{exc}; {kept}") from exc
+                error = disk_full_error(exc, staging or "the disk", kept)
+                if error is None:
+                    raise
+                raise error from exc
+        return run
+    return decorate
+
+
+def _staging_of_plan(plan_path: str | Path, *args, **kwargs) -> Path:
+    return Path(plan_path).parent.parent
+
+
+def _staging_of_prepared(prepared: PreparedMerge, *args, **kwargs) -> str:
+    return prepared.staging
+
+
 def publish_options(spec: MergeSpec) -> dict[str, object]:
     """The sink options a spec sets (None: not set, so not passed)."""
     return {"private": spec.private or None, "revision": spec.revision,
@@ -189,6 +242,29 @@ def upload(spec: MergeSpec) -> PublishResult:
     return publish_folder(Path(spec.out), spec.push_to, **publish_options(spec))
 
 
+def upload_error(spec: MergeSpec, exc: MergeError) -> UploadError:
+    """A failed :func:`upload` of an output already published to ``spec.out``, as the error
+    that says what is published and what is not (transient when ``exc`` was)."""
+    kind = TransientUploadError if isinstance(exc, TransientError) else UploadError
+    return kind(f"{spec.out} is published and holds the finished merge, but publishing it to "
+                f"{spec.push_to} failed, so {spec.push_to} does not hold it (its manifest goes "
+                f"last): {exc}. Rerun the same command to upload it; the merge is not redone")
+
+
+def upload_published(spec: MergeSpec) -> PublishResult:
+    """:func:`upload`, once ``spec.out`` is published.
+
+    Raises:
+        UploadError: saying what is published and what is not (TransientUploadError when the
+            cause was transient).
+    """
+    try:
+        return upload(spec)
+    except MergeError as exc:
+        raise upload_error(spec, exc) from exc
+
+
+@_disk_full_is_disk_space_error(lambda spec: None)
 def prepare(spec: MergeSpec) -> PreparedMerge:
     """Read headers, plan and validate the whole merge, and set up its staging folder.
 
@@ -224,7 +300,7 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                     "save_method": spec.save_method, "merge_onto": spec.merge_onto,
                     "original_base": str(original_dir) if original_dir else None,
                     "mergeflow": __version__}
-    plan.runtime = {"block_bytes": parse_size(spec.block_size)}
+    plan.runtime = {"block_bytes": resources.for_spec(spec).block_bytes}  # within the budget
     preflight.check(plan, adapter, out, low_disk=spec.low_disk)  # adapter values, free disk
     fingerprint = plan.fingerprint()
     up_to_date = check_existing_output(out, fingerprint, spec.overwrite)
@@ -240,16 +316,12 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
 
 
 def _check_method_options(spec: MergeSpec) -> None:
-    """--save-method / --merge-onto / --original-base combinations that cannot mean anything."""
-    if spec.merge_onto == "original" and not spec.original_base:
-        raise InputError("--merge-onto original needs --original-base PATH: the 16-bit checkpoint "
-                         "the quantized base was made from")
-    if spec.original_base and spec.merge_onto != "original":
-        raise InputError(f"--original-base {spec.original_base} is only read with --merge-onto "
-                         "original; add that, or drop --original-base")
-    if spec.save_method == "lora" and spec.merge_onto == "original":
-        raise InputError("--save-method lora exports the adapter unmerged, so --merge-onto "
-                         "original has nothing to do; drop one of them")
+    """Option combinations that cannot mean anything, declared by the spec
+    (:meth:`MergeSpec.option_problems`): checked again here, since an updated copy of a spec
+    (``model_copy(update=...)``) is not validated."""
+    problems = spec.option_problems()
+    if problems:
+        raise OptionsError("; ".join(problems))
 
 
 def _check_quantized_options(spec: MergeSpec, quantized: QuantizedBase | None) -> None:
@@ -313,6 +385,7 @@ def finished_shard(staging: Path | str | Staging, filename: str) -> ShardResult 
     return result.model_copy(update={"resumed": True})
 
 
+@_disk_full_is_disk_space_error(_staging_of_plan)
 def run_shard(plan_path: str | Path, index: int, device: str = "cpu",
               source: TensorSource | None = None, progress: Progress | None = None) -> ShardResult:
     """Write shard ``index`` of a plan into its staging folder (skipped if already finished)."""
@@ -356,6 +429,7 @@ def _report(plan: MergePlan, adapter_config: dict, out: str, status: str) -> Mer
     )
 
 
+@_disk_full_is_disk_space_error(_staging_of_prepared)
 def finalize(prepared: PreparedMerge, results: list[ShardResult]) -> MergeReport:
     """Write config, tokenizer, index, model card and - last - the manifest, in staging."""
     staging, out = Path(prepared.staging), Path(prepared.out)
@@ -396,6 +470,7 @@ def verify(prepared: PreparedMerge, device: str = "cpu",
     return verify_output(Path(prepared.staging), plan, open_source(plan, device=device), trusted)
 
 
+@_disk_full_is_disk_space_error(_staging_of_prepared)
 def publish_output(prepared: PreparedMerge) -> None:
     """Move the finished staging folder to the output path with one durable rename."""
     Staging.for_output(prepared.out).publish()
@@ -462,12 +537,22 @@ def merge(base: str | Path | None, adapter: str | Path, out: str | Path, *,
         A :class:`MergeReport`; ``status`` is "up-to-date" when ``out`` already held this merge.
 
     Raises:
-        InputError: bad inputs or output location (nothing is written).
+        ValidationError: an option's value is invalid (a ``ValueError``).
+        OptionsError: options that cannot go together (an InputError and a ``ValueError``).
+        InputError: bad inputs or output location, found while planning (nothing is written).
+        DiskSpaceError: the disk filled up mid-merge (staging is kept; a rerun resumes).
+        UploadError: ``push_to`` failed after ``out`` was published (the message says so).
         MergeError: any other failure (the output folder is left untouched).
     """
     options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
-    spec = MergeSpec(base=str(base) if base is not None else None, adapter=str(adapter),
-                     out=str(out), **options)
+    try:
+        spec = MergeSpec(base=str(base) if base is not None else None, adapter=str(adapter),
+                         out=str(out), **options)
+    except ValidationError as exc:
+        combinations = [e["msg"] for e in exc.errors() if e["type"] == OPTION_COMBINATION]
+        if combinations and len(combinations) == len(exc.errors()):
+            raise OptionsError("; ".join(combinations)) from None
+        raise
     return run_local(prepare(spec), spec, progress)
 
 
@@ -482,7 +567,9 @@ def merge_low_disk(prepared: PreparedMerge, spec: MergeSpec,
 
     Raises:
         VerificationError: a shard failed its checks (it is not published).
-        SinkError, TransientError: from the destination.
+        SinkError, TransientError: from the destination, before any shard was shipped.
+        UploadError, TransientUploadError: the destination failed after some shards were
+            shipped (the message says which are there, and that the manifest is not).
     """
     plan = MergePlan.load(Path(prepared.plan_path))
     staging = Path(prepared.staging)
@@ -493,16 +580,36 @@ def merge_low_disk(prepared: PreparedMerge, spec: MergeSpec,
         result = run_shard(prepared.plan_path, index, spec.device, source, progress)
         if spec.verify:
             check_verified(prepared, verify_shard(staging, shard, source))
-        publisher.put(staging / shard.filename, result.sha256, result.size)
+        try:
+            publisher.put(staging / shard.filename, result.sha256, result.size)
+        except MergeError as exc:
+            raise _shipping_error(spec, exc, results, len(plan.shards)) from exc
         (staging / shard.filename).unlink()
         results.append(result)
     report = finalize(prepared, results)
     small = sorted(p for p in staging.iterdir()
                    if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST)
-    published = publisher.finish(small, staging / MANIFEST)
+    try:
+        published = publisher.finish(small, staging / MANIFEST)
+    except MergeError as exc:
+        raise _shipping_error(spec, exc, results, len(plan.shards)) from exc
     Staging.for_output(prepared.out).remove()
     report.out = spec.push_to
     return report, published
+
+
+def _shipping_error(spec: MergeSpec, exc: MergeError, shipped: list[ShardResult],
+                    total: int) -> MergeError:
+    """A low-disk publish that failed: as it is when nothing was shipped yet, else an
+    UploadError saying which shards are at the destination and that its manifest is not."""
+    if not shipped:
+        return exc
+    kind = TransientUploadError if isinstance(exc, TransientError) else UploadError
+    names = ", ".join(r.filename for r in shipped)
+    return kind(f"publishing to {spec.push_to} failed after {len(shipped)} of {total} shards "
+                f"were shipped ({names}); the rest and the manifest are not there, so "
+                f"{spec.push_to} is not a finished model and nothing is published locally: {exc}. "
+                "Rerun the same command to go on (shards already there are skipped)")
 
 
 def check_verified(prepared: PreparedMerge, report: VerifyReport) -> None:
@@ -531,7 +638,7 @@ def run_local(prepared: PreparedMerge, spec: MergeSpec,
     """
     if prepared.up_to_date:
         if spec.push_to:
-            upload(spec)
+            upload_published(spec)
         return up_to_date_report(prepared)
     if spec.low_disk:
         return merge_low_disk(prepared, spec, progress)[0]
@@ -541,7 +648,7 @@ def run_local(prepared: PreparedMerge, spec: MergeSpec,
         check_verified(prepared, verify(prepared, spec.device, results))
     publish_output(prepared)
     if spec.push_to:
-        upload(spec)
+        upload_published(spec)
     return report
 
 
@@ -561,11 +668,11 @@ def run_shards(prepared: PreparedMerge, spec: MergeSpec,
     count = len(plan.shards)
     decided = resources.for_spec(spec)
     workers = min(decided.workers, count)
+    resources.apply_threads(decided)  # leave each worker's writer thread a core
     if workers <= 1:
         source = open_source(plan, device=spec.device)
         return [run_shard(prepared.plan_path, i, spec.device, source, progress)
                 for i in range(count)]
-    resources.apply_threads(decided)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergeflow-shard") as pool:
         futures = [pool.submit(run_shard, prepared.plan_path, i, spec.device, None, progress)
                    for i in range(count)]

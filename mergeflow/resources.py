@@ -21,7 +21,11 @@ import os
 from dataclasses import dataclass
 
 from mergeflow.errors import InputError
+from mergeflow.spec import size_bytes
 
+# Blocks of working memory per worker, at most (mergeflow.execute): the float32 work block,
+# the read buffer and the encoded blocks in the writer's hands (3 for 16-bit models, 4 for
+# float32 in and out).
 BUFFERS_PER_WORKER = 4
 MIN_BLOCK = 2**20  # 1 MiB: below this, per-block overhead dominates
 MAX_AUTO_WORKERS = 8
@@ -107,7 +111,7 @@ def decide(workers: int | None, block_bytes: int, memory_limit: int | None,
                 f"--memory-limit {memory_limit}: too small for {count} worker(s); each needs "
                 f"{BUFFERS_PER_WORKER} blocks of at least {MIN_BLOCK // 2**20} MiB ({need} bytes "
                 "in all); raise --memory-limit or lower --workers")
-    return Resources(workers=count, block_bytes=block, torch_threads=max(1, cpus // count),
+    return Resources(workers=count, block_bytes=block, torch_threads=torch_threads(cpus, count),
                      memory_budget=budget)
 
 
@@ -120,24 +124,42 @@ def for_spec(spec, cpus: int | None = None, available: int | None = None) -> Res
 
 
 def size_option(text: str | int, option: str) -> int:
-    """A size option (``32MiB``, ``5gb``, ``1000000``) in bytes, via ``mergeflow.plan.parse_size``.
+    """A size option (``24MiB``, ``5gb``, ``1000000``) in bytes, via
+    :func:`mergeflow.spec.size_bytes` (the parser the spec validates with).
 
     Raises:
         InputError: naming ``option``.
     """
-    from mergeflow.plan import parse_size
-
     try:
-        return parse_size(text)
-    except InputError:
-        raise InputError(f"{option} {text!r}: use a size like 32MiB, 500MB or 2GiB") from None
+        return size_bytes(text)
+    except ValueError as exc:
+        raise InputError(f"{option} {exc}") from None
+
+
+def torch_threads(cpus: int, workers: int) -> int:
+    """Intra-op threads per worker: the cores left once each worker's writer thread (which
+    writes and sha256-hashes at about a core's speed) has one, shared out. More would
+    oversubscribe the cores, and OpenMP's spinning threads then stall each other: on 2 busy
+    cores a merge measured 6x slower with 2 torch threads than with 1."""
+    return max(1, (cpus - workers) // workers)
 
 
 def apply_threads(decided: Resources) -> None:
-    """Give torch ``decided.torch_threads`` intra-op threads when several workers share the
-    cores (with one worker, torch's own default - every core - is already right, and a
-    caller's own setting is kept)."""
-    if decided.workers > 1:
-        import torch
+    """Give torch at most ``decided.torch_threads`` intra-op threads (never more than it has;
+    ``OMP_NUM_THREADS`` or ``MERGEFLOW_TORCH_THREADS``, when set, win)."""
+    import torch
 
-        torch.set_num_threads(decided.torch_threads)
+    wanted = os.environ.get("MERGEFLOW_TORCH_THREADS")
+    if wanted is None and os.environ.get("OMP_NUM_THREADS"):
+        return
+    threads = int(wanted) if wanted else decided.torch_threads
+    if wanted or threads < torch.get_num_threads():
+        torch.set_num_threads(max(1, threads))
+
+
+def limit_threads(workers: int = 1) -> None:
+    """:func:`apply_threads` for ``workers`` merging at once on this machine's cores (a task
+    runner's worker, which knows no spec)."""
+    cpus = usable_cpus()
+    apply_threads(Resources(workers=workers, block_bytes=MIN_BLOCK,
+                            torch_threads=torch_threads(cpus, workers)))

@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mergeflow import api
+from mergeflow import api, resources
 from mergeflow.api import MergeReport, PreparedMerge
 from mergeflow.execute import ShardResult
 from mergeflow.sinks import PublishResult
@@ -35,12 +35,14 @@ def load(spec: MergeSpec, prepared: PreparedMerge | None = None) -> PreparedMerg
 @task(name="merge-group", task_run_name="merge-group-{index}", **_TASK)
 def merge_group(plan_path: str, index: int, device: str = "cpu") -> ShardResult:
     """Dequantize and merge one layer group into its output shard."""
+    resources.limit_threads()
     return api.run_shard(plan_path, index, device)
 
 
 @task(name="resize-vocab-and-untie", task_run_name="resize-vocab-and-untie-{index}", **_TASK)
 def resize_vocab_and_untie(plan_path: str, index: int, device: str = "cpu") -> ShardResult:
     """Write the group holding the embedding and head: resized, merged, untied as planned."""
+    resources.limit_threads()
     return api.run_shard(plan_path, index, device)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from pydantic import ValidationError
 
 from mergeflow.errors import InputError
 from mergeflow.resources import (
@@ -24,8 +25,8 @@ PLENTY = 64 * GiB
 
 
 @pytest.mark.parametrize(("cpus", "workers", "threads"), [
-    (1, 1, 1), (2, 1, 2), (3, 1, 3),  # small boxes: one worker with all of torch's threads
-    (4, 2, 2), (6, 3, 2), (16, 8, 2), (64, 8, 8),  # one per two cores, at most 8
+    (1, 1, 1), (2, 1, 1), (3, 1, 2),  # small boxes: one worker; its writer thread gets a core
+    (4, 2, 1), (6, 3, 1), (16, 8, 1), (64, 8, 7),  # one per two cores, at most 8
 ])
 def test_automatic_workers_follow_the_cores(cpus, workers, threads):
     got = decide(None, BLOCK, None, cpus=cpus, available=PLENTY)
@@ -36,12 +37,12 @@ def test_automatic_workers_follow_the_cores(cpus, workers, threads):
 def test_explicit_workers_are_kept_and_threads_divided():
     assert decide(3, BLOCK, None, cpus=2, available=PLENTY) == Resources(
         workers=3, block_bytes=BLOCK, torch_threads=1, memory_budget=PLENTY // 4)
-    assert decide(4, BLOCK, None, cpus=16, available=PLENTY).torch_threads == 4
+    assert decide(4, BLOCK, None, cpus=16, available=PLENTY).torch_threads == 3
 
 
 def test_memory_limit_reduces_automatic_workers_first():
     got = decide(None, BLOCK, 256 * MiB, cpus=16, available=PLENTY)
-    assert (got.workers, got.block_bytes, got.torch_threads) == (2, BLOCK, 8)
+    assert (got.workers, got.block_bytes, got.torch_threads) == (2, BLOCK, 7)
     assert got.working_bytes <= 256 * MiB
 
 
@@ -92,7 +93,7 @@ def test_the_bound_holds_whenever_a_limit_is_set():
             continue
         assert got.working_bytes <= limit, (workers, block, limit, cpus, got)
         assert got.block_bytes <= block and got.block_bytes >= min(block, MIN_BLOCK)
-        assert got.torch_threads == max(1, cpus // got.workers)
+        assert got.torch_threads == max(1, (cpus - got.workers) // got.workers)
         if workers is not None:
             assert got.workers == workers
 
@@ -111,5 +112,8 @@ def test_for_spec_parses_the_sizes_and_names_the_option():
     got = for_spec(spec, cpus=4, available=PLENTY)
     assert (got.workers, got.block_bytes, got.memory_budget) == (2, 8 * MiB, 10**9)
     assert for_spec(MergeSpec(adapter="a", out="o"), cpus=2, available=PLENTY).workers == 1
-    with pytest.raises(InputError, match="--memory-limit"):
-        for_spec(MergeSpec(adapter="a", out="o", memory_limit="0MB"), cpus=2)
+    with pytest.raises(ValidationError, match="memory_limit"):  # the spec refuses it first
+        MergeSpec(adapter="a", out="o", memory_limit="0MB")
+    unchecked = MergeSpec(adapter="a", out="o").model_copy(update={"memory_limit": "0MB"})
+    with pytest.raises(InputError, match="--memory-limit '0MB': must be a positive size"):
+        for_spec(unchecked, cpus=2)
