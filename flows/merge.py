@@ -28,6 +28,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from mergeflow import api, resources
 from mergeflow.api import MergeReport, PreparedMerge
+from mergeflow.errors import MergeError
 from mergeflow.execute import ShardResult
 from mergeflow.plan import MergePlan
 from mergeflow.spec import MergeSpec
@@ -117,7 +118,7 @@ def merge_adapter(spec: MergeSpec, prepared: PreparedMerge | None = None) -> Mer
     if prepared.up_to_date:
         get_run_logger().info("%s already holds this merge; nothing to merge", prepared.out)
         if spec.push_to:
-            upload(spec)
+            _upload_published(spec)
         return api.up_to_date_report(prepared)
     if spec.low_disk:  # one shard on disk at a time: write, verify, ship, delete
         with timings("merge, verify and upload"):
@@ -137,9 +138,19 @@ def merge_adapter(spec: MergeSpec, prepared: PreparedMerge | None = None) -> Mer
         publish(prepared)
     if spec.push_to:
         with timings("upload"):
-            upload(spec)
+            _upload_published(spec)
     report_artifacts(spec, prepared, report, results, verification, timings)
     return report
+
+
+def _upload_published(spec: MergeSpec) -> None:
+    """The ``upload`` task, once ``spec.out`` is published: when it fails (after its retries),
+    the flow fails with the error that says what is published and what is not
+    (:func:`mergeflow.api.upload_error`)."""
+    try:
+        upload(spec)
+    except MergeError as exc:
+        raise api.upload_error(spec, exc) from exc
 
 
 def report_artifacts(spec: MergeSpec, prepared: PreparedMerge, report: MergeReport,

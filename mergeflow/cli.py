@@ -1,7 +1,12 @@
 """The ``mergeflow`` command.
 
-Exit codes: 0 success, 2 bad input (a one-line message naming the file or key and the fix),
-1 any other failure.
+Exit codes follow the phase: 0 success; 2 bad input refused while planning, before anything
+is written (a one-line message naming the file or key and the fix); 1 any failure once the merge
+runs (a full disk mid-merge, a destination failing after ``--out`` was published: the message
+says what was published and what was not). See :mod:`mergeflow.errors`.
+
+The ``merge`` options are :class:`~mergeflow.spec.MergeSpec`'s fields: their help and defaults
+come from the spec (``tests/test_cli.py`` proves that every field has its flag).
 
 ``mergeflow merge`` runs in-process (``mergeflow.api.run_local``) unless the run should be a
 Prefect flow run: with ``--prefect``, ``PREFECT_API_URL`` in the environment, ``--dask-address``
@@ -53,10 +58,23 @@ def _run(spec: MergeSpec, prefect: bool = False) -> tuple[MergeReport, str]:
     """Plan (failing fast on bad input), then run the merge - in-process, or as the Prefect flow
     (see :func:`flow_reason`) - with a progress bar. Returns the report and the line saying
     which path ran."""
+    return _execute(spec, _plan(spec), prefect)
+
+
+def _plan(spec: MergeSpec) -> PreparedMerge:
+    """The planning phase: every refusal of bad input happens here, before any output is
+    written (an InputError from here exits 2)."""
     from mergeflow import api, resources
 
     resources.for_spec(spec)  # sizes and the memory bound are checked before anything runs
-    prepared = api.prepare(spec)
+    return api.prepare(spec)
+
+
+def _execute(spec: MergeSpec, prepared: PreparedMerge,
+             prefect: bool = False) -> tuple[MergeReport, str]:
+    """The run phase of a planned merge (any failure from here exits 1)."""
+    from mergeflow import api
+
     reason = flow_reason(spec, prefect)
     if reason is None or (prepared.up_to_date and not spec.push_to):
         with _StagingProgress(prepared, enabled=not prepared.up_to_date):
@@ -138,98 +156,101 @@ class _StagingProgress:
             self._thread.join()
 
 
+def _help(field: str) -> str:
+    """A ``merge`` option's help: its MergeSpec field's description (brackets escaped, so
+    rich shows ``hf://org/name[@revision]`` as written)."""
+    from rich.markup import escape
+
+    return escape(MergeSpec.model_fields[field].description or "")
+
+
+def _default(field: str):
+    """A ``merge`` option's default: its MergeSpec field's default."""
+    return MergeSpec.model_fields[field].default
+
+
 @app.command()
 def merge(
-    adapter: Annotated[str, typer.Option(
-        help="PEFT LoRA adapter: folder, hf://org/name[@rev] or s3://bucket/prefix.")],
-    out: Annotated[Path, typer.Option(help="Output folder (appears when complete).")],
-    base: Annotated[str | None, typer.Option(
-        help="Base model: folder, hf://org/name[@rev] or s3://bucket/prefix "
-             "(default: the adapter config's base_model_name_or_path).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto | bfloat16 | float16 | float32")] = "auto",
-    max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB.")] = "5GB",
+    adapter: Annotated[str, typer.Option(help=_help("adapter"))],
+    out: Annotated[Path, typer.Option(help=_help("out"))],
+    base: Annotated[str | None, typer.Option(help=_help("base"))] = _default("base"),
+    dtype: Annotated[str, typer.Option(help=_help("dtype"))] = _default("dtype"),
+    max_shard_size: Annotated[str, typer.Option(
+        help=_help("max_shard_size"))] = _default("max_shard_size"),
     tokenizer: Annotated[Path | None, typer.Option(
-        help="Tokenizer folder (default: the adapter's, else the base's).")] = None,
-    no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help="Write no tokenizer files.")] = False,
+        help=_help("tokenizer"))] = _default("tokenizer"),
+    no_tokenizer: Annotated[bool, typer.Option(
+        "--no-tokenizer", help=_help("no_tokenizer"))] = _default("no_tokenizer"),
     pad_vocab_to_multiple_of: Annotated[int | None, typer.Option(
-        help="Round the vocabulary up to a multiple of N.")] = None,
+        help=_help("pad_vocab_to_multiple_of"))] = _default("pad_vocab_to_multiple_of"),
     allow_vocab_shrink: Annotated[bool, typer.Option(
-        "--allow-vocab-shrink", help="Allow fewer vocabulary rows than the base has.")] = False,
+        "--allow-vocab-shrink", help=_help("allow_vocab_shrink"))] = _default("allow_vocab_shrink"),
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace a different finished output.")] = False,
-    device: Annotated[str, typer.Option(
-        help="cpu | cuda: where dequantizing, merging and re-quantizing run.")] = "cpu",
+        "--overwrite", help=_help("overwrite"))] = _default("overwrite"),
+    device: Annotated[str, typer.Option(help=_help("device"))] = _default("device"),
     save_method: Annotated[str, typer.Option(
-        help="merged_16bit | merged_4bit (re-quantize with the quantized base's settings) | "
-             "lora (export the adapter unmerged).")] = "merged_16bit",
-    merge_onto: Annotated[str, typer.Option(
-        help="dequantized | original: for a quantized base, merge onto its dequantized weights "
-             "or onto --original-base.")] = "dequantized",
+        help=_help("save_method"))] = _default("save_method"),
+    merge_onto: Annotated[str, typer.Option(help=_help("merge_onto"))] = _default("merge_onto"),
     original_base: Annotated[str | None, typer.Option(
-        help="The 16-bit checkpoint the quantized base was made from.")] = None,
-    workers: Annotated[int | None, typer.Option(
-        help="Layer groups merged in parallel (default: from the cores and memory; "
-             "1 below 4 cores).")] = None,
-    block_size: Annotated[str, typer.Option(
-        help="Row block read, merged and written at a time, e.g. 32MiB.")] = "32MiB",
+        help=_help("original_base"))] = _default("original_base"),
+    workers: Annotated[int | None, typer.Option(help=_help("workers"))] = _default("workers"),
+    block_size: Annotated[str, typer.Option(help=_help("block_size"))] = _default("block_size"),
     memory_limit: Annotated[str | None, typer.Option(
-        help="Working memory the merge may use beyond its baseline, e.g. 4GiB "
-             "(default: a quarter of the available memory).")] = None,
+        help=_help("memory_limit"))] = _default("memory_limit"),
     prefect: Annotated[bool, typer.Option(
         "--prefect", help="Run as the Prefect flow merge-adapter (visible in the UI; without "
         "PREFECT_API_URL Prefect starts a temporary server). Default: in-process, unless "
         "PREFECT_API_URL, --dask-address or --push-to is set.")] = False,
     dask_address: Annotated[str | None, typer.Option(
-        help="Run layer groups on this Dask cluster (tcp://host:8786).")] = None,
-    no_verify: Annotated[bool, typer.Option(
-        "--no-verify", help="Skip the numeric and checksum verification.")] = False,
-    push_to: Annotated[str | None, typer.Option(
-        help="Publish to hf://org/name or s3://bucket/prefix after verifying.")] = None,
-    private: Annotated[bool, typer.Option("--private", help="hf://: private repo.")] = False,
-    revision: Annotated[str | None, typer.Option(help="hf://: branch to commit to.")] = None,
-    create_pr: Annotated[bool, typer.Option("--create-pr", help="hf://: open a PR.")] = False,
-    commit_message: Annotated[str | None, typer.Option(help="hf://: commit message.")] = None,
-    s3_sse: Annotated[str | None, typer.Option(help="s3://: AES256 | aws:kms")] = None,
-    s3_kms_key_id: Annotated[str | None, typer.Option(help="s3://: KMS key id.")] = None,
+        help=_help("dask_address"))] = _default("dask_address"),
+    verify: Annotated[bool, typer.Option(
+        "--verify/--no-verify", help=_help("verify"))] = _default("verify"),
+    push_to: Annotated[str | None, typer.Option(help=_help("push_to"))] = _default("push_to"),
+    private: Annotated[bool, typer.Option(
+        "--private", help=_help("private"))] = _default("private"),
+    revision: Annotated[str | None, typer.Option(help=_help("revision"))] = _default("revision"),
+    create_pr: Annotated[bool, typer.Option(
+        "--create-pr", help=_help("create_pr"))] = _default("create_pr"),
+    commit_message: Annotated[str | None, typer.Option(
+        help=_help("commit_message"))] = _default("commit_message"),
+    s3_sse: Annotated[str | None, typer.Option(help=_help("s3_sse"))] = _default("s3_sse"),
+    s3_kms_key_id: Annotated[str | None, typer.Option(
+        help=_help("s3_kms_key_id"))] = _default("s3_kms_key_id"),
     low_disk: Annotated[bool, typer.Option(
-        "--low-disk", help="With --push-to: ship and delete each shard as it is verified.")] = False,
+        "--low-disk", help=_help("low_disk"))] = _default("low_disk"),
 ) -> None:
     """Merge ADAPTER into BASE and write a SafeTensors checkpoint to OUT."""
+    fields = {name: str(value) if isinstance(value, Path) else value
+              for name, value in locals().items() if name in MergeSpec.model_fields}
     try:
-        spec = MergeSpec(base=base, adapter=adapter, out=str(out), dtype=dtype,
-                         max_shard_size=max_shard_size,
-                         tokenizer=str(tokenizer) if tokenizer else None,
-                         no_tokenizer=no_tokenizer, overwrite=overwrite, device=device,
-                         pad_vocab_to_multiple_of=pad_vocab_to_multiple_of,
-                         allow_vocab_shrink=allow_vocab_shrink, save_method=save_method,
-                         merge_onto=merge_onto,
-                         original_base=original_base,
-                         workers=workers, block_size=block_size, memory_limit=memory_limit,
-                         dask_address=dask_address, verify=not no_verify,
-                         push_to=push_to, private=private, revision=revision,
-                         create_pr=create_pr, commit_message=commit_message, s3_sse=s3_sse,
-                         s3_kms_key_id=s3_kms_key_id, low_disk=low_disk)
+        spec = MergeSpec(**fields)
     except ValueError as exc:
-        _fail(2, "invalid options: " + "; ".join(
-            f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
-            for e in exc.errors()))
+        _fail(2, _invalid_options(exc))
     try:
-        report, ran = _run(spec, prefect)
-    except InputError as exc:
+        prepared = _plan(spec)
+    except InputError as exc:  # refused before anything was written
         _fail(2, str(exc))
     except MergeError as exc:
         _fail(1, str(exc))
-    except OSError as exc:
-        from mergeflow.writer import DISK_FULL
-
-        if exc.errno not in DISK_FULL:
-            raise
-        _fail(2, f"{exc.filename or spec.out}: no space left on the device ({exc.strerror}); free "
-                 "space or pass --out on a bigger disk, then rerun: finished groups are kept")
+    try:
+        report, ran = _execute(spec, prepared, prefect)
+    except MergeError as exc:  # once the merge runs, every failure exits 1 (mergeflow.errors)
+        _fail(1, str(exc))
     _print_report(report)
     if spec.push_to:
         _print_published(spec.push_to)
     _print_line(ran)
+
+
+def _invalid_options(exc: ValueError) -> str:
+    """A spec's validation errors on one line: ``--flag: problem`` for a field's value, the
+    message itself for options that cannot go together."""
+    errors = exc.errors() if hasattr(exc, "errors") else [{"loc": (), "msg": str(exc)}]
+    fields = [f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+              for e in errors if e["loc"]]
+    combinations = [e["msg"] for e in errors if not e["loc"]]
+    return "; ".join([*(["invalid options: " + "; ".join(fields)] if fields else []),
+                      *combinations])
 
 
 def _fail(code: int, message: str) -> None:

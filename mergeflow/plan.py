@@ -19,14 +19,13 @@ from mergeflow.checkpoint import DTYPE_NAMES, DTYPES, Checkpoint, TensorInfo
 from mergeflow.errors import InputError, PlanError
 from mergeflow.layout import ModelLayout
 from mergeflow.quant import QuantizedBase, QuantSpec, output_infos, output_keys
+from mergeflow.spec import size_bytes
 from mergeflow.vocab import decide_rows
 
 PLAN_VERSION = 1
 DTYPE_CHOICES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
 ADAPTER_FILE = "adapter_model.safetensors"
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 class TensorPart(BaseModel):
@@ -155,17 +154,16 @@ class MergePlan(BaseModel):
 
 
 def parse_size(text: str | int) -> int:
-    """Parse a shard size like ``"5GB"``, ``"500MiB"`` or ``1000000`` into bytes."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = match.group(2).upper() if match else ""
-    if not match or unit not in _SIZE_UNITS:
-        raise InputError(f"--max-shard-size {text!r}: use a size like 5GB, 500MB or 2GiB")
-    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
-    if size <= 0:
-        raise InputError(f"--max-shard-size {text!r}: must be positive")
-    return size
+    """Parse a shard size like ``"5GB"``, ``"5gb"``, ``"500MiB"`` or ``1000000`` into bytes
+    (:func:`mergeflow.spec.size_bytes`, the parser the spec's size fields validate with).
+
+    Raises:
+        InputError: naming ``--max-shard-size``.
+    """
+    try:
+        return size_bytes(text)
+    except ValueError as exc:
+        raise InputError(f"--max-shard-size {exc}") from None
 
 
 def natural_key(name: str) -> list[object]:

@@ -4,7 +4,7 @@
   and an adapter whose LoRA deltas are all zero adds a "warning:" note to the plan (and so to
   the merge report, the model card and the manifest).
 * The output's bytes (the planned shards, plus the tokenizer and small files) are compared with
-  the free space where the output is staged; too little is a :class:`DiskSpaceError` with the
+  the free space where the output is staged; too little is a :class:`NotEnoughDiskSpace` with the
   numbers, before a byte is written. ``MERGEFLOW_MIN_FREE_BYTES`` (e.g. ``2GB``) asks for that
   much headroom to be left free on top.
 * A resumed run starts without the manifest an interrupted run may have left in staging.
@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from mergeflow.adapter import Adapter, check_values
-from mergeflow.errors import DiskSpaceError, InputError
+from mergeflow.errors import InputError, NotEnoughDiskSpace
 from mergeflow.output import MANIFEST, TOKENIZER_FILES, read_manifest
 from mergeflow.plan import MergePlan, parse_size
 from mergeflow.staging import Staging
@@ -34,7 +34,7 @@ def check(plan: MergePlan, adapter: Adapter, out: Path | str, *, low_disk: bool 
 
     Raises:
         AdapterError: an adapter tensor holds NaN or Inf.
-        DiskSpaceError: the output's disk has too little free space.
+        NotEnoughDiskSpace: the output's disk has too little free space.
     """
     plan.notes.extend(w for w in check_values(adapter) if w not in plan.notes)
     check_disk_space(plan, Path(out), low_disk=low_disk)
@@ -44,7 +44,7 @@ def check_disk_space(plan: MergePlan, out: Path, *, low_disk: bool = False) -> N
     """Refuse to start a merge whose output cannot fit beside ``out``.
 
     Raises:
-        DiskSpaceError: with the bytes needed and free, and the folder.
+        NotEnoughDiskSpace: with the bytes needed and free, and the folder.
     """
     if _already_there(plan, out):
         return
@@ -54,7 +54,7 @@ def check_disk_space(plan: MergePlan, out: Path, *, low_disk: bool = False) -> N
     free = shutil.disk_usage(folder).free
     if free < needed + headroom:
         extra = f" + {_size(headroom)} kept free ({MIN_FREE_ENV})" if headroom else ""
-        raise DiskSpaceError(
+        raise NotEnoughDiskSpace(
             f"{folder}: {_size(free)} free, but the merge into {out} needs {_size(needed)}{extra}; "
             f"free {_size(needed + headroom - free)} or pass --out on a bigger disk")
 

@@ -1,11 +1,78 @@
 """MergeSpec: one merge request, validated. The CLI, the Python API and the Prefect flow's
-parameter form all take this same model."""
+parameter form all take this same model, and it is the one place the options are declared:
+their names, types, defaults, descriptions (the CLI's ``--help``), the size syntax
+(:func:`size_bytes`, which ``mergeflow.plan.parse_size`` uses too) and the combinations that
+cannot mean anything (:meth:`MergeSpec.option_problems`). ``tests/test_cli.py`` proves that every
+field has its ``mergeflow merge`` flag with the same default and help."""
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+#: Size units, case-insensitive: decimal (KB = 1000 bytes) and binary (KiB = 1024 bytes).
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
+#: The same language as a JSON-schema pattern (the Prefect parameter form checks it; a size
+#: must also be positive, which a pattern cannot say).
+SIZE_PATTERN = r"^\s*[0-9]+(\.[0-9]+)?\s*(([KkMmGgTt][Ii]?)?[Bb])?\s*$"
+SIZE_HELP = "use a size like 5GB, 500MB, 500MiB or 2GiB (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB; " \
+    "any case; a plain number is bytes)"
+
+
+def size_bytes(text: str | int) -> int:
+    """A size (``"5GB"``, ``"5gb"``, ``"500MiB"``, ``"2GiB"``, ``"1000000"`` or an int) in bytes.
+
+    The one size parser: the spec's size fields validate with it and
+    ``mergeflow.plan.parse_size`` wraps it.
+
+    Raises:
+        ValueError: not a size, or not positive.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r}: {SIZE_HELP}")
+    if isinstance(text, int):
+        size = text
+    else:
+        match = _SIZE.fullmatch(str(text))
+        unit = match.group(2).upper() if match else ""
+        if not match or unit not in SIZE_UNITS:
+            raise ValueError(f"{text!r}: {SIZE_HELP}")
+        size = int(float(match.group(1)) * SIZE_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"{text!r}: must be a positive size")
+    return size
+
+
+def _size_text(value: Any) -> Any:
+    """An int size is kept as its text (the field stays a JSON string)."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _check_size(value: str) -> str:
+    """A size field's check; the error's location names the field (the CLI: its flag)."""
+    try:
+        size_bytes(value)
+    except ValueError as exc:
+        raise PydanticCustomError("byte_size", "{problem}", {"problem": str(exc)}) from None
+    return value
+
+
+#: A size option: text such as ``5GB`` (kept as given, so the spec stays JSON), checked by
+#: :func:`size_bytes`; an int is accepted as bytes.
+Size = Annotated[str, BeforeValidator(_size_text), AfterValidator(_check_size),
+                 Field(json_schema_extra={"pattern": SIZE_PATTERN})]
 
 
 class MergeSpec(BaseModel):
@@ -24,9 +91,8 @@ class MergeSpec(BaseModel):
         "auto", description="Output dtype; 'auto' keeps the base's own float dtype (for a "
         "4-bit base merged to 16 bits: its bnb_4bit_compute_dtype; an 8-bit one: bfloat16; "
         "merged onto the original: the original's dtype).")
-    max_shard_size: str = Field(
-        "5GB", pattern=r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)?\s*$",
-        description="Largest output shard, e.g. 5GB or 500MiB.")
+    max_shard_size: Size = Field(
+        "5GB", description="Largest output shard, e.g. 5GB or 500MiB.")
     tokenizer: str | None = Field(
         None, description="Tokenizer folder to ship; default: the adapter's, else the base's.")
     no_tokenizer: bool = Field(
@@ -50,20 +116,18 @@ class MergeSpec(BaseModel):
         "(--original-base).")
     original_base: str | None = Field(
         None, description="The 16-bit checkpoint the quantized base was made from "
-        "(needed by merge_onto=original; tensor names and shapes must match).")
+        "(needed to merge onto the original; tensor names and shapes must match).")
     verify: bool = Field(
         True, description="Check checksums, completeness and the numerics of every merged "
         "tensor before publishing.")
     workers: int | None = Field(
         None, ge=1, le=64, description="Layer groups merged in parallel (thread pool size); "
         "default: decided from the cores and memory available (see mergeflow.resources).")
-    block_size: str = Field(
-        "24MiB", pattern=r"^\s*\d+(\.\d+)?\s*([KMGTkmgt]i?[Bb]|[Bb])?\s*$",
-        description="Bytes of one row block: every tensor is read, merged and written in "
+    block_size: Size = Field(
+        "24MiB", description="Bytes of one row block: every tensor is read, merged and written in "
         "blocks of about this many float32 bytes, so memory never follows a tensor's size.")
-    memory_limit: str | None = Field(
-        None, pattern=r"^\s*\d+(\.\d+)?\s*([KMGTkmgt]i?[Bb]|[Bb])?\s*$",
-        description="Budget for the merge's working memory beyond the process baseline "
+    memory_limit: Size | None = Field(
+        None, description="Budget for the merge's working memory beyond the process baseline "
         "(workers x blocks must fit); default: a quarter of the available memory.")
     dask_address: str | None = Field(
         None, description="Run layer groups on this existing Dask cluster (e.g. "
@@ -82,8 +146,32 @@ class MergeSpec(BaseModel):
         False, description="With push_to: publish each shard as soon as it is written and "
         "verified, then delete it locally (local disk stays near one shard).")
 
-    @model_validator(mode="after")
-    def _low_disk_needs_destination(self) -> MergeSpec:
+    def option_problems(self) -> list[str]:
+        """The combinations of options that cannot mean anything, one line each (in the CLI's
+        ``--option`` words). Checked when a spec is made and again by ``mergeflow.api.prepare``
+        (a ``model_copy(update=...)`` is not validated)."""
+        problems = []
+        if self.merge_onto == "original" and not self.original_base:
+            problems.append("--merge-onto original needs --original-base PATH: the 16-bit "
+                            "checkpoint the quantized base was made from")
+        if self.original_base and self.merge_onto != "original":
+            problems.append(f"--original-base {self.original_base} is only read with "
+                            "--merge-onto original; add that, or drop --original-base")
+        if self.save_method == "lora" and self.merge_onto == "original":
+            problems.append("--save-method lora exports the adapter unmerged, so --merge-onto "
+                            "original has nothing to do; drop one of them")
         if self.low_disk and not self.push_to:
-            raise ValueError("low_disk needs push_to: shards are shipped and deleted as they go")
+            problems.append("low_disk needs push_to: shards are shipped and deleted as they go")
+        return problems
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> MergeSpec:
+        problems = self.option_problems()
+        if problems:  # type "option_combination", no location: the CLI prints the message as is
+            raise PydanticCustomError(OPTION_COMBINATION, "{message}",
+                                      {"message": "; ".join(problems)})
         return self
+
+
+#: The pydantic error type of :meth:`MergeSpec.option_problems`.
+OPTION_COMBINATION = "option_combination"

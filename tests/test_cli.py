@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,3 +188,67 @@ def test_no_tokenizer_flag_merges_without_tokenizer(runs):
     manifest = load_json(case.out / "merge-manifest.json")
     assert set(manifest["files"]) == files - {"merge-manifest.json"}
     assert staging_leftovers(case.out) == []
+
+
+# --------------------------------------------------------------------------- flags = MergeSpec
+
+
+CLI_ONLY = {"prefect"}  # how to run, not what to merge
+
+
+def _merge_params() -> dict:
+    import typer
+
+    from mergeflow.cli import app
+
+    command = typer.main.get_command(app).commands["merge"]
+    return {p.name: p for p in command.params if p.name != "help"}
+
+
+def test_every_spec_field_is_a_merge_flag_with_its_default_and_help():
+    """MergeSpec declares the options; the CLI only spells them: one flag per field, named
+    after it, with the field's default and its description as the help."""
+    from rich.markup import escape
+
+    from mergeflow.spec import MergeSpec
+
+    params = _merge_params()
+    fields = MergeSpec.model_fields
+    assert set(fields) == set(params) - CLI_ONLY, (set(fields) ^ (set(params) - CLI_ONLY))
+    for name, info in fields.items():
+        param = params[name]
+        flag = "--" + name.replace("_", "-")
+        assert flag in param.opts, (name, param.opts)
+        assert param.help == escape(info.description), name
+        if info.is_required():
+            assert param.required, name
+        else:
+            assert not param.required and param.default == info.default, \
+                (name, param.default, info.default)
+
+
+def test_every_merge_flag_is_in_the_readme_table():
+    from helpers import REPO
+
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("### `mergeflow merge` options", 1)[1].split("\n\n", 2)[1]
+    documented = set(re.findall(r"--[a-z0-9-]+", table))
+    for name, param in _merge_params().items():
+        assert documented & set(param.opts + param.secondary_opts), f"{name} not in README"
+
+
+def test_a_bad_size_names_the_flag(tmp_path):
+    from typer.testing import CliRunner
+
+    from mergeflow.cli import app
+
+    result = CliRunner().invoke(app, ["merge", "--adapter", "a", "--out", str(tmp_path / "o"),
+                                      "--max-shard-size", "5 gigs", "--block-size", "0KB"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "invalid options: --max-shard-size: '5 gigs': use a size like 5GB" in text, text
+    assert "--block-size: '0KB': must be a positive size" in text, text
+    result = CliRunner().invoke(app, ["merge", "--adapter", "a", "--out", str(tmp_path / "o"),
+                                      "--max-shard-size", "5gb", "--low-disk"])
+    assert result.exit_code == 2, result.output
+    assert "error: low_disk needs push_to" in " ".join(result.output.split()), result.output

@@ -80,11 +80,32 @@ def test_event_triggers_route_and_template_the_spec(prefect_yaml):
                        "workers": 4}
     MergeSpec(**minimal)
     full = _render_trigger(cpu, {"adapter": "hf://o/a@1", "out": "/o", "base": "/b",
-                                 "destination": "s3://bk/m", "dtype": "bfloat16",
+                                 "push_to": "s3://bk/m", "dtype": "bfloat16",
                                  "device": "cuda"})["spec"]
     assert full["base"] == "/b" and full["push_to"] == "s3://bk/m"
     assert full["dtype"] == "bfloat16" and full["device"] == "cpu"  # the CPU deployment stays CPU
     MergeSpec(**full)
+
+
+def test_event_payload_uses_the_spec_names_and_still_reads_destination(prefect_yaml):
+    """Payloads carry MergeSpec's field names (``push_to``); ``destination``, its old name, is
+    a deprecated alias the triggers still read, and ``push_to`` wins over it."""
+    from triggers.events import adapter_ready_event, adapter_ready_payload
+
+    payload = adapter_ready_payload("/a", "/o", push_to="s3://bk/m", dtype="bfloat16")
+    assert payload == {"adapter": "/a", "out": "/o", "push_to": "s3://bk/m", "dtype": "bfloat16"}
+    assert adapter_ready_event("/a", "/o", push_to="s3://bk/m")[0]["payload"]["push_to"] == \
+        "s3://bk/m"
+    assert set(payload) <= set(MergeSpec.model_fields)
+    gpu = _deployment(prefect_yaml, "merge-adapter")["triggers"][0]
+    assert _render_trigger(gpu, payload)["spec"]["push_to"] == "s3://bk/m"
+    old = {"adapter": "/a", "out": "/o", "destination": "s3://old/m"}
+    assert _render_trigger(gpu, old)["spec"]["push_to"] == "s3://old/m"
+    both = {**old, "push_to": "s3://new/m"}
+    assert _render_trigger(gpu, both)["spec"]["push_to"] == "s3://new/m"
+    templated = {k for k, v in gpu["parameters"]["spec"].items() if isinstance(v, str)
+                 and "event.payload" in v}
+    assert templated <= set(MergeSpec.model_fields)
 
 
 def test_watcher_deployment(prefect_yaml):

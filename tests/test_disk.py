@@ -1,6 +1,10 @@
 """Disk space (issue 8): the preflight estimate refuses a merge that cannot fit before any work,
 and a disk that fills up mid-merge (ENOSPC) is a clear DiskSpaceError that publishes nothing and
-leaves a resumable staging folder."""
+leaves a resumable staging folder.
+
+Exit codes follow the phase (issue 15): the preflight's refusal (NotEnoughDiskSpace, an
+InputError) exits 2, as nothing was written; a disk filling up mid-merge exits 1, and every
+ENOSPC is translated by the core (the CLI has no OSError case of its own)."""
 
 from __future__ import annotations
 
@@ -174,6 +178,8 @@ def test_disk_full_mid_merge_is_a_disk_error_then_resumes(inputs, parent, tmp_pa
     staging = Staging.for_output(out)
     assert message.startswith(f"{staging.folder}/model-0000")  # the file being written
     assert "no space left on the device" in message and "bytes not yet stored" in message
+    assert f"the staging folder {staging.folder} is kept" in message and "rerun" in message
+    assert not isinstance(caught.value, InputError)  # mid-merge: no refusal of bad input
     assert "\n" not in message
     assert not out.exists()
     assert not list(parent.rglob(MANIFEST))
@@ -186,6 +192,31 @@ def test_disk_full_mid_merge_is_a_disk_error_then_resumes(inputs, parent, tmp_pa
     assert {p.name: p.read_bytes() for p in out.iterdir()} == \
         {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir()}
     assert staging_leftovers(out) == []
+
+
+def test_disk_full_while_finalizing_is_a_disk_error(inputs, parent, monkeypatch):
+    """An ENOSPC outside the shard writer (here: config.json, written while finalizing) is
+    translated by the core too: a DiskSpaceError naming the file, never a bare OSError."""
+    base, adapter = inputs
+    out = parent / "merged"
+    real = api.write_json
+
+    def full(path, data):
+        if Path(path).name == "config.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, data)
+
+    monkeypatch.setattr(api, "write_json", full)
+    with pytest.raises(DiskSpaceError) as caught:
+        mergeflow.merge(base, adapter, out, max_shard_size=SHARD)
+    staging = Staging.for_output(out)
+    message = str(caught.value)
+    assert message.startswith(f"{staging.folder / 'config.json'}: no space left on the device")
+    assert f"the staging folder {staging.folder} is kept" in message
+    assert isinstance(caught.value.__cause__, OSError) and not isinstance(caught.value, InputError)
+    assert not out.exists() and not list(parent.rglob(MANIFEST))
+    monkeypatch.undo()
+    assert mergeflow.merge(base, adapter, out, max_shard_size=SHARD).groups_resumed >= 1
 
 
 def test_other_write_errors_are_not_disk_errors(tmp_path, monkeypatch):
@@ -223,8 +254,14 @@ def _cli_child_disk_full(args: list[str], stdout_path: str, stderr_path: str,
 
 
 @pytest.mark.parametrize("where", ["writer", "finalize"])
-def test_cli_disk_full_exits_2_with_one_line(inputs, parent, tmp_path, prefect_server, where):
-    """Through the Prefect flow: a full disk in a merge task or while finalizing."""
+def test_cli_disk_full_mid_merge_exits_1_with_one_line(inputs, parent, tmp_path, prefect_server,
+                                                       where):
+    """Through the Prefect flow: a full disk in a merge task or while finalizing.
+
+    This exited 2 before issue 15. Exit 2 promises "refused before anything was written", but
+    here the merge had started: the staging folder holds the plan and any finished shards,
+    which a rerun resumes from. So a disk filling up mid-merge exits 1, and its one line says
+    the staging folder is kept (the preflight's refusal, before any work, still exits 2)."""
     import multiprocessing
 
     base, adapter = inputs
@@ -238,10 +275,12 @@ def test_cli_disk_full_exits_2_with_one_line(inputs, parent, tmp_path, prefect_s
     proc.start()
     proc.join(300)
     stderr = Path(paths[1]).read_text()
-    assert proc.exitcode == 2, stderr
+    assert proc.exitcode == 1, stderr
     lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "no space left on the device" in lines[0], stderr
     name = "model-00001-of-0000" if where == "writer" else "config.json"
     assert name in lines[0]
+    assert "staging folder" in lines[0] and "is kept" in lines[0] and "resume" in lines[0]
     assert not out.exists() and not list(parent.rglob(MANIFEST))
+    assert Staging.for_output(out).folder.is_dir()  # kept for the rerun
     Staging.for_output(out).remove()

@@ -394,3 +394,97 @@ def test_real_merge_from_s3_published_to_s3(s3, make_base, make_adapter, tmp_pat
     back = resolve_source(f"s3://{bucket}/out/merged", client=client, allow_patterns=None)
     assert (back / MANIFEST).read_bytes() == (out / MANIFEST).read_bytes()
     assert finished_files(back) == finished_files(out)
+
+
+# --------------------------------------------------------------------------- after publishing
+
+
+def test_a_destination_failing_after_out_was_published_says_what_is_where(
+        s3, s3_endpoint, make_base, make_adapter, tmp_path, monkeypatch):
+    """Exit codes follow the phase (issue 15): a SinkError from --push-to after --out was
+    published is no refusal of bad input: it is an UploadError (exit 1) that says --out holds
+    the finished merge and the destination does not."""
+    import mergeflow
+    from mergeflow.errors import InputError, UploadError
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    base = make_base("llama")
+    adapter = make_adapter(base)
+    out, dest = tmp_path / "merged", "s3://no-such-bucket-mf/m"
+    with pytest.raises(UploadError) as caught:
+        mergeflow.merge(base, adapter, out, push_to=dest)
+    message = str(caught.value)
+    assert not isinstance(caught.value, InputError)
+    assert isinstance(caught.value.__cause__, SinkError)
+    assert message.startswith(f"{out} is published and holds the finished merge")
+    assert f"publishing it to {dest} failed, so {dest} does not hold it" in message
+    assert "the bucket does not exist" in message and "Rerun the same command" in message
+    assert (out / MANIFEST).is_file()
+    # The rerun finds --out up to date and only uploads; the same failure says the same.
+    with pytest.raises(UploadError, match=f"{out} is published"):
+        mergeflow.merge(base, adapter, out, push_to=dest)
+
+
+class _FailingPublisher:
+    """A low-disk publisher whose ``put`` fails on the shard number ``fail_at``."""
+
+    def __init__(self, fail_at: int, error: Exception) -> None:
+        self.fail_at, self.error, self.put_names = fail_at, error, []
+
+    def put(self, path, sha256, size):
+        if len(self.put_names) == self.fail_at:
+            raise self.error
+        self.put_names.append(Path(path).name)
+
+    def finish(self, small, manifest):  # pragma: no cover - never reached
+        raise AssertionError("finish after a failed put")
+
+
+@pytest.mark.parametrize("transient", [False, True], ids=["permanent", "transient"])
+def test_low_disk_failing_after_shards_were_shipped_says_which(make_base, make_adapter,
+                                                               tmp_path, monkeypatch, transient):
+    import mergeflow
+    from mergeflow import api
+    from mergeflow.errors import InputError, UploadError
+
+    base = make_base("llama")
+    adapter = make_adapter(base)
+    error = TransientError("throttled") if transient else SinkError("s3://bk/m: access denied")
+    publisher = _FailingPublisher(2, error)
+    monkeypatch.setattr(api, "open_publisher", lambda dest, **options: publisher)
+    with pytest.raises(UploadError) as caught:
+        mergeflow.merge(base, adapter, tmp_path / "out", push_to="s3://bk/m", low_disk=True,
+                        max_shard_size="40KB")
+    message = str(caught.value)
+    assert not isinstance(caught.value, InputError)
+    assert isinstance(caught.value, TransientError) == transient  # still retried when it was
+    assert message.startswith("publishing to s3://bk/m failed after 2 of ")
+    assert ", ".join(publisher.put_names) in message and "the manifest are not there" in message
+    assert str(error) in message and not (tmp_path / "out").exists()
+
+    # Nothing shipped yet: the destination's own error, as it is.
+    monkeypatch.setattr(api, "open_publisher", lambda dest, **options: _FailingPublisher(0, error))
+    with pytest.raises(type(error)) as first:
+        mergeflow.merge(base, adapter, tmp_path / "out", push_to="s3://bk/m", low_disk=True,
+                        max_shard_size="40KB")
+    assert not isinstance(first.value, UploadError)
+
+
+def test_cli_exits_1_when_the_destination_fails_after_out_was_published(
+        s3_endpoint, make_base, make_adapter, tmp_path, monkeypatch, prefect_server):
+    """Through the Prefect flow (--push-to runs it): exit 1, one error line naming both."""
+    from typer.testing import CliRunner
+
+    from mergeflow.cli import app
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    base = make_base("llama")
+    adapter = make_adapter(base)
+    out, dest = tmp_path / "merged", "s3://no-such-bucket-mf/cli"
+    result = CliRunner().invoke(app, ["merge", "--base", str(base), "--adapter", str(adapter),
+                                      "--out", str(out), "--push-to", dest, "--workers", "1"])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert f"error: {out} is published and holds the finished merge" in text, text
+    assert f"so {dest} does not hold it" in text and "the bucket does not exist" in text
+    assert (out / MANIFEST).is_file()

@@ -9,11 +9,15 @@ payload key   meaning
 adapter       the adapter: a folder, ``hf://org/name[@rev]`` or ``s3://...``
 out           the output folder of the merge
 base          optional: the base model (default: the one the adapter names)
-destination   optional: publish to ``hf://org/name`` or ``s3://bucket/prefix``
+push_to       optional: publish to ``hf://org/name`` or ``s3://bucket/prefix``
 device        optional: ``cuda`` (GPU deployment default) or ``cpu``
 dtype         optional: ``auto`` (default), ``bfloat16``, ``float16``, ``float32``
 save_method   optional: ``merged_16bit`` (default), ``merged_4bit``, ``lora``
 ============  ==============================================================
+
+The keys are :class:`~mergeflow.spec.MergeSpec`'s own field names. ``destination`` is the
+deprecated old name of ``push_to``: the triggers still read it (``push_to`` wins when both are
+set), but nothing emits it any more.
 
 The event's resource id routes it: ``mergeflow.adapter.<adapter>`` starts the GPU deployment,
 ``mergeflow.cpu-adapter.<adapter>`` the CPU one.
@@ -43,8 +47,8 @@ def adapter_resource(adapter: str, target: Target = "gpu") -> dict[str, str]:
 
 def adapter_ready_payload(adapter: str, out: str, base: str | None = None,
                           push_to: str | None = None, **options: Any) -> dict[str, Any]:
-    """The event payload (unset values left out; ``push_to`` travels as ``destination``)."""
-    payload = {"adapter": adapter, "out": out, "base": base, "destination": push_to, **options}
+    """The event payload: MergeSpec field names, unset values left out."""
+    payload = {"adapter": adapter, "out": out, "base": base, "push_to": push_to, **options}
     return {k: v for k, v in payload.items() if v is not None}
 
 
