@@ -301,7 +301,8 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                     "original_base": str(original_dir) if original_dir else None,
                     "mergeflow": __version__}
     plan.runtime = {"block_bytes": resources.for_spec(spec).block_bytes}  # within the budget
-    preflight.check(plan, adapter, out, low_disk=spec.low_disk)  # adapter values, free disk
+    warnings = preflight.check(plan, adapter, out, low_disk=spec.low_disk)  # values, free disk
+    plan.notes.extend(w for w in warnings if w not in plan.notes)  # before the fingerprint
     fingerprint = plan.fingerprint()
     up_to_date = check_existing_output(out, fingerprint, spec.overwrite)
     staging = Staging.for_output(out)

@@ -1,8 +1,8 @@
 """Checks run once after planning and before any work: the adapter's values and the disk.
 
 * Every adapter tensor is read once (adapters are small): NaN or Inf is refused naming the key,
-  and an adapter whose LoRA deltas are all zero adds a "warning:" note to the plan (and so to
-  the merge report, the model card and the manifest).
+  and an adapter whose LoRA deltas are all zero is a "warning:" the caller adds to the plan's
+  notes (and so to the merge report, the model card and the manifest).
 * The output's bytes (the planned shards, plus the tokenizer and small files) are compared with
   the free space where the output is staged; too little is a :class:`NotEnoughDiskSpace` with the
   numbers, before a byte is written. ``MERGEFLOW_MIN_FREE_BYTES`` (e.g. ``2GB``) asks for that
@@ -26,18 +26,19 @@ MIN_FREE_ENV = "MERGEFLOW_MIN_FREE_BYTES"
 SMALL_FILES = 2 * 2**20  # config, generation config, index, model card, manifest: generous
 
 
-def check(plan: MergePlan, adapter: Adapter, out: Path | str, *, low_disk: bool = False) -> None:
-    """Run every preflight check; the adapter's warnings are appended to ``plan.notes``.
-    ``low_disk``: shards are shipped and deleted one at a time, so only the largest must fit.
-
-    Call it after planning and before the plan's fingerprint is taken (the notes are part of it).
+def check(plan: MergePlan, adapter: Adapter, out: Path | str, *,
+          low_disk: bool = False) -> list[str]:
+    """Run every preflight check and return its warnings (``warning: ...`` notes, e.g. an
+    adapter whose deltas are all zero); the plan is not changed. ``low_disk``: shards are
+    shipped and deleted one at a time, so only the largest must fit.
 
     Raises:
         AdapterError: an adapter tensor holds NaN or Inf.
         NotEnoughDiskSpace: the output's disk has too little free space.
     """
-    plan.notes.extend(w for w in check_values(adapter) if w not in plan.notes)
+    warnings = check_values(adapter)
     check_disk_space(plan, Path(out), low_disk=low_disk)
+    return warnings
 
 
 def check_disk_space(plan: MergePlan, out: Path, *, low_disk: bool = False) -> None:
