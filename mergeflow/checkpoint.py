@@ -248,6 +248,17 @@ def _check_spans(spans: list[tuple[int, int, str]], data_size: int, path: Path |
                               "file is corrupt, re-download or re-save it")
 
 
+def row_runs(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted row indices as ``[start, stop)`` runs of consecutive rows (one read each)."""
+    runs: list[list[int]] = []
+    for r in rows:
+        if runs and r == runs[-1][1]:
+            runs[-1][1] = r + 1
+        else:
+            runs.append([r, r + 1])
+    return [(a, b) for a, b in runs]
+
+
 class Checkpoint:
     """A safetensors checkpoint folder, opened lazily.
 
@@ -361,13 +372,7 @@ class Checkpoint:
     def read_row_set(self, name: str, rows: Sequence[int]) -> torch.Tensor:
         """The given rows (along dim 0) of a tensor, stacked, in its stored dtype; each run of
         consecutive rows is one positional read."""
-        runs: list[list[int]] = []
-        for r in rows:
-            if runs and r == runs[-1][1]:
-                runs[-1][1] = r + 1
-            else:
-                runs.append([r, r + 1])
-        parts = [self.read_rows(name, a, b).clone() for a, b in runs]
+        parts = [self.read_rows(name, a, b) for a, b in row_runs(rows)]  # fresh buffers each
         info = self.tensors[name]
         if not parts:
             return torch.empty((0, *info.shape[1:]), dtype=DTYPES[info.dtype])

@@ -226,7 +226,7 @@ class TensorSource:
                                                  count=3 if itemsize <= 2 else 2)
         return pool
 
-    def _rows_per_block(self, plan: TensorPlan, row_elems: int) -> int:
+    def rows_per_block(self, plan: TensorPlan, row_elems: int) -> int:
         """Rows per block: as many float32 rows as ``block_bytes`` holds, then evened out over
         the tensor so that no block is a sliver (a 1-row GEMM takes another kernel path)."""
         rows = plan.shape[0] if plan.shape else 1
@@ -259,10 +259,6 @@ class TensorSource:
                 release()
         tensor = torch.cat(blocks) if plan.shape else blocks[0]
         return [(plan.name, tensor.reshape(plan.shape))]
-
-    def produce(self, plan: TensorPlan) -> torch.Tensor:
-        """The output tensor of one plan entry, whole, on the CPU, in the planned dtype."""
-        return self.produce_all(plan)[0][1]
 
     def _compute_whole(self, plan: TensorPlan) -> torch.Tensor:
         """A quantized unit, whole: dequantize, resize, merge, add bias, set token rows;
@@ -304,7 +300,7 @@ class TensorSource:
         row_elems = 1
         for d in plan.shape[1:]:
             row_elems *= d
-        step = self._rows_per_block(plan, row_elems)
+        step = self.rows_per_block(plan, row_elems)
         if not plan.computes:
             for i in range(0, rows, step):
                 yield self.read_rows(plan, i, min(i + step, rows)).to(out_dtype), None, None
@@ -491,7 +487,7 @@ def write_requantized(writer: ShardWriter, plan: TensorPlan, source: TensorSourc
     encoder = RowRequantizer(spec, source.device)
     writer.begin(*plan.outputs()[0])
     row_elems = spec.shape[1]
-    step = source._rows_per_block(logical, row_elems)
+    step = source.rows_per_block(logical, row_elems)
     for i, j, work in source.merged_rows(logical, spec.shape[0], row_elems, step):
         if not fits(work, torch.float32):
             _require_finite(plan, work)

@@ -52,7 +52,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel
 
-from mergeflow.checkpoint import DTYPES, Checkpoint, TensorInfo
+from mergeflow.checkpoint import DTYPES, Checkpoint, TensorInfo, row_runs
 from mergeflow.errors import CheckpointError, MergeError
 
 QS_MARK = ".quant_state.bitsandbytes__"
@@ -429,13 +429,7 @@ class RowDequantizer:
 
     def read_row_set(self, name: str, rows: list[int]) -> torch.Tensor:
         """The given rows of the decoded weight, stacked, float32 (CPU)."""
-        runs: list[list[int]] = []
-        for r in rows:
-            if runs and r == runs[-1][1]:
-                runs[-1][1] = r + 1
-            else:
-                runs.append([r, r + 1])
-        parts = [self.read_rows(name, a, b).cpu() for a, b in runs]
+        parts = [self.read_rows(name, a, b).cpu() for a, b in row_runs(rows)]
         return torch.cat(parts) if parts else torch.empty(0, self.spec.shape[1])
 
 
@@ -498,14 +492,7 @@ class RowRequantizer:
             state = bnbf.QuantState(absmax=qabsmax, offset=offset, state2=state2, **common)
         else:
             state = bnbf.QuantState(absmax=self.absmax, **common)
-        parts = state.as_dict(packed=True)
-        out = {}
-        for role, key in spec.siblings.items():
-            if role not in parts:
-                raise MergeError(f"bitsandbytes returned no '{role}' when re-quantizing "
-                                 f"'{spec.weight}' (a version mismatch; please report it)")
-            out[key] = parts[role]
-        out[spec.quant_state_key] = _pad(out[spec.quant_state_key], spec)
+        out = _bnb4_siblings(spec, state)
         return {k: out[k].cpu() for k in output_keys(spec)[1:]}
 
 
@@ -533,15 +520,22 @@ def requantize(spec: QuantSpec, weight: torch.Tensor) -> dict[str, torch.Tensor]
     packed, state = bnbf.quantize_4bit(
         weight.to(DTYPES[spec.dtype]).contiguous(), blocksize=spec.blocksize,
         compress_statistics=spec.nested, quant_type=spec.quant_type, quant_storage=torch.uint8)
+    out = {spec.weight: packed, **_bnb4_siblings(spec, state)}
+    return {k: out[k].cpu() for k in output_keys(spec)}
+
+
+def _bnb4_siblings(spec: QuantSpec, state) -> dict[str, torch.Tensor]:
+    """A re-quantized 4-bit unit's siblings by base key, from bitsandbytes' ``QuantState``
+    (the quant-state JSON padded to its planned size)."""
     parts = state.as_dict(packed=True)
-    out = {spec.weight: packed}
+    out = {}
     for role, key in spec.siblings.items():
         if role not in parts:
             raise MergeError(f"bitsandbytes returned no '{role}' when re-quantizing "
                              f"'{spec.weight}' (a version mismatch; please report it)")
         out[key] = parts[role]
     out[spec.quant_state_key] = _pad(out[spec.quant_state_key], spec)
-    return {k: out[k].cpu() for k in output_keys(spec)}
+    return out
 
 
 def _pad(packed_json: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

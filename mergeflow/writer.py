@@ -73,13 +73,6 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-class _Flush:
-    """Queue marker: the writer thread has drained every block before it."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-
-
 class ShardWriter:
     """Write one safetensors file block by block, atomically and durably.
 
@@ -90,11 +83,10 @@ class ShardWriter:
     is fsynced, renamed to ``path`` and its folder fsynced; on an exception it is deleted.
     :attr:`sha256` and :attr:`size` describe the finished file.
 
-    ``on_written(nbytes)`` (optional) is called from the writer thread after each block.
     """
 
     def __init__(self, path: Path, specs: Sequence[tuple[str, str, Sequence[int]]], *,
-                 depth: int = 3, on_written: Callable[[int], None] | None = None) -> None:
+                 depth: int = 3) -> None:
         self.path = Path(path)
         self.tmp = partial_path(self.path)
         self.specs = list(specs)
@@ -104,7 +96,6 @@ class ShardWriter:
         self._hash = hashlib.sha256()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._error: BaseException | None = None
-        self._on_written = on_written
         self.size = 0  # bytes handed to the writer thread
         self.sha256 = ""
         self.total = len(self.header) + sum(self.sizes)  # the finished file's size
@@ -115,7 +106,7 @@ class ShardWriter:
                                         daemon=True)
         self._thread.start()
         try:
-            self._put(self.header)
+            self._put(self.header, len(self.header))
         except BaseException:
             self._stop()
             self._file.close()
@@ -132,9 +123,6 @@ class ShardWriter:
             item = self._queue.get()
             if item is None:
                 return
-            if isinstance(item, _Flush):
-                item.done.set()
-                continue
             data, ready, release = item
             if self._error is not None:
                 if release is not None:
@@ -143,12 +131,10 @@ class ShardWriter:
             try:
                 if ready is not None:
                     ready.synchronize()  # a device-to-host copy still in flight
-                view = data if isinstance(data, memoryview | bytes) else _as_bytes(data)
+                view = data if isinstance(data, memoryview | bytes) else tensor_bytes(data)
                 self._write_all(view)
                 self._hash.update(view)
                 written += len(view)
-                if self._on_written is not None:
-                    self._on_written(len(view))
             except BaseException as exc:  # handed to the producer at its next call
                 self._error = self._disk_error(exc, self.total - written) \
                     if isinstance(exc, OSError) and exc.errno in DISK_FULL else exc
@@ -168,10 +154,9 @@ class ShardWriter:
         if self._error is not None:
             raise self._error
 
-    def _put(self, data: object, ready: object = None,
+    def _put(self, data: bytes | memoryview | torch.Tensor, nbytes: int, ready: object = None,
              release: Callable[[], None] | None = None) -> None:
         self._raise_pending()
-        nbytes = len(data) if isinstance(data, bytes | memoryview) else _nbytes(data)
         self._queue.put((data, ready, release))
         self.size += nbytes
 
@@ -214,7 +199,7 @@ class ShardWriter:
             name = self.specs[self._next - 1][0] if self._next else "?"
             raise MergeError(f"{self.path.name}: {nbytes} more bytes than planned for {name} "
                              "(a planning bug; please report it)")
-        self._put(block, ready, release)
+        self._put(block, nbytes, ready, release)
         self._open -= nbytes
 
     def end(self) -> None:
@@ -243,15 +228,6 @@ class ShardWriter:
             read(start, memoryview(buffer))
             self.append(memoryview(buffer))
             start += n
-
-    def flush(self) -> None:
-        """Wait until every block handed over so far is written (and raise its error)."""
-        marker = _Flush()
-        self._queue.put(marker)
-        while not marker.done.wait(0.05):
-            if not self._thread.is_alive():
-                break
-        self._raise_pending()
 
     def _stop(self) -> None:
         self._queue.put(None)
@@ -304,8 +280,3 @@ class ShardWriter:
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def _as_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw bytes of a contiguous CPU tensor, without a copy."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
