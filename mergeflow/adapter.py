@@ -44,7 +44,6 @@ LORA_SUFFIXES = {
 
 # Config options whose adapters are not "W + s*B@A" and so cannot be merged by this formula.
 UNSUPPORTED_OPTIONS = {
-    "target_parameters": "LoRA on raw parameters (e.g. MoE expert tensors)",
     "layer_replication": "layer replication",
     "use_qalora": "QA-LoRA",
     "alora_invocation_tokens": "activated LoRA (aLoRA), which only acts after its invocation "

@@ -31,7 +31,7 @@ from mergeflow.errors import (
 )
 from mergeflow.execute import Progress, ShardResult, TensorSource, open_source, write_shard
 from mergeflow.hashing import HashCache, fingerprint_files, identify_files, prefetch, sha256_file
-from mergeflow.layout import read_layout
+from mergeflow.layout import read_layout, read_param_wrappers
 from mergeflow.output import (
     INDEX_FILE,
     MANIFEST,
@@ -285,13 +285,17 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
     dtype = _output_dtype(spec, config, base, quantized, original, original_config)
     tokenizer = _resolve_tokenizer(spec, adapter_dir, base_dir)
     view = quantized.logical_view(base) if quantized is not None else base
-    layout = read_layout(base_dir, set(view.tensors), config)
+    layout = read_layout(base_dir, set(view.tensors), config,
+                         {n: tuple(i.shape) for n, i in view.tensors.items()})
+    wrapped = (read_param_wrappers(base_dir, adapter_dir) if adapter.config.target_parameters
+               else None)
     plan = Planner(base, adapter, layout, dtype, parse_size(spec.max_shard_size),
                    tokenizer_len=tokenizer_length(tokenizer) if tokenizer else None,
                    pad_to_multiple_of=spec.pad_vocab_to_multiple_of,
                    allow_vocab_shrink=spec.allow_vocab_shrink,
                    vocab_size=text_config(config).get("vocab_size"),
-                   save_method=spec.save_method, original=original, quantized=quantized).plan()
+                   save_method=spec.save_method, original=original, quantized=quantized,
+                   wrapped=wrapped).plan()
     plan.inputs = _input_identities(_input_files(base, adapter, tokenizer, original))
     plan.options = {"dtype": dtype, "max_shard_size": parse_size(spec.max_shard_size),
                     "pad_vocab_to_multiple_of": spec.pad_vocab_to_multiple_of,

@@ -267,11 +267,9 @@ class TensorSource:
         if plan.rows is not None:
             tensor = resize_rows(tensor, plan.rows)
         if plan.lora is not None:
-            spec = self.adapter.modules[plan.lora]
-            magnitude = self._adapter_tensor(spec.magnitude_key) if spec.magnitude_key else None
-            tensor = merge_linear(tensor, self._adapter_tensor(spec.a_key),
-                                  self._adapter_tensor(spec.b_key), spec.scale,
-                                  fan_in_fan_out=plan.transposed, magnitude=magnitude)
+            lora = self._lora(plan)
+            tensor = merge_linear(tensor, lora.a, lora.b, lora.scale,
+                                  fan_in_fan_out=plan.transposed, magnitude=lora.magnitude)
         if plan.embedding_lora is not None:
             spec = self.adapter.modules[plan.embedding_lora]
             delta = embedding_delta(self._adapter_tensor(spec.a_key),
@@ -387,8 +385,11 @@ class TensorSource:
             return None
         spec = self.adapter.modules[plan.lora]
         magnitude = self._adapter_tensor(spec.magnitude_key).float() if spec.magnitude_key else None
-        return _Lora(self._adapter_tensor(spec.a_key).float(),
-                     self._adapter_tensor(spec.b_key).float(), spec.scale, magnitude)
+        a, b = self._adapter_tensor(spec.a_key).float(), self._adapter_tensor(spec.b_key).float()
+        if plan.lora_part is not None:  # one expert's slice of a whole-parameter LoRA
+            a, b = plan.lora_part.factors(a, b)
+            return _Lora(a, b, plan.lora_part.scale, magnitude)
+        return _Lora(a, b, spec.scale, magnitude)
 
     @staticmethod
     def _merge_block(work: torch.Tensor, lora: _Lora, i: int, j: int, transposed: bool,

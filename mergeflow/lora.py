@@ -82,3 +82,35 @@ def dora_rescale(merged: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
 def merge_bias(bias: torch.Tensor, lora_b_bias: torch.Tensor, scale: float) -> torch.Tensor:
     """``lora_bias``: the LoRA B layer's bias adds ``scale * b`` to the base bias, (out,)."""
     return bias.float() + lora_b_bias.float() * scale
+
+
+def expert_factors(a: torch.Tensor, b: torch.Tensor, *, expert: int, experts: int,
+                   b_left: bool, transposed: bool, rows: tuple[int, int, int],
+                   cols: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LoRA factors of one disk tensor cut from a parameter PEFT adapts whole
+    (``target_parameters``: ``lora.ParamWrapper``, e.g. an MoE block's stacked experts).
+
+    PEFT's layout, for ``E = experts`` and rank ``r``: ``a`` is (r·E, in) with expert ``e`` in
+    rows ``e·r .. e·r+r``; ``b`` is (out, r·E) with the expert index varying fastest, so expert
+    ``e`` owns columns ``e, e+E, e+2E, ...``. The update of the parameter's slice ``P[e]`` is
+    ``L @ R`` with ``L = B_e, R = A_e`` when ``b_left`` (``P[e]`` is (out, in)), else
+    ``L = A_eᵀ, R = B_eᵀ`` (``P[e]`` is (in, out)).
+
+    The disk tensor holds ``P[e][rows, cols]`` (``(start, step, count)`` along ``P[e]``'s two
+    dimensions), or its transpose when ``transposed``.
+
+    Returns:
+        ``(a2, b2)`` with the disk tensor's update ``b2 @ a2`` (scale aside): a2 (r, n1),
+        b2 (n0, r), where (n0, n1) is the disk tensor's shape.
+    """
+    r = a.shape[0] // experts
+    a_e = a[expert * r:(expert + 1) * r]  # (r, in)
+    b_e = b[:, expert::experts]  # (out, r)
+    left, right = (b_e, a_e) if b_left else (a_e.T, b_e.T)  # (d1, r), (r, d2)
+    if transposed:  # the disk tensor is P[e][rows, cols].T: dim 0 runs along d2
+        left, right = right.T, left.T  # (d2, r), (r, d1)
+    r0, rs, rn = rows
+    c0, cs, cn = cols
+    b2 = left[r0:r0 + rs * rn:rs]  # (n0, r)
+    a2 = right[:, c0:c0 + cs * cn:cs]  # (r, n1)
+    return a2.contiguous(), b2.contiguous()

@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel
 
 from mergeflow.adapter import Adapter
@@ -18,6 +19,8 @@ from mergeflow.adapter_config import check_target_module_exists
 from mergeflow.checkpoint import DTYPE_NAMES, DTYPES, Checkpoint, TensorInfo
 from mergeflow.errors import InputError, PlanError
 from mergeflow.layout import ModelLayout
+from mergeflow.lora import expert_factors
+from mergeflow.modelmap import WrappedParam, expert_slice
 from mergeflow.quant import QuantizedBase, QuantSpec, output_infos, output_keys
 from mergeflow.spec import size_bytes
 from mergeflow.vocab import decide_rows
@@ -44,6 +47,26 @@ class TensorPart(BaseModel):
         return n
 
 
+class LoraPart(BaseModel):
+    """The share of one disk tensor in the LoRA of a parameter PEFT adapts whole
+    (``target_parameters``): which expert, and which rows and columns of it (see
+    :func:`mergeflow.lora.expert_factors`). ``scale`` is PEFT's own for that parameter."""
+
+    expert: int
+    experts: int
+    b_left: bool
+    transposed: bool
+    rows: tuple[int, int, int]
+    cols: tuple[int, int, int]
+    scale: float
+
+    def factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This tensor's LoRA factors ``(a2 (r, n1), b2 (n0, r))`` from the module's whole
+        ``lora_A``/``lora_B``: its update is ``scale * b2 @ a2``."""
+        return expert_factors(a, b, expert=self.expert, experts=self.experts, b_left=self.b_left,
+                              transposed=self.transposed, rows=self.rows, cols=self.cols)
+
+
 class TensorPlan(BaseModel):
     """How to produce one output tensor.
 
@@ -53,6 +76,9 @@ class TensorPlan(BaseModel):
     of module ``lora`` (weight stored (in, out) when ``transposed``) or the embedding LoRA of
     ``embedding_lora``; add the ``lora_bias`` of that module; overwrite the trainable-token rows
     of ``token_rows``; cast to ``dtype``, or re-quantize with the ``requant`` settings.
+
+    ``lora_part`` says which slice of module ``lora``'s update lands here when the LoRA adapts
+    a whole parameter that this tensor is a piece of (an MoE expert; ``target_parameters``).
 
     ``parts`` are the tensors written with this one as a unit (a quantized weight's siblings):
     re-quantized ones when ``requant`` is set, else copied as stored from the base.
@@ -65,6 +91,7 @@ class TensorPlan(BaseModel):
     from_adapter: bool = False
     rows: int | None = None
     lora: str | None = None
+    lora_part: LoraPart | None = None
     transposed: bool = False
     embedding_lora: str | None = None
     lora_bias: str | None = None
@@ -84,7 +111,8 @@ class TensorPlan(BaseModel):
     def steps(self) -> tuple:
         """Everything that determines the values, the output name aside."""
         return (self.source, self.from_adapter, self.from_original, self.rows, self.lora,
-                self.transposed, self.embedding_lora, self.lora_bias, self.token_rows, self.dtype)
+                self.lora_part, self.transposed, self.embedding_lora, self.lora_bias,
+                self.token_rows, self.dtype)
 
     def outputs(self) -> list[tuple[str, str, list[int]]]:
         """``(name, dtype, shape)`` of every tensor this entry writes, in file order."""
@@ -187,13 +215,15 @@ def resolve_dtype(requested: str, config: dict, base: Checkpoint) -> str:
     return max(counts, key=counts.get) if counts else "BF16"
 
 
-def _expected_targets(adapter: Adapter, base: Checkpoint) -> set[str]:
-    """Base modules the adapter config says were adapted (PEFT's own matching rule)."""
+def _expected_targets(adapter: Adapter, base: Checkpoint, layout: ModelLayout) -> set[str]:
+    """Modules (in-memory names) the adapter config says were adapted (PEFT's own matching
+    rule), among the base's 2-D weights that are whole modules in memory."""
     targets = adapter.config.target_modules
     if targets is None or (isinstance(targets, str) and targets in {"all-linear"}):
         return set()
-    modules = {k[: -len(".weight")] for k, v in base.tensors.items()
-               if k.endswith(".weight") and len(v.shape) == 2}
+    modules = {layout.memory_module(k[: -len(".weight")]) for k, v in base.tensors.items()
+               if k.endswith(".weight") and len(v.shape) == 2
+               and not layout.model_map.is_piece(k)}
     return {m for m in modules if check_target_module_exists(adapter.config, m)}
 
 
@@ -221,6 +251,12 @@ class Planner:
             of the dequantized weights (``--merge-onto original``).
         quantized: what :func:`mergeflow.quant.detect` found in the base (None: not quantized).
             The planner then sees each quantized unit as one tensor of its real shape.
+        wrapped: the parameters the adapter adapts whole (``target_parameters``), by adapter
+            module name (:func:`mergeflow.layout.read_param_wrappers`).
+
+    The adapter names modules as the model in memory has them; the plan names disk tensors.
+    ``layout.model_map`` translates (a VLM's ``language_model`` prefix, GPT-NeoX's head, MoE
+    experts stacked in memory and stored one by one).
     """
 
     def __init__(self, base: Checkpoint, adapter: Adapter, layout: ModelLayout, dtype: str,
@@ -228,7 +264,8 @@ class Planner:
                  pad_to_multiple_of: int | None = None, allow_vocab_shrink: bool = False,
                  vocab_size: int | None = None, *, save_method: str = "merged_16bit",
                  original: Checkpoint | None = None,
-                 quantized: QuantizedBase | None = None) -> None:
+                 quantized: QuantizedBase | None = None,
+                 wrapped: dict[str, WrappedParam] | None = None) -> None:
         if save_method not in SAVE_METHODS:
             raise InputError(f"--save-method {save_method!r}: choose {', '.join(SAVE_METHODS)}")
         self.save_method = save_method
@@ -246,6 +283,11 @@ class Planner:
         self.allow_vocab_shrink = allow_vocab_shrink
         self.vocab_size = vocab_size
         self.adapter_file = str(adapter.folder / adapter.weights_file)
+        self.wrapped = wrapped or {}
+        disk = layout.model_map.disk_name
+        # adapter replacements by the disk name of the tensor they replace
+        self.replacements = {disk(k): v for k, v in adapter.replacements.items()}
+        self.base_layer = {disk(k) for k in adapter.base_layer}
         self.consumed: set[str] = set()  # adapter keys that found their place in the plan
         self.config_updates: dict[str, object] = {}
         self.notes: list[str] = []
@@ -254,11 +296,16 @@ class Planner:
         """Plan every output tensor, check that all adapter weights were used, cut shards."""
         self._check_original()
         planned = self._plan_vocab()
-        lora_for = {f"{m}.weight": m for m, s in self.adapter.modules.items() if s.kind == "linear"}
-        bias_for = {f"{m}.bias": m for m, s in self.adapter.modules.items() if s.bias_key}
+        disk = self.layout.model_map.disk_name
+        lora_for = {disk(f"{m}.weight"): m for m, s in self.adapter.modules.items()
+                    if s.kind == "linear" and m not in self.wrapped}
+        bias_for = {disk(f"{m}.bias"): m for m, s in self.adapter.modules.items() if s.bias_key}
+        part_for = self._wrapped_parts(lora_for)
         for name in self.base.tensors:
             if name not in planned and name not in self._skipped:
-                planned[name] = self._plan_tensor(name, lora_for.get(name), bias_for.get(name))
+                planned[name] = self._plan_tensor(name, lora_for.get(name), bias_for.get(name),
+                                                  part_for.get(name))
+        self._check_wrapped(planned)
         self._check_everything_used()
         self._check_targets_present()
         vocab = {n for n in (self.layout.embed, self.layout.head) if n in planned}
@@ -371,18 +418,19 @@ class Planner:
 
     def _transposed(self, module: str) -> bool:
         if self.layout.conv1d or self.layout.embed is not None:
-            return module in self.layout.conv1d
+            return self.layout.disk_module(module) in self.layout.conv1d
         return bool(self.adapter.config.fan_in_fan_out)
 
     def _source(self, name: str) -> tuple[str, bool, TensorInfo]:
         """Where a tensor's starting value comes from: an adapter replacement, else the base."""
-        key = self.adapter.replacements.get(name)
+        key = self.replacements.get(name)
         if key is not None:
             self.consumed.add(key)
             return key, True, self.adapter.weights[key]
         return name, False, self.base.tensors[name]
 
-    def _plan_tensor(self, name: str, lora: str | None, lora_bias: str | None) -> TensorPlan:
+    def _plan_tensor(self, name: str, lora: str | None, lora_bias: str | None,
+                     part: LoraPart | None = None) -> TensorPlan:
         source, from_adapter, src = self._source(name)
         info = self.base.tensors[name]
         if src.shape != info.shape:
@@ -390,15 +438,17 @@ class Planner:
                 f"{self.adapter_file}: '{source}' has shape {list(src.shape)} but the base's "
                 f"'{name}' is {list(info.shape)}; was the adapter trained on another base?")
         transposed = False
-        if lora is not None:
+        if part is not None:
+            self.consumed.update((self.adapter.modules[lora].a_key, self.adapter.modules[lora].b_key))
+        elif lora is not None:
             transposed = self._transposed(lora)
             self._check_lora(lora, info.shape, transposed)
         if lora_bias is not None:
             self.consumed.add(self.adapter.modules[lora_bias].bias_key)
         dtype = self.dtype if info.is_float else info.dtype
         return TensorPlan(name=name, dtype=dtype, shape=list(info.shape), source=source,
-                          from_adapter=from_adapter, lora=lora, transposed=transposed,
-                          lora_bias=lora_bias)
+                          from_adapter=from_adapter, lora=lora, lora_part=part,
+                          transposed=transposed, lora_bias=lora_bias)
 
     def _check_lora(self, module: str, shape: tuple[int, ...], transposed: bool) -> None:
         spec = self.adapter.modules[module]
@@ -428,9 +478,10 @@ class Planner:
         lay = self.layout
         names = {n for n in (lay.embed, lay.head) if n}
         touched = [m for m, s in self.adapter.modules.items() if s.kind == "embedding"]
-        touched += [m for m in self.adapter.modules if f"{m}.weight" in names]
+        disk = self.layout.model_map.disk_name
+        touched += [m for m in self.adapter.modules if disk(f"{m}.weight") in names]
         touched += list(self.adapter.token_deltas)
-        touched += [n for n in self.adapter.replacements if n in names]
+        touched += [n for n in self.replacements if n in names]
         return touched
 
     def _plan_vocab(self) -> dict[str, TensorPlan]:
@@ -464,7 +515,7 @@ class Planner:
     def _untie_reason(self, head: TensorPlan) -> str:
         if head.lora:
             return "the adapter has LoRA on the head"
-        if self.layout.head in self.adapter.replacements:
+        if self.layout.head in self.replacements:
             return "the adapter trained its own head"
         return "the adapter changed the embedding, while the live head reads the base embedding"
 
@@ -473,16 +524,16 @@ class Planner:
         base_rows = self.base.tensors[lay.embed].shape[0]
         trained: dict[str, int] = {}
         for name in (lay.embed, lay.head):
-            key = a.replacements.get(name) if name else None
+            key = self.replacements.get(name) if name else None
             if key is not None:
                 trained[key] = a.weights[key].shape[0]
-        embed_lora = a.modules.get(_module(lay.embed))
+        embed_lora = a.modules.get(self._memory_module(lay.embed))
         if embed_lora is not None:
             if embed_lora.kind != "embedding":
                 raise PlanError(f"{self.adapter_file}: '{embed_lora.module}' is an embedding "
                                 "but its LoRA weights are saved as a linear layer's")
             trained[embed_lora.a_key] = a.weights[embed_lora.a_key].shape[1]
-        head_lora = a.modules.get(_module(lay.head)) if lay.head else None
+        head_lora = a.modules.get(self._memory_module(lay.head)) if lay.head else None
         if head_lora is not None:
             trained[head_lora.b_key] = a.weights[head_lora.b_key].shape[0]
         rows, notes = decide_rows(base_rows, trained, self.tokenizer_len,
@@ -496,8 +547,8 @@ class Planner:
                tied_tokens: str | None = None) -> TensorPlan:
         """Plan the embedding or (untied) head table: source, resize, LoRA, token rows."""
         a = self.adapter
-        module = _module(name)
-        key = a.replacements.get(name)
+        module = self._memory_module(name)
+        key = self.replacements.get(name)
         if key is not None:
             source, from_adapter, src = key, True, a.weights[key]
             self.consumed.add(key)
@@ -534,11 +585,11 @@ class Planner:
         if a.config.ensure_weight_tying:
             raise PlanError(f"{self.adapter_file}: ensure_weight_tying=True on a tied base is "
                             "not supported yet; merge an adapter saved without it")
-        embed_module = _module(lay.embed)
+        embed_module = self._memory_module(lay.embed)
         tied_tokens = embed_module if embed_module in a.token_deltas else None
         plan = self._table(lay.head, rows, lay.embed, tied_tokens)
-        if lay.head not in a.replacements and lay.embed in a.base_layer:
-            key = a.replacements[lay.embed]  # PEFT saved the (possibly resized) base embedding
+        if lay.head not in self.replacements and lay.embed in self.base_layer:
+            key = self.replacements[lay.embed]  # PEFT saved the (possibly resized) base embedding
             plan.source, plan.from_adapter = key, True
             plan.rows = rows if a.weights[key].shape[0] != rows else None
         return plan
@@ -554,6 +605,65 @@ class Planner:
         if bad:
             raise PlanError(f"adapter_config.json: trainable token indices {bad} are outside "
                             f"the {rows}-row vocabulary")
+
+    def _memory_module(self, tensor_name: str) -> str:
+        """The in-memory module (the adapter's name for it) of a disk tensor."""
+        return _module(self.layout.model_map.memory_name(tensor_name))
+
+    # -- parameters adapted whole (target_parameters: MoE experts) ---------------------------
+
+    def _wrapped_parts(self, lora_for: dict[str, str]) -> dict[str, LoraPart]:
+        """Each disk tensor that holds a piece of a wrapped parameter, with its share of the
+        update; ``lora_for`` gains those tensors."""
+        parts: dict[str, LoraPart] = {}
+        for module, wrapped in sorted(self.wrapped.items()):
+            spec = self.adapter.modules.get(module)
+            if spec is None:
+                raise PlanError(
+                    f"{self.adapter_file}: adapter_config.json targets the parameter "
+                    f"'{wrapped.param}' (target_parameters), but the weights hold no LoRA for "
+                    f"'{module}'; the adapter save is incomplete or belongs to another config")
+            self._check_wrapped_shapes(module, wrapped)
+            for piece in self.layout.model_map.pieces_of(wrapped.param, wrapped.shape):
+                if piece.disk in lora_for or piece.disk in parts:
+                    raise PlanError(f"{self.adapter_file}: '{piece.disk}' gets two LoRA updates "
+                                    f"('{module}' and '{lora_for.get(piece.disk)}')")
+                if piece.disk not in self.base.tensors:
+                    raise PlanError(f"{self.base.folder}: no tensor '{piece.disk}', which holds "
+                                    f"part of '{wrapped.param}'; the base checkpoint is incomplete")
+                lora_for[piece.disk] = module
+                parts[piece.disk] = LoraPart(experts=wrapped.experts, b_left=wrapped.b_left,
+                                             scale=wrapped.scale, **expert_slice(piece, wrapped))
+        return parts
+
+    def _check_wrapped_shapes(self, module: str, wrapped: WrappedParam) -> None:
+        """lora_A (r·E, in) and lora_B (out, r·E), as PEFT's wrapper of that parameter has them."""
+        spec = self.adapter.modules[module]
+        a, b = self.adapter.weights[spec.a_key], self.adapter.weights[spec.b_key]
+        d1, d2 = wrapped.shape[-2:]
+        in_f, out_f = (d2, d1) if wrapped.b_left else (d1, d2)
+        width = wrapped.rank * wrapped.experts
+        if a.shape != (width, in_f) or b.shape != (out_f, width):
+            raise PlanError(
+                f"{self.adapter_file}: '{module}' has lora_A {list(a.shape)} and lora_B "
+                f"{list(b.shape)}, but '{wrapped.param}' is {list(wrapped.shape)} with "
+                f"{wrapped.experts} expert(s) and r={wrapped.rank}: expected lora_A "
+                f"[{width}, {in_f}] and lora_B [{out_f}, {width}]. Was the adapter trained on "
+                "another base model?")
+
+    def _check_wrapped(self, planned: dict[str, TensorPlan]) -> None:
+        """Count check: every expert of every wrapped parameter is merged exactly once."""
+        for module, wrapped in self.wrapped.items():
+            merged = [t for t in planned.values() if t.lora == module and t.lora_part is not None]
+            experts = {t.lora_part.expert for t in merged}
+            if len(experts) != wrapped.experts:
+                raise PlanError(
+                    f"'{wrapped.param}': the plan merges {len(experts)} of its "
+                    f"{wrapped.experts} experts; refusing to drop any silently")
+        if self.wrapped:
+            n = sum(t.lora_part is not None for t in planned.values())
+            self.notes.append(f"LoRA on {len(self.wrapped)} whole parameters (target_parameters) "
+                              f"merged into {n} disk tensors, one expert slice each")
 
     # -- completeness -----------------------------------------------------------------------
 
@@ -571,7 +681,8 @@ class Planner:
                 "base, or does it adapt a layer type Mergeflow cannot merge?")
 
     def _check_targets_present(self) -> None:
-        missing = sorted(_expected_targets(self.adapter, self.base) - set(self.adapter.modules))
+        expected = _expected_targets(self.adapter, self.base, self.layout)
+        missing = sorted(expected - set(self.adapter.modules))
         if missing:
             raise PlanError(
                 f"{self.adapter_file}: adapter_config.json targets '{missing[0]}' "

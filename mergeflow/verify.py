@@ -205,21 +205,25 @@ class NumericChecker:
                 rows: torch.Tensor) -> tuple[str, float, float]:
         spec = self.adapter.modules[plan.lora]
         a, b = self._a(spec.a_key), self._a(spec.b_key)  # (r, in), (out, r)
+        scale = spec.scale
+        if plan.lora_part is not None:  # one expert's slice of a whole-parameter LoRA
+            a, b = plan.lora_part.factors(a, b)
+            scale = plan.lora_part.scale
         if plan.transposed:  # Conv1D stores (in, out); the sampled rows are inputs
             if spec.magnitude_key is None:
                 x = torch.randn(w.shape[1], PROBES, generator=self.gen)  # (out, p)
                 # (k, out) @ (out, p) + (k, r) @ ((r, out) @ (out, p)) -> (k, p)
-                ref = w @ x + spec.scale * (a[:, rows].T @ (b.T @ x))
+                ref = w @ x + scale * (a[:, rows].T @ (b.T @ x))
                 return "LoRA", _relative(merged @ x, ref), _relative(merged, w)
             w, merged = w.T, merged.T  # every row was read: back to (out, in)
             rows = torch.arange(w.shape[0])
         b = b[rows]  # (k, r)
         x = torch.randn(w.shape[1], PROBES, generator=self.gen)  # (in, p)
-        ref = w @ x + spec.scale * (b @ (a @ x))  # (k, p)
+        ref = w @ x + scale * (b @ (a @ x))  # (k, p)
         kind = "LoRA"
         if spec.magnitude_key is not None:
             kind = "DoRA"
-            norms = torch.linalg.vector_norm(w + spec.scale * (b @ a), dim=1)  # (k,)
+            norms = torch.linalg.vector_norm(w + scale * (b @ a), dim=1)  # (k,)
             ref = ref * (self._a(spec.magnitude_key)[rows] / norms)[:, None]
         return kind, _relative(merged @ x, ref), _relative(merged, w)
 

@@ -118,7 +118,7 @@ def test_layout_is_cached_and_a_damaged_entry_is_harmless(arch, make_base, tmp_p
         raise AssertionError("the cached layout was not used")
 
     with monkeypatch.context() as m:
-        m.setattr(layout, "_meta_model", no_transformers)
+        m.setattr(layout, "meta_model", no_transformers)
         assert layout.read_layout(base, names, config) == fresh
     for damage in ("", "{not json", "[]", json.dumps({"format": 1, "embed": 3, "head": None,
                                                       "tied": False, "conv1d": []}),
