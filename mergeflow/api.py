@@ -38,6 +38,7 @@ from mergeflow.output import (
     TOKENIZER_FILES,
     check_existing_output,
     check_output_location,
+    copy_processor,
     copy_tokenizer,
     find_tokenizer,
     model_card,
@@ -449,6 +450,8 @@ def finalize(prepared: PreparedMerge, results: list[ShardResult]) -> MergeReport
     tokenizer = plan.options.get("tokenizer")
     if tokenizer:
         copy_tokenizer(Path(tokenizer), staging)
+    if report.save_method != "lora":
+        copy_processor(base, staging)
     if len(plan.shards) > 1:
         write_json(staging / INDEX_FILE, {
             "metadata": {"total_size": plan.total_size},

@@ -21,6 +21,11 @@ TOKENIZER_FILES = (
     "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt",
     "vocab.txt", "chat_template.jinja", "chat_template.json",
 )
+# What a multimodal model's processor reads besides the tokenizer (AutoProcessor).
+PROCESSOR_FILES = (
+    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+    "chat_template.jinja", "chat_template.json",
+)
 
 
 def write_json(path: Path, data: object) -> None:
@@ -82,6 +87,17 @@ def copy_tokenizer(source: Path, dest: Path) -> list[str]:
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, dest / name)
+            copied.append(name)
+    return copied
+
+
+def copy_processor(base: Path, dest: Path) -> list[str]:
+    """Copy a multimodal base's processor files (image/video preprocessor, chat template) that
+    the tokenizer copy did not bring; returns the names copied."""
+    copied = []
+    for name in PROCESSOR_FILES:
+        if (base / name).is_file() and not (dest / name).exists():
+            shutil.copyfile(base / name, dest / name)
             copied.append(name)
     return copied
 

@@ -65,7 +65,55 @@ def model_config(arch: str, **overrides):
         kw = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
         kw.update(overrides)
         return GPT2Config(**kw)
+    if arch in MORE_ARCHS:
+        return MORE_ARCHS[arch](**overrides)
     raise ValueError(f"unknown architecture {arch!r}")
+
+
+def _mixtral(**overrides):
+    from transformers import MixtralConfig
+
+    return MixtralConfig(**_small(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
+                                  tie_word_embeddings=False, **overrides))
+
+
+def _qwen3_moe(**overrides):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(**_small(moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                                   decoder_sparse_step=1, mlp_only_layers=[],
+                                   tie_word_embeddings=False, **overrides))
+
+
+def _gpt_neox(**overrides):
+    from transformers import GPTNeoXConfig
+
+    kw = _small(tie_word_embeddings=False)
+    kw.pop("num_key_value_heads")
+    kw.update(overrides)
+    return GPTNeoXConfig(**kw)
+
+
+def _llava(**overrides):
+    from transformers import LlavaConfig
+
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+    return LlavaConfig(text_config=LlamaConfig(**_small(**overrides)).to_dict(),
+                       vision_config=vision, image_token_index=127)
+
+
+MORE_ARCHS = {"mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "gpt_neox": _gpt_neox,
+              "llava": _llava}
+
+
+def model_class_of(folder: Path | str):
+    """The transformers class a saved model was built with (``architectures``)."""
+    from transformers import AutoConfig
+
+    from mergeflow.layout import model_class
+
+    return model_class(AutoConfig.from_pretrained(folder))
 
 
 def build_base(folder: Path | str, arch: str = "llama", *, dtype: torch.dtype = torch.float32,
@@ -75,11 +123,16 @@ def build_base(folder: Path | str, arch: str = "llama", *, dtype: torch.dtype = 
     folder = Path(folder)
     torch.manual_seed(seed)
     config = model_config(arch, **overrides)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if arch == "llava":
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     if tokenizer:
-        save_tokenizer(folder, config.vocab_size)
+        save_tokenizer(folder, config.get_text_config().vocab_size)
     return folder
 
 
@@ -148,7 +201,7 @@ def build_adapter(base: Path | str, folder: Path | str, *, seed: int = 0,
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
+    model = model_class_of(base).from_pretrained(base)
     lora_kwargs.setdefault("init_lora_weights", False)
     lora_kwargs.setdefault("r", 4)
     lora_kwargs.setdefault("lora_alpha", 8)

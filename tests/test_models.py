@@ -1,0 +1,154 @@
+"""The models people fine-tune today (issue 12): MoE experts adapted with ``target_parameters``,
+a vision-language model whose checkpoint names differ from the model in memory, and GPT-NeoX's
+``embed_out`` head. Each merge is compared with the live PEFT adapter on the same base."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import logits_of, read_tensors, shard_keys
+from safetensors.torch import load_file
+
+import mergeflow
+from mergeflow.errors import PlanError
+from mergeflow.testing import model_class_of
+
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def _merge_and_compare(base, adapter, out, input_ids, tol=1e-4):
+    report = mergeflow.merge(base, adapter, out, dtype="float32")
+    auto = model_class_of(base)
+    live = logits_of(base, input_ids, adapter=adapter, auto_class=auto)
+    merged = logits_of(out, input_ids, auto_class=auto)
+    plain = logits_of(base, input_ids, auto_class=auto)
+    assert (live - plain).abs().max() > 100 * tol, "the adapter must change the logits"
+    assert (merged - live).abs().max() < tol
+    return report
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("targets", [["q_proj"], "all-linear"])
+def test_expert_lora_matches_live_adapter(arch, targets, make_base, make_adapter, input_ids,
+                                          tmp_path):
+    base = make_base(arch)
+    adapter = make_adapter(base, target_modules=targets, target_parameters=EXPERTS)
+    report = _merge_and_compare(base, adapter, tmp_path / "out", input_ids)
+    assert any("target_parameters" in n for n in report.notes)
+    # every expert tensor on disk keeps its per-expert name, and changed
+    merged, original = read_tensors(tmp_path / "out"), read_tensors(base)
+    assert set(merged) == set(original)
+    experts = [k for k in original if ".experts.0." in k or ".experts.3." in k]
+    assert experts and all(not torch.equal(merged[k], original[k]) for k in experts)
+
+
+def test_each_expert_slice_is_peft_delta(make_base, make_adapter, tmp_path):
+    """w1 (gate) and w3 (up) of expert e are rows [0, I) and [I, 2I) of PEFT's update of
+    gate_up_proj[e]; w2 is down_proj[e]'s, computed here with PEFT's own get_delta_weight."""
+    from peft import PeftModel
+    from peft.tuners.lora.layer import ParamWrapper
+
+    base = make_base("mixtral")
+    adapter = make_adapter(base, target_modules=["q_proj"], target_parameters=EXPERTS)
+    mergeflow.merge(base, adapter, tmp_path / "out", dtype="float32")
+    merged, original = read_tensors(tmp_path / "out"), read_tensors(base)
+    live = PeftModel.from_pretrained(model_class_of(base).from_pretrained(base), adapter)
+    wrappers = {m.parameter_name: m for n, m in live.named_modules()
+                if isinstance(m, ParamWrapper) and ".layers.1." in n}
+    gate_up = wrappers["gate_up_proj"].get_delta_weight("default")  # (E, 2I, H)
+    down = wrappers["down_proj"].get_delta_weight("default")  # (E, H, I)
+    inter = gate_up.shape[1] // 2
+    for e in range(gate_up.shape[0]):
+        key = f"model.layers.1.block_sparse_moe.experts.{e}"
+        for name, delta in (("w1", gate_up[e, :inter]), ("w3", gate_up[e, inter:]),
+                            ("w2", down[e])):
+            got = merged[f"{key}.{name}.weight"] - original[f"{key}.{name}.weight"]
+            torch.testing.assert_close(got, delta, rtol=1e-4, atol=1e-5)
+
+
+def test_experts_split_across_shards(make_base, make_adapter, input_ids, tmp_path):
+    base = make_base("qwen3_moe", max_shard_size="60KB")
+    layers = [{k.split(".experts.")[0] for k in keys if ".experts." in k}
+              for keys in shard_keys(base).values()]
+    assert len(shard_keys(base)) > 2 and any(len(x) == 1 for x in layers)
+    adapter = make_adapter(base, target_modules=["q_proj"], target_parameters=EXPERTS)
+    _merge_and_compare(base, adapter, tmp_path / "out", input_ids)
+
+
+def test_missing_expert_fails_loudly(make_base, make_adapter, tmp_path):
+    """A base missing one expert's tensor is refused; nothing is silently left unmerged."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base = make_base("mixtral")
+    adapter = make_adapter(base, target_modules=["q_proj"], target_parameters=EXPERTS)
+    broken = tmp_path / "base"
+    shutil.copytree(base, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.0.block_sparse_moe.experts.2.w3.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PlanError, match="experts"):
+        mergeflow.merge(broken, adapter, tmp_path / "out", dtype="float32")
+    assert not (tmp_path / "out").exists()
+
+
+def test_per_expert_linear_lora(make_base, tmp_path):
+    """Older adapters put an nn.Linear LoRA on each expert (``experts.N.w1``); transformers
+    5 no longer builds such a model, so the adapter is written here as PEFT saved them, and
+    the result is checked against ``W + s * B @ A``."""
+    from safetensors.torch import save_file
+
+    base = make_base("mixtral")
+    gen = torch.Generator().manual_seed(3)
+    weights, modules = {}, ["model.layers.0.block_sparse_moe.experts.1.w1",
+                            "model.layers.1.block_sparse_moe.experts.3.w2"]
+    original = read_tensors(base)
+    for m in modules:
+        out_f, in_f = original[f"{m}.weight"].shape
+        weights[f"base_model.model.{m}.lora_A.weight"] = torch.randn(4, in_f, generator=gen)
+        weights[f"base_model.model.{m}.lora_B.weight"] = torch.randn(out_f, 4, generator=gen)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file(weights, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["w1", "w2"],
+        "layers_to_transform": None, "base_model_name_or_path": str(base)}))
+    mergeflow.merge(base, adapter, tmp_path / "out", dtype="float32")
+    merged = read_tensors(tmp_path / "out")
+    for m in modules:
+        a = weights[f"base_model.model.{m}.lora_A.weight"]
+        b = weights[f"base_model.model.{m}.lora_B.weight"]
+        torch.testing.assert_close(merged[f"{m}.weight"], original[f"{m}.weight"] + 2 * b @ a)
+
+
+def test_vision_language_model(make_base, make_adapter, input_ids, tmp_path):
+    """Llava: the adapter names ``model.language_model.layers...`` (memory), the checkpoint
+    ``language_model.model.layers...`` (disk). Vision tensors are kept; the output reloads with
+    LlavaForConditionalGeneration and matches the live adapter on text."""
+    base = make_base("llava")
+    (base / "preprocessor_config.json").write_text(json.dumps({"image_processor_type":
+                                                               "CLIPImageProcessor"}))
+    adapter = make_adapter(base, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    out = tmp_path / "out"
+    _merge_and_compare(base, adapter, out, input_ids)
+    merged, original = read_tensors(out), read_tensors(base)
+    assert set(merged) == set(original)
+    assert all(torch.equal(merged[k], original[k]) for k in original if "vision_tower" in k)
+    assert not torch.equal(merged["language_model.model.layers.0.self_attn.q_proj.weight"],
+                           original["language_model.model.layers.0.self_attn.q_proj.weight"])
+    assert (out / "preprocessor_config.json").is_file()
+    assert json.loads((out / "config.json").read_text())["architectures"] == [
+        "LlavaForConditionalGeneration"]
+
+
+def test_gpt_neox_embed_out_head(make_base, make_adapter, input_ids, tmp_path):
+    """GPT-NeoX's head is ``embed_out`` on disk, ``lm_head`` in memory: LoRA on it lands there."""
+    base = make_base("gpt_neox")
+    adapter = make_adapter(base, target_modules=["query_key_value", "dense", "lm_head"])
+    _merge_and_compare(base, adapter, tmp_path / "out", input_ids)
+    merged, original = read_tensors(tmp_path / "out"), read_tensors(base)
+    assert set(merged) == set(original)
+    assert not torch.equal(merged["embed_out.weight"], original["embed_out.weight"])
