@@ -59,11 +59,14 @@ class StoredTensor:
 
 
 def convert_command(path: Path | str) -> str:
-    """The one-line command that re-saves a ``.bin`` model folder as safetensors."""
+    """What to do with a ``.bin`` Mergeflow cannot read: re-save its model folder (and its
+    tokenizer) as safetensors with transformers."""
     folder = Path(path).parent
-    return (f"python -c \"from transformers import AutoModel; AutoModel.from_pretrained("
-            f"'{folder}').save_pretrained('{folder}-safetensors')\" (use the model's own "
-            "Auto class, e.g. AutoModelForCausalLM, to keep its head) and merge from the new folder")
+    return (f"re-save the model as safetensors once, e.g. python -c \"from transformers import "
+            f"AutoModelForCausalLM as M, AutoTokenizer as T; s, d = '{folder}', "
+            f"'{folder}-safetensors'; M.from_pretrained(s).save_pretrained(d); "
+            "T.from_pretrained(s).save_pretrained(d)\" (with the model's own Auto class), and "
+            "merge from the new folder")
 
 
 def read_table(path: Path) -> dict[str, StoredTensor]:
