@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_json, logits_of, read_tensors, sha256, weight_files
+from helpers import load_json, logits_of, read_tensors, run_cli, sha256, weight_files
 
 import mergeflow
 from mergeflow.checkpoint import Checkpoint
@@ -214,6 +214,12 @@ def test_a_pickle_needing_a_forbidden_global_is_refused_without_running_it(llama
     assert "weights_only=True" in message and "If you trust the file's source" in message
     assert not marker.exists(), "the pickle's payload ran"
     assert not (tmp_path / "out").exists()
+    # The CLI, in a fresh process: exit 2 (refused while planning), the file named, nothing run.
+    done = run_cli("merge", "--base", str(evil), "--adapter", str(adapter),
+                   "--out", str(tmp_path / "out"))
+    assert done.returncode == 2, done.stderr
+    assert str(evil / "pytorch_model.bin") in done.stderr and "posix.system" in done.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(("damage", "words"), [
@@ -235,3 +241,51 @@ def test_a_sharded_bin_index_naming_a_missing_shard_is_refused(llama, tmp_path):
     shard.unlink()
     with pytest.raises(CheckpointError, match=rf"{re.escape(shard.name)}: file not found"):
         Checkpoint(folder)
+
+
+# -- sources: a .bin base from S3 or the Hugging Face cache ----------------------------------------
+
+
+def _bin_files(llama, tmp_path: Path, max_shard_size: str | None = "60KB") -> dict[str, bytes]:
+    base, _ = llama
+    folder = save_as_bin(base, tmp_path / "bin-files", max_shard_size)
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_s3_fetches_bin_weights_only_where_no_safetensors_are(llama, tmp_path, monkeypatch):
+    from s3_server import aws_test_env, moto_s3, new_bucket
+
+    from mergeflow.sources import resolve_source, s3_client
+
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
+    files = _bin_files(llama, tmp_path)
+    both = {**files, "model.safetensors": (llama[0] / "model.safetensors").read_bytes()}
+    with aws_test_env(), moto_s3() as url:
+        client = s3_client(url)
+        bucket = new_bucket(client)
+        for prefix, content in (("bin-only", files), ("both", both)):
+            for name, data in content.items():
+                client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=data)
+        bin_only = resolve_source(f"s3://{bucket}/bin-only", client=client)
+        with_both = resolve_source(f"s3://{bucket}/both", client=client)
+
+    mirrored = {p.name for p in bin_only.iterdir() if not p.name.startswith(".")}
+    assert mirrored == set(files)
+    assert Checkpoint(bin_only).files == sorted(n for n in files if n.endswith(".bin"))
+    fetched = {p.name for p in with_both.iterdir() if not p.name.startswith(".")}
+    assert "model.safetensors" in fetched and not any(n.startswith("pytorch_model") for n in fetched)
+
+
+def test_hf_cache_bin_base_merges(llama, input_ids, tmp_path, monkeypatch):
+    from test_sources import write_hf_cache
+
+    base, adapter = llama
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    write_hf_cache(cache, "org/old-llama", _bin_files(llama, tmp_path, None), "a" * 40)
+    out = tmp_path / "merged"
+
+    mergeflow.merge("hf://org/old-llama", adapter, out)
+
+    torch.testing.assert_close(logits_of(out, input_ids),
+                               logits_of(base, input_ids, adapter=adapter), atol=ATOL, rtol=0)
