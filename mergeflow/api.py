@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from mergeflow import faults, preflight, resources
 from mergeflow.adapter import Adapter, load_adapter
-from mergeflow.checkpoint import Checkpoint
+from mergeflow.checkpoint import INDEX_FILES, Checkpoint
 from mergeflow.errors import (
     DiskSpaceError,
     InputError,
@@ -140,12 +140,12 @@ def _input_files(base: Checkpoint, adapter: Adapter, tokenizer: Path | None,
                  original: Checkpoint | None = None) -> dict[str, tuple[Path, list[str]]]:
     """Every input file that determines the output, by role: (folder, file names)."""
     files = {"base": (base.folder, [*base.files, "config.json", "generation_config.json",
-                                    INDEX_FILE]),
+                                    *INDEX_FILES]),
              "adapter": (adapter.folder, [adapter.weights_file, "adapter_config.json"])}
     if tokenizer is not None:
         files["tokenizer"] = (tokenizer, list(TOKENIZER_FILES))
     if original is not None:
-        files["original"] = (original.folder, [*original.files, "config.json", INDEX_FILE])
+        files["original"] = (original.folder, [*original.files, "config.json", *INDEX_FILES])
     return files
 
 

@@ -1,8 +1,16 @@
-"""Lazy access to a (sharded) safetensors checkpoint: headers first, one tensor at a time.
+"""Lazy access to a (sharded) checkpoint: headers first, one tensor at a time.
+
+A checkpoint is safetensors (``model.safetensors`` or shards plus its index) or, for older
+models, PyTorch zip pickles (``pytorch_model.bin`` or shards plus ``pytorch_model.bin.index.json``);
+safetensors wins when a folder holds both, as in transformers. Either way every tensor is a
+:class:`TensorInfo` with a file and the absolute byte offset of its data, so every reader below
+works on both formats alike (see :mod:`mergeflow.torch_bin` for how a ``.bin`` is read as byte
+ranges, through the weights-only unpickler and without reading tensor data).
 
 Only headers are read when a :class:`Checkpoint` is opened. Tensor data is read on demand with
-:meth:`Checkpoint.read`, which opens the shard, copies out the one tensor and closes the file
-again, so the memory a read costs is the tensor itself and no mapped shard stays resident.
+positional reads of the tensor's bytes (or :meth:`Checkpoint.read`, which for safetensors opens
+the shard, copies out the one tensor and closes the file again), so the memory a read costs is
+the tensor itself and no mapped shard stays resident.
 """
 
 from __future__ import annotations
@@ -18,9 +26,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mergeflow.errors import CheckpointError
+from mergeflow.torch_bin import read_table as read_torch_zip
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+BIN_SINGLE_FILE = "pytorch_model.bin"
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
+#: Index files a checkpoint folder may hold (inputs of a merge when present).
+INDEX_FILES = (INDEX_FILE, BIN_INDEX_FILE)
 
 # safetensors header dtype strings -> torch dtypes (the ones a model checkpoint can hold).
 DTYPES: dict[str, torch.dtype] = {
@@ -54,7 +67,7 @@ class TensorInfo:
     file: str  # file name relative to the checkpoint folder
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype string, e.g. "BF16"
-    offset: int = -1  # absolute byte offset of the data in ``file``; -1: not in a safetensors file
+    offset: int = -1  # absolute byte offset of the data in ``file``; -1: not in a checkpoint file
 
     @property
     def numel(self) -> int:
@@ -73,7 +86,8 @@ class TensorInfo:
 
 
 def read_weight_map(index_path: Path) -> dict[str, str]:
-    """The ``weight_map`` of a ``model.safetensors.index.json``: tensor name -> shard file name.
+    """The ``weight_map`` of a ``model.safetensors.index.json`` (or ``pytorch_model.bin.index.json``):
+    tensor name -> shard file name.
 
     Raises:
         CheckpointError: unreadable JSON, no ``weight_map`` object, or an entry that does not
@@ -131,6 +145,26 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot be read ({exc}); check the path and its "
                               "permissions") from exc
+    return infos
+
+
+def read_torch_table(path: Path) -> dict[str, TensorInfo]:
+    """The tensor table of one PyTorch zip ``.bin`` without reading tensor data: each tensor a
+    byte range of the file, as a safetensors header gives (see :mod:`mergeflow.torch_bin`).
+
+    Raises:
+        CheckpointError: as :func:`mergeflow.torch_bin.read_table` (legacy pickle, forbidden
+            globals, corrupt, non-contiguous tensor), or a tensor with a dtype Mergeflow cannot
+            merge.
+    """
+    infos: dict[str, TensorInfo] = {}
+    for key, stored in read_torch_zip(path).items():
+        if stored.dtype not in DTYPE_NAMES:
+            raise CheckpointError(f"{path}: tensor '{key}' has dtype {stored.dtype}, which "
+                                  f"Mergeflow cannot merge; convert the checkpoint to one of "
+                                  f"{', '.join(sorted(DTYPES))}")
+        infos[key] = TensorInfo(key, path.name, stored.shape, DTYPE_NAMES[stored.dtype],
+                                stored.offset)
     return infos
 
 
@@ -260,11 +294,13 @@ def row_runs(rows: Sequence[int]) -> list[tuple[int, int]]:
 
 
 class Checkpoint:
-    """A safetensors checkpoint folder, opened lazily.
+    """A checkpoint folder, opened lazily.
 
     Args:
         folder: a folder holding ``model.safetensors``, or shards plus
-            ``model.safetensors.index.json``.
+            ``model.safetensors.index.json``; else ``pytorch_model.bin``, or shards plus
+            ``pytorch_model.bin.index.json`` (safetensors first, as transformers looks).
+        weights_file: read just this one file of the folder instead.
 
     Raises:
         CheckpointError: no weights, a broken index, a missing or corrupt shard, or a tensor
@@ -274,16 +310,22 @@ class Checkpoint:
     def __init__(self, folder: Path | str, weights_file: str | None = None) -> None:
         self.folder = Path(folder)
         self.tensors: dict[str, TensorInfo] = {}
+        self._torch_files: set[str] = set()  # files read as PyTorch zips (the rest: safetensors)
         if weights_file is not None:
             self._load_single(self.folder / weights_file)
         elif (self.folder / INDEX_FILE).is_file():
             self._load_index(self.folder / INDEX_FILE)
         elif (self.folder / SINGLE_FILE).is_file():
             self._load_single(self.folder / SINGLE_FILE)
+        elif (self.folder / BIN_SINGLE_FILE).is_file():
+            self._load_single(self.folder / BIN_SINGLE_FILE)
+        elif (self.folder / BIN_INDEX_FILE).is_file():
+            self._load_index(self.folder / BIN_INDEX_FILE)
         else:
             raise CheckpointError(
-                f"{self.folder}: no {SINGLE_FILE} or {INDEX_FILE}; point at a folder holding "
-                "a safetensors checkpoint (save it with save_pretrained(safe_serialization=True))"
+                f"{self.folder}: no {SINGLE_FILE}, {INDEX_FILE}, {BIN_SINGLE_FILE} or "
+                f"{BIN_INDEX_FILE}; point at a folder holding a checkpoint saved with "
+                "save_pretrained"
             )
 
     @property
@@ -292,16 +334,24 @@ class Checkpoint:
         return sorted({info.file for info in self.tensors.values()})
 
     def _load_single(self, path: Path) -> None:
-        self.tensors = read_header(path)
+        if path.suffix == ".safetensors":
+            self.tensors = read_header(path)
+        else:
+            self.tensors = read_torch_table(path)
+            self._torch_files.add(path.name)
 
     def _load_index(self, index_path: Path) -> None:
+        torch_zip = index_path.name == BIN_INDEX_FILE
         weight_map = read_weight_map(index_path)
         headers: dict[str, dict[str, TensorInfo]] = {}
         for name in sorted(set(weight_map.values())):
             path = _inside(self.folder, name, index_path)
             # The file as the index names it, relative to the folder (it may be in a subfolder).
             rel = path.relative_to(self.folder).as_posix()
-            headers[name] = {k: replace(v, file=rel) for k, v in read_header(path).items()}
+            table = read_torch_table(path) if torch_zip else read_header(path)
+            headers[name] = {k: replace(v, file=rel) for k, v in table.items()}
+            if torch_zip:
+                self._torch_files.add(rel)
         for key, name in weight_map.items():
             if key not in headers[name]:
                 raise CheckpointError(
@@ -378,6 +428,10 @@ class Checkpoint:
             return torch.empty((0, *info.shape[1:]), dtype=DTYPES[info.dtype])
         return torch.cat(parts)
 
+    def _read_whole(self, info: TensorInfo) -> torch.Tensor:
+        """A whole tensor by one positional read of its bytes (a fresh buffer, CPU)."""
+        return self.read_rows(info.name, 0, info.shape[0] if info.shape else 1)
+
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into memory (CPU).
 
@@ -385,6 +439,8 @@ class Checkpoint:
             CheckpointError: the tensor's bytes cannot be read (e.g. the shard was truncated).
         """
         info = self.tensors[name]
+        if info.file in self._torch_files:
+            return self._read_whole(info)
         path = self.folder / info.file
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -404,6 +460,9 @@ class Checkpoint:
         out: dict[str, torch.Tensor] = {}
         for file, keys in by_file.items():
             path = self.folder / file
+            if file in self._torch_files:
+                out.update((key, self._read_whole(self.tensors[key])) for key in keys)
+                continue
             try:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
                     for key in keys:
@@ -424,6 +483,10 @@ class Checkpoint:
             by_file.setdefault(self.tensors[name].file, []).append(name)
         for file, keys in by_file.items():
             path = self.folder / file
+            if file in self._torch_files:
+                for key in keys:
+                    yield key, self._read_whole(self.tensors[key])
+                continue
             try:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
                     for key in keys:

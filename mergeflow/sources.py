@@ -54,6 +54,10 @@ MERGE_FILE_PATTERNS: tuple[str, ...] = (
     "adapter_model.safetensors",
     "adapter_model.bin",
 )
+#: A base's weights as PyTorch zip pickles: fetched only where no ``model*.safetensors`` is (a
+#: repo holding both formats is merged from safetensors, so the .bin files are never fetched).
+BIN_WEIGHT_PATTERNS: tuple[str, ...] = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
+SAFETENSORS_WEIGHTS = "model*.safetensors"
 
 S3_STATE_FILE = ".mergeflow-s3.json"  # inside each S3 mirror folder: {name: {etag, size}}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -182,6 +186,10 @@ def resolve_hf(ref: str, *, allow_patterns: Sequence[str] | None = MERGE_FILE_PA
             repo_id, revision=revision, cache_dir=cache, token=token, local_files_only=offline,
             allow_patterns=list(allow_patterns) if allow_patterns else None,
         )
+        if allow_patterns is MERGE_FILE_PATTERNS and _lacks_weights(Path(folder)):
+            folder = snapshot_download(  # the same commit (a snapshot folder is named by it)
+                repo_id, revision=Path(folder).name, cache_dir=cache, token=token,
+                local_files_only=offline, allow_patterns=list(BIN_WEIGHT_PATTERNS))
     except Exception as exc:
         raise hf_error(exc, ref, SourceError, offline=offline, cache=cache, secrets=(token,)) from exc
     path = Path(folder)
@@ -419,6 +427,9 @@ def resolve_s3(ref: str, *, allow_patterns: Sequence[str] | None = MERGE_FILE_PA
     client = client or s3_client(endpoint_url)
     listed = list_s3_prefix(client, bucket, prefix, ref=ref)
     objects = [o for o in listed if _wanted(o.name, allow_patterns)]
+    if allow_patterns is MERGE_FILE_PATTERNS and not any(
+            fnmatch.fnmatchcase(o.name, SAFETENSORS_WEIGHTS) for o in objects):
+        objects += [o for o in listed if _wanted(o.name, BIN_WEIGHT_PATTERNS)]
     if not objects:
         raise SourceError(f"{ref}: no model or adapter files directly under this prefix; check "
                           "the bucket and prefix (it must name the folder holding config.json "
@@ -462,6 +473,13 @@ def raise_s3(exc: Exception, where: str, kind: type[InputError]) -> NoReturn:
     if isinstance(exc, (BotoCoreError, ClientError, Boto3Error)) or _is_retries_exceeded(exc):
         raise s3_error(exc, where, kind) from exc
     raise exc
+
+
+def _lacks_weights(folder: Path) -> bool:
+    """A fetched model folder (config.json, no adapter) with no safetensors weights: its
+    weights may be ``pytorch_model*.bin`` files, fetched next."""
+    return ((folder / "config.json").is_file() and not (folder / "adapter_config.json").exists()
+            and not any(folder.glob(SAFETENSORS_WEIGHTS)))
 
 
 def _wanted(name: str, patterns: Sequence[str] | None) -> bool:
