@@ -7,8 +7,11 @@
 Each route runs in a fresh process of its own: it builds the live model (a random Llama in
 bf16 - ``--hidden`` / ``--intermediate`` / ``--layers`` / ``--vocab`` - with an r=16 LoRA on
 q,k,v,o,gate,up,down, ``init_lora_weights=False``), then measures the one call that saves the
-merge. Peak memory is the process's RSS sampled every 2 ms during the call, minus its RSS just
-before (the live model, which every route holds anyway): "extra peak". Routes:
+merge. The live model's weights are made resident first (cloned out of the mmapped checkpoint,
+as after training). Peak memory is the process's RSS sampled every 2 ms during the call, minus
+its RSS just before (the live model, which every route holds anyway): "extra peak"; and the
+same for anonymous pages alone (RSS minus file-backed pages: what the process really needs;
+file pages of mmapped outputs can be dropped by the kernel). Routes:
 
 * ``mergeflow-memory``: ``save_pretrained_merged(model, out, base="memory")``: the in-memory
   route (the base spilled, in its stored form, to ``temporary_location``, then the streaming
@@ -41,28 +44,38 @@ REPO = Path(__file__).resolve().parent.parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def rss() -> int:
+def memory() -> tuple[int, int]:
+    """(RSS, anonymous RSS) of this process: resident pages, and those not backed by a file
+    (file-backed pages - mmapped checkpoints - can be dropped by the kernel at any time)."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fields = f.read().split()
+    page = os.sysconf("SC_PAGE_SIZE")
+    return int(fields[1]) * page, (int(fields[1]) - int(fields[2])) * page
 
 
 class PeakSampler:
-    """The largest RSS seen while the context is open (sampled every 2 ms)."""
+    """The largest RSS and anonymous RSS seen while the context is open (every 2 ms)."""
 
     def __enter__(self) -> PeakSampler:
-        self.start, self.peak, self._stop = rss(), rss(), threading.Event()
+        self.start = memory()
+        self.peak = list(self.start)
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
+    def _sample(self) -> None:
+        now = memory()
+        self.peak = [max(a, b) for a, b in zip(self.peak, now, strict=True)]
+
     def _run(self) -> None:
         while not self._stop.wait(0.002):
-            self.peak = max(self.peak, rss())
+            self._sample()
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss())
+        self._sample()
 
 
 def folder_bytes(folder: Path) -> int:
@@ -100,6 +113,10 @@ def live_model(base: Path, bits: int):
                                                      device_map="cpu", dtype=torch.bfloat16)
     else:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    with torch.no_grad():  # resident, as after training (not pages of the mmapped checkpoint)
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.clone()
     torch.manual_seed(1)
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
                                             init_lora_weights=False))
@@ -139,8 +156,9 @@ def run_route(route: str, base: Path, out: Path, bits: int) -> dict:
     wall = time.perf_counter() - start
     stop.set()
     watcher.join()
-    return {"route": route, "bits": bits, "live_rss": sampler.start,
-            "extra_peak": sampler.peak - sampler.start, "wall_s": wall,
+    return {"route": route, "bits": bits, "live_rss": sampler.start[0],
+            "extra_peak": sampler.peak[0] - sampler.start[0],
+            "extra_peak_anon": sampler.peak[1] - sampler.start[1], "wall_s": wall,
             "output_bytes": folder_bytes(out), "spill_bytes": spilled["bytes"], "notes": notes}
 
 
@@ -183,12 +201,14 @@ def main() -> None:
             mib, gb = 2**20, 1e9
             print(f"{'4-bit' if bits else 'bf16 '} {route:17s} "
                   f"live model {result['live_rss'] / mib:7.0f} MiB  "
-                  f"extra peak {result['extra_peak'] / mib:7.0f} MiB  "
+                  f"extra peak {result['extra_peak'] / mib:6.0f} MiB "
+                  f"(anon {result['extra_peak_anon'] / mib:6.0f})  "
                   f"wall {result['wall_s']:6.1f} s  output {result['output_bytes'] / gb:.2f} GB  "
                   f"spill {result['spill_bytes'] / gb:.2f} GB")
         by = {r["route"]: r for r in results if r["bits"] == bits}
-        ratio = by["peft"]["extra_peak"] / max(1, by["mergeflow-memory"]["extra_peak"])
-        print(f"  extra peak, peft / mergeflow-memory: {ratio:.1f}x")
+        for key in ("extra_peak", "extra_peak_anon"):
+            ratio = by["peft"][key] / max(1, by["mergeflow-memory"][key])
+            print(f"  {key}, peft / mergeflow-memory: {ratio:.1f}x")
     (args.workdir / "results.json").write_text(json.dumps(results, indent=1))
 
 

@@ -300,3 +300,18 @@ def test_push_to_hub_merged_publishes_one_commit(trained, tokenizer, tmp_path, m
     ((repo, names), _), = TokenRecordingHfApi.instances[0].named("create_commit")
     assert repo == "acme/other" and names[-1] == MANIFEST
     assert list((tmp_path / "t").iterdir()) == []
+
+
+def test_prequantized_4bit_base_on_disk_is_read_from_its_files(four_bit, tmp_path, input_ids):
+    """The common QLoRA case: a checkpoint saved already quantized (like the *-bnb-4bit repos)."""
+    from transformers import AutoModelForCausalLM
+
+    from mergeflow.testing import build_quantized_base
+
+    original, _ = four_bit
+    saved = build_quantized_base(original, tmp_path / "bnb-4bit", double_quant=True)
+    model = lora(AutoModelForCausalLM.from_pretrained(saved, device_map="cpu"), seed=2)
+    report = mergeflow.save_pretrained_merged(model, tmp_path / "m", save_method="merged_16bit")
+    assert any(f"read from {saved}" in n for n in report.notes), report.notes
+    assert not any("spilled" in n for n in report.notes)
+    assert_same_logits(tmp_path / "m", model, input_ids, tol=3e-2)
