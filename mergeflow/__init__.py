@@ -18,14 +18,21 @@ _LAZY = {
     "MergeError": "mergeflow.errors",
     "TransientError": "mergeflow.errors",
     "MergeSpec": "mergeflow.spec",
+    "save_pretrained_merged": "mergeflow.live",
+    "push_to_hub_merged": "mergeflow.live",
+    "patch": "mergeflow.live",
+    "MergeOnTrainEnd": "mergeflow.callback",
 }
 
-__all__ = ["InputError", "MergeError", "MergeReport", "MergeSpec", "TransientError", "merge",
-           "__version__"]
+__all__ = ["InputError", "MergeError", "MergeOnTrainEnd", "MergeReport", "MergeSpec",
+           "TransientError", "__version__", "merge", "patch", "push_to_hub_merged",
+           "save_pretrained_merged"]
 
 if TYPE_CHECKING:
     from mergeflow.api import MergeReport, merge
+    from mergeflow.callback import MergeOnTrainEnd
     from mergeflow.errors import InputError, MergeError, TransientError
+    from mergeflow.live import patch, push_to_hub_merged, save_pretrained_merged
     from mergeflow.spec import MergeSpec
 
 
