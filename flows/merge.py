@@ -10,9 +10,12 @@ checksum-verified are not run again.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 from prefect import flow, get_run_logger
@@ -23,13 +26,16 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.futures import as_completed
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import ValidationError
 
+from flows.parameters import MergeRequest, layered
 from mergeflow import api, resources
 from mergeflow.api import MergeReport, PreparedMerge
-from mergeflow.errors import MergeError
+from mergeflow.errors import MergeError, OptionsError
 from mergeflow.execute import ShardResult
+from mergeflow.output import read_manifest
 from mergeflow.plan import MergePlan
 from mergeflow.spec import MergeSpec
 from mergeflow.verify import VerifyReport
@@ -48,7 +54,55 @@ from tasks import (
 def _run_name() -> str:
     spec = flow_run.parameters.get("spec") or {}
     adapter = spec.get("adapter") if isinstance(spec, dict) else getattr(spec, "adapter", "")
-    return f"merge-{Path(str(adapter)).name or 'adapter'}"
+    return f"merge-{Path(str(adapter or '')).name or 'adapter'}"
+
+
+def _current_deployment() -> Any | None:
+    """The deployment this flow run was started from (None: a direct call, e.g. the CLI's)."""
+    deployment_id = deployment.id
+    if not deployment_id:
+        return None
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_deployment(deployment_id)
+
+
+def run_origin(found: Any | None) -> str | None:
+    """Where the run came from, in words for its error messages (None: not a deployment)."""
+    if found is None:
+        return None
+    return (f"deployment {flow_run.flow_name}/{found.name} (work pool "
+            f"{found.work_pool_name or 'none'})")
+
+
+def run_spec(request: Any, found: Any | None) -> MergeSpec:
+    """The run's spec: its ``spec`` parameter layered over its deployment's default ``spec``
+    (:func:`flows.parameters.layered`; Prefect itself would replace the whole default).
+
+    Raises:
+        OptionsError: the layered spec is incomplete or invalid; the message names the fields.
+    """
+    defaults = ((found.parameters or {}).get("spec") if found is not None else None) or {}
+    try:
+        return layered(defaults, request)
+    except ValidationError as exc:
+        problems = "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"]
+                             else e["msg"] for e in exc.errors(include_url=False))
+        where = run_origin(found)
+        hint = (f" (the run's spec is layered over the defaults of {where}; give the missing "
+                "fields in the run's spec, e.g. --param spec='{\"adapter\": ..., \"out\": ...}')"
+                if where else "")
+        raise OptionsError(f"invalid merge spec: {problems}{hint}") from None
+
+
+def artifact_key(kind: str, out: str) -> str:
+    """A per-output artifact key: ``<kind>-<output folder name>-<6 hex of its full path>``, in
+    the letters Prefect allows (lowercase letters, digits, dashes), so each output keeps its
+    own artifact history."""
+    slug = re.sub(r"[^a-z0-9]+", "-", Path(out).name.lower()).strip("-")[:40].strip("-")
+    digest = hashlib.sha256(str(out).encode()).hexdigest()[:6]
+    return "-".join(part for part in (kind, slug, digest) if part)
 
 
 class Timings(dict):
@@ -97,7 +151,11 @@ def merge_groups(prepared: PreparedMerge, device: str = "cpu",
         index_of[future.task_run_id] = index
     total = len(plan.shards)
     if results:
-        logger.info("resuming: %d of %d groups already written and verified", len(results), total)
+        logger.info("resume: %d of %d groups already written and checksum-verified in %s, "
+                    "kept: %s; writing %d", len(results), total, staging,
+                    ", ".join(plan.shards[i].filename for i in sorted(results)), len(futures))
+    else:
+        logger.info("writing all %d groups (nothing to resume in %s)", total, staging)
     for future in as_completed(futures):
         results[index_of[future.task_run_id]] = future.result()
         if progress is not None:
@@ -105,42 +163,106 @@ def merge_groups(prepared: PreparedMerge, device: str = "cpu",
     return [results[i] for i in range(total)]
 
 
-@flow(name="merge-adapter", flow_run_name=_run_name)
-def merge_adapter(spec: MergeSpec, prepared: PreparedMerge | None = None) -> MergeReport:
+@flow(name="merge-adapter", flow_run_name=_run_name, persist_result=True,
+      result_serializer="json")
+def merge_adapter(spec: MergeRequest, prepared: PreparedMerge | None = None) -> MergeReport:
     """Merge a LoRA adapter into its base and publish a verified SafeTensors checkpoint.
 
-    ``prepared``: the merge already planned by the caller (the CLI plans first, to fail fast on
-    bad input); ``load`` then reuses it instead of planning again.
+    ``spec``: the merge; from a deployment, only the fields to change - the rest come from the
+    deployment's default ``spec`` (:func:`run_spec`). ``prepared``: the merge already planned
+    by the caller (the CLI plans first, to fail fast on bad input); ``load`` then reuses it
+    instead of planning again. The report is the run's persisted result
+    (``run_deployment(...).state.result()``).
     """
+    logger = get_run_logger()
+    found = _current_deployment()
+    spec = run_spec(spec, found)
     timings = Timings()
     with timings("load"):
-        prepared = load(spec, prepared)
+        prepared = load(spec, prepared, run_origin(found))
+    base = resolved_base(prepared)
+    log_plan(prepared, base)
     if prepared.up_to_date:
-        get_run_logger().info("%s already holds this merge; nothing to merge", prepared.out)
+        logger.info("%s already holds this merge; nothing to merge", prepared.out)
         if spec.push_to:
             _upload_published(spec)
         return api.up_to_date_report(prepared)
     if spec.low_disk:  # one shard on disk at a time: write, verify, ship, delete
         with timings("merge, verify and upload"):
             report = merge_low_disk(prepared, spec)
-        report_artifacts(spec, prepared, report, [], None, timings)
+        report_artifacts(spec, prepared, report, [], None, timings, base)
+        log_timings(timings)
         return report
     with timings("merge"):
-        progress = create_progress_artifact(0.0, key="merge-progress",
+        progress = create_progress_artifact(0.0, key=artifact_key("merge-progress", spec.out),
                                             description="layer groups written")
         results = merge_groups.with_options(task_runner=task_runner(spec))(
             prepared, spec.device, progress)
+    # submitted with their dependencies, so the graph shows finalize -> verify -> publish
     with timings("finalize"):
-        report = finalize(prepared, results)
-    with timings("verify"):
-        verification = verify(prepared, spec.device, results) if spec.verify else None
+        finalized = finalize.submit(prepared, results)
+        report = finalized.result()
+    verification = None
+    if spec.verify:
+        with timings("verify"):
+            checked = verify.submit(prepared, spec.device, results, wait_for=[finalized])
+            verification = checked.result()
+        log_verification(verification)
+    else:
+        logger.info("verification skipped (verify=false)")
     with timings("publish"):
-        publish(prepared)
+        publish.submit(prepared, wait_for=[checked if spec.verify else finalized]).result()
+    logger.info("published %s", prepared.out)
     if spec.push_to:
         with timings("upload"):
             _upload_published(spec)
-    report_artifacts(spec, prepared, report, results, verification, timings)
+    report_artifacts(spec, prepared, report, results, verification, timings, base)
+    log_timings(timings)
     return report
+
+
+def resolved_base(prepared: PreparedMerge) -> str | None:
+    """The base folder the merge reads (resolved from ``spec.base`` or the adapter's config):
+    from the plan, or for a finished output from its manifest."""
+    plan_path = Path(prepared.plan_path)
+    if plan_path.is_file():
+        return MergePlan.load(plan_path).base
+    manifest = read_manifest(Path(prepared.out)) or {}
+    return (manifest.get("inputs") or {}).get("base")
+
+
+def log_plan(prepared: PreparedMerge, base: str | None) -> None:
+    """The plan's summary in the flow run's log."""
+    get_run_logger().info(
+        "plan: base %s -> %s: %d tensors in %d shard(s), %s; staging %s%s", base,
+        prepared.out, prepared.tensor_count, prepared.shard_count,
+        _size(prepared.total_size), prepared.staging,
+        " (up to date)" if prepared.up_to_date else "")
+
+
+def log_verification(verification: VerifyReport) -> None:
+    """The verification's outcome in the flow run's log."""
+    worst = max((c.relative_error for c in verification.checks), default=0.0)
+    get_run_logger().info(
+        "verification %s: %d files checksummed, %d tensors read, %d merged tensors checked "
+        "numerically (worst relative error %.1e)%s",
+        "passed" if verification.ok else "FAILED", verification.files, verification.tensors,
+        len(verification.checks), worst,
+        "".join(f"; warning: {w}" for w in verification.warnings))
+
+
+def log_timings(timings: dict[str, float]) -> None:
+    """Each stage's wall time in the flow run's log."""
+    get_run_logger().info("timings: %s", ", ".join(f"{stage} {seconds:.2f} s"
+                                                     for stage, seconds in timings.items()))
+
+
+def _size(size: int) -> str:
+    """Bytes for people: B, KB, MB or GB (never "0.00 GB")."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
 
 
 def _upload_published(spec: MergeSpec) -> None:
@@ -155,12 +277,15 @@ def _upload_published(spec: MergeSpec) -> None:
 
 def report_artifacts(spec: MergeSpec, prepared: PreparedMerge, report: MergeReport,
                      results: list[ShardResult], verification: VerifyReport | None,
-                     timings: dict[str, float]) -> None:
-    """The markdown merge report and the per-tensor delta-norm table."""
-    create_markdown_artifact(key="merge-report", markdown=report_markdown(
-        spec, prepared, report, results, verification, timings), description="Merge report")
+                     timings: dict[str, float], base: str | None = None) -> None:
+    """The markdown merge report and the per-tensor delta-norm table, under keys of this
+    output's own (:func:`artifact_key`)."""
+    create_markdown_artifact(key=artifact_key("merge-report", spec.out), markdown=report_markdown(
+        spec, prepared, report, results, verification, timings, base),
+        description=f"Merge report: {spec.out}")
     if verification is not None and verification.checks:
-        create_table_artifact(key="delta-norms", description="||W' - W|| / ||W|| per merged tensor",
+        create_table_artifact(key=artifact_key("delta-norms", spec.out),
+                              description="||W' - W|| / ||W|| per merged tensor",
                               table=[{"tensor": c.name, "kind": c.kind,
                                       "relative delta norm": f"{c.delta_norm:.3e}",
                                       "check error": f"{c.relative_error:.1e}",
@@ -169,15 +294,19 @@ def report_artifacts(spec: MergeSpec, prepared: PreparedMerge, report: MergeRepo
 
 def report_markdown(spec: MergeSpec, prepared: PreparedMerge, report: MergeReport,
                     results: list[ShardResult], verification: VerifyReport | None,
-                    timings: dict[str, float]) -> str:
-    """The merge report as markdown: inputs, options, plan, shards, timings, checks, decisions."""
+                    timings: dict[str, float], base: str | None = None) -> str:
+    """The merge report as markdown: inputs (``base``: the base folder read, as resolved from
+    ``spec.base`` or the adapter's config), options, plan, shards, timings, checks, decisions."""
+    given = f" (given as `{spec.base}`)" if spec.base and spec.base != base else \
+        ("" if spec.base else " (named by the adapter's config)")
     lines = [f"# Merge report: `{Path(spec.adapter).name}`", "",
-             f"- base: `{spec.base}`", f"- adapter: `{spec.adapter}`", f"- output: `{report.out}`",
+             f"- base: `{base or spec.base}`{given}", f"- adapter: `{spec.adapter}`",
+             f"- output: `{report.out}`",
              f"- variant: {report.variant}; dtype: {report.dtype}; device: {spec.device}", "",
              "## Plan", "",
              f"{report.tensors} tensors, {report.lora_modules} LoRA merges, "
              f"{report.replaced_tensors} replaced tensors, {report.lora_biases} LoRA biases; "
-             f"{report.total_size / 1e6:.1f} MB in {report.shards} shard(s).", "",
+             f"{_size(report.total_size)} in {report.shards} shard(s).", "",
              "| shard | bytes | sha256 |", "| --- | ---: | --- |"]
     lines += [f"| {r.filename} | {r.size} | `{r.sha256[:16]}…` |" for r in results]
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "| --- | ---: |"]

@@ -41,6 +41,7 @@ from mergeflow.output import (
     copy_processor,
     copy_tokenizer,
     find_tokenizer,
+    hub_base_model,
     model_card,
     output_config,
     read_manifest,
@@ -458,9 +459,10 @@ def finalize(prepared: PreparedMerge, results: list[ShardResult]) -> MergeReport
             "weight_map": {name: s.filename for s in plan.shards for t in s.tensors
                            for name, _, _ in t.outputs()},
         })
-    base_name = adapter_config.get("base_model_name_or_path") or base.name
-    (staging / "README.md").write_text(model_card(base_name, adapter.name, report.durable(),
-                                                  adapter_only=report.save_method == "lora"))
+    base_model = hub_base_model(base, adapter_config.get("base_model_name_or_path"))
+    (staging / "README.md").write_text(model_card(base_model, adapter.name, report.durable(),
+                                                  adapter_only=report.save_method == "lora",
+                                                  base_folder=base))
     _write_manifest(staging, plan, prepared.fingerprint, report, results)
     report.groups_resumed = sum(r.resumed for r in results)
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from prefect import task
@@ -9,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from mergeflow import api, resources
 from mergeflow.api import MergeReport, PreparedMerge
+from mergeflow.errors import InputError
 from mergeflow.execute import ShardResult
 from mergeflow.sinks import PublishResult
 from mergeflow.spec import MergeSpec
@@ -21,15 +23,45 @@ _TASK = {"cache_policy": NO_CACHE, **IO_RETRIES}
 
 
 @task(name="load", **_TASK)
-def load(spec: MergeSpec, prepared: PreparedMerge | None = None) -> PreparedMerge:
+def load(spec: MergeSpec, prepared: PreparedMerge | None = None,
+         origin: str | None = None) -> PreparedMerge:
     """Resolve inputs, read headers, plan and validate the whole merge; set up staging.
 
     A ``prepared`` merge (planned by the caller moments ago) is reused as it is while its plan
     is still in its staging folder (or it was already finished): the merge is not planned twice.
+    ``origin``: where the run came from (a deployment and its pool), for the refusal below.
+
+    Raises:
+        InputError: ``device`` is cuda and this machine has no CUDA GPU (before any staging).
     """
+    check_device(spec.device, origin)
     if prepared is not None and (prepared.up_to_date or Path(prepared.plan_path).is_file()):
         return prepared
     return api.prepare(spec)
+
+
+def check_device(device: str, origin: str | None = None) -> None:
+    """Refuse ``device`` cuda on a machine without CUDA, in words for where the run came from.
+
+    Raises:
+        InputError: no CUDA GPU here.
+    """
+    if device != "cuda":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    host = socket.gethostname()
+    if origin:
+        raise InputError(
+            f"device cuda: {origin} ran on {host}, which has no CUDA GPU "
+            "(torch.cuda.is_available() is False); nothing was written. Run this pool's worker "
+            "on a GPU machine, or send the merge to the CPU deployment "
+            "(merge-adapter/merge-adapter-cpu; webhook: \"target\": \"cpu\"; event: "
+            "adapter_ready(..., target=\"cpu\"))")
+    raise InputError(f"device cuda: {host} has no CUDA GPU (torch.cuda.is_available() is "
+                     "False); nothing was written. Merge with device cpu")
 
 
 @task(name="merge-group", task_run_name="merge-group-{index}", **_TASK)

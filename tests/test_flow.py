@@ -62,11 +62,18 @@ def test_flow_output_equals_core_output_and_has_artifacts(sharded_inputs, tmp_pa
     live = logits_of(base, input_ids, adapter=adapter)
     assert (logits_of(tmp_path / "flow", input_ids) - live).abs().max() < 1e-4
 
+    from flows.merge import artifact_key
+
     artifacts = _artifacts(state.state_details.flow_run_id)
-    assert "merge-report" in artifacts and "delta-norms" in artifacts
-    markdown = artifacts["merge-report"].data
+    out = str(tmp_path / "flow")
+    report_key, norms_key = artifact_key("merge-report", out), artifact_key("delta-norms", out)
+    assert report_key.startswith("merge-report-flow-") and report_key != artifact_key(
+        "merge-report", str(tmp_path / "other" / "flow"))  # one history per output
+    assert report_key in artifacts and norms_key in artifacts
+    markdown = artifacts[report_key].data
     assert "Verification" in markdown and "passed" in markdown and "untied" not in markdown
-    table = artifacts["delta-norms"].data
+    assert f"- base: `{base}`" in markdown  # the base folder read
+    table = artifacts[norms_key].data
     assert "q_proj" in str(table) and "DoRA" in str(table)
     progress = [a for a in artifacts.values() if a.type == "progress"]
     assert progress and float(progress[0].data) == 100.0

@@ -71,10 +71,13 @@ def test_output_folder_contents(base, adapter_with_tokenizer, tmp_path):
     for name in names:
         assert (out / name).read_bytes() == (adapter_with_tokenizer / name).read_bytes(), name
 
-    # README.md: a model card with base_model metadata (the base the adapter names).
+    # README.md: a model card; the adapter names its base by a local path, which never goes
+    # into the Hub metadata (tests/test_model_card.py covers the Hub ids).
     card = ModelCard.load(out / "README.md")
     adapter_config = load_json(adapter_with_tokenizer / "adapter_config.json")
-    assert card.data.base_model == adapter_config["base_model_name_or_path"]
+    assert card.data.base_model is None
+    assert adapter_config["base_model_name_or_path"] not in (out / "README.md").read_text()
+    assert card.data.pipeline_tag == "text-generation"
 
     # The manifest lists every other file with its sha256 and size; no folders, no hidden files.
     manifest = load_json(out / "merge-manifest.json")

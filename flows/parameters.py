@@ -1,0 +1,67 @@
+"""The merge flow's ``spec`` parameter: a partial :class:`~mergeflow.spec.MergeSpec` layered
+over the deployment's defaults.
+
+Prefect merges a run's parameters with its deployment's defaults one top-level name at a time,
+so a run that passes ``spec`` would replace the whole default ``spec`` (device, workers, ...).
+The flow's parameter is therefore :class:`MergeRequest`, MergeSpec with every field optional
+(the same names, types, checks and descriptions, so the UI form and the server's schema check
+still know them), and the flow layers it over the deployment's default ``spec``
+(:func:`layered`). A field left out or null keeps the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from mergeflow.spec import MergeSpec
+
+
+def _optional(name: str) -> tuple[Any, Any]:
+    """MergeSpec field ``name`` as an optional field: its type and checks, default None."""
+    field = MergeSpec.model_fields[name]
+    annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata \
+        else field.annotation
+    return annotation | None, Field(None, description=field.description,
+                                    json_schema_extra=field.json_schema_extra)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_spec(cls, data: Any) -> Any:
+        """A whole MergeSpec (the CLI's, a test's) is a request that sets every field."""
+        return data.model_dump() if isinstance(data, MergeSpec) else data
+
+    def fields_set(self) -> dict[str, Any]:
+        """The fields this request sets (None: left to the defaults)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+MergeRequest = create_model(
+    "MergeRequest", __base__=_Request,
+    __doc__="A merge request: any MergeSpec fields; the rest come from the deployment's "
+            "default spec. A run needs adapter and out, from the request or the defaults.",
+    **{name: _optional(name) for name in MergeSpec.model_fields})
+
+
+def layered(defaults: Mapping[str, Any] | None, request: Mapping[str, Any] | BaseModel | None
+            ) -> MergeSpec:
+    """``request``'s fields over the ``defaults`` (a deployment's default ``spec``), validated.
+
+    Fields that are None (or absent) are left to the defaults.
+
+    Raises:
+        pydantic.ValidationError: the result is not a valid :class:`MergeSpec` (e.g. neither
+            gives ``adapter``).
+    """
+    if isinstance(request, BaseModel):
+        request = request.model_dump(mode="json")
+    base = {k: v for k, v in (defaults or {}).items() if v is not None} \
+        if isinstance(defaults, Mapping) else {}
+    base.update({k: v for k, v in (request or {}).items() if v is not None})
+    return MergeSpec.model_validate(base)
