@@ -42,6 +42,7 @@ from tasks import (
     resize_vocab_and_untie,
     upload,
     verify,
+    write_gguf,
 )
 
 
@@ -123,6 +124,16 @@ def merge_adapter(spec: MergeSpec, prepared: PreparedMerge | None = None) -> Mer
     if spec.low_disk:  # one shard on disk at a time: write, verify, ship, delete
         with timings("merge, verify and upload"):
             report = merge_low_disk(prepared, spec)
+        report_artifacts(spec, prepared, report, [], None, timings)
+        return report
+    if spec.save_method == "gguf":  # one GGUF file streamed from the merge, then as below
+        with timings("merge into gguf"):
+            report = write_gguf(prepared, spec)
+        with timings("publish"):
+            publish(prepared)
+        if spec.push_to:
+            with timings("upload"):
+                _upload_published(spec)
         report_artifacts(spec, prepared, report, [], None, timings)
         return report
     with timings("merge"):

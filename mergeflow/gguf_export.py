@@ -223,7 +223,21 @@ def open_vocab(folder: Path) -> VocabInfo:
         tokens.append(text.encode() if isinstance(text, str) else text)
         scores.append(float(score))
         types.append(int(kind))
+    for index, special in _added_tokens(folder).items():  # as llama.cpp's converter types them
+        if index < len(types):
+            types[index] = int(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
     return VocabInfo(vocab.tokenizer_model, pre, tokens, scores, types, folder)
+
+
+def _added_tokens(folder: Path) -> dict[int, bool]:
+    """tokenizer.json's added tokens: id -> special. llama.cpp splits the text on these before
+    tokenizing (CONTROL for special ones, USER_DEFINED for the others), as transformers does,
+    also when they are in the model's own vocabulary (gguf's BpeVocab types those NORMAL)."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return {}
+    added = json.loads(path.read_text()).get("added_tokens") or []
+    return {int(t["id"]): bool(t.get("special")) for t in added}
 
 
 def add_vocab(writer, vocab: VocabInfo, n_vocab: int) -> None:
@@ -394,12 +408,11 @@ def encode(block: torch.Tensor, tensor: GgufTensor, out_dtype: torch.dtype) -> n
     """One float32 block, transformed as llama.cpp's converter does and encoded in the tensor's
     GGML type (``gguf.quants``; q8_0 blocks run along a row, so whole rows encode alone)."""
     gguf = _gguf()
-    if not fits(block, out_dtype):
-        if not all_finite(block.to(out_dtype)):
-            raise AdapterError(
-                f"merged tensor '{tensor.plan.name}' holds NaN or Inf as {tensor.qtype.name}: "
-                "the merged values exceed the type's range, or the adapter weights are not "
-                "finite; check the training run, or choose --gguf-type bf16")
+    if not fits(block, out_dtype) and not all_finite(block.to(out_dtype)):  # one pass if fine
+        raise AdapterError(
+            f"merged tensor '{tensor.plan.name}' holds NaN or Inf as {tensor.qtype.name}: "
+            "the merged values exceed the type's range, or the adapter weights are not "
+            "finite; check the training run, or choose --gguf-type bf16")
     if tensor.head_rows:
         block = unpermute_heads(block, tensor.head_rows)
     if tensor.offset:
@@ -489,8 +502,8 @@ def check_gguf(path: Path, plan: MergePlan, gguf_type: str) -> list[str]:
         got = found.get(name)
         if got is None:
             problems.append(f"{path.name}: tensor {name} is missing")
-        elif got.tensor_type != want.qtype or list(reversed([int(d) for d in got.shape])) \
-                != list(want.plan.shape) and len(want.plan.shape) > 1:
+        elif got.tensor_type != want.qtype or (list(reversed([int(d) for d in got.shape])) \
+                != list(want.plan.shape) and len(want.plan.shape) > 1):
             problems.append(f"{path.name}: tensor {name} is {got.tensor_type.name} "
                             f"{list(got.shape)}, planned {want.qtype.name} {want.plan.shape}")
     problems.extend(f"{path.name}: unplanned tensor {n}" for n in found if n not in expected)

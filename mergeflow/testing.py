@@ -56,9 +56,10 @@ CHAT_SPECIALS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
 def _corpus() -> list[str]:
-    words = ("the model merges a small adapter into its base and writes one file that llama "
-             "runs quickly on every machine , with numbers 12 345 and 2024 ! hello world ? it is "
-             "done . we've said they'll go").split()
+    text = ("the model merges a small adapter into its base and writes one file that llama "
+            "runs quickly on every machine , with numbers 12 345 and 2024 ! hello world ? it is "
+            "done . we've said they'll go")
+    words = text.split()
     return [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(200)]
 
 
