@@ -53,6 +53,21 @@ def size(path: Path) -> int:
         else path.stat().st_size
 
 
+def build(work: Path, hidden: int, layers: int, vocab: int) -> None:
+    """The bench's bf16 Llama base (with a byte-level BPE tokenizer) and a rank-16 adapter."""
+    import torch
+
+    from mergeflow.testing import build_adapter, build_base, save_bpe_tokenizer
+
+    base = build_base(work / "base", "llama", tokenizer=False, dtype=torch.bfloat16,
+                      hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                      num_key_value_heads=hidden // 256, vocab_size=vocab)
+    save_bpe_tokenizer(base, 512)
+    build_adapter(base, work / "adapter", r=16, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--converter", required=True, type=Path)
@@ -60,23 +75,22 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--gguf-type", default="f16", choices=["f16", "bf16", "q8_0"])
+    parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    import torch
-
-    from mergeflow.testing import build_adapter, build_base, save_bpe_tokenizer
+    if args.build:
+        build(args.build, args.hidden, args.layers, args.vocab)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="bench-gguf-"))
     env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
+    base, adapter = work / "base", work / "adapter"
     try:
-        base = build_base(work / "base", "llama", tokenizer=False, dtype=torch.bfloat16,
-                          hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-                          num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                          num_key_value_heads=args.hidden // 256, vocab_size=args.vocab)
-        save_bpe_tokenizer(base, 512)
-        adapter = build_adapter(base, work / "adapter", r=16,
-                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                "gate_proj", "up_proj", "down_proj"])
+        # built in a child: a process's peak RSS starts at its parent's (kept across fork and
+        # exec), so this process never imports torch
+        subprocess.run([sys.executable, __file__, "--build", str(work), "--converter", "-",
+                        "--hidden", str(args.hidden), "--layers", str(args.layers),
+                        "--vocab", str(args.vocab)], env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cli = [sys.executable, "-m", "mergeflow.cli", "merge", "--base", str(base),
                "--adapter", str(adapter)]
         one = run([*cli, "--out", str(work / "one"), "--save-method", "gguf",
