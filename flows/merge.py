@@ -48,6 +48,7 @@ from tasks import (
     resize_vocab_and_untie,
     upload,
     verify,
+    write_gguf,
 )
 
 
@@ -192,6 +193,16 @@ def merge_adapter(spec: MergeRequest, prepared: PreparedMerge | None = None) -> 
             report = merge_low_disk(prepared, spec)
         report_artifacts(spec, prepared, report, [], None, timings, base)
         log_timings(timings)
+        return report
+    if spec.save_method == "gguf":  # one GGUF file streamed from the merge, then as below
+        with timings("merge into gguf"):
+            report = write_gguf(prepared, spec)
+        with timings("publish"):
+            publish(prepared)
+        if spec.push_to:
+            with timings("upload"):
+                _upload_published(spec)
+        report_artifacts(spec, prepared, report, [], None, timings)
         return report
     with timings("merge"):
         progress = create_progress_artifact(0.0, key=artifact_key("merge-progress", spec.out),

@@ -286,6 +286,10 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
     adapter = load_adapter(adapter_dir)
     dtype = _output_dtype(spec, config, base, quantized, original, original_config)
     tokenizer = _resolve_tokenizer(spec, adapter_dir, base_dir)
+    if spec.save_method == "gguf":  # refused here, before a byte is written
+        from mergeflow.gguf_export import check_supported
+
+        check_supported(base_dir, tokenizer, spec.gguf_type)
     view = quantized.logical_view(base) if quantized is not None else base
     layout = read_layout(base_dir, set(view.tensors), config,
                          {n: tuple(i.shape) for n, i in view.tensors.items()})
@@ -296,8 +300,8 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                    pad_to_multiple_of=spec.pad_vocab_to_multiple_of,
                    allow_vocab_shrink=spec.allow_vocab_shrink,
                    vocab_size=text_config(config).get("vocab_size"),
-                   save_method=spec.save_method, original=original, quantized=quantized,
-                   wrapped=wrapped).plan()
+                   save_method=_planned_method(spec), original=original,
+                   quantized=quantized, wrapped=wrapped).plan()
     plan.inputs = _input_identities(_input_files(base, adapter, tokenizer, original))
     plan.options = {"dtype": dtype, "max_shard_size": parse_size(spec.max_shard_size),
                     "pad_vocab_to_multiple_of": spec.pad_vocab_to_multiple_of,
@@ -305,7 +309,8 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                     "tokenizer": str(tokenizer) if tokenizer else None, "device": spec.device,
                     "save_method": spec.save_method, "merge_onto": spec.merge_onto,
                     "original_base": str(original_dir) if original_dir else None,
-                    "mergeflow": __version__}
+                    "mergeflow": __version__,
+                    **({"gguf_type": spec.gguf_type} if spec.save_method == "gguf" else {})}
     plan.runtime = {"block_bytes": resources.for_spec(spec).block_bytes}  # within the budget
     warnings = preflight.check(plan, adapter, out, low_disk=spec.low_disk)  # values, free disk
     plan.notes.extend(w for w in warnings if w not in plan.notes)  # before the fingerprint
@@ -320,6 +325,12 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                          plan_path=str(staging.plan_path), fingerprint=fingerprint,
                          up_to_date=up_to_date, shard_count=len(plan.shards),
                          tensor_count=plan.tensor_count, total_size=plan.total_size)
+
+
+def _planned_method(spec: MergeSpec) -> str:
+    """The save method the planner plans: a GGUF is planned as a 16-bit merge (the same tensors,
+    in the same order), then written by :mod:`mergeflow.gguf_export` instead of as shards."""
+    return "merged_16bit" if spec.save_method == "gguf" else spec.save_method
 
 
 def _check_method_options(spec: MergeSpec) -> None:
@@ -523,6 +534,38 @@ def _write_manifest(staging: Path, plan: MergePlan, fingerprint: str, report: Me
     faults.checkpoint("after-manifest")
 
 
+@_disk_full_is_disk_space_error(_staging_of_prepared)
+def write_gguf_output(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
+    """``--save-method gguf``: stream the merge into one GGUF file in staging (see
+    :mod:`mergeflow.gguf_export`), check it (``spec.verify``), then write the Ollama Modelfile,
+    the model card and - last - the manifest. :func:`publish_output` publishes it.
+
+    Raises:
+        VerificationError: the file read back does not hold the planned tensors.
+    """
+    from mergeflow import gguf_export
+
+    staging = Staging.for_output(prepared.out)
+    plan = MergePlan.load(Path(prepared.plan_path))
+    adapter = Path(plan.adapter)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    gguf_type = str(plan.options["gguf_type"])
+    result = gguf_export.write_gguf(plan, open_source(plan, device=spec.device), staging,
+                                    gguf_type, adapter.name)
+    if spec.verify:
+        problems = gguf_export.check_gguf(staging.folder / result.filename, plan, gguf_type)
+        check_verified(prepared, VerifyReport(ok=not problems, files=1, tensors=plan.tensor_count,
+                                                  problems=problems))
+    gguf_export.write_modelfile(staging, result.filename, Path(str(plan.options["tokenizer"])))
+    report = _report(plan, adapter_config, prepared.out, "merged").model_copy(
+        update={"dtype": gguf_type, "shards": 1, "total_size": result.size})
+    base_name = adapter_config.get("base_model_name_or_path") or Path(plan.base).name
+    (staging.folder / "README.md").write_text(model_card(base_name, adapter.name,
+                                                         report.durable()))
+    _write_manifest(staging.folder, plan, prepared.fingerprint, report, [result])
+    return report
+
+
 def up_to_date_report(prepared: PreparedMerge) -> MergeReport:
     """The report of a merge that was already finished in ``out``."""
     manifest = read_manifest(Path(prepared.out)) or {}
@@ -652,6 +695,12 @@ def run_local(prepared: PreparedMerge, spec: MergeSpec,
         return up_to_date_report(prepared)
     if spec.low_disk:
         return merge_low_disk(prepared, spec, progress)[0]
+    if spec.save_method == "gguf":
+        report = write_gguf_output(prepared, spec)
+        publish_output(prepared)
+        if spec.push_to:
+            upload_published(spec)
+        return report
     results = run_shards(prepared, spec, progress)
     report = finalize(prepared, results)
     if spec.verify:

@@ -190,6 +190,7 @@ def merge(
     device: Annotated[str, typer.Option(help=_help("device"))] = _default("device"),
     save_method: Annotated[str, typer.Option(
         help=_help("save_method"))] = _default("save_method"),
+    gguf_type: Annotated[str, typer.Option(help=_help("gguf_type"))] = _default("gguf_type"),
     merge_onto: Annotated[str, typer.Option(help=_help("merge_onto"))] = _default("merge_onto"),
     original_base: Annotated[str | None, typer.Option(
         help=_help("original_base"))] = _default("original_base"),
@@ -291,12 +292,27 @@ def _print_report(report: MergeReport) -> None:
         _print_notes(report.notes)
         out.print(f"output: {report.out}")
         return
+    if report.save_method == "gguf":
+        _print_gguf(report)
+        return
     out.print(f"[bold green]merged[/] {report.lora_modules} {report.variant} modules "
               f"({report.replaced_tensors} tensors replaced, {report.lora_biases} LoRA biases) "
               f"into {report.tensors} tensors, {report.total_size / 1e9:.2f} GB {report.dtype} "
               f"in {report.shards} shard(s)")
     _print_notes(report.notes)
     out.print(f"output: {report.out}")
+
+
+def _print_gguf(report: MergeReport) -> None:
+    """A GGUF merge: what was written, and the command that imports it into Ollama."""
+    from mergeflow.gguf_export import gguf_filename, ollama_command
+
+    out.print(f"[bold green]merged[/] {report.lora_modules} {report.variant} modules into "
+              f"{gguf_filename(report.dtype)} ({report.tensors} tensors, "
+              f"{report.total_size / 1e9:.2f} GB {report.dtype}) with an Ollama Modelfile")
+    _print_notes(report.notes)
+    out.print(f"output: {report.out}")
+    _print_line(f"to run it in Ollama: {ollama_command(report.out, Path(report.out).name.lower())}")
 
 
 webhook_app = typer.Typer(no_args_is_help=True,

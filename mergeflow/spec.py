@@ -105,11 +105,15 @@ class MergeSpec(BaseModel):
         False, description="Replace a finished output made from other inputs or options.")
     device: Literal["cpu", "cuda"] = Field(
         "cpu", description="Where dequantizing, the merge math and re-quantizing run.")
-    save_method: Literal["merged_16bit", "merged_4bit", "lora"] = Field(
+    save_method: Literal["merged_16bit", "merged_4bit", "lora", "gguf"] = Field(
         "merged_16bit", description="merged_16bit: a plain checkpoint in --dtype. merged_4bit: "
         "merge, then re-quantize the changed weights with the quantized base's own bitsandbytes "
         "settings (an 8-bit base stays 8-bit). lora: no merge; export the adapter as "
-        "adapter_model.safetensors, checked against the base.")
+        "adapter_model.safetensors, checked against the base. gguf: merge straight into one "
+        "GGUF file for llama.cpp and Ollama (--gguf-type), with an Ollama Modelfile.")
+    gguf_type: Literal["f16", "bf16", "q8_0"] = Field(
+        "f16", description="With --save-method gguf: the GGUF tensor type (norms and 1-D "
+        "tensors stay f32, as llama.cpp's converter keeps them).")
     merge_onto: Literal["dequantized", "original"] = Field(
         "dequantized", description="For a quantized base: merge onto its dequantized weights "
         "(what the adapter was trained against) or onto the original 16-bit weights "
@@ -160,6 +164,12 @@ class MergeSpec(BaseModel):
         if self.save_method == "lora" and self.merge_onto == "original":
             problems.append("--save-method lora exports the adapter unmerged, so --merge-onto "
                             "original has nothing to do; drop one of them")
+        if self.save_method == "gguf" and self.low_disk:
+            problems.append("--save-method gguf writes one file, which --low-disk cannot ship "
+                            "in pieces; drop --low-disk")
+        if self.save_method == "gguf" and self.merge_onto == "original":
+            problems.append("--save-method gguf: --merge-onto original is not covered yet; "
+                            "merge onto the dequantized weights")
         if self.low_disk and not self.push_to:
             problems.append("low_disk needs push_to: shards are shipped and deleted as they go")
         return problems

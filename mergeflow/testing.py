@@ -13,6 +13,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    GemmaConfig,
     GPT2Config,
     LlamaConfig,
     Phi3Config,
@@ -46,6 +47,49 @@ def save_tokenizer(folder: Path | str, vocab_size: int, extra_tokens: int = 0) -
     return folder
 
 
+#: Split regexes of byte-level BPE pre-tokenizers (as Hugging Face tokenizer.json stores them).
+BPE_SPLITS = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+             r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+CHAT_SPECIALS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def _corpus() -> list[str]:
+    text = ("the model merges a small adapter into its base and writes one file that llama "
+            "runs quickly on every machine , with numbers 12 345 and 2024 ! hello world ? it is "
+            "done . we've said they'll go")
+    words = text.split()
+    return [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(200)]
+
+
+def save_bpe_tokenizer(folder: Path | str, vocab_size: int, pre: str = "gpt-2") -> Path:
+    """A real byte-level BPE tokenizer (trained here on a fixed text, offline) with ``<s>``,
+    ``</s>``, ``<pad>``, chat special tokens and a chat template, saved with
+    ``save_pretrained``. ``pre``: "gpt-2" (ByteLevel's own regex) or a :data:`BPE_SPLITS` key."""
+    from tokenizers import Regex, decoders, trainers
+
+    folder = Path(folder)
+    tok = Tokenizer(models.BPE())
+    if pre == "gpt-2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(BPE_SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<pad>", *CHAT_SPECIALS]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return folder
+
+
 def _small(**overrides) -> dict:
     kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
@@ -54,11 +98,14 @@ def _small(**overrides) -> dict:
 
 
 def model_config(arch: str, **overrides):
-    """A tiny config of one architecture: llama, qwen2 (biases), gpt2 (Conv1D), phi3 (fused)."""
+    """A tiny config of one architecture: llama, qwen2 (biases), gemma (tied, norms stored
+    w - 1), gpt2 (Conv1D), phi3 (fused)."""
     if arch == "llama":
-        return LlamaConfig(**_small(tie_word_embeddings=False, **overrides))
+        return LlamaConfig(**_small(**{"tie_word_embeddings": False, **overrides}))
     if arch == "qwen2":
-        return Qwen2Config(**_small(tie_word_embeddings=True, **overrides))
+        return Qwen2Config(**_small(**{"tie_word_embeddings": True, **overrides}))
+    if arch == "gemma":
+        return GemmaConfig(**_small(**{"head_dim": 16, "tie_word_embeddings": True, **overrides}))
     if arch == "phi3":
         return Phi3Config(**_small(tie_word_embeddings=False, pad_token_id=0, **overrides))
     if arch == "gpt2":

@@ -12,8 +12,9 @@ from tasks.merge import (
     resize_vocab_and_untie,
     upload,
     verify,
+    write_gguf,
 )
 from tasks.policy import IO_RETRIES, retry_transient
 
 __all__ = ["IO_RETRIES", "finalize", "load", "merge_group", "merge_low_disk", "publish",
-           "resize_vocab_and_untie", "retry_transient", "upload", "verify"]
+           "resize_vocab_and_untie", "retry_transient", "upload", "verify", "write_gguf"]

@@ -116,3 +116,11 @@ def upload(spec: MergeSpec) -> PublishResult:
 def merge_low_disk(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
     """Low-disk mode: write, verify, publish and delete one shard at a time, manifest last."""
     return api.merge_low_disk(prepared, spec)[0]
+
+
+@task(name="write-gguf", **_TASK)
+def write_gguf(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
+    """--save-method gguf: stream the merge into one GGUF file (written under a partial name,
+    fsynced, renamed), check it, write the Modelfile, card and manifest in staging."""
+    resources.limit_threads()
+    return api.write_gguf_output(prepared, spec)
