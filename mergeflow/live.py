@@ -157,6 +157,7 @@ def save_pretrained_merged(
     """
     if not is_main_process:
         return None
+    _refuse_unneeded(state_dict, safe_serialization, variant)
     if push_to_hub:
         return push_to_hub_merged(
             model, str(save_directory), tokenizer, save_method, token=token, private=private,
@@ -164,7 +165,6 @@ def save_pretrained_merged(
             maximum_memory_usage=maximum_memory_usage, base=base, allow_download=allow_download,
             merge_onto=merge_onto, original_base=original_base, dtype=dtype,
             overwrite=overwrite, **options)
-    _refuse_unneeded(state_dict, safe_serialization, variant)
     method = _save_method(save_method)
     peft = _check_peft_model(model)
     out = Path(save_directory)
