@@ -23,11 +23,10 @@ TOKENIZER_FILES = (
     "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt",
     "vocab.txt", "chat_template.jinja", "chat_template.json",
 )
-# What a multimodal model's processor reads besides the tokenizer (AutoProcessor).
-PROCESSOR_FILES = (
-    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
-    "chat_template.jinja", "chat_template.json",
-)
+# What a multimodal model's processor reads besides the tokenizer (AutoProcessor); the chat
+# template travels with the tokenizer.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json",
+                   "video_preprocessor_config.json")
 
 
 def write_json(path: Path, data: object) -> None:
