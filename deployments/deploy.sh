@@ -38,3 +38,12 @@ fi
 "$PREFECT" concurrency-limit create gpu "${MERGEFLOW_GPU_SLOTS:-1}"
 
 "$PREFECT" deploy --no-prompt --all --prefect-file deployments/prefect.yaml
+
+# A run's `spec` is layered over the deployment's default spec (flows/parameters.py): give only
+# what changes. These commands work as printed once the paths are real:
+cat <<'USAGE'
+
+Start a merge (the deployment's default spec fills in the rest: device, workers, ...):
+  prefect deployment run merge-adapter/merge-adapter-cpu --param spec='{"adapter": "/path/to/adapter", "out": "/path/to/merged"}'
+  prefect deployment run merge-adapter/merge-adapter --param spec='{"adapter": "/path/to/adapter", "out": "/path/to/merged"}'
+USAGE

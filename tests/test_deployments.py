@@ -76,15 +76,19 @@ def test_event_triggers_route_and_template_the_spec(prefect_yaml):
 
     minimal = _render_trigger(gpu, {"adapter": "/a", "out": "/o"})["spec"]
     assert minimal == {"adapter": "/a", "out": "/o", "base": None, "push_to": None,
-                       "dtype": "auto", "save_method": "merged_16bit", "device": "cuda",
-                       "workers": 4}
-    MergeSpec(**minimal)
+                       "dtype": None, "save_method": None, "device": None}
+    # null fields keep the deployment's defaults (the flow layers the run's spec over them)
+    from flows.parameters import layered
+
+    spec = layered(_deployment(prefect_yaml, "merge-adapter")["parameters"]["spec"], minimal)
+    assert (spec.device, spec.workers, spec.dtype) == ("cuda", 4, "auto")
     full = _render_trigger(cpu, {"adapter": "hf://o/a@1", "out": "/o", "base": "/b",
                                  "push_to": "s3://bk/m", "dtype": "bfloat16",
                                  "device": "cuda"})["spec"]
     assert full["base"] == "/b" and full["push_to"] == "s3://bk/m"
     assert full["dtype"] == "bfloat16" and full["device"] == "cpu"  # the CPU deployment stays CPU
-    MergeSpec(**full)
+    assert layered(_deployment(prefect_yaml, "merge-adapter-cpu")["parameters"]["spec"],
+                   full).workers == 2
 
 
 def test_event_payload_uses_the_spec_names_and_still_reads_destination(prefect_yaml):

@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
+from flows.parameters import MergeRequest
 from mergeflow.spec import MergeSpec
 from triggers.webhook import (
     DELIVERY_HEADER,
@@ -29,7 +30,7 @@ SECRET = "mergeflow-webhook-test-secret-5e1f0c"
 HF_SECRET = "mergeflow-hf-test-secret-93ab77"
 
 
-def stand_in_merge_adapter(spec: MergeSpec) -> None:
+def stand_in_merge_adapter(spec: MergeRequest) -> None:
     """The merge flow's signature (its parameter schema) without its body."""
 
 
@@ -351,3 +352,68 @@ def test_cli_refuses_to_serve_without_a_secret(prefect_server, monkeypatch):
     result = CliRunner().invoke(app, ["webhook", "serve", "--port", "1"])
     assert result.exit_code == 2
     assert "no webhook secret" in " ".join(result.output.split())
+
+
+# --------------------------------------------------------------------------- routes (issue 16)
+
+
+@pytest.fixture(scope="module")
+def cpu_deployment(prefect_server) -> str:
+    """A CPU merge deployment with the real parameter schema and its own defaults."""
+    from prefect import flow
+
+    name = f"webhook-cpu-{uuid.uuid4().hex[:8]}"
+    flow(stand_in_merge_adapter, name="merge-adapter").to_deployment(
+        name=name, parameters={"spec": {"workers": 2, "device": "cpu"}},
+        enforce_parameter_schema=True).apply()
+    return f"merge-adapter/{name}"
+
+
+@pytest.fixture
+def routed(prefect_server, deployment, cpu_deployment):
+    settings = _settings(prefect_server, deployment, cpu_deployment=cpu_deployment)
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def test_target_cpu_routes_to_the_cpu_deployment_with_its_defaults(routed, cpu_deployment):
+    answer = _post(routed, _payload(target="cpu", options={}))
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["deployment"] == cpu_deployment
+    spec = _run(answer.json()["flow_run_id"]).parameters["spec"]
+    assert (spec["device"], spec["workers"]) == ("cpu", 2)
+    gpu = _post(routed, _payload(options={}))  # no target: the GPU deployment, as before
+    assert gpu.status_code == 202 and gpu.json()["deployment"] != cpu_deployment
+    assert _run(gpu.json()["flow_run_id"]).parameters["spec"]["device"] == "cuda"
+
+
+def test_cuda_on_the_cpu_route_is_422_before_any_run(routed):
+    payload = _payload(target="cpu", options={"device": "cuda"})
+    answer = _post(routed, payload)
+    assert answer.status_code == 422
+    assert answer.json()["detail"][0]["loc"] == ["body", "options", "device"]
+    assert "CPU deployment" in answer.json()["detail"][0]["msg"]
+    assert _runs_with_key(f"mergeflow-webhook:training:{payload['delivery_id']}") == []
+    bad = _post(routed, _payload(target="tpu"))
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "target"]
+
+
+def test_redelivery_after_a_failed_run_starts_the_next_attempt(client):
+    from prefect.client.orchestration import get_client
+    from prefect.states import Failed
+
+    payload = _payload()
+    first = _post(client, payload).json()
+    assert first["state"] == "SCHEDULED"
+    assert _post(client, payload).json()["flow_run_id"] == first["flow_run_id"]  # still due
+
+    async def fail(run_id):
+        async with get_client() as prefect:
+            await prefect.set_flow_run_state(run_id, Failed(), force=True)
+
+    asyncio.run(fail(first["flow_run_id"]))
+    retry = _post(client, payload)
+    assert retry.status_code == 202
+    assert retry.json()["flow_run_id"] != first["flow_run_id"]
+    assert retry.json()["idempotency_key"] == f"{first['idempotency_key']}#2"
+    assert _post(client, payload).json()["flow_run_id"] == retry.json()["flow_run_id"]

@@ -46,16 +46,17 @@ class RunRefused(LaunchError):
 
 
 def layer_spec(defaults: Mapping[str, Any] | None, fields: Mapping[str, Any]) -> MergeSpec:
-    """The trigger's ``fields`` over the deployment's default spec, validated.
+    """The trigger's ``fields`` over the deployment's default spec, validated (the same
+    layering the flow applies to a run's spec: :func:`flows.parameters.layered`).
 
     Fields set to None are left to the defaults.
 
     Raises:
         pydantic.ValidationError: the result is not a valid :class:`MergeSpec`.
     """
-    base = dict(defaults) if isinstance(defaults, Mapping) else {}
-    base.update({k: v for k, v in fields.items() if v is not None})
-    return MergeSpec.model_validate(base)
+    from flows.parameters import layered
+
+    return layered(defaults, fields)
 
 
 def spec_parameters(spec: MergeSpec) -> dict[str, Any]:

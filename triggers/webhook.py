@@ -3,7 +3,9 @@
 Endpoints:
 
 * ``POST /hooks/training``: a trainer's "adapter finished" call. JSON body
-  ``{"adapter", "out", "base"?, "push_to"?, "options"?: {MergeSpec fields}, "delivery_id"?}``,
+  ``{"adapter", "out", "base"?, "push_to"?, "options"?: {MergeSpec fields}, "delivery_id"?,
+  "target"?: "gpu" | "cpu"}`` (target picks the GPU deployment, the default, or the CPU one;
+  device cuda with target cpu is refused with 422 before any run starts),
   signed with HMAC-SHA256 over the raw body: ``X-Mergeflow-Signature: sha256=<hex>``.
 * ``POST /hooks/huggingface``: a Hugging Face Hub webhook (repo content update of a model repo),
   authenticated by its ``X-Webhook-Secret`` header. The adapter is ``hf://<repo>@<headSha>``, the
@@ -13,19 +15,21 @@ Endpoints:
 
 Each accepted request creates a run of the merge deployment with an idempotency key (the
 delivery id, else the body's sha256; for the Hub, repo and commit), so a redelivery answers the
-same run: ``202 {"flow_run_id": ...}``. Errors: 401 bad or missing signature, 404 hook not
+same run: ``202 {"flow_run_id": ..., "state": ...}`` (after a failed run: the next attempt).
+Errors: 401 bad or missing signature, 404 hook not
 enabled, 413 body too large, 422 invalid payload (with the field errors), 503 Prefect API
 unreachable or deployment missing. Secrets are compared in constant time and never logged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -33,11 +37,12 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from mergeflow.spec import MergeSpec
 from triggers.launch import (
+    CPU_DEPLOYMENT,
     DEFAULT_DEPLOYMENT,
     PrefectUnavailable,
     RunRefused,
     api_healthy,
-    start_merge,
+    ensure_merge,
 )
 
 log = logging.getLogger("mergeflow.webhook")
@@ -53,6 +58,7 @@ class WebhookSettings(BaseModel):
     """What the receiver needs; a hook whose secret is None is disabled (404)."""
 
     deployment: str = DEFAULT_DEPLOYMENT
+    cpu_deployment: str = Field(CPU_DEPLOYMENT, description="Where target cpu goes.")
     api_url: str | None = Field(None, description="Prefect API; default PREFECT_API_URL.")
     max_body_bytes: int = Field(65536, ge=1)
     training_secret: SecretStr | None = None
@@ -82,6 +88,8 @@ class TrainingPayload(BaseModel):
     push_to: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     delivery_id: str | None = Field(None, min_length=1, max_length=200)
+    target: Literal["gpu", "cpu"] | None = Field(
+        None, description="The route: the GPU merge deployment (default) or the CPU one.")
 
     def spec_fields(self) -> dict[str, Any]:
         """The MergeSpec fields this payload sets."""
@@ -179,8 +187,22 @@ def training_request(payload: TrainingPayload, body: bytes,
     """(spec fields, idempotency key) of a training-completion call."""
     fields = payload.spec_fields()
     check_spec(fields)
+    check_route(payload.target, fields.get("device"))
     delivery_id = payload.delivery_id or delivery or hashlib.sha256(body).hexdigest()
     return fields, f"mergeflow-webhook:training:{delivery_id}"
+
+
+def check_route(target: str | None, device: str | None) -> None:
+    """422 for a route that cannot run: ``device`` cuda sent to the CPU deployment."""
+    if target == "cpu" and device == "cuda":
+        raise HookError(422, [{"loc": ["body", "options", "device"], "type": "route",
+                               "msg": "device cuda cannot run on the CPU deployment (target "
+                                      "cpu); drop device, or use target gpu"}])
+
+
+def deployment_for(settings: WebhookSettings, target: str | None) -> str:
+    """The deployment a delivery goes to: ``target`` cpu -> the CPU one, else the GPU one."""
+    return settings.cpu_deployment if target == "cpu" else settings.deployment
 
 
 def hf_ignored(payload: HfPayload) -> str | None:
@@ -212,19 +234,29 @@ def hf_request(payload: HfPayload, settings: WebhookSettings) -> tuple[dict[str,
 # --------------------------------------------------------------------------- the app
 
 
-async def launch(settings: WebhookSettings, fields: dict[str, Any], key: str) -> dict[str, Any]:
-    """Start the run; the 202 answer body, or a HookError (422 / 503)."""
+async def launch(settings: WebhookSettings, fields: dict[str, Any], key: str,
+                 deployment: str | None = None) -> dict[str, Any]:
+    """Start the run; the 202 answer body, or a HookError (422 / 503).
+
+    A redelivery answers the run its key made, unless that run failed, crashed or was
+    cancelled: then it starts the next attempt (``<key>#2``, ``#3``; see
+    :func:`triggers.launch.ensure_merge`), so a delivery resent after a failure is retried, a
+    bounded number of times.
+    """
+    deployment = deployment or settings.deployment
     try:
-        run = await start_merge(fields, key, deployment=settings.deployment,
-                                api_url=settings.api_url, timeout=settings.api_timeout)
+        run = await asyncio.wait_for(ensure_merge(
+            fields, key, deployment=deployment, api_url=settings.api_url),
+            3 * settings.api_timeout)
     except ValidationError as exc:
         raise HookError(422, field_errors(exc, ("spec",))) from None
     except RunRefused as exc:
         raise HookError(422, str(exc)) from None
-    except PrefectUnavailable as exc:
-        raise HookError(503, str(exc)) from None
+    except (PrefectUnavailable, asyncio.TimeoutError) as exc:
+        raise HookError(503, str(exc) or "the Prefect API is unreachable (timeout)") from None
     return {"flow_run_id": str(run.id), "flow_run_name": run.name,
-            "deployment": settings.deployment, "idempotency_key": key}
+            "deployment": deployment, "idempotency_key": run.idempotency_key or key,
+            "state": run.state.type.value if run.state else None}
 
 
 def enabled(secret: SecretStr | None, hook: str) -> SecretStr:
@@ -251,7 +283,7 @@ def create_app(settings: WebhookSettings) -> FastAPI:
         check_signature(body, request.headers.get(SIGNATURE_HEADER), secret)
         payload = parse(TrainingPayload, body)
         fields, key = training_request(payload, body, request.headers.get(DELIVERY_HEADER))
-        answer = await launch(settings, fields, key)
+        answer = await launch(settings, fields, key, deployment_for(settings, payload.target))
         log.info("training hook: adapter %s -> flow run %s", fields["adapter"],
                  answer["flow_run_id"])
         return answer
