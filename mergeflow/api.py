@@ -300,7 +300,7 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                    pad_to_multiple_of=spec.pad_vocab_to_multiple_of,
                    allow_vocab_shrink=spec.allow_vocab_shrink,
                    vocab_size=text_config(config).get("vocab_size"),
-                   save_method=_planned_method(spec), original=original,
+                   save_method=spec.save_method, original=original,
                    quantized=quantized, wrapped=wrapped).plan()
     plan.inputs = _input_identities(_input_files(base, adapter, tokenizer, original))
     plan.options = {"dtype": dtype, "max_shard_size": parse_size(spec.max_shard_size),
@@ -325,12 +325,6 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                          plan_path=str(staging.plan_path), fingerprint=fingerprint,
                          up_to_date=up_to_date, shard_count=len(plan.shards),
                          tensor_count=plan.tensor_count, total_size=plan.total_size)
-
-
-def _planned_method(spec: MergeSpec) -> str:
-    """The save method the planner plans: a GGUF is planned as a 16-bit merge (the same tensors,
-    in the same order), then written by :mod:`mergeflow.gguf_export` instead of as shards."""
-    return "merged_16bit" if spec.save_method == "gguf" else spec.save_method
 
 
 def _check_method_options(spec: MergeSpec) -> None:

@@ -30,11 +30,28 @@ import torch
 from pydantic import BaseModel
 
 from mergeflow.adapter import Adapter
-from mergeflow.checkpoint import DTYPES, Checkpoint, TensorInfo
+from mergeflow.checkpoint import DTYPES, Checkpoint, TensorInfo, row_runs
 from mergeflow.errors import AdapterError, InputError, MergeError
 from mergeflow.lora import embedding_delta, merge_bias, merge_linear
 from mergeflow.numerics import all_finite, fits
-from mergeflow.plan import MergePlan, ShardPlan, TensorPlan
+from mergeflow.plan import (
+    AdapterTensor,
+    BaseTensor,
+    Cast,
+    EmbeddingLora,
+    Experts,
+    Lora,
+    LoraBias,
+    MergePlan,
+    OriginalTensor,
+    QuantizedUnit,
+    Requantize,
+    Resize,
+    ShardPlan,
+    Stored,
+    TensorPlan,
+    TokenRows,
+)
 from mergeflow.quant import RowDequantizer, RowRequantizer, dequantize, output_keys, requantize
 from mergeflow.vocab import resize_rows
 from mergeflow.writer import ShardWriter
@@ -123,10 +140,89 @@ class _Pickled:
         return self.adapter.read(name)[rows]
 
 
+Reader = "Checkpoint | _Pickled | RowDequantizer | RowView"
+# One merge step on a row block: (work, i, j) -> None, changing rows [i, j) of ``work`` in place.
+BlockStep = Callable[[torch.Tensor, int, int], None]
+
+
+class RowView:
+    """A stored tensor read in another row shape (its bytes unchanged): a tensor holding several
+    experts, ``(count, n0, n1)``, read as the rows of its experts one after the other,
+    ``(count * n0, n1)``, so a row block never has to hold a whole expert.
+
+    Args:
+        checkpoint: the checkpoint holding the tensor.
+        info: the tensor's header, as stored.
+        shape: the row shape to read it in (the same number of elements).
+    """
+
+    def __init__(self, checkpoint: Checkpoint, info: TensorInfo, shape: Sequence[int]) -> None:
+        self.checkpoint = checkpoint
+        self.stored = info
+        self.info = TensorInfo(info.name, info.file, tuple(shape), info.dtype, info.offset)
+
+    def read_rows(self, name: str, start: int, stop: int,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` of the row shape, in the stored dtype (CPU); ``scratch`` as
+        :meth:`mergeflow.checkpoint.Checkpoint.read_rows` takes it."""
+        shape = self.info.shape
+        row = self.info.nbytes // shape[0] if shape[0] else 0
+        nbytes = (stop - start) * row
+        if scratch is None or scratch.numel() < nbytes:
+            scratch = torch.empty(nbytes, dtype=torch.uint8)
+        raw = scratch[:nbytes]
+        if nbytes:
+            self.checkpoint.pread(self.stored, start * row, memoryview(raw.numpy()))
+        return raw.view(DTYPES[self.info.dtype]).reshape(stop - start, *shape[1:])
+
+    def read_row_set(self, name: str, rows: Sequence[int]) -> torch.Tensor:
+        """The given rows of the row shape, stacked, in the stored dtype; one read per run."""
+        parts = [self.read_rows(name, a, b) for a, b in row_runs(rows)]
+        if not parts:
+            return torch.empty((0, *self.info.shape[1:]), dtype=DTYPES[self.info.dtype])
+        return torch.cat(parts)
+
+
+class _Reshaped:
+    """A tensor held whole in memory (a legacy ``.bin`` adapter's), read in another row shape."""
+
+    def __init__(self, reader: _Pickled, info: TensorInfo, shape: Sequence[int]) -> None:
+        self.tensor = reader.adapter.read(info.name).reshape(tuple(shape))
+        self.info = TensorInfo(info.name, info.file, tuple(shape), info.dtype, info.offset)
+
+    def read_rows(self, name: str, start: int, stop: int,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
+        return self.tensor[start:stop]
+
+    def read_row_set(self, name: str, rows: list[int]) -> torch.Tensor:
+        return self.tensor[rows]
+
+
+def row_reader(reader: Checkpoint, info: TensorInfo, shape: Sequence[int]
+               ) -> tuple[Checkpoint | RowView, TensorInfo]:
+    """A reader of tensor ``info`` in the row shape ``shape`` (itself when it is stored so)."""
+    if list(info.shape) == list(shape):
+        return reader, info
+    view = RowView(reader, info, shape)
+    return view, view.info
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 class TensorSource:
     """Produces output tensors for a plan from the base and the adapter (and, for
-    ``--merge-onto original``, the original 16-bit checkpoint), on one device: dequantizing,
+    ``merge_onto=original``, the original 16-bit checkpoint), on one device: dequantizing,
     merging and re-quantizing all run there.
+
+    A plan entry is produced in three stages, each looked up once by type: its ``source`` (which
+    reader), its ``ops`` (one :data:`BlockStep` per op, built by :data:`_BLOCK_STEPS`, or one
+    whole-tensor function per op, :data:`_WHOLE_OPS`), and its ``encoding`` (cast, re-quantize,
+    or copy the stored unit; :func:`write_tensor`).
 
     Args:
         block_bytes: float32 bytes of one row block (at least one row is always taken).
@@ -136,8 +232,8 @@ class TensorSource:
                  original: Checkpoint | None = None,
                  block_bytes: int = DEFAULT_BLOCK_BYTES) -> None:
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise InputError(f"--device {device}: this machine has no usable CUDA device "
-                             "(torch.cuda.is_available() is False); run with --device cpu")
+            raise InputError(f"`device={device}`: this machine has no usable CUDA device "
+                             "(torch.cuda.is_available() is False); run with `device=cpu`")
         self.base = base
         self.adapter = adapter
         self.device = torch.device(device)
@@ -147,33 +243,48 @@ class TensorSource:
 
     # -- where a plan entry's input lives ---------------------------------------------------
 
-    def input_reader(self, plan: TensorPlan
-                     ) -> tuple[Checkpoint | _Pickled | RowDequantizer, TensorInfo]:
-        """The reader holding a plan entry's input tensor, and that tensor's header (for a
-        quantized unit decoded by rows: its decoded float32 view)."""
-        if plan.dequant is not None:
-            spec = plan.dequant
-            info = self.base.tensors[spec.weight]
-            return (RowDequantizer(spec, self.base, self.device),
-                    TensorInfo(spec.weight, info.file, tuple(spec.shape), "F32"))
-        if plan.from_adapter:
-            reader = self.adapter._reader or _Pickled(self.adapter)
-            return reader, self.adapter.weights[plan.source]
-        if plan.from_original:
-            if self.original is None:
-                raise MergeError(f"'{plan.name}' is planned from the original checkpoint, but "
-                                 "none was opened (a planning bug; please report it)")
-            return self.original, self.original.tensors[plan.source]
-        return self.base, self.base.tensors[plan.source]
+    def input_reader(self, plan: TensorPlan) -> tuple[Reader, TensorInfo]:
+        """The reader holding a plan entry's input tensor, and that tensor's header, in the
+        entry's row shape (:attr:`TensorPlan.row_shape`; for a quantized unit decoded by rows:
+        its decoded float32 view)."""
+        reader, info = _SOURCE_READERS[type(plan.source)](self, plan.source)
+        shape = plan.row_shape
+        if plan.find(Experts) is None or list(info.shape) == list(shape):
+            return reader, info
+        if isinstance(reader, Checkpoint):
+            return row_reader(reader, info, shape)
+        if isinstance(reader, _Pickled):
+            view = _Reshaped(reader, info, shape)
+            return view, view.info
+        return reader, info
+
+    def _base_input(self, source: BaseTensor) -> tuple[Checkpoint, TensorInfo]:
+        return self.base, self.base.tensors[source.name]
+
+    def _adapter_input(self, source: AdapterTensor) -> tuple[Checkpoint | _Pickled, TensorInfo]:
+        reader = self.adapter._reader or _Pickled(self.adapter)
+        return reader, self.adapter.weights[source.name]
+
+    def _original_input(self, source: OriginalTensor) -> tuple[Checkpoint, TensorInfo]:
+        if self.original is None:
+            raise MergeError(f"'{source.name}' is planned from the original checkpoint, but "
+                             "none was opened (a planning bug; please report it)")
+        return self.original, self.original.tensors[source.name]
+
+    def _quantized_input(self, source: QuantizedUnit) -> tuple[RowDequantizer, TensorInfo]:
+        spec = source.unit
+        info = self.base.tensors[spec.weight]
+        return (RowDequantizer(spec, self.base, self.device),
+                TensorInfo(spec.weight, info.file, tuple(spec.shape), "F32"))
 
     @staticmethod
     def is_unit(plan: TensorPlan) -> bool:
         """True for a quantized unit produced whole (with its siblings, or re-quantized, or one
         whose rows do not decode on their own); a dequantized unit otherwise streams by rows."""
-        if plan.parts or plan.requant is not None:
+        if not isinstance(plan.encoding, Cast):
             return True
-        return plan.dequant is not None and (
-            plan.rows is not None or not RowDequantizer.streams(plan.dequant))
+        return isinstance(plan.source, QuantizedUnit) and (
+            plan.find(Resize) is not None or not RowDequantizer.streams(plan.source.unit))
 
     def stored_bytes(self, plan: TensorPlan) -> tuple[Checkpoint, TensorInfo] | None:
         """The input whose bytes are exactly this entry's output (copied, never decoded), or
@@ -193,10 +304,12 @@ class TensorSource:
 
     def read_input(self, plan: TensorPlan) -> torch.Tensor:
         """The whole tensor a plan entry starts from, before any merge step (a quantized unit
-        dequantized, float32, on the device). For small tensors and tests; merging streams."""
-        if plan.dequant is not None:
-            stored = self.base.read_many(output_keys(plan.dequant))
-            return dequantize(plan.dequant, stored, self.device)  # float32, (out, in)
+        dequantized, float32, on the device), in the entry's row shape. For small tensors and
+        tests; merging streams."""
+        if isinstance(plan.source, QuantizedUnit):
+            unit = plan.source.unit
+            stored = self.base.read_many(output_keys(unit))
+            return dequantize(unit, stored, self.device)  # float32, (out, in)
         reader, info = self.input_reader(plan)
         return reader.read_rows(info.name, 0, info.shape[0]) if info.shape else \
             reader.read_rows(info.name, 0, 1)
@@ -229,7 +342,8 @@ class TensorSource:
     def rows_per_block(self, plan: TensorPlan, row_elems: int) -> int:
         """Rows per block: as many float32 rows as ``block_bytes`` holds, then evened out over
         the tensor so that no block is a sliver (a 1-row GEMM takes another kernel path)."""
-        rows = plan.shape[0] if plan.shape else 1
+        shape = plan.row_shape
+        rows = shape[0] if shape else 1
         # whole tiles that fit the budget (at least one), then evened out over the tensor
         per_block = max(1, self.block_bytes // max(1, 4 * row_elems * ROW_TILE))
         tiles = -(-rows // ROW_TILE)
@@ -242,16 +356,16 @@ class TensorSource:
         """Every ``(name, tensor)`` one plan entry writes, in :meth:`TensorPlan.outputs` order,
         whole (CPU). The writer streams :meth:`blocks` instead; this is for quantized units,
         small tensors and tests."""
-        if plan.requant is not None:
+        if isinstance(plan.encoding, Requantize):
             merged = self._compute_whole(plan)  # float32, on the device
             _require_finite(plan, merged)
-            return list(requantize(plan.requant, merged).items())
-        if plan.parts:  # an unchanged quantized unit, copied as stored
+            return list(requantize(plan.encoding.unit, merged).items())
+        if isinstance(plan.encoding, Stored):  # an unchanged quantized unit, copied as stored
             return list(self.base.read_many([name for name, _, _ in plan.outputs()]).items())
-        if plan.dequant is not None:
+        if isinstance(plan.source, QuantizedUnit):
             out = self._compute_whole(plan).to(DTYPES[plan.dtype])
             _require_finite(plan, out)
-            return [(plan.name, out.cpu())]
+            return [(plan.name, out.cpu().reshape(plan.shape))]
         blocks = []
         for block, _, release in self.blocks(plan):
             blocks.append(block.clone())
@@ -261,27 +375,11 @@ class TensorSource:
         return [(plan.name, tensor.reshape(plan.shape))]
 
     def _compute_whole(self, plan: TensorPlan) -> torch.Tensor:
-        """A quantized unit, whole: dequantize, resize, merge, add bias, set token rows;
-        float32 (or the source dtype) on the device."""
+        """A quantized unit, whole: its input, then each op in order (:data:`_WHOLE_OPS`);
+        float32 (or the source dtype) on the device, in the entry's row shape."""
         tensor = self.read_input(plan).to(self.device)
-        if plan.rows is not None:
-            tensor = resize_rows(tensor, plan.rows)
-        if plan.lora is not None:
-            lora = self._lora(plan)
-            tensor = merge_linear(tensor, lora.a, lora.b, lora.scale,
-                                  fan_in_fan_out=plan.transposed, magnitude=lora.magnitude)
-        if plan.embedding_lora is not None:
-            spec = self.adapter.modules[plan.embedding_lora]
-            delta = embedding_delta(self._adapter_tensor(spec.a_key),
-                                    self._adapter_tensor(spec.b_key), spec.scale)
-            tensor = tensor.float() + delta  # (rows, dim)
-        if plan.lora_bias is not None:
-            spec = self.adapter.modules[plan.lora_bias]
-            tensor = merge_bias(tensor, self._adapter_tensor(spec.bias_key), spec.scale)
-        if plan.token_rows is not None:
-            key, indices = self.adapter.token_deltas[plan.token_rows]
-            tensor = tensor.float().clone()
-            tensor[torch.tensor(indices, device=self.device)] = self._adapter_tensor(key).float()
+        for op in plan.ops:
+            tensor = _WHOLE_OPS[type(op)](self, op, tensor)
         return tensor
 
     def blocks(self, plan: TensorPlan) -> Iterator[Block]:
@@ -290,14 +388,12 @@ class TensorSource:
         event the block's device-to-host copy completes at (None on the CPU) and ``release``
         gives a pooled buffer back once the block is written (None when it is not pooled)."""
         out_dtype = DTYPES[plan.dtype]
-        if not plan.shape:  # a 0-d tensor: one "row"
+        shape = plan.row_shape
+        if not shape:  # a 0-d tensor: one "row"
             value = self.read_rows(plan, 0, 1).to(out_dtype)
             yield value.reshape(()), None, None
             return
-        rows = plan.shape[0]
-        row_elems = 1
-        for d in plan.shape[1:]:
-            row_elems *= d
+        rows, row_elems = shape[0], _numel(shape[1:])
         step = self.rows_per_block(plan, row_elems)
         if not plan.computes:
             for i in range(0, rows, step):
@@ -326,25 +422,21 @@ class TensorSource:
 
     def merged_rows(self, plan: TensorPlan, rows: int, row_elems: int, step: int
                     ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """``(i, j, work)``: rows ``[i, j)`` of the merged tensor, float32 on the device, in a
-        reused buffer (valid until the next block is asked for)."""
+        """``(i, j, work)``: rows ``[i, j)`` of the merged tensor (in its row shape), float32 on
+        the device, in a reused buffer (valid until the next block is asked for). Rows past the
+        input's (a vocabulary grown by :class:`Resize`) are filled by that op's step."""
         reader, info = self.input_reader(plan)
         src_rows = info.shape[0]
         src_dtype = DTYPES[info.dtype]
         cuda = self.device.type == "cuda"
-        lora = self._lora(plan)
-        embed = self._embedding_lora(plan)
-        bias = self._lora_bias(plan)
-        tokens = self._token_rows(plan)
-        mean_row = self.mean_row(plan, reader, info) if rows > src_rows else None
-        col_scale = self._dora_column_scale(plan, reader, info, lora) \
-            if lora is not None and lora.magnitude is not None and plan.transposed else None
+        steps = [_BLOCK_STEPS[type(op)](self, op, reader, info) for op in plan.ops]
+        row_shape = plan.row_shape[1:]
         row_bytes = row_elems * src_dtype.itemsize
         uploads: list[object] = [None, None]  # CUDA: the event each pinned read slot is free at
         for n, i in enumerate(range(0, rows, step)):
             j = min(i + step, rows)
             work = self._buffer("work", (j - i) * row_elems, torch.float32, self.device)
-            work = work.view(j - i, *plan.shape[1:])  # (k, ...) float32
+            work = work.view(j - i, *row_shape)  # (k, ...) float32
             k = max(0, min(j, src_rows) - i)  # rows that come from the input
             if k:
                 slot = n % 2 if cuda else 0  # CUDA: the next block is read while one uploads
@@ -357,39 +449,98 @@ class TensorSource:
                 if cuda:
                     uploads[slot] = torch.cuda.Event()
                     uploads[slot].record()
-            if k < j - i:
-                work[k:].copy_(mean_row.expand(j - i - k, *mean_row.shape[1:]))
-            if lora is not None:
-                self._merge_block(work, lora, i, j, plan.transposed, col_scale)
-            if embed is not None:
-                a, b, scale = embed
-                for t in range(i, j, ROW_TILE):
-                    u = min(t + ROW_TILE, j)
-                    # (n, r) @ (r, dim) -> (n, dim): rows [t, u) of (B @ A).T, as the table lays out
-                    delta = torch.mm(a[:, t:u].T, b.T)
-                    delta.mul_(scale)
-                    work[t - i:u - i].add_(delta)
-            if bias is not None:
-                work.add_(bias)
-            if tokens is not None:
-                self._set_token_rows(work, tokens, i, j)
+            for apply in steps:
+                apply(work, i, j)
             yield i, j, work
 
-    # -- the merge steps, one block at a time -----------------------------------------------
+    # -- the merge steps: one builder per op type, each returning its BlockStep ------------------
 
     def _adapter_tensor(self, key: str) -> torch.Tensor:
         return self.adapter.read(key).to(self.device)
 
-    def _lora(self, plan: TensorPlan) -> _Lora | None:
-        if plan.lora is None:
-            return None
-        spec = self.adapter.modules[plan.lora]
+    def _resize_step(self, op: Resize, reader: Reader, info: TensorInfo) -> BlockStep:
+        """New vocabulary rows (past the input's) get the input's mean row; a cut needs nothing
+        (only the first ``op.rows`` rows are streamed)."""
+        src_rows = info.shape[0]
+        if op.rows <= src_rows:
+            return _no_step
+        mean_row = self.mean_row(None, reader, info)  # (1, dim)
+
+        def fill(work: torch.Tensor, i: int, j: int) -> None:
+            k = max(0, min(j, src_rows) - i)
+            if k < j - i:
+                work[k:].copy_(mean_row.expand(j - i - k, *mean_row.shape[1:]))
+        return fill
+
+    def lora_pair(self, op: Lora) -> _Lora:
+        """Module ``op.module``'s LoRA pair as this op merges it: the whole pair, or one expert's
+        slice of a whole-parameter LoRA (``op.part``); float32 on the device."""
+        spec = self.adapter.modules[op.module]
         magnitude = self._adapter_tensor(spec.magnitude_key).float() if spec.magnitude_key else None
         a, b = self._adapter_tensor(spec.a_key).float(), self._adapter_tensor(spec.b_key).float()
-        if plan.lora_part is not None:  # one expert's slice of a whole-parameter LoRA
-            a, b = plan.lora_part.factors(a, b)
-            return _Lora(a, b, plan.lora_part.scale, magnitude)
+        if op.part is not None:  # one expert's slice of a whole-parameter LoRA
+            a, b = op.part.factors(a, b)
+            return _Lora(a, b, op.part.scale, magnitude)
         return _Lora(a, b, spec.scale, magnitude)
+
+    def _lora_step(self, op: Lora, reader: Reader, info: TensorInfo) -> BlockStep:
+        lora = self.lora_pair(op)
+        col_scale = self._dora_column_scale(reader, info, lora) \
+            if lora.magnitude is not None and op.transposed else None
+
+        def merge(work: torch.Tensor, i: int, j: int) -> None:
+            self._merge_block(work, lora, i, j, op.transposed, col_scale)
+        return merge
+
+    def _experts_step(self, op: Experts, reader: Reader, info: TensorInfo) -> BlockStep:
+        """Rows of a tensor holding several experts: each expert's rows get that expert's update
+        only, with its own factors (one expert's factors alive at a time)."""
+        spec = self.adapter.modules[op.module]
+        a, b = self._adapter_tensor(spec.a_key).float(), self._adapter_tensor(spec.b_key).float()
+        current: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the last expert's factors
+
+        def factors(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if k not in current:
+                current.clear()
+                current[k] = op.part(k).factors(a, b)  # (r, n1), (n0, r)
+            return current[k]
+
+        def merge(work: torch.Tensor, i: int, j: int) -> None:
+            merge_experts(work, op, factors, i, j)
+        return merge
+
+    def _embedding_lora_step(self, op: EmbeddingLora, reader: Reader,
+                             info: TensorInfo) -> BlockStep:
+        spec = self.adapter.modules[op.module]
+        a = self._adapter_tensor(spec.a_key).float()  # (r, rows)
+        b = self._adapter_tensor(spec.b_key).float()  # (dim, r)
+
+        def add(work: torch.Tensor, i: int, j: int) -> None:
+            for t in range(i, j, ROW_TILE):
+                u = min(t + ROW_TILE, j)
+                # (n, r) @ (r, dim) -> (n, dim): rows [t, u) of (B @ A).T, as the table lays out
+                delta = torch.mm(a[:, t:u].T, b.T)
+                delta.mul_(spec.scale)
+                work[t - i:u - i].add_(delta)
+        return add
+
+    def _lora_bias_step(self, op: LoraBias, reader: Reader, info: TensorInfo) -> BlockStep:
+        """``s * lora_B.bias``, added to the (1-D) bias as one block."""
+        spec = self.adapter.modules[op.module]
+        bias = self._adapter_tensor(spec.bias_key).float() * spec.scale  # (out,)
+
+        def add(work: torch.Tensor, i: int, j: int) -> None:
+            work.add_(bias)
+        return add
+
+    def _token_rows_step(self, op: TokenRows, reader: Reader, info: TensorInfo) -> BlockStep:
+        """Trainable tokens: their rows overwritten by the trained values."""
+        key, indices = self.adapter.token_deltas[op.module]
+        tokens = (torch.tensor(indices, device=self.device), self._adapter_tensor(key).float())
+
+        def overwrite(work: torch.Tensor, i: int, j: int) -> None:
+            self._set_token_rows(work, tokens, i, j)
+        return overwrite
 
     @staticmethod
     def _merge_block(work: torch.Tensor, lora: _Lora, i: int, j: int, transposed: bool,
@@ -415,8 +566,7 @@ class TensorSource:
             work.mul_((lora.magnitude[i:j] / norms)[:, None])  # (k, in) * (k, 1)
         return work
 
-    def _dora_column_scale(self, plan: TensorPlan, reader: Checkpoint | _Pickled | RowDequantizer,
-                           info: TensorInfo, lora: _Lora) -> torch.Tensor:
+    def _dora_column_scale(self, reader: Reader, info: TensorInfo, lora: _Lora) -> torch.Tensor:
         """DoRA on a Conv1D weight stored ``(in, out)``: the row norms of the merged
         ``(out, in)`` weight are column norms here, so a first pass over the blocks sums their
         squares; returns ``m / ||W + dW||`` per output, (out,)."""
@@ -429,8 +579,7 @@ class TensorSource:
             squares += work.double().square().sum(dim=0)  # (out,)
         return lora.magnitude / squares.sqrt().float()
 
-    def mean_row(self, plan: TensorPlan, reader: Checkpoint | _Pickled | RowDequantizer,
-                 info: TensorInfo) -> torch.Tensor:
+    def mean_row(self, plan: TensorPlan | None, reader: Reader, info: TensorInfo) -> torch.Tensor:
         """New vocabulary rows: the mean of the input's rows (accumulated block by block in
         float64), in the input's dtype as transformers' mean resizing stores it, (1, dim)."""
         total = torch.zeros(info.shape[1:], dtype=torch.float64, device=self.device)
@@ -440,28 +589,6 @@ class TensorSource:
         mean = (total / info.shape[0]).float()
         return mean.to(DTYPES[info.dtype]).float().unsqueeze(0)
 
-    def _embedding_lora(self, plan: TensorPlan) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        if plan.embedding_lora is None:
-            return None
-        spec = self.adapter.modules[plan.embedding_lora]
-        return (self._adapter_tensor(spec.a_key).float(),  # (r, rows)
-                self._adapter_tensor(spec.b_key).float(), spec.scale)  # (dim, r)
-
-    def _lora_bias(self, plan: TensorPlan) -> torch.Tensor | None:
-        """``s * lora_B.bias``, added to the (1-D) bias as one block."""
-        if plan.lora_bias is None:
-            return None
-        spec = self.adapter.modules[plan.lora_bias]
-        return self._adapter_tensor(spec.bias_key).float() * spec.scale
-
-    def _token_rows(self, plan: TensorPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Trainable tokens: (row indices, their trained rows), on the device."""
-        if plan.token_rows is None:
-            return None
-        key, indices = self.adapter.token_deltas[plan.token_rows]
-        return (torch.tensor(indices, device=self.device),
-                self._adapter_tensor(key).float())
-
     @staticmethod
     def _set_token_rows(work: torch.Tensor, tokens: tuple[torch.Tensor, torch.Tensor],
                         i: int, j: int) -> None:
@@ -470,6 +597,95 @@ class TensorSource:
         if bool(inside.any()):
             work[indices[inside] - i] = values[inside]
 
+    # -- the same ops on a whole tensor (a quantized unit) ----------------------------------
+
+    def _whole_resize(self, op: Resize, tensor: torch.Tensor) -> torch.Tensor:
+        return resize_rows(tensor, op.rows)
+
+    def _whole_lora(self, op: Lora, tensor: torch.Tensor) -> torch.Tensor:
+        lora = self.lora_pair(op)
+        return merge_linear(tensor, lora.a, lora.b, lora.scale, fan_in_fan_out=op.transposed,
+                            magnitude=lora.magnitude)
+
+    def _whole_experts(self, op: Experts, tensor: torch.Tensor) -> torch.Tensor:
+        spec = self.adapter.modules[op.module]
+        a, b = self._adapter_tensor(spec.a_key).float(), self._adapter_tensor(spec.b_key).float()
+        work = tensor.float().clone()  # (count * n0, n1)
+        merge_experts(work, op, lambda k: op.part(k).factors(a, b), 0, work.shape[0])
+        return work
+
+    def _whole_embedding_lora(self, op: EmbeddingLora, tensor: torch.Tensor) -> torch.Tensor:
+        spec = self.adapter.modules[op.module]
+        delta = embedding_delta(self._adapter_tensor(spec.a_key),
+                                self._adapter_tensor(spec.b_key), spec.scale)
+        return tensor.float() + delta  # (rows, dim)
+
+    def _whole_lora_bias(self, op: LoraBias, tensor: torch.Tensor) -> torch.Tensor:
+        spec = self.adapter.modules[op.module]
+        return merge_bias(tensor, self._adapter_tensor(spec.bias_key), spec.scale)
+
+    def _whole_token_rows(self, op: TokenRows, tensor: torch.Tensor) -> torch.Tensor:
+        key, indices = self.adapter.token_deltas[op.module]
+        tensor = tensor.float().clone()
+        tensor[torch.tensor(indices, device=self.device)] = self._adapter_tensor(key).float()
+        return tensor
+
+
+def _no_step(work: torch.Tensor, i: int, j: int) -> None:
+    return None
+
+
+def merge_experts(work: torch.Tensor, op: Experts,
+                  factors: Callable[[int], tuple[torch.Tensor, torch.Tensor]], i: int, j: int
+                  ) -> torch.Tensor:
+    """Merge rows ``[i, j)`` of a tensor holding several experts, streamed as
+    ``(count * n0, n1)`` (``work`` holds those rows), in place: row ``g`` is row ``g % n0`` of
+    disk expert ``g // n0``, and gets ``scale * b2[g % n0] @ a2`` with that expert's factors
+    (``factors(k)`` -> ``(a2 (r, n1), b2 (n0, r))``). GEMM tiles sit at fixed positions (whole
+    :data:`ROW_TILE` runs from each expert's first row), so the bits never depend on the block
+    size."""
+    n0, scale = op.rows_per_expert, op.first.scale
+    for k in range(i // n0, -(-j // n0)):  # the disk experts whose rows meet [i, j)
+        first = k * n0
+        lo, hi = max(i, first), min(j, first + n0)
+        if lo >= hi:
+            continue
+        a2, b2 = factors(k)
+        t = lo
+        while t < hi:
+            u = min(hi, first + ((t - first) // ROW_TILE + 1) * ROW_TILE)
+            # (n, r) @ (r, n1) -> (n, n1): rows [t, u) of expert k's update
+            work[t - i:u - i].addmm_(b2[t - first:u - first], a2, alpha=scale)
+            t = u
+    return work
+
+
+# source type -> the reader of its tensor
+_SOURCE_READERS: dict[type, Callable[[TensorSource, BaseModel], tuple[Reader, TensorInfo]]] = {
+    BaseTensor: TensorSource._base_input,
+    AdapterTensor: TensorSource._adapter_input,
+    OriginalTensor: TensorSource._original_input,
+    QuantizedUnit: TensorSource._quantized_input,
+}
+# op type -> the builder of its step on row blocks
+_BLOCK_STEPS: dict[type, Callable[[TensorSource, BaseModel, Reader, TensorInfo], BlockStep]] = {
+    Resize: TensorSource._resize_step,
+    Lora: TensorSource._lora_step,
+    Experts: TensorSource._experts_step,
+    EmbeddingLora: TensorSource._embedding_lora_step,
+    LoraBias: TensorSource._lora_bias_step,
+    TokenRows: TensorSource._token_rows_step,
+}
+# op type -> the op on a whole tensor
+_WHOLE_OPS: dict[type, Callable[[TensorSource, BaseModel, torch.Tensor], torch.Tensor]] = {
+    Resize: TensorSource._whole_resize,
+    Lora: TensorSource._whole_lora,
+    Experts: TensorSource._whole_experts,
+    EmbeddingLora: TensorSource._whole_embedding_lora,
+    LoraBias: TensorSource._whole_lora_bias,
+    TokenRows: TensorSource._whole_token_rows,
+}
+
 
 def _require_finite(plan: TensorPlan, tensor: torch.Tensor) -> None:
     """Fail the group when a merged tensor holds NaN or Inf, naming it."""
@@ -477,13 +693,13 @@ def _require_finite(plan: TensorPlan, tensor: torch.Tensor) -> None:
         raise AdapterError(
             f"merged tensor '{plan.name}' holds NaN or Inf as {plan.dtype}: the merged values "
             "exceed the output dtype's range, or the adapter weights are not finite. Check the "
-            "training run, or choose a wider --dtype (bfloat16 or float32)")
+            "training run, or choose a wider `dtype` (bfloat16 or float32)")
 
 
 def write_requantized(writer: ShardWriter, plan: TensorPlan, source: TensorSource) -> None:
     """merged_4bit, streamed: merge row blocks, encode each in the unit's layout as it comes,
     then write the (small) siblings."""
-    spec = plan.requant
+    spec = plan.encoding.unit
     logical = plan.model_copy(update={"shape": list(spec.shape), "dtype": "F32", "parts": []})
     encoder = RowRequantizer(spec, source.device)
     writer.begin(*plan.outputs()[0])
@@ -500,7 +716,8 @@ def write_requantized(writer: ShardWriter, plan: TensorPlan, source: TensorSourc
 
 def write_tensor(writer: ShardWriter, plan: TensorPlan, source: TensorSource) -> None:
     """Stream one plan entry (and, for a quantized unit, its siblings) into ``writer``."""
-    if plan.requant is not None and plan.rows is None and RowDequantizer.streams(plan.requant):
+    if isinstance(plan.encoding, Requantize) and plan.find(Resize) is None \
+            and RowDequantizer.streams(plan.encoding.unit):
         write_requantized(writer, plan, source)
         return
     if source.is_unit(plan):

@@ -300,19 +300,44 @@ class WrappedParam:
     scale: float
 
 
-def expert_slice(piece: Piece, wrapped: WrappedParam) -> dict[str, object]:
+@dataclass(frozen=True)
+class ExpertSlice:
     """Where one disk tensor sits in a wrapped parameter, as :func:`mergeflow.lora.expert_factors`
-    takes it: ``expert``, ``transposed``, ``rows`` and ``cols`` (start, step, count)."""
+    takes it: ``expert``, ``transposed``, ``rows`` and ``cols`` (start, step, count) of one
+    expert's 2-D slice. A disk tensor holding several experts (fused on disk, experts along its
+    first dimension) has ``count`` of them: its expert ``k`` is the parameter's expert
+    ``expert + k * stride``, each with the same rows and columns."""
+
+    expert: int
+    transposed: bool
+    rows: tuple[int, int, int]
+    cols: tuple[int, int, int]
+    count: int | None = None  # None: a single expert's slice (a 2-D disk tensor)
+    stride: int = 1
+
+
+def expert_slice(piece: Piece, wrapped: WrappedParam) -> ExpertSlice:
+    """Where one disk tensor sits in a wrapped parameter (see :class:`ExpertSlice`).
+
+    Raises:
+        PlanError: the disk tensor is not a 2-D slice of one expert, nor a stack of such slices
+            along its first dimension.
+    """
     axes = list(piece.axes)
-    expert = 0
+    expert, count, stride, inner = 0, None, 1, tuple(piece.shape)
     if len(wrapped.shape) == 3:
         e_axis = axes.pop(0)
-        if e_axis.source is not None:
-            raise PlanError(f"'{piece.disk}' holds several experts of '{wrapped.param}' "
-                            "(stored fused on disk); Mergeflow merges expert LoRA into per-expert "
-                            "or per-expert-sliced tensors only")
         expert = e_axis.offset
-    if len(piece.shape) != 2 or len(axes) != 2 or any(a.source is None for a in axes):
+        if e_axis.source is not None:  # several experts in one disk tensor
+            if e_axis.source != 0 or len(piece.shape) != 3:
+                raise PlanError(f"'{piece.disk}' (shape {list(piece.shape)}) holds experts of "
+                                f"'{wrapped.param}' along its dimension {e_axis.source}; "
+                                "Mergeflow merges fused experts stored along the first one")
+            count, stride, inner = piece.shape[0], e_axis.stride, tuple(piece.shape[1:])
+            # the other dimensions index the disk tensor after its expert dimension
+            axes = [Axis(a.offset, None if a.source is None else a.source - 1, a.stride)
+                    for a in axes]
+    if len(inner) != 2 or len(axes) != 2 or any(a.source is None for a in axes):
         raise PlanError(f"'{piece.disk}' (shape {list(piece.shape)}) is not a 2-D slice of "
                         f"'{wrapped.param}'; cannot place its LoRA update")
     d1, d2 = axes
@@ -320,6 +345,6 @@ def expert_slice(piece: Piece, wrapped: WrappedParam) -> dict[str, object]:
         raise PlanError(f"'{piece.disk}' is a diagonal of '{wrapped.param}'; cannot place it")
     transposed = d1.source == 1
     along0, along1 = (d2, d1) if transposed else (d1, d2)
-    return {"expert": expert, "transposed": transposed,
-            "rows": (along0.offset, along0.stride, piece.shape[0]),
-            "cols": (along1.offset, along1.stride, piece.shape[1])}
+    return ExpertSlice(expert=expert, transposed=transposed,
+                       rows=(along0.offset, along0.stride, inner[0]),
+                       cols=(along1.offset, along1.stride, inner[1]), count=count, stride=stride)

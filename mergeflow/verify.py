@@ -21,17 +21,30 @@ visible at a glance.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel
 
 from mergeflow.checkpoint import Checkpoint
-from mergeflow.execute import TensorSource
+from mergeflow.execute import TensorSource, row_reader
 from mergeflow.hashing import sha256_file
 from mergeflow.numerics import all_finite
 from mergeflow.output import MANIFEST
-from mergeflow.plan import ADAPTER_FILE, MergePlan, ShardPlan, TensorPlan
+from mergeflow.plan import (
+    ADAPTER_FILE,
+    EmbeddingLora,
+    Experts,
+    Lora,
+    LoraBias,
+    MergePlan,
+    Requantize,
+    Resize,
+    ShardPlan,
+    TensorPlan,
+    TokenRows,
+)
 from mergeflow.vocab import resize_rows
 
 # Relative error allowed in the numeric check, by output dtype (its rounding, with headroom).
@@ -143,27 +156,36 @@ class NumericChecker:
         return (starts[:, None] + torch.arange(run)[None, :]).reshape(-1)
 
     def sample(self, plan: TensorPlan) -> torch.Tensor | None:
-        """The stored rows to check of a planned tensor (all of a small or 1-d one); None when
-        the tensor is a plain copy or re-quantized, so nothing is checked numerically."""
-        if not plan.computes or plan.requant is not None:
+        """The rows to check of a planned tensor, in its row shape (:attr:`TensorPlan.row_shape`;
+        all of a small or 1-d one); None when the tensor is a plain copy or re-quantized, so
+        nothing is checked numerically."""
+        if not plan.computes or isinstance(plan.encoding, Requantize):
             return None
-        if len(plan.shape) < 2 or (plan.transposed and self._dora(plan)):
-            return torch.arange(plan.shape[0]) if plan.shape else torch.arange(1)
-        rows = self._rows(plan.shape[0])
-        if plan.token_rows is not None:  # always look at the trained token rows too
-            _, indices = self.adapter.token_deltas[plan.token_rows]
+        shape = plan.row_shape
+        if len(shape) < 2 or self._whole_columns(plan):
+            return torch.arange(shape[0]) if shape else torch.arange(1)
+        rows = self._rows(shape[0])
+        tokens = plan.find(TokenRows)
+        if tokens is not None:  # always look at the trained token rows too
+            _, indices = self.adapter.token_deltas[tokens.module]
             rows = torch.unique(torch.cat([rows, torch.tensor(indices)]))
         return rows
 
-    def _dora(self, plan: TensorPlan) -> bool:
-        return plan.lora is not None and self.adapter.modules[plan.lora].magnitude_key is not None
+    def _whole_columns(self, plan: TensorPlan) -> bool:
+        """DoRA on a weight stored (in, out): its scale runs over whole columns, so every row
+        is read."""
+        op = plan.find(Lora)
+        return op is not None and op.transposed \
+            and self.adapter.modules[op.module].magnitude_key is not None
 
     def _input_rows(self, plan: TensorPlan, rows: torch.Tensor) -> torch.Tensor:
-        """The sampled rows of the tensor a plan entry starts from, resized as planned, float32."""
+        """The sampled rows of the tensor a plan entry starts from, resized as planned, float32.
+        The input's reader (a quantized unit's decoder) is opened once."""
+        resize = plan.find(Resize)
         if self.source.is_unit(plan):
             base = self.source.read_input(plan).cpu()
-            if plan.rows is not None:
-                base = resize_rows(base, plan.rows)
+            if resize is not None:
+                base = resize_rows(base, resize.rows)
             return base[rows].float()
         reader, info = self.source.input_reader(plan)
         if not info.shape:
@@ -178,38 +200,37 @@ class NumericChecker:
 
     def check(self, plan: TensorPlan, merged: torch.Tensor, rows: torch.Tensor
               ) -> TensorCheck | None:
-        """Check the sampled ``rows`` (stored order) of one output tensor, ``merged``."""
-        if not plan.computes or plan.requant is not None:
+        """Check the sampled ``rows`` (row-shape order) of one output tensor, ``merged``: the
+        entry's main op (a LoRA, an embedding LoRA, ``lora_bias``) by its own check
+        (:data:`_CHECKS`), trainable-token rows directly, and an entry that only resizes or
+        dequantizes against its input."""
+        if not plan.computes or isinstance(plan.encoding, Requantize):
             return None
         base = self._input_rows(plan, rows)
         merged = merged.float().reshape(base.shape)
-        if plan.lora is not None:
-            kind, error, delta = self._linear(plan, base, merged, rows)
-        elif plan.embedding_lora is not None:
-            kind, error, delta = self._embedding(plan, base, merged, rows)
-        elif plan.lora_bias is not None:
-            spec = self.adapter.modules[plan.lora_bias]
-            ref = base + spec.scale * self._a(spec.bias_key)
-            kind, error, delta = "lora_bias", _relative(merged, ref), _relative(merged, base)
-        elif plan.token_rows is not None:
-            kind, error, delta = "trainable tokens", self._tokens(plan, merged, rows), float("nan")
+        main = next((op for op in plan.ops if type(op) in _CHECKS), None)
+        tokens = plan.find(TokenRows)
+        if main is not None:
+            kind, error, delta = _CHECKS[type(main)](self, plan, main, base, merged, rows)
+        elif tokens is not None:
+            kind, error, delta = "trainable tokens", self._tokens(tokens, merged, rows), float("nan")
         else:
             kind, error = "resize", _relative(merged, base)
             delta = error
-        if plan.token_rows is not None and kind != "trainable tokens":
-            error = max(error, self._tokens(plan, merged, rows))
+        if tokens is not None and kind != "trainable tokens":
+            error = max(error, self._tokens(tokens, merged, rows))
         ok = error <= TOLERANCE.get(plan.dtype, 2e-2)
         return TensorCheck(name=plan.name, kind=kind, relative_error=error, delta_norm=delta, ok=ok)
 
-    def _linear(self, plan: TensorPlan, w: torch.Tensor, merged: torch.Tensor,
+    def _linear(self, plan: TensorPlan, op: Lora, w: torch.Tensor, merged: torch.Tensor,
                 rows: torch.Tensor) -> tuple[str, float, float]:
-        spec = self.adapter.modules[plan.lora]
+        spec = self.adapter.modules[op.module]
         a, b = self._a(spec.a_key), self._a(spec.b_key)  # (r, in), (out, r)
         scale = spec.scale
-        if plan.lora_part is not None:  # one expert's slice of a whole-parameter LoRA
-            a, b = plan.lora_part.factors(a, b)
-            scale = plan.lora_part.scale
-        if plan.transposed:  # Conv1D stores (in, out); the sampled rows are inputs
+        if op.part is not None:  # one expert's slice of a whole-parameter LoRA
+            a, b = op.part.factors(a, b)
+            scale = op.part.scale
+        if op.transposed:  # Conv1D stores (in, out); the sampled rows are inputs
             if spec.magnitude_key is None:
                 x = torch.randn(w.shape[1], PROBES, generator=self.gen)  # (out, p)
                 # (k, out) @ (out, p) + (k, r) @ ((r, out) @ (out, p)) -> (k, p)
@@ -227,13 +248,31 @@ class NumericChecker:
             ref = ref * (self._a(spec.magnitude_key)[rows] / norms)[:, None]
         return kind, _relative(merged @ x, ref), _relative(merged, w)
 
-    def _embedding(self, plan: TensorPlan, w: torch.Tensor, merged: torch.Tensor,
-                   rows: torch.Tensor) -> tuple[str, float, float]:
-        spec = self.adapter.modules[plan.embedding_lora]
+    def _experts(self, plan: TensorPlan, op: Experts, w: torch.Tensor, merged: torch.Tensor,
+                 rows: torch.Tensor) -> tuple[str, float, float]:
+        """Several experts in one tensor: sampled row ``g`` (of ``(count * n0, n1)``) is row
+        ``g % n0`` of disk expert ``g // n0``, checked against that expert's own factors."""
+        spec = self.adapter.modules[op.module]
+        a, b = self._a(spec.a_key), self._a(spec.b_key)  # (r·E, in), (out, r·E)
+        x = torch.randn(w.shape[1], PROBES, generator=self.gen)  # (n1, p)
+        ref = w @ x  # (k, p)
+        n0 = op.rows_per_expert
+        experts = torch.div(rows, n0, rounding_mode="floor")  # (k,)
+        for k in torch.unique(experts).tolist():
+            picked = experts == k
+            a2, b2 = op.part(k).factors(a, b)  # (r, n1), (n0, r)
+            # (m, r) @ ((r, n1) @ (n1, p)) -> (m, p)
+            ref[picked] += op.first.scale * (b2[rows[picked] - k * n0] @ (a2 @ x))
+        return "LoRA", _relative(merged @ x, ref), _relative(merged, w)
+
+    def _embedding(self, plan: TensorPlan, op: EmbeddingLora, w: torch.Tensor,
+                   merged: torch.Tensor, rows: torch.Tensor) -> tuple[str, float, float]:
+        spec = self.adapter.modules[op.module]
         a, b = self._a(spec.a_key), self._a(spec.b_key)  # (r, rows), (dim, r)
         keep = torch.ones(len(rows), dtype=torch.bool)
-        if plan.token_rows is not None:  # those rows are replaced, checked separately
-            _, indices = self.adapter.token_deltas[plan.token_rows]
+        tokens = plan.find(TokenRows)
+        if tokens is not None:  # those rows are replaced, checked separately
+            _, indices = self.adapter.token_deltas[tokens.module]
             keep = ~torch.isin(rows, torch.tensor(indices))
         if not bool(keep.any()):
             return "embedding LoRA", 0.0, 0.0
@@ -241,12 +280,28 @@ class NumericChecker:
         ref = w + spec.scale * (a[:, rows].T @ b.T)  # (n, r) @ (r, dim) -> (n, dim)
         return "embedding LoRA", _relative(got, ref), _relative(got, w)
 
-    def _tokens(self, plan: TensorPlan, merged: torch.Tensor, rows: torch.Tensor) -> float:
-        key, indices = self.adapter.token_deltas[plan.token_rows]
+    def _bias(self, plan: TensorPlan, op: LoraBias, base: torch.Tensor, merged: torch.Tensor,
+              rows: torch.Tensor) -> tuple[str, float, float]:
+        spec = self.adapter.modules[op.module]
+        ref = base + spec.scale * self._a(spec.bias_key)
+        return "lora_bias", _relative(merged, ref), _relative(merged, base)
+
+    def _tokens(self, op: TokenRows, merged: torch.Tensor, rows: torch.Tensor) -> float:
+        key, indices = self.adapter.token_deltas[op.module]
         position = {int(r): i for i, r in enumerate(rows)}
         picked = [position[i] for i in indices if i in position]
         trained = self._a(key)[[n for n, i in enumerate(indices) if i in position]]
         return _relative(merged[picked], trained) if picked else 0.0
+
+
+# op type -> its numeric check: (checker, plan, op, input rows, merged rows, rows) ->
+# (kind, relative error, delta norm)
+_CHECKS: dict[type, Callable[..., tuple[str, float, float]]] = {
+    Lora: NumericChecker._linear,
+    Experts: NumericChecker._experts,
+    EmbeddingLora: NumericChecker._embedding,
+    LoraBias: NumericChecker._bias,
+}
 
 
 def check_values(written: Checkpoint, tensors: list[TensorPlan], checker: NumericChecker
@@ -261,8 +316,9 @@ def check_values(written: Checkpoint, tensors: list[TensorPlan], checker: Numeri
         rows = checker.sample(tensor)
         if rows is None:
             continue
-        value = written.read_row_set(tensor.name, [int(r) for r in rows]) if tensor.shape \
-            else written.read_rows(tensor.name, 0, 1)
+        reader, info = row_reader(written, written.tensors[tensor.name], tensor.row_shape)
+        value = reader.read_row_set(info.name, [int(r) for r in rows]) if tensor.shape \
+            else reader.read_rows(info.name, 0, 1)
         if not all_finite(value):
             problems.append(f"tensor '{tensor.name}' holds NaN or Inf")
             continue

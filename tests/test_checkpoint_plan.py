@@ -122,7 +122,7 @@ def test_parse_size(text, expected):
 
 @pytest.mark.parametrize("text", ["lots", "5XB", "GB", "", "0", "0KB", "-1GB", "1e3", "5 G B"])
 def test_parse_size_rejects(text):
-    with pytest.raises(InputError, match="max-shard-size"):
+    with pytest.raises(InputError, match="`max_shard_size`"):
         parse_size(text)
 
 

@@ -45,7 +45,7 @@ def _parse(value) -> int | None:
     try:
         return parse_size(value)
     except InputError as exc:
-        assert "--max-shard-size" in str(exc)
+        assert "`max_shard_size`" in str(exc)
         return None
 
 
