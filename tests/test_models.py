@@ -152,3 +152,207 @@ def test_gpt_neox_embed_out_head(make_base, make_adapter, input_ids, tmp_path):
     merged, original = read_tensors(tmp_path / "out"), read_tensors(base)
     assert set(merged) == set(original)
     assert not torch.equal(merged["embed_out.weight"], original["embed_out.weight"])
+
+
+# -- experts fused on disk (gpt-oss): the disk tensor is the in-memory (E, d1, d2) parameter ----
+
+GPT_OSS_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _build_gpt_oss(folder, max_shard_size=None):
+    """A tiny GptOss (4 experts, gate/up interleaved in ``gate_up_proj`` (E, hidden, 2I)) saved
+    by ``save_pretrained``: its experts are stored fused, as in memory."""
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    from mergeflow.testing import save_tokenizer
+
+    config = GptOssConfig(hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          vocab_size=128, num_local_experts=4, num_experts_per_tok=2,
+                          max_position_embeddings=64, sliding_window=16,
+                          layer_types=["sliding_attention", "full_attention"],
+                          tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # experts and their biases random, not the zero/small init
+        for name, param in model.named_parameters():
+            if ".experts." in name:
+                param.normal_(0, 0.05)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    save_tokenizer(folder, config.vocab_size)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    """(base, adapter): LoRA on the attention and, with target_parameters, on both fused expert
+    parameters of every layer."""
+    from mergeflow.testing import build_adapter
+
+    root = tmp_path_factory.mktemp("gpt_oss")
+    base = _build_gpt_oss(root / "base")
+    adapter = build_adapter(base, root / "adapter", target_modules=ATTENTION,
+                            target_parameters=GPT_OSS_EXPERTS)
+    return base, adapter
+
+
+def _peft_merged(base, adapter):
+    """PEFT's own merge_and_unload of the adapter onto the base (float32)."""
+    from peft import PeftModel
+
+    auto = model_class_of(base)
+    model = PeftModel.from_pretrained(auto.from_pretrained(base, dtype=torch.float32), adapter)
+    return model.merge_and_unload().eval()
+
+
+def test_fused_experts_match_live_adapter_and_merge_and_unload(gpt_oss, input_ids, tmp_path):
+    """Experts stored fused on disk get each expert's update on its own rows: the reloaded merge
+    matches the live adapter and PEFT's merge_and_unload, tensor by tensor; a block smaller than
+    an expert (and blocks straddling experts) give the same bytes as the default block."""
+    base, adapter = gpt_oss
+    report = _merge_and_compare(base, adapter, tmp_path / "out", input_ids)
+    assert any("4 of them holding several experts each" in n for n in report.notes), report.notes
+    merged, original = read_tensors(tmp_path / "out"), read_tensors(base)
+    assert set(merged) == set(original)
+    reference = _peft_merged(base, adapter).state_dict()
+    fused = [k for k in original if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(fused) == 4
+    for key in [*fused, "model.layers.1.self_attn.q_proj.weight"]:
+        assert not torch.equal(merged[key], original[key]), key
+        torch.testing.assert_close(merged[key], reference[key], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        unloaded = _peft_merged(base, adapter)(input_ids=input_ids).logits
+    assert (logits_of(tmp_path / "out", input_ids) - unloaded).abs().max() < 1e-4
+    mergeflow.merge(base, adapter, tmp_path / "small", dtype="float32", block_size="8KB")
+    small = read_tensors(tmp_path / "small")
+    assert all(torch.equal(small[k], merged[k]) for k in merged)
+
+
+def test_fused_experts_bf16_cli_within_rounding(gpt_oss, input_ids, tmp_path):
+    """CLI merge to bfloat16: the reloaded model is PEFT's merge_and_unload up to bf16 rounding
+    (the same values cast), and matches the live adapter far closer than the adapter's effect."""
+    from helpers import run_cli
+
+    base, adapter = gpt_oss
+    out = tmp_path / "out"
+    done = run_cli("merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out),
+                   "--dtype", "bfloat16")
+    assert done.returncode == 0, done.stderr
+    merged = read_tensors(out)
+    reference = _peft_merged(base, adapter).state_dict()
+    for key in [k for k in merged if ".experts." in k]:
+        assert merged[key].dtype == torch.bfloat16
+        torch.testing.assert_close(merged[key], reference[key].to(torch.bfloat16), rtol=0, atol=0)
+    live = logits_of(base, input_ids, adapter=adapter)
+    plain = logits_of(base, input_ids)
+    got = logits_of(out, input_ids)
+    effect = (live - plain).abs().max()
+    assert effect > 0.1
+    assert (got - live).abs().max() < 0.05 * effect
+
+
+def test_fused_experts_across_shards(tmp_path_factory, input_ids, tmp_path):
+    """A base sharded so that the fused expert tensors of a layer sit in different files, merged
+    into a sharded output: each fused tensor still gets all its experts."""
+    from mergeflow.testing import build_adapter
+
+    root = tmp_path_factory.mktemp("gpt_oss_sharded")
+    base = _build_gpt_oss(root / "base", max_shard_size="120KB")
+    homes = {k: f for f, keys in shard_keys(base).items() for k in keys}
+    assert homes["model.layers.0.mlp.experts.gate_up_proj"] != \
+        homes["model.layers.0.mlp.experts.down_proj"], homes
+    adapter = build_adapter(base, root / "adapter", target_modules=["q_proj"],
+                            target_parameters=GPT_OSS_EXPERTS)
+    out = tmp_path / "out"
+    report = mergeflow.merge(base, adapter, out, dtype="float32", max_shard_size="120KB")
+    assert report.shards > 2
+    assert (logits_of(out, input_ids) - logits_of(base, input_ids, adapter=adapter)).abs().max() < 1e-4
+    merged, reference = read_tensors(out), _peft_merged(base, adapter).state_dict()
+    for key in [k for k in merged if k.endswith("_proj") and ".experts." in k]:
+        torch.testing.assert_close(merged[key], reference[key], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_experts_are_verified_row_by_row(gpt_oss, tmp_path):
+    """Verification's sampled-row check covers a fused tensor: the merged output passes, and one
+    expert's rows changed (an update applied to the wrong expert) fail it."""
+    from mergeflow.api import prepare
+    from mergeflow.execute import open_source
+    from mergeflow.plan import Experts, MergePlan
+    from mergeflow.spec import MergeSpec
+    from mergeflow.verify import NumericChecker
+
+    base, adapter = gpt_oss
+    mergeflow.merge(base, adapter, tmp_path / "out", dtype="float32")
+    prepared = prepare(MergeSpec(base=str(base), adapter=str(adapter), out=str(tmp_path / "v"),
+                                 dtype="float32"))
+    plan = MergePlan.load(prepared.plan_path)
+    entry = next(t for s in plan.shards for t in s.tensors
+                 if t.name == "model.layers.1.mlp.experts.down_proj")
+    op = entry.find(Experts)
+    assert op is not None and op.count == 4 and op.rows_per_expert == 48
+    assert entry.row_shape == [4 * 48, 64]
+    merged = read_tensors(tmp_path / "out")[entry.name].reshape(entry.row_shape)
+    checker = NumericChecker(open_source(plan))
+    rows = checker.sample(entry)
+    assert set((rows // 48).tolist()) == {0, 1, 2, 3}  # every expert's rows are looked at
+    check = checker.check(entry, merged[rows], rows)
+    assert check.ok and check.kind == "LoRA" and check.relative_error < 1e-5, check
+    # expert 2's rows with expert 3's update: right shape, wrong expert
+    original = read_tensors(base)[entry.name]
+    swapped = merged.clone().reshape(4, 48, 64)
+    swapped[2] = original[2] + (merged.reshape(4, 48, 64)[3] - original[3])
+    bad = checker.check(entry, swapped.reshape(entry.row_shape)[rows], rows)
+    assert not bad.ok, bad
+
+
+def test_expert_count_counts_experts_inside_fused_tensors(gpt_oss):
+    """The count check sees the experts a fused tensor holds: all four pass, three are refused."""
+    from mergeflow.modelmap import WrappedParam
+    from mergeflow.plan import BaseTensor, Experts, LoraPart, TensorPlan
+    from mergeflow.plan.experts import check_wrapped
+
+    param = WrappedParam(param="model.layers.0.mlp.experts.down_proj", shape=(4, 48, 64),
+                         experts=4, b_left=False, rank=4, scale=2.0)
+    first = LoraPart(expert=0, experts=4, b_left=False, transposed=False, rows=(0, 1, 48),
+                     cols=(0, 1, 64), scale=2.0)
+
+    def planned(count):
+        op = Experts(module="m", first=first, count=count, rows_per_expert=48)
+        return {param.param: TensorPlan(name=param.param, dtype="F32", shape=[count, 48, 64],
+                                        source=BaseTensor(name=param.param), ops=[op])}
+
+    assert check_wrapped({"m": param}, planned(4))
+    with pytest.raises(PlanError, match="merges 3 of its 4 experts"):
+        check_wrapped({"m": param}, planned(3))
+
+
+def test_a_slice_of_fused_experts(gpt_oss):
+    """A disk tensor holding experts 2 and 3 only (experts split over two tensors along their
+    first dimension): its rows get exactly PEFT's updates of experts 2 and 3."""
+    from peft import PeftModel
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from mergeflow.execute import merge_experts
+    from mergeflow.modelmap import Axis, Piece, WrappedParam, expert_slice
+    from mergeflow.plan.experts import _piece_op
+
+    base, adapter = gpt_oss
+    live = PeftModel.from_pretrained(model_class_of(base).from_pretrained(base), adapter)
+    wrapper = next(m for n, m in live.named_modules()
+                   if isinstance(m, ParamWrapper) and ".layers.0." in n
+                   and m.parameter_name == "gate_up_proj")
+    delta = wrapper.get_delta_weight("default")  # (4, 64, 96)
+    a = wrapper.lora_A["default"].weight.detach()
+    b = wrapper.lora_B["default"].weight.detach()
+    param = WrappedParam(param="p", shape=(4, 64, 96), experts=4, b_left=False, rank=4,
+                         scale=wrapper.scaling["default"])
+    piece = Piece("p.second_half", (2, 64, 96), (Axis(2, 0), Axis(0, 1), Axis(0, 2)))
+    where = expert_slice(piece, param)
+    assert (where.expert, where.count, where.stride) == (2, 2, 1)
+    op = _piece_op("m", param, where)
+    work = torch.zeros(2 * 64, 96)
+    for i in range(0, 2 * 64, 40):  # blocks of 40 rows, straddling the two experts
+        j = min(i + 40, 2 * 64)
+        merge_experts(work[i:j], op, lambda k: op.part(k).factors(a, b), i, j)
+    torch.testing.assert_close(work.reshape(2, 64, 96), delta[2:].float(), rtol=1e-4, atol=1e-6)
