@@ -136,3 +136,95 @@ def test_output_config_drops_quantization_and_sets_dtype():
     assert {k: v for k, v in config.items() if "dtype" not in k} == {
         k: v for k, v in base.items() if "dtype" not in k and k != "quantization_config"}
     assert "quantization_config" in base  # the caller's dict is not modified
+
+
+def test_plan_entries_round_trip_with_their_op_and_source_types(tmp_path):
+    """Every source, op and encoding kind survives the plan file (the discriminated unions read
+    back as the same classes), and the fingerprint with them."""
+    from mergeflow.plan import (
+        AdapterTensor,
+        BaseTensor,
+        EmbeddingLora,
+        Experts,
+        Lora,
+        LoraBias,
+        LoraPart,
+        MergePlan,
+        OriginalTensor,
+        QuantizedUnit,
+        Requantize,
+        Resize,
+        ShardPlan,
+        Stored,
+        TensorPart,
+        TensorPlan,
+        TokenRows,
+    )
+    from mergeflow.quant import QuantSpec
+
+    part = LoraPart(expert=1, experts=4, b_left=True, transposed=False, rows=(0, 1, 8),
+                    cols=(8, 1, 8), scale=2.0)
+    unit = QuantSpec(weight="w", method="bnb4", shape=[8, 64], dtype="F32", blocksize=64,
+                     quant_type="nf4", siblings={"absmax": "w.absmax"})
+    entries = [
+        TensorPlan(name="e", dtype="BF16", shape=[10, 8], source=AdapterTensor(name="a"),
+                   ops=[Resize(rows=10), EmbeddingLora(module="e"), TokenRows(module="e")]),
+        TensorPlan(name="q", dtype="F32", shape=[8, 8], source=OriginalTensor(name="q"),
+                   ops=[Lora(module="q", transposed=True)]),
+        TensorPlan(name="x", dtype="F32", shape=[8, 16], source=BaseTensor(name="x"),
+                   ops=[Lora(module="x", part=part)]),
+        TensorPlan(name="f", dtype="F32", shape=[4, 8, 16], source=BaseTensor(name="f"),
+                   ops=[Experts(module="f", first=part, count=4, rows_per_expert=8)]),
+        TensorPlan(name="b", dtype="F32", shape=[8], source=BaseTensor(name="b"),
+                   ops=[LoraBias(module="b")]),
+        TensorPlan(name="w", dtype="U8", shape=[256, 1], source=QuantizedUnit(unit=unit),
+                   ops=[Lora(module="w")], encoding=Requantize(unit=unit),
+                   parts=[TensorPart(name="w.absmax", dtype="F32", shape=[8])]),
+        TensorPlan(name="s", dtype="U8", shape=[256, 1], source=BaseTensor(name="s"),
+                   encoding=Stored(), parts=[TensorPart(name="s.absmax", dtype="F32", shape=[8])]),
+    ]
+    plan = MergePlan(base="b", adapter="a", dtype="F32",
+                     shards=[ShardPlan(filename="model.safetensors", tensors=entries)])
+    plan.save(tmp_path / "plan.json")
+    loaded = MergePlan.load(tmp_path / "plan.json")
+    assert loaded == plan and loaded.fingerprint() == plan.fingerprint()
+    got = loaded.shards[0].tensors
+    assert [type(t.source) for t in got] == [type(t.source) for t in entries]
+    assert [[type(op) for op in t.ops] for t in got] == [[type(op) for op in t.ops] for t in entries]
+    assert [type(t.encoding) for t in got] == [type(t.encoding) for t in entries]
+    assert got[3].row_shape == [32, 16] and got[3].find(Experts).part(2).expert == 3
+    assert got[0].lora is None and got[1].lora == "q" and got[4].lora_bias == "b"
+    assert got[0].from_adapter and not got[1].from_adapter
+    assert [t.computes for t in got] == [True] * 6 + [False]
+
+
+def test_staging_planned_by_the_previous_plan_version_starts_afresh(make_base, make_adapter,
+                                                                     tmp_path):
+    """A staging folder left by a run whose plan had the old (flag) shape is not resumed: the
+    merge starts afresh and writes the same bytes as a clean run."""
+    from helpers import read_tensors
+
+    import mergeflow
+    from mergeflow.api import prepare
+    from mergeflow.spec import MergeSpec
+
+    base = make_base("llama")
+    adapter = make_adapter(base, target_modules=["q_proj", "v_proj"])
+    clean = tmp_path / "clean"
+    mergeflow.merge(base, adapter, clean, dtype="float32")
+    out = tmp_path / "out"
+    prepared = prepare(MergeSpec(base=str(base), adapter=str(adapter), out=str(out),
+                                 dtype="float32"))
+    plan_path = tmp_path / prepared.plan_path
+    old = json.loads(plan_path.read_text())
+    old["version"] = 1
+    for shard in old["shards"]:
+        for t in shard["tensors"]:
+            lora = next((op["module"] for op in t.pop("ops") if op["op"] == "lora"), None)
+            t.pop("encoding")
+            t.update(source=t["source"]["name"], from_adapter=False, lora=lora)
+    plan_path.write_text(json.dumps(old))
+    mergeflow.merge(base, adapter, out, dtype="float32")
+    merged, reference = read_tensors(out), read_tensors(clean)
+    assert merged.keys() == reference.keys()
+    assert all(torch.equal(merged[k], reference[k]) for k in merged)
