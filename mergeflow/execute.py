@@ -6,7 +6,8 @@ No code path here holds a whole tensor of a dense base. Each planned tensor is o
   bytes are copied from the input file into the shard in chunks, never decoded;
 * **row blocks** - everything else: rows ``[i, j)`` are read with a positional read into a
   reused buffer, turned into float32 in a reused working buffer, merged in place (linear LoRA,
-  DoRA, embedding LoRA, ``lora_bias``, trainable-token rows, new vocabulary rows), checked for
+  DoRA, embedding LoRA, ``lora_bias``, trainable-token rows, new vocabulary rows; in a tensor
+  holding several experts, streamed as its experts' rows, each expert's own LoRA), checked for
   NaN/Inf, cast to the output dtype and handed to the shard writer, whose thread writes and
   hashes it while the next block is merged;
 * **a quantized unit** - a bitsandbytes weight and its siblings, dequantized, merged and
@@ -140,7 +141,6 @@ class _Pickled:
         return self.adapter.read(name)[rows]
 
 
-Reader = "Checkpoint | _Pickled | RowDequantizer | RowView"
 # One merge step on a row block: (work, i, j) -> None, changing rows [i, j) of ``work`` in place.
 BlockStep = Callable[[torch.Tensor, int, int], None]
 
@@ -196,6 +196,10 @@ class _Reshaped:
 
     def read_row_set(self, name: str, rows: list[int]) -> torch.Tensor:
         return self.tensor[rows]
+
+
+# What a plan entry's input is read through, row block by row block
+Reader = Checkpoint | _Pickled | RowDequantizer | RowView | _Reshaped
 
 
 def row_reader(reader: Checkpoint, info: TensorInfo, shape: Sequence[int]

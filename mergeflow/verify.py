@@ -10,6 +10,7 @@ Three kinds of checks, all in bounded memory (a few hundred rows at a time):
   every merged tensor's sampled rows are finite (the merge itself checked every block);
 * numerics: every merged tensor acts like base + adapter. For a linear LoRA, ``W' x`` is compared
   with ``W x + s * B (A x)`` on a few random vectors (DoRA: rescaled by ``m / ||W + s B A||``);
+  in a tensor holding several experts, each sampled row against its own expert's factors;
   embedding LoRA rows, trainable-token rows and ``lora_bias`` are compared directly. This uses
   matrix-vector products, a different path from the merge's own ``W + s * B @ A``. Large tensors
   are checked on a random sample of output rows, so the cost stays a read per tensor.

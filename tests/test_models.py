@@ -160,14 +160,14 @@ GPT_OSS_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def _build_gpt_oss(folder, max_shard_size=None):
+def _build_gpt_oss(folder, max_shard_size=None, hidden=64):
     """A tiny GptOss (4 experts, gate/up interleaved in ``gate_up_proj`` (E, hidden, 2I)) saved
     by ``save_pretrained``: its experts are stored fused, as in memory."""
     from transformers import AutoModelForCausalLM, GptOssConfig
 
     from mergeflow.testing import save_tokenizer
 
-    config = GptOssConfig(hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+    config = GptOssConfig(hidden_size=hidden, intermediate_size=48, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                           vocab_size=128, num_local_experts=4, num_experts_per_tok=2,
                           max_position_embeddings=64, sliding_window=16,
@@ -254,23 +254,47 @@ def test_fused_experts_bf16_cli_within_rounding(gpt_oss, input_ids, tmp_path):
 
 def test_fused_experts_across_shards(tmp_path_factory, input_ids, tmp_path):
     """A base sharded so that the fused expert tensors of a layer sit in different files, merged
-    into a sharded output: each fused tensor still gets all its experts."""
+    into a sharded output with row blocks smaller than one expert: each fused tensor still gets
+    all its experts, and no block holds more than its share of rows."""
+    from mergeflow.execute import TensorSource
+    from mergeflow.plan import Experts
     from mergeflow.testing import build_adapter
 
     root = tmp_path_factory.mktemp("gpt_oss_sharded")
-    base = _build_gpt_oss(root / "base", max_shard_size="120KB")
+    base = _build_gpt_oss(root / "base", max_shard_size="120KB", hidden=128)
     homes = {k: f for f, keys in shard_keys(base).items() for k in keys}
     assert homes["model.layers.0.mlp.experts.gate_up_proj"] != \
         homes["model.layers.0.mlp.experts.down_proj"], homes
     adapter = build_adapter(base, root / "adapter", target_modules=["q_proj"],
                             target_parameters=GPT_OSS_EXPERTS)
     out = tmp_path / "out"
-    report = mergeflow.merge(base, adapter, out, dtype="float32", max_shard_size="120KB")
+    report = mergeflow.merge(base, adapter, out, dtype="float32", max_shard_size="120KB",
+                             block_size="8KB")
     assert report.shards > 2
     assert (logits_of(out, input_ids) - logits_of(base, input_ids, adapter=adapter)).abs().max() < 1e-4
     merged, reference = read_tensors(out), _peft_merged(base, adapter).state_dict()
     for key in [k for k in merged if k.endswith("_proj") and ".experts." in k]:
         torch.testing.assert_close(merged[key], reference[key], rtol=1e-5, atol=1e-6)
+    # gate_up_proj (4, 128, 96): an expert's 128 rows come in two 64-row blocks of 96 columns
+    from mergeflow.api import prepare
+    from mergeflow.execute import open_source
+    from mergeflow.plan import MergePlan
+    from mergeflow.spec import MergeSpec
+
+    plan = MergePlan.load(prepare(MergeSpec(base=str(base), adapter=str(adapter),
+                                            out=str(tmp_path / "v"), dtype="float32")).plan_path)
+    entry = next(t for s in plan.shards for t in s.tensors
+                 if t.name == "model.layers.0.mlp.experts.gate_up_proj")
+    assert entry.find(Experts).rows_per_expert == 128
+    source = open_source(plan, block_bytes=8 * 1024)
+    assert isinstance(source, TensorSource)
+    blocks = []
+    for block, _, release in source.blocks(entry):
+        blocks.append(block.clone())
+        if release is not None:
+            release()  # the pooled buffer goes back, as the shard writer gives it back
+    assert [tuple(b.shape) for b in blocks] == [(64, 96)] * 8
+    assert torch.equal(torch.cat(blocks).reshape(4, 128, 96), merged[entry.name])
 
 
 def test_fused_experts_are_verified_row_by_row(gpt_oss, tmp_path):
