@@ -21,12 +21,13 @@ from mergeflow.plan.model import (
 )
 
 
-def _pair(op, adapter: Adapter) -> set[str]:
+def _pair(op: Lora | Experts | EmbeddingLora, adapter: Adapter) -> set[str]:
+    """lora_A and lora_B of the op's module."""
     spec: LoraModule = adapter.modules[op.module]
     return {spec.a_key, spec.b_key}
 
 
-def _linear_keys(op, adapter: Adapter) -> set[str]:
+def _linear_keys(op: Lora, adapter: Adapter) -> set[str]:
     """lora_A, lora_B and (DoRA) the magnitude vector."""
     magnitude = adapter.modules[op.module].magnitude_key
     return _pair(op, adapter) | ({magnitude} if magnitude else set())

@@ -4,7 +4,7 @@ which disk tensors hold each expert, and the count check that no expert is dropp
 from __future__ import annotations
 
 from mergeflow.errors import PlanError
-from mergeflow.modelmap import WrappedParam, expert_slice
+from mergeflow.modelmap import ExpertSlice, WrappedParam, expert_slice
 from mergeflow.plan.inputs import PlanInputs
 from mergeflow.plan.model import Experts, Lora, LoraPart, Op, TensorPlan
 from mergeflow.plan.tensors import check_same_shape, output_entry, source_of
@@ -41,7 +41,7 @@ def wrapped_ops(inputs: PlanInputs, wrapped: dict[str, WrappedParam],
     return ops
 
 
-def _piece_op(module: str, param: WrappedParam, where) -> Op:
+def _piece_op(module: str, param: WrappedParam, where: ExpertSlice) -> Lora | Experts:
     """The op merging ``module``'s update into one disk piece of ``param`` (``where``: its
     :class:`mergeflow.modelmap.ExpertSlice`)."""
     first = LoraPart(expert=where.expert, experts=param.experts, b_left=param.b_left,
