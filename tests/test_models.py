@@ -255,3 +255,22 @@ def test_vlm_cli_bfloat16(vlm_base, make_adapter, input_ids, tmp_path):
     torch.testing.assert_close(merged, live, atol=tolerance, rtol=0)
     assert (merged - plain).abs().max() > 10 * tolerance
     _assert_processor_files_kept(base, out)
+
+
+def test_gemma3_projector_parameter(vlm_base, make_adapter, input_ids, tmp_path):
+    """Gemma 3's projector is a bare parameter (``mm_input_projection_weight``, used as
+    ``x @ W``): LoRA on it via ``target_parameters`` lands on its disk tensor and matches the
+    live adapter with an image; the vision tower itself is kept."""
+    base = vlm_base("gemma3")
+    projector = "multi_modal_projector.mm_input_projection_weight"
+    adapter = make_adapter(base, target_modules=LANGUAGE, target_parameters=[projector])
+    out = tmp_path / "out"
+    report = mergeflow.merge(base, adapter, out, dtype="float32")
+    assert any("target_parameters" in n for n in report.notes)
+    inputs = vlm_inputs("gemma3", input_ids)
+    live, plain = vlm_logits(base, inputs, adapter=adapter), vlm_logits(base, inputs)
+    assert (live - plain).abs().max() > 1e-2
+    torch.testing.assert_close(vlm_logits(out, inputs), live, atol=1e-4, rtol=0)
+    merged, original = read_tensors(out), read_tensors(base)
+    assert not torch.equal(merged[projector], original[projector])
+    assert all(torch.equal(merged[k], original[k]) for k in original if "vision_tower" in k)
