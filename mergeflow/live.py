@@ -46,8 +46,9 @@ import torch
 
 from mergeflow.api import MergeReport, merge
 from mergeflow.checkpoint import DTYPE_NAMES, Checkpoint
-from mergeflow.errors import CheckpointError, InputError, OptionsError
+from mergeflow.errors import CheckpointError, InputError, MergeError, OptionsError
 from mergeflow.hashing import sha256_file
+from mergeflow.modelmap import Axis, Piece
 from mergeflow.output import find_tokenizer
 from mergeflow.writer import ShardWriter
 
@@ -554,34 +555,99 @@ def _hub_snapshot(repo_id: str, allow_download: bool) -> Path | None:
 def base_mismatch(folder: Path, live: dict[str, torch.Tensor], model: Any) -> str | None:
     """Why the checkpoint in ``folder`` is not the live model's base (None: it is).
 
-    Checks every tensor's name and shape, and compares the first, middle and last rows of every
-    tensor with the live values (a disk float tensor cast to the live dtype must be equal: that
+    The live tensors are named as in memory; the checkpoint may name and shape them otherwise
+    (a Llava checkpoint's ``language_model.model.*``, a Mixtral checkpoint's per-expert ``w1``
+    stacked into ``experts.gate_up_proj`` in memory). The checkpoint's own model map
+    (:func:`mergeflow.layout.read_layout`, transformers' conversion mapping) says which disk
+    tensors hold each live tensor and where. Checks that the disk tensors are exactly those
+    pieces, and compares the first, middle and last rows of every disk tensor with the live
+    values at the piece's place (a disk float tensor cast to the live dtype must be equal: that
     is how transformers loaded it). Three rows per tensor: cheap for any model size, though a
     change confined to other rows goes unseen.
     """
     try:
         disk = Checkpoint(folder)
-    except CheckpointError as exc:
+        pieces = _live_pieces(folder, disk, live)
+    except MergeError as exc:
         return str(exc)
-    missing = sorted(set(disk.tensors) - set(live))
-    extra = sorted(set(live) - set(disk.tensors))
+    held = {p.disk for found in pieces.values() for p in found}
+    missing = sorted(set(disk.tensors) - held)
+    extra = sorted(n for n, found in pieces.items()
+                   if any(p.disk not in disk.tensors for p in found))
     if missing or extra:
         return (f"{len(missing)} tensor(s) only on disk ({', '.join(missing[:3])}) and "
                 f"{len(extra)} only in the live model ({', '.join(extra[:3])})")
-    for name, info in disk.tensors.items():
-        if tuple(info.shape) != tuple(live[name].shape):
-            return f"{name} is {list(info.shape)} on disk but {list(live[name].shape)} live"
-    for name in sorted(n for n, i in disk.tensors.items() if i.shape and i.shape[0]):
-        rows = disk.tensors[name].shape[0]
-        for start in sorted({0, rows // 2, rows - 1}):
-            stored = disk.read_rows(name, start, start + 1)
-            value = live[name][start:start + 1].to("cpu")
-            if stored.dtype != value.dtype and not (stored.is_floating_point()
-                                                    and value.is_floating_point()):
-                return f"{name} is {stored.dtype} on disk but {value.dtype} live"
-            if not torch.equal(stored.to(value.dtype), value):
-                return f"{name} row {start} differs between disk and the live model"
+    for name, found in pieces.items():
+        for piece in found:
+            if tuple(disk.tensors[piece.disk].shape) != piece.shape:
+                return (f"{piece.disk} is {list(disk.tensors[piece.disk].shape)} on disk but "
+                        f"{list(piece.shape)} in the live {name}")
+    for name, found in sorted(pieces.items()):
+        for piece in sorted(found, key=lambda p: p.disk):
+            problem = _rows_differ(disk, piece, live[name])
+            if problem is not None:
+                return problem
     return None
+
+
+def _live_pieces(folder: Path, disk: Checkpoint,
+                 live: dict[str, torch.Tensor]) -> dict[str, list[Piece]]:
+    """Each live tensor (in-memory name) -> the disk tensors of ``folder`` that hold it, by the
+    checkpoint's model map; a tensor transformers neither renames nor converts is its own
+    single piece (so a checkpoint transformers cannot build is compared name for name)."""
+    from mergeflow.layout import read_layout
+    from mergeflow.output import require_config
+
+    shapes = {n: tuple(i.shape) for n, i in disk.tensors.items()}
+    model_map = read_layout(folder, set(shapes), require_config(folder), shapes).model_map
+    found: dict[str, list[Piece]] = {}
+    for name, tensor in live.items():
+        shape = tuple(tensor.shape)
+        converted = model_map.pieces.get(name)
+        if converted is not None and not (len(converted) == 1 and converted[0].identity):
+            found[name] = model_map.pieces_of(name, shape)  # checked to cover it exactly once
+        else:  # the live shape: a renamed tensor must have it on disk too
+            disk_name = converted[0].disk if converted else name
+            found[name] = [Piece(disk_name, shape, tuple(Axis(0, i) for i in range(len(shape))))]
+    return found
+
+
+def _rows_differ(disk: Checkpoint, piece: Piece, tensor: torch.Tensor) -> str | None:
+    """Compare the first, middle and last rows of the disk tensor ``piece.disk`` with the live
+    ``tensor`` at the piece's place; why they differ, or None."""
+    shape = piece.shape
+    if not shape or not shape[0]:
+        return None
+    for start in sorted({0, shape[0] // 2, shape[0] - 1}):
+        stored = disk.read_rows(piece.disk, start, start + 1)  # (1, *shape[1:])
+        value = _piece_rows(tensor, piece, start, start + 1).to("cpu")
+        if stored.dtype != value.dtype and not (stored.is_floating_point()
+                                                and value.is_floating_point()):
+            return f"{piece.disk} is {stored.dtype} on disk but {value.dtype} live"
+        if not torch.equal(stored.to(value.dtype), value):
+            return f"{piece.disk} row {start} differs between disk and the live model"
+    return None
+
+
+def _piece_rows(tensor: torch.Tensor, piece: Piece, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of the disk tensor ``piece`` as the live ``tensor`` holds them: shape
+    ``(stop - start, *piece.shape[1:])``, a view of ``tensor`` (no copy).
+
+    Memory dimension ``i`` is indexed ``axes[i].offset + axes[i].stride * j`` by disk dimension
+    ``axes[i].source`` (or fixed at ``offset``); the view's dimensions are then put back in the
+    disk's order."""
+    index: list[int | slice] = []
+    order: list[int] = []  # the disk dimension of each dimension of the view
+    for axis in piece.axes:
+        if axis.source is None:
+            index.append(axis.offset)
+            continue
+        lo, hi = (start, stop) if axis.source == 0 else (0, piece.shape[axis.source])
+        index.append(slice(axis.offset + axis.stride * lo,
+                           axis.offset + axis.stride * (hi - 1) + 1, axis.stride))
+        order.append(axis.source)
+    view = tensor[tuple(index)]
+    return view.permute([order.index(d) for d in range(len(piece.shape))])
 
 
 def _is_original_of(folder: Path, live: dict[str, torch.Tensor]) -> bool:
@@ -595,8 +661,12 @@ def _is_original_of(folder: Path, live: dict[str, torch.Tensor]) -> bool:
             return False
     except (CheckpointError, InputError):
         return False
-    logical = {n for n in live if not _is_quant_sibling(n, live)}
-    return set(disk.tensors) == logical
+    logical = {n: t for n, t in live.items() if not _is_quant_sibling(n, live)}
+    try:  # the disk tensors that hold the logical ones (names only: the live ones are packed)
+        held = {p.disk for found in _live_pieces(folder, disk, logical).values() for p in found}
+    except MergeError:
+        return False
+    return set(disk.tensors) == held
 
 
 def _is_quant_sibling(name: str, live: dict[str, torch.Tensor]) -> bool:
