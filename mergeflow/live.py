@@ -182,7 +182,7 @@ def save_pretrained_merged(
     merge_options.update(extra)
     if tokenizer is None and find_tokenizer([adapter_dir, base_dir]) is None:
         merge_options.setdefault("no_tokenizer", True)
-        notes.append("no tokenizer: none was passed and the base holds none; pass tokenizer= "
+        notes.append("no tokenizer: none was passed and the base holds none; pass `tokenizer=...` "
                      "to ship one")
     report = merge(base_dir, adapter_dir, out, **merge_options)
     report.notes = [*notes, *report.notes]
@@ -337,7 +337,7 @@ def _output_dtype(model: Any, method: str, dtype: str, notes: list[str]) -> str:
         else "float32")
     chosen = source if source in ("float16", "bfloat16") else "bfloat16"
     notes.append(f"merged_16bit: writing {chosen}" + (
-        f" (the base computes in {source}; pass dtype='float32' to keep that)"
+        f" (the base computes in {source}; pass `dtype=float32` to keep that)"
         if chosen != source else ""))
     return chosen
 
@@ -444,10 +444,11 @@ def _choose_base(model: Any, work: Path, method: str, base: str | os.PathLike | 
     live = live_base_tensors(model)
     quantized = bool(_quantization(model.get_base_model().config))
     if merge_onto not in ("dequantized", "original"):
-        raise OptionsError(f"merge_onto={merge_onto!r}: use 'dequantized' or 'original'")
+        raise OptionsError(f"`merge_onto={merge_onto}`: use `merge_onto=dequantized` or "
+                           "`merge_onto=original`")
     if merge_onto == "original" and not quantized:
-        raise InputError("merge_onto='original': the live base is not quantized, so its weights "
-                         "are the original ones; drop merge_onto")
+        raise InputError("`merge_onto=original`: the live base is not quantized, so its weights "
+                         "are the original ones; drop `merge_onto`")
     explicit = base is not None and str(base) != MEMORY
     candidates = [Path(_resolve_ref(str(base), True))] if explicit else (
         [] if str(base) == MEMORY else _disk_candidates(model, allow_download))
@@ -458,7 +459,7 @@ def _choose_base(model: Any, work: Path, method: str, base: str | os.PathLike | 
             return folder, {}
         if explicit and not (quantized and _is_original_of(folder, live)):
             raise InputError(f"base={base}: is not the base of the live model: {problem}. Pass "
-                             "the folder the model was loaded from, or base='memory' to merge "
+                             "the folder the model was loaded from, or `base=memory` to merge "
                              "from the live weights")
         if quantized and _is_original_of(folder, live):
             return _quantized_at_load(model, work, folder, method, merge_onto, original_base,
@@ -466,8 +467,8 @@ def _choose_base(model: Any, work: Path, method: str, base: str | os.PathLike | 
         notes.append(f"base: {folder} is not the live model's base ({problem}); merging from "
                      "the live weights instead")
     if merge_onto == "original" and original_base is None:
-        raise InputError("merge_onto='original' needs the 16-bit checkpoint the base was "
-                         "quantized from: pass original_base=PATH")
+        raise InputError("`merge_onto=original` needs the 16-bit checkpoint the base was "
+                         "quantized from: pass `original_base=PATH`")
     spilled = spill_base(model, work / "base", live)
     notes.append(f"base: the live weights, spilled to {spilled} (the base is not on disk)")
     extra = {"merge_onto": merge_onto}
@@ -484,7 +485,7 @@ def _quantized_at_load(model: Any, work: Path, original: Path, method: str, merg
     original_base = original_base or original
     if merge_onto == "original" and method == "merged_16bit":
         notes.append(f"merge onto: the original 16-bit weights of {original_base} "
-                     "(merge_onto='original'), read from disk")
+                     "(`merge_onto=original`), read from disk")
         return Path(original_base), {}
     spilled = spill_base(model, work / "base", live)
     notes.append(f"base: quantized at load from {original}; its quantized weights spilled to "
@@ -499,9 +500,9 @@ def _quantized_at_load(model: Any, work: Path, original: Path, method: str, merg
 def _note_merge_onto(quantized: bool, merge_onto: str, notes: list[str]) -> None:
     if quantized:
         notes.append("merge onto: " + ("the dequantized 4-bit/8-bit weights the adapter was "
-                                       "trained against (merge_onto='original' for the 16-bit "
+                                       "trained against (`merge_onto=original` for the 16-bit "
                                        "ones)" if merge_onto == "dequantized"
-                                       else "the original 16-bit weights (merge_onto='original')"))
+                                       else "the original 16-bit weights (`merge_onto=original`)"))
 
 
 def _resolve_ref(ref: str, allow_download: bool) -> str:
@@ -515,7 +516,7 @@ def _resolve_ref(ref: str, allow_download: bool) -> str:
     folder = _hub_snapshot(ref.removeprefix("hf://"), allow_download)
     if folder is None:
         raise InputError(f"base={ref}: not a folder and not in the local Hugging Face cache; "
-                         "pass a folder, or allow_download=True to fetch it")
+                         "pass a folder, or `allow_download=True` to fetch it")
     return str(folder)
 
 

@@ -146,6 +146,10 @@ def test_unsloth_options_that_mean_nothing_here_are_refused(trained, tmp_path):
         mergeflow.save_pretrained_merged(trained, tmp_path / "a", save_method="gguf")
     with pytest.raises(InputError, match="not quantized"):
         mergeflow.save_pretrained_merged(trained, tmp_path / "a", save_method="merged_4bit")
+    with pytest.raises(InputError, match=r"^`merge_onto=original`: the live base is not quantized"):
+        mergeflow.save_pretrained_merged(trained, tmp_path / "a", merge_onto="original")
+    with pytest.raises(OptionsError, match="use `merge_onto=dequantized` or `merge_onto=original`"):
+        mergeflow.save_pretrained_merged(trained, tmp_path / "a", merge_onto="16bit")
     assert mergeflow.save_pretrained_merged(trained, tmp_path / "a", is_main_process=False) \
         is None
     assert not (tmp_path / "a").exists()
