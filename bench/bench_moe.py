@@ -25,7 +25,9 @@ cp + sync, ...) so noise from the shared machine hits them alike:
 * once per expert count, "imports": a process that only imports what a Mergeflow merge of this
   model imports (mergeflow's CLI and API, torch, transformers' Qwen3-MoE, PEFT) - the fixed cost
   under Mergeflow's peak. "Mergeflow over imports" is its peak minus that, to compare with the
-  block budget.
+  block budget; and "mergeflow, 1MB block": the same merge with the smallest block
+  (``MIN_BLOCK``), so the part of the peak that the block budget governs shows as the
+  difference.
 
 Peak RSS is the kernel's ``ru_maxrss`` of the measured process (``/usr/bin/time -v`` or
 ``getrusage(RUSAGE_CHILDREN)`` in a wrapper, as in ``bench/bench_merge.py``, whose measuring code
@@ -68,6 +70,7 @@ EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 IMPORTS = ("import mergeflow.cli, mergeflow.api, torch, peft; "
            "from transformers import Qwen3MoeForCausalLM")
 GIB = 2**30
+SMALL_BLOCK = "1MB"  # mergeflow.resources.MIN_BLOCK: the smallest block budget
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -134,23 +137,27 @@ def run_count(experts: int, args: argparse.Namespace, method: str) -> dict:
     env = bench_env(args.mergeflow_src, workdir)
     shards = sorted(base.glob("*.safetensors"))
     outs = {name: workdir / f"out-{name}" for name in ("mergeflow", "peft", "cp")}
-    runs: dict[str, list[dict]] = {"mergeflow": [], "peft": [], "cp + sync": [], "imports": []}
+    runs: dict[str, list[dict]] = {"mergeflow": [], "peft": [], "cp + sync": [], "imports": [],
+                                   "mergeflow, 1MB block": []}
 
     def measured(route: str, cmd: list[str], env_: dict, log_name: str) -> None:
         runs[route].append(measure(cmd, env_, method, workdir / log_name))
         r = runs[route][-1]
         log(f"  {route}: {r['wall_s']:.1f} s, peak RSS {r['rss_gib']:.3f} GiB")
 
-    measured("imports", [sys.executable, "-c", IMPORTS], env, f"imports-e{experts}.log")
-    for rep in range(args.repeats):
+    def run_mergeflow(route: str, block_size: str, log_name: str) -> None:
         cache = Path(tempfile.mkdtemp(prefix="mf-cache-", dir=workdir))
         shutil.rmtree(outs["mergeflow"], ignore_errors=True)
-        measured("mergeflow", [*mergeflow_cmd(), "merge", "--base", str(base), "--adapter",
-                               str(adapter), "--out", str(outs["mergeflow"]), "--max-shard-size",
-                               SHARD, "--no-tokenizer", "--workers", "1", "--block-size",
-                               args.block_size],
-                 dict(env, MERGEFLOW_CACHE=str(cache)), f"mergeflow-e{experts}-{rep}.log")
+        measured(route, [*mergeflow_cmd(), "merge", "--base", str(base), "--adapter",
+                         str(adapter), "--out", str(outs["mergeflow"]), "--max-shard-size",
+                         SHARD, "--no-tokenizer", "--workers", "1", "--block-size", block_size],
+                 dict(env, MERGEFLOW_CACHE=str(cache)), log_name)
         shutil.rmtree(cache, ignore_errors=True)
+
+    measured("imports", [sys.executable, "-c", IMPORTS], env, f"imports-e{experts}.log")
+    run_mergeflow("mergeflow, 1MB block", SMALL_BLOCK, f"mergeflow-small-e{experts}.log")
+    for rep in range(args.repeats):
+        run_mergeflow("mergeflow", args.block_size, f"mergeflow-e{experts}-{rep}.log")
         shutil.rmtree(outs["peft"], ignore_errors=True)
         measured("peft", [sys.executable, str(HERE / "peft_merge.py"), str(base), str(adapter),
                           str(outs["peft"]), "--max-shard-size", SHARD],
@@ -237,18 +244,20 @@ def report(results: list[dict], args: argparse.Namespace, origin: str) -> str:
              f"on q,k,v,o + target_parameters on gate_up_proj/down_proj; {args.repeats} paired "
              f"repeats, medians. Block budget (1 worker x 4 x {args.block_size}): "
              f"{budget / 2**20:.0f} MiB.", "",
-             "| experts | base on disk | mergeflow peak RSS | over imports | PEFT peak RSS | "
-             "RSS mergeflow / PEFT | wall mergeflow / PEFT | wall mergeflow / cp+sync | "
-             "max error, bf16 ulps: mergeflow / PEFT |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| experts | base on disk | mergeflow peak RSS | over imports | over imports, 1MB "
+             "block | PEFT peak RSS | RSS mergeflow / PEFT | wall mergeflow / PEFT | "
+             "wall mergeflow / cp+sync | max error, bf16 ulps: mergeflow / PEFT |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         runs, agree = r["runs"], r["agreement"]
         over = median(runs["mergeflow"], "rss_gib") - median(runs["imports"], "rss_gib")
+        small = median(runs["mergeflow, 1MB block"], "rss_gib") - median(runs["imports"], "rss_gib")
         ok = all(a["same_names"] and not a["mismatched"] and a["changed_as_targeted"]
                  for a in agree.values())
         lines.append(
             f"| {r['experts']} | {r['base_bytes'] / GIB:.2f} GiB | "
             f"{median(runs['mergeflow'], 'rss_gib'):.3f} GiB | {over * 1024:.0f} MiB | "
+            f"{small * 1024:.0f} MiB | "
             f"{median(runs['peft'], 'rss_gib'):.3f} GiB | "
             f"{paired_ratio(runs['mergeflow'], runs['peft'], 'rss_gib'):.2f}x | "
             f"{paired_ratio(runs['mergeflow'], runs['peft'], 'wall_s'):.2f}x | "
@@ -264,8 +273,10 @@ def report(results: list[dict], args: argparse.Namespace, origin: str) -> str:
         lines += ["", f"Peak RSS growth {first['experts']} -> {last['experts']} experts: "
                       f"mergeflow {mf:.2f}x, PEFT {peft:.2f}x."]
     lines += ["", "Peak RSS: `ru_maxrss` of the measured process. \"over imports\": mergeflow's "
-                  "peak minus that of a process importing what it imports (the block budget "
-                  "bounds the working buffers in that difference). Max error: against PEFT's "
+                  "peak minus that of a process importing what it imports; \"1MB block\": the "
+                  f"same with `--block-size {SMALL_BLOCK}` (budget "
+                  f"{block_budget(SMALL_BLOCK) / 2**20:.0f} MiB), run once: the difference "
+                  "between the two is what the block budget buys. Max error: against PEFT's "
                   "merge in float32 rounded once to bf16, in bf16 ulps of each reference value "
                   "(0.5 = correctly rounded)."]
     return "\n".join(lines)
