@@ -11,8 +11,11 @@ What this module adds is getting its two inputs out of the live model without a 
 * **The base**, when its checkpoint is on disk (the model's ``name_or_path``, the adapter's
   ``base_model_name_or_path``, or the local Hugging Face cache; nothing is downloaded unless
   ``allow_download=True``), is read from those files, after a cheap check that it really is the
-  base the live model holds: every tensor name and shape, and the first and last rows of a few
-  tensors compared with the live values. A base found automatically that fails the check is not
+  base the live model holds: every tensor name and shape, and the first, middle and last rows of
+  every tensor compared with the live values. The comparison goes through the checkpoint's
+  in-memory -> disk map (:mod:`mergeflow.modelmap`), so a Mixtral or Qwen3-MoE checkpoint's
+  per-expert tensors are compared with the live stacked experts, and a VLM's disk names with
+  the renamed live ones: such a base is read from disk, not spilled. A base found automatically that fails the check is not
   used (the note says why); one passed as ``base=`` is refused.
 * **A base only in memory** (built or changed in memory, or quantized at load time and merged onto
   its dequantized weights) is *spilled*: the live base's state dict, tensor by tensor and in its
