@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from helpers import logits_of, read_tensors
+from helpers import build_vlm_base, logits_of, read_tensors
 from test_sinks import RecordingHfApi
 
 import mergeflow
@@ -330,19 +330,33 @@ CONVERTED = {  # arch -> (LoRA targets, a live tensor transformers builds from s
     "qwen3_moe": (dict(target_modules="all-linear", target_parameters=EXPERTS),
                   "model.layers.1.mlp.experts.gate_up_proj"),
     "llava": (dict(target_modules=r".*language_model.*\.(q_proj|v_proj)"), None),
+    "gemma3": (dict(target_modules=r".*(language_model.*\.(q_proj|v_proj)|vision_tower.*\.fc1)"),
+               None),
+    "qwen2_vl": (dict(target_modules=r".*(language_model.*\.(q_proj|v_proj)|visual.*\.qkv)"),
+                 None),
 }
+VLM_BUILT_HERE = ("gemma3", "qwen2_vl")  # built by helpers.build_vlm_base, not make_base
+
+
+def converted_base(arch: str, make_base, folder: Path) -> Path:
+    """The saved base of ``arch``: a session base, or a VLM built into ``folder``."""
+    if arch in VLM_BUILT_HERE:
+        folder.mkdir()
+        return build_vlm_base(folder, arch)
+    return make_base(arch)
 
 
 @pytest.mark.parametrize("arch", sorted(CONVERTED))
 def test_converted_base_on_disk_is_read_from_its_files(arch, make_base, make_adapter, tmp_path):
-    """A live MoE (experts stacked in memory, one tensor per expert on disk) or VLM (renamed in
-    memory) loaded from disk is matched to its checkpoint through the model map: the base is
-    read from disk, nothing is spilled, and the output is the disk route's, tensor for tensor."""
+    """A live MoE (experts stacked in memory, one tensor per expert on disk) or VLM (Llava,
+    Gemma 3, Qwen2-VL: renamed in memory) loaded from disk is matched to its checkpoint through
+    the model map: the base is read from disk, nothing is spilled, and the output is the disk
+    route's, tensor for tensor."""
     from peft import PeftModel
 
     from mergeflow.testing import model_class_of
 
-    base = make_base(arch)
+    base = converted_base(arch, make_base, tmp_path / "base")
     lora_kwargs, _ = CONVERTED[arch]
     adapter = make_adapter(base, **lora_kwargs)
     model = PeftModel.from_pretrained(model_class_of(base).from_pretrained(base), adapter)
