@@ -15,8 +15,9 @@ What this module adds is getting its two inputs out of the live model without a 
   every tensor compared with the live values. The comparison goes through the checkpoint's
   in-memory -> disk map (:mod:`mergeflow.modelmap`), so a Mixtral or Qwen3-MoE checkpoint's
   per-expert tensors are compared with the live stacked experts, and a VLM's disk names with
-  the renamed live ones: such a base is read from disk, not spilled. A base found automatically that fails the check is not
-  used (the note says why); one passed as ``base=`` is refused.
+  the renamed live ones: such a base is read from disk, not spilled. A base found
+  automatically that fails the check is not used (the note says why); one passed as ``base=``
+  is refused.
 * **A base only in memory** (built or changed in memory, or quantized at load time and merged onto
   its dequantized weights) is *spilled*: the live base's state dict, tensor by tensor and in its
   stored form (a bitsandbytes weight's packed bytes and quant-state siblings; PEFT's
