@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,13 +43,19 @@ class ModelLayout:
 
     def disk_module(self, module: str) -> str:
         """The disk name of an in-memory module (its weight renamed, less ``.weight``)."""
-        name = self.model_map.disk_name(f"{module}.weight")
-        return name[: -len(".weight")] if name.endswith(".weight") else module
+        return _renamed_module(module, self.model_map.disk_name)
 
     def memory_module(self, module: str) -> str:
         """The in-memory name of a disk module (the inverse of :meth:`disk_module`)."""
-        name = self.model_map.memory_name(f"{module}.weight")
-        return name[: -len(".weight")] if name.endswith(".weight") else module
+        return _renamed_module(module, self.model_map.memory_name)
+
+
+def _renamed_module(module: str, rename: Callable[[str], str]) -> str:
+    """A module's name on the other side of the model map: the one owner of the rule that a
+    module is renamed as its weight (``module.weight``) is; ``module`` itself when the renamed
+    weight is not a ``.weight``."""
+    name = rename(f"{module}.weight")
+    return name[: -len(".weight")] if name.endswith(".weight") else module
 
 
 def _text_config(config):

@@ -11,9 +11,13 @@ What this module adds is getting its two inputs out of the live model without a 
 * **The base**, when its checkpoint is on disk (the model's ``name_or_path``, the adapter's
   ``base_model_name_or_path``, or the local Hugging Face cache; nothing is downloaded unless
   ``allow_download=True``), is read from those files, after a cheap check that it really is the
-  base the live model holds: every tensor name and shape, and the first and last rows of a few
-  tensors compared with the live values. A base found automatically that fails the check is not
-  used (the note says why); one passed as ``base=`` is refused.
+  base the live model holds: every tensor name and shape, and the first, middle and last rows of
+  every tensor compared with the live values. The comparison goes through the checkpoint's
+  in-memory -> disk map (:mod:`mergeflow.modelmap`), so a Mixtral or Qwen3-MoE checkpoint's
+  per-expert tensors are compared with the live stacked experts, and a VLM's disk names with
+  the renamed live ones: such a base is read from disk, not spilled. A base found
+  automatically that fails the check is not used (the note says why); one passed as ``base=``
+  is refused.
 * **A base only in memory** (built or changed in memory, or quantized at load time and merged onto
   its dequantized weights) is *spilled*: the live base's state dict, tensor by tensor and in its
   stored form (a bitsandbytes weight's packed bytes and quant-state siblings; PEFT's
@@ -46,8 +50,9 @@ import torch
 
 from mergeflow.api import MergeReport, merge
 from mergeflow.checkpoint import DTYPE_NAMES, Checkpoint
-from mergeflow.errors import CheckpointError, InputError, OptionsError
+from mergeflow.errors import CheckpointError, InputError, MergeError, OptionsError
 from mergeflow.hashing import sha256_file
+from mergeflow.modelmap import Axis, Piece
 from mergeflow.output import find_tokenizer
 from mergeflow.writer import ShardWriter
 
@@ -181,7 +186,7 @@ def save_pretrained_merged(
     merge_options.update(extra)
     if tokenizer is None and find_tokenizer([adapter_dir, base_dir]) is None:
         merge_options.setdefault("no_tokenizer", True)
-        notes.append("no tokenizer: none was passed and the base holds none; pass tokenizer= "
+        notes.append("no tokenizer: none was passed and the base holds none; pass `tokenizer=...` "
                      "to ship one")
     report = merge(base_dir, adapter_dir, out, **merge_options)
     report.notes = [*notes, *report.notes]
@@ -336,7 +341,7 @@ def _output_dtype(model: Any, method: str, dtype: str, notes: list[str]) -> str:
         else "float32")
     chosen = source if source in ("float16", "bfloat16") else "bfloat16"
     notes.append(f"merged_16bit: writing {chosen}" + (
-        f" (the base computes in {source}; pass dtype='float32' to keep that)"
+        f" (the base computes in {source}; pass `dtype=float32` to keep that)"
         if chosen != source else ""))
     return chosen
 
@@ -443,10 +448,11 @@ def _choose_base(model: Any, work: Path, method: str, base: str | os.PathLike | 
     live = live_base_tensors(model)
     quantized = bool(_quantization(model.get_base_model().config))
     if merge_onto not in ("dequantized", "original"):
-        raise OptionsError(f"merge_onto={merge_onto!r}: use 'dequantized' or 'original'")
+        raise OptionsError(f"`merge_onto={merge_onto}`: use `merge_onto=dequantized` or "
+                           "`merge_onto=original`")
     if merge_onto == "original" and not quantized:
-        raise InputError("merge_onto='original': the live base is not quantized, so its weights "
-                         "are the original ones; drop merge_onto")
+        raise InputError("`merge_onto=original`: the live base is not quantized, so its weights "
+                         "are the original ones; drop `merge_onto`")
     explicit = base is not None and str(base) != MEMORY
     candidates = [Path(_resolve_ref(str(base), True))] if explicit else (
         [] if str(base) == MEMORY else _disk_candidates(model, allow_download))
@@ -457,7 +463,7 @@ def _choose_base(model: Any, work: Path, method: str, base: str | os.PathLike | 
             return folder, {}
         if explicit and not (quantized and _is_original_of(folder, live)):
             raise InputError(f"base={base}: is not the base of the live model: {problem}. Pass "
-                             "the folder the model was loaded from, or base='memory' to merge "
+                             "the folder the model was loaded from, or `base=memory` to merge "
                              "from the live weights")
         if quantized and _is_original_of(folder, live):
             return _quantized_at_load(model, work, folder, method, merge_onto, original_base,
@@ -465,8 +471,8 @@ def _choose_base(model: Any, work: Path, method: str, base: str | os.PathLike | 
         notes.append(f"base: {folder} is not the live model's base ({problem}); merging from "
                      "the live weights instead")
     if merge_onto == "original" and original_base is None:
-        raise InputError("merge_onto='original' needs the 16-bit checkpoint the base was "
-                         "quantized from: pass original_base=PATH")
+        raise InputError("`merge_onto=original` needs the 16-bit checkpoint the base was "
+                         "quantized from: pass `original_base=PATH`")
     spilled = spill_base(model, work / "base", live)
     notes.append(f"base: the live weights, spilled to {spilled} (the base is not on disk)")
     extra = {"merge_onto": merge_onto}
@@ -483,7 +489,7 @@ def _quantized_at_load(model: Any, work: Path, original: Path, method: str, merg
     original_base = original_base or original
     if merge_onto == "original" and method == "merged_16bit":
         notes.append(f"merge onto: the original 16-bit weights of {original_base} "
-                     "(merge_onto='original'), read from disk")
+                     "(`merge_onto=original`), read from disk")
         return Path(original_base), {}
     spilled = spill_base(model, work / "base", live)
     notes.append(f"base: quantized at load from {original}; its quantized weights spilled to "
@@ -498,9 +504,9 @@ def _quantized_at_load(model: Any, work: Path, original: Path, method: str, merg
 def _note_merge_onto(quantized: bool, merge_onto: str, notes: list[str]) -> None:
     if quantized:
         notes.append("merge onto: " + ("the dequantized 4-bit/8-bit weights the adapter was "
-                                       "trained against (merge_onto='original' for the 16-bit "
+                                       "trained against (`merge_onto=original` for the 16-bit "
                                        "ones)" if merge_onto == "dequantized"
-                                       else "the original 16-bit weights (merge_onto='original')"))
+                                       else "the original 16-bit weights (`merge_onto=original`)"))
 
 
 def _resolve_ref(ref: str, allow_download: bool) -> str:
@@ -514,7 +520,7 @@ def _resolve_ref(ref: str, allow_download: bool) -> str:
     folder = _hub_snapshot(ref.removeprefix("hf://"), allow_download)
     if folder is None:
         raise InputError(f"base={ref}: not a folder and not in the local Hugging Face cache; "
-                         "pass a folder, or allow_download=True to fetch it")
+                         "pass a folder, or `allow_download=True` to fetch it")
     return str(folder)
 
 
@@ -554,34 +560,99 @@ def _hub_snapshot(repo_id: str, allow_download: bool) -> Path | None:
 def base_mismatch(folder: Path, live: dict[str, torch.Tensor], model: Any) -> str | None:
     """Why the checkpoint in ``folder`` is not the live model's base (None: it is).
 
-    Checks every tensor's name and shape, and compares the first, middle and last rows of every
-    tensor with the live values (a disk float tensor cast to the live dtype must be equal: that
+    The live tensors are named as in memory; the checkpoint may name and shape them otherwise
+    (a Llava checkpoint's ``language_model.model.*``, a Mixtral checkpoint's per-expert ``w1``
+    stacked into ``experts.gate_up_proj`` in memory). The checkpoint's own model map
+    (:func:`mergeflow.layout.read_layout`, transformers' conversion mapping) says which disk
+    tensors hold each live tensor and where. Checks that the disk tensors are exactly those
+    pieces, and compares the first, middle and last rows of every disk tensor with the live
+    values at the piece's place (a disk float tensor cast to the live dtype must be equal: that
     is how transformers loaded it). Three rows per tensor: cheap for any model size, though a
     change confined to other rows goes unseen.
     """
     try:
         disk = Checkpoint(folder)
-    except CheckpointError as exc:
+        pieces = _live_pieces(folder, disk, live)
+    except MergeError as exc:
         return str(exc)
-    missing = sorted(set(disk.tensors) - set(live))
-    extra = sorted(set(live) - set(disk.tensors))
+    held = {p.disk for found in pieces.values() for p in found}
+    missing = sorted(set(disk.tensors) - held)
+    extra = sorted(n for n, found in pieces.items()
+                   if any(p.disk not in disk.tensors for p in found))
     if missing or extra:
         return (f"{len(missing)} tensor(s) only on disk ({', '.join(missing[:3])}) and "
                 f"{len(extra)} only in the live model ({', '.join(extra[:3])})")
-    for name, info in disk.tensors.items():
-        if tuple(info.shape) != tuple(live[name].shape):
-            return f"{name} is {list(info.shape)} on disk but {list(live[name].shape)} live"
-    for name in sorted(n for n, i in disk.tensors.items() if i.shape and i.shape[0]):
-        rows = disk.tensors[name].shape[0]
-        for start in sorted({0, rows // 2, rows - 1}):
-            stored = disk.read_rows(name, start, start + 1)
-            value = live[name][start:start + 1].to("cpu")
-            if stored.dtype != value.dtype and not (stored.is_floating_point()
-                                                    and value.is_floating_point()):
-                return f"{name} is {stored.dtype} on disk but {value.dtype} live"
-            if not torch.equal(stored.to(value.dtype), value):
-                return f"{name} row {start} differs between disk and the live model"
+    for name, found in pieces.items():
+        for piece in found:
+            if tuple(disk.tensors[piece.disk].shape) != piece.shape:
+                return (f"{piece.disk} is {list(disk.tensors[piece.disk].shape)} on disk but "
+                        f"{list(piece.shape)} in the live {name}")
+    for name, found in sorted(pieces.items()):
+        for piece in sorted(found, key=lambda p: p.disk):
+            problem = _rows_differ(disk, piece, live[name])
+            if problem is not None:
+                return problem
     return None
+
+
+def _live_pieces(folder: Path, disk: Checkpoint,
+                 live: dict[str, torch.Tensor]) -> dict[str, list[Piece]]:
+    """Each live tensor (in-memory name) -> the disk tensors of ``folder`` that hold it, by the
+    checkpoint's model map; a tensor transformers neither renames nor converts is its own
+    single piece (so a checkpoint transformers cannot build is compared name for name)."""
+    from mergeflow.layout import read_layout
+    from mergeflow.output import require_config
+
+    shapes = {n: tuple(i.shape) for n, i in disk.tensors.items()}
+    model_map = read_layout(folder, set(shapes), require_config(folder), shapes).model_map
+    found: dict[str, list[Piece]] = {}
+    for name, tensor in live.items():
+        shape = tuple(tensor.shape)
+        converted = model_map.pieces.get(name)
+        if converted is not None and not (len(converted) == 1 and converted[0].identity):
+            found[name] = model_map.pieces_of(name, shape)  # checked to cover it exactly once
+        else:  # the live shape: a renamed tensor must have it on disk too
+            disk_name = converted[0].disk if converted else name
+            found[name] = [Piece(disk_name, shape, tuple(Axis(0, i) for i in range(len(shape))))]
+    return found
+
+
+def _rows_differ(disk: Checkpoint, piece: Piece, tensor: torch.Tensor) -> str | None:
+    """Compare the first, middle and last rows of the disk tensor ``piece.disk`` with the live
+    ``tensor`` at the piece's place; why they differ, or None."""
+    shape = piece.shape
+    if not shape or not shape[0]:
+        return None
+    for start in sorted({0, shape[0] // 2, shape[0] - 1}):
+        stored = disk.read_rows(piece.disk, start, start + 1)  # (1, *shape[1:])
+        value = _piece_rows(tensor, piece, start, start + 1).to("cpu")
+        if stored.dtype != value.dtype and not (stored.is_floating_point()
+                                                and value.is_floating_point()):
+            return f"{piece.disk} is {stored.dtype} on disk but {value.dtype} live"
+        if not torch.equal(stored.to(value.dtype), value):
+            return f"{piece.disk} row {start} differs between disk and the live model"
+    return None
+
+
+def _piece_rows(tensor: torch.Tensor, piece: Piece, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of the disk tensor ``piece`` as the live ``tensor`` holds them: shape
+    ``(stop - start, *piece.shape[1:])``, a view of ``tensor`` (no copy).
+
+    Memory dimension ``i`` is indexed ``axes[i].offset + axes[i].stride * j`` by disk dimension
+    ``axes[i].source`` (or fixed at ``offset``); the view's dimensions are then put back in the
+    disk's order."""
+    index: list[int | slice] = []
+    order: list[int] = []  # the disk dimension of each dimension of the view
+    for axis in piece.axes:
+        if axis.source is None:
+            index.append(axis.offset)
+            continue
+        lo, hi = (start, stop) if axis.source == 0 else (0, piece.shape[axis.source])
+        index.append(slice(axis.offset + axis.stride * lo,
+                           axis.offset + axis.stride * (hi - 1) + 1, axis.stride))
+        order.append(axis.source)
+    view = tensor[tuple(index)]
+    return view.permute([order.index(d) for d in range(len(piece.shape))])
 
 
 def _is_original_of(folder: Path, live: dict[str, torch.Tensor]) -> bool:
@@ -595,8 +666,12 @@ def _is_original_of(folder: Path, live: dict[str, torch.Tensor]) -> bool:
             return False
     except (CheckpointError, InputError):
         return False
-    logical = {n for n in live if not _is_quant_sibling(n, live)}
-    return set(disk.tensors) == logical
+    logical = {n: t for n, t in live.items() if not _is_quant_sibling(n, live)}
+    try:  # the disk tensors that hold the logical ones (names only: the live ones are packed)
+        held = {p.disk for found in _live_pieces(folder, disk, logical).values() for p in found}
+    except MergeError:
+        return False
+    return set(disk.tensors) == held
 
 
 def _is_quant_sibling(name: str, live: dict[str, torch.Tensor]) -> bool:

@@ -180,3 +180,106 @@ def run_cli_forked(argvs: list[list[str]], workdir: Path, timeout: float = 300) 
             proc.join()
         results.append(CliResult(proc.exitcode, Path(out_path).read_text(), Path(err_path).read_text()))
     return results
+
+
+# -- vision-language bases (issue 12) -----------------------------------------------------------
+
+#: The processor_config.json a VLM base ships (kept byte for byte by a merge).
+PROCESSOR_CONFIG = {"processor_class": "TinyTestProcessor", "num_image_tokens": 4}
+#: Token ids the tiny VLMs reserve (vocabulary 128): image, video / end-of-image, start-of-image.
+IMAGE_TOKEN, SECOND_TOKEN, START_TOKEN = 127, 126, 125
+
+
+def _tiny_text(**overrides) -> dict:
+    """The language model's sizes, as :mod:`mergeflow.testing` builds its tiny models."""
+    from mergeflow.testing import _small
+
+    return _small(**overrides)
+
+
+def vlm_config(arch: str):
+    """A tiny vision-language config: "gemma3" (SigLIP tower, soft-token projector), "qwen2_vl"
+    or "qwen2_5_vl" (patch-merger tower, M-RoPE). Each image becomes 4 image tokens."""
+    import transformers as tf
+
+    if arch == "gemma3":
+        text = dict(_tiny_text(head_dim=16), model_type="gemma3_text", sliding_window=16)
+        vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+        return tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                               image_token_index=IMAGE_TOKEN, eoi_token_index=SECOND_TOKEN,
+                               boi_token_index=START_TOKEN)
+    if arch in ("qwen2_vl", "qwen2_5_vl"):
+        rope = {"rope_type": "default", "mrope_section": [2, 3, 3]}
+        text = dict(_tiny_text(), model_type=f"{arch}_text", rope_parameters=rope)
+        vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
+                      temporal_patch_size=2, in_channels=3)
+        if arch == "qwen2_vl":
+            vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
+            config_class = tf.Qwen2VLConfig
+        else:
+            vision.update(intermediate_size=64, out_hidden_size=64, fullatt_block_indexes=[0],
+                          window_size=16)
+            config_class = tf.Qwen2_5_VLConfig
+        return config_class(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
+                            video_token_id=SECOND_TOKEN, vision_start_token_id=START_TOKEN)
+    raise ValueError(f"unknown vision-language architecture {arch!r}")
+
+
+#: preprocessor_config.json of each tiny VLM (the image processor AutoProcessor would load).
+PREPROCESSOR_CONFIG = {
+    "gemma3": {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": 32, "width": 32}},
+    "qwen2_vl": {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 4, "merge_size": 2,
+                 "temporal_patch_size": 2},
+}
+PREPROCESSOR_CONFIG["qwen2_5_vl"] = PREPROCESSOR_CONFIG["qwen2_vl"]
+
+
+def build_vlm_base(folder: Path, arch: str, seed: int = 0) -> Path:
+    """Save a tiny random VLM with its own class (``save_pretrained``), a tokenizer with a chat
+    template, a preprocessor_config.json and a processor_config.json."""
+    from transformers import AutoModelForImageTextToText
+
+    from mergeflow.testing import save_tokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(vlm_config(arch), dtype=torch.float32)
+    model.save_pretrained(folder)
+    save_tokenizer(folder, 128)
+    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG[arch]))
+    (folder / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG))
+    return folder
+
+
+def vlm_inputs(arch: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Model inputs with one fixed random image per sequence, in the form the architecture's
+    image processor produces, its 4 image tokens placed after ``ids[:, :3]`` behind a
+    start-of-image token. (The image processors need Pillow, which is not installed.)"""
+    gen = torch.Generator().manual_seed(7)
+    batch = ids.shape[0]
+    if arch == "gemma3":
+        pixels = {"pixel_values": torch.randn(batch, 3, 32, 32, generator=gen)}
+    else:  # 16x16 image: a 4x4 grid of 4x4 patches, 2 frames each -> (16 * batch, 3 * 2 * 4 * 4)
+        pixels = {"pixel_values": torch.randn(16 * batch, 96, generator=gen),
+                  "image_grid_thw": torch.tensor([[1, 4, 4]] * batch)}
+    marked = torch.tensor([START_TOKEN] + [IMAGE_TOKEN] * 4).expand(batch, -1)
+    input_ids = torch.cat([ids[:, :3], marked, ids[:, 3:]], dim=1)  # (batch, seq + 5)
+    if arch != "gemma3":  # M-RoPE: which tokens are image tokens (1), as the processor returns
+        pixels["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).long()  # (batch, seq + 5)
+    return {"input_ids": input_ids, **pixels}
+
+
+def vlm_logits(folder: Path, inputs: dict[str, torch.Tensor], *,
+               adapter: Path | None = None) -> torch.Tensor:
+    """Logits of a saved VLM reloaded with the class its config names (optionally under a live
+    PEFT adapter), eval mode, no grad."""
+    from peft import PeftModel
+
+    from mergeflow.testing import model_class_of
+
+    model = model_class_of(folder).from_pretrained(folder, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    with torch.no_grad():
+        return model(**inputs).logits.float()

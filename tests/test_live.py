@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from helpers import logits_of, read_tensors
+from helpers import build_vlm_base, logits_of, read_tensors
 from test_sinks import RecordingHfApi
 
 import mergeflow
@@ -146,6 +146,10 @@ def test_unsloth_options_that_mean_nothing_here_are_refused(trained, tmp_path):
         mergeflow.save_pretrained_merged(trained, tmp_path / "a", save_method="gguf")
     with pytest.raises(InputError, match="not quantized"):
         mergeflow.save_pretrained_merged(trained, tmp_path / "a", save_method="merged_4bit")
+    with pytest.raises(InputError, match=r"^`merge_onto=original`: the live base is not quantized"):
+        mergeflow.save_pretrained_merged(trained, tmp_path / "a", merge_onto="original")
+    with pytest.raises(OptionsError, match="use `merge_onto=dequantized` or `merge_onto=original`"):
+        mergeflow.save_pretrained_merged(trained, tmp_path / "a", merge_onto="16bit")
     assert mergeflow.save_pretrained_merged(trained, tmp_path / "a", is_main_process=False) \
         is None
     assert not (tmp_path / "a").exists()
@@ -315,3 +319,79 @@ def test_prequantized_4bit_base_on_disk_is_read_from_its_files(four_bit, tmp_pat
     assert any(f"read from {saved}" in n for n in report.notes), report.notes
     assert not any("spilled" in n for n in report.notes)
     assert_same_logits(tmp_path / "m", model, input_ids, tol=3e-2)
+
+
+# --------------------------------------------------------------------------- converted bases
+
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+CONVERTED = {  # arch -> (LoRA targets, a live tensor transformers builds from several on disk)
+    "mixtral": (dict(target_modules=["q_proj"], target_parameters=EXPERTS),
+                "model.layers.1.mlp.experts.down_proj"),
+    "qwen3_moe": (dict(target_modules="all-linear", target_parameters=EXPERTS),
+                  "model.layers.1.mlp.experts.gate_up_proj"),
+    "llava": (dict(target_modules=r".*language_model.*\.(q_proj|v_proj)"), None),
+    "gemma3": (dict(target_modules=r".*(language_model.*\.(q_proj|v_proj)|vision_tower.*\.fc1)"),
+               None),
+    "qwen2_vl": (dict(target_modules=r".*(language_model.*\.(q_proj|v_proj)|visual.*\.qkv)"),
+                 None),
+}
+VLM_BUILT_HERE = ("gemma3", "qwen2_vl")  # built by helpers.build_vlm_base, not make_base
+
+
+def converted_base(arch: str, make_base, folder: Path) -> Path:
+    """The saved base of ``arch``: a session base, or a VLM built into ``folder``."""
+    if arch in VLM_BUILT_HERE:
+        folder.mkdir()
+        return build_vlm_base(folder, arch)
+    return make_base(arch)
+
+
+@pytest.mark.parametrize("arch", sorted(CONVERTED))
+def test_converted_base_on_disk_is_read_from_its_files(arch, make_base, make_adapter, tmp_path):
+    """A live MoE (experts stacked in memory, one tensor per expert on disk) or VLM (Llava,
+    Gemma 3, Qwen2-VL: renamed in memory) loaded from disk is matched to its checkpoint through
+    the model map: the base is read from disk, nothing is spilled, and the output is the disk
+    route's, tensor for tensor."""
+    from peft import PeftModel
+
+    from mergeflow.testing import model_class_of
+
+    base = converted_base(arch, make_base, tmp_path / "base")
+    lora_kwargs, _ = CONVERTED[arch]
+    adapter = make_adapter(base, **lora_kwargs)
+    model = PeftModel.from_pretrained(model_class_of(base).from_pretrained(base), adapter)
+    assert base_mismatch(base, live_base_tensors(model), model) is None
+    report = mergeflow.save_pretrained_merged(model, tmp_path / "live", dtype="float32",
+                                              temporary_location=tmp_path / "tmp")
+    assert any(f"read from {base}" in n for n in report.notes), report.notes
+    assert not any("spilled" in n for n in report.notes), report.notes
+    mergeflow.merge(base, adapter, tmp_path / "disk", dtype="float32")
+    live_out, disk_out = read_tensors(tmp_path / "live"), read_tensors(tmp_path / "disk")
+    assert set(live_out) == set(disk_out) == set(read_tensors(base))
+    assert all(torch.equal(live_out[k], disk_out[k]) for k in disk_out)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_changed_expert_is_noticed_on_its_disk_tensor(arch, make_base, make_adapter):
+    """One row of one expert changed in memory: the check names the per-expert disk tensor and
+    row (read through the model map, not a name-for-name comparison)."""
+    from peft import PeftModel
+
+    from mergeflow.testing import model_class_of
+
+    base = make_base(arch)
+    lora_kwargs, stacked = CONVERTED[arch]
+    model = PeftModel.from_pretrained(model_class_of(base).from_pretrained(base),
+                                      make_adapter(base, **lora_kwargs))
+    live = live_base_tensors(model)
+    experts, rows = live[stacked].shape[:2]  # (experts, rows, cols)
+    with torch.no_grad():
+        live[stacked][experts - 2, rows - 1] += 0.5  # the live storage itself
+    problem = base_mismatch(base, live_base_tensors(model), model)
+    expert = experts - 2
+    if arch == "mixtral":  # down_proj[e] is w2 of expert e; its last row is row rows - 1
+        assert problem == (f"model.layers.1.block_sparse_moe.experts.{expert}.w2.weight row "
+                           f"{rows - 1} differs between disk and the live model")
+    else:  # gate_up_proj[e]'s last row is the last row of up_proj (gate first, then up)
+        assert problem == (f"model.layers.1.mlp.experts.{expert}.up_proj.weight row "
+                           f"{rows // 2 - 1} differs between disk and the live model")

@@ -1,6 +1,7 @@
 """The models people fine-tune today (issue 12): MoE experts adapted with ``target_parameters``,
-a vision-language model whose checkpoint names differ from the model in memory, and GPT-NeoX's
-``embed_out`` head. Each merge is compared with the live PEFT adapter on the same base."""
+vision-language models whose checkpoint names differ from the model in memory (Llava, Gemma 3,
+Qwen2-VL, Qwen2.5-VL), and GPT-NeoX's ``embed_out`` head. Each merge is compared with the live PEFT
+adapter on the same base."""
 
 from __future__ import annotations
 
@@ -8,7 +9,17 @@ import json
 
 import pytest
 import torch
-from helpers import logits_of, read_tensors, shard_keys
+from helpers import (
+    PREPROCESSOR_CONFIG,
+    PROCESSOR_CONFIG,
+    build_vlm_base,
+    logits_of,
+    read_tensors,
+    run_cli,
+    shard_keys,
+    vlm_inputs,
+    vlm_logits,
+)
 from safetensors.torch import load_file
 
 import mergeflow
@@ -152,6 +163,117 @@ def test_gpt_neox_embed_out_head(make_base, make_adapter, input_ids, tmp_path):
     merged, original = read_tensors(tmp_path / "out"), read_tensors(base)
     assert set(merged) == set(original)
     assert not torch.equal(merged["embed_out.weight"], original["embed_out.weight"])
+
+
+# -- Gemma 3, Qwen2-VL, Qwen2.5-VL ---------------------------------------------------------------
+
+VLMS = {  # arch -> (class it reloads with, its vision modules' prefix on disk)
+    "gemma3": ("Gemma3ForConditionalGeneration", "vision_tower."),
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "visual."),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "visual."),
+}
+LANGUAGE = r".*language_model.*\.(q_proj|v_proj)"
+VISION_TOO = {  # LoRA on the language model and on the vision tower / projector as well
+    "gemma3": r".*(language_model.*\.(q_proj|v_proj)|vision_tower.*\.(q_proj|fc1))",
+    "qwen2_vl": r".*(language_model.*\.(q_proj|v_proj)|visual.*\.(qkv|merger\.mlp\.0))",
+    "qwen2_5_vl": r".*(language_model.*\.(q_proj|v_proj)|visual.*\.(qkv|merger\.mlp\.0))",
+}
+
+
+@pytest.fixture(scope="module")
+def vlm_base(tmp_path_factory):
+    """``vlm_base(arch)``: a tiny saved VLM (see :func:`helpers.build_vlm_base`), built once."""
+    root = tmp_path_factory.mktemp("vlm-bases")
+    built = {}
+
+    def make(arch: str):
+        if arch not in built:
+            folder = root / arch
+            folder.mkdir()
+            built[arch] = build_vlm_base(folder, arch)
+        return built[arch]
+
+    return make
+
+
+def _assert_processor_files_kept(base, out):
+    for name in ("preprocessor_config.json", "processor_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (base / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("arch", sorted(VLMS))
+@pytest.mark.parametrize("vision", [False, True], ids=["language", "language+vision"])
+def test_vlm_matches_live_adapter(arch, vision, vlm_base, make_adapter, input_ids, tmp_path):
+    """LoRA on the language model's q_proj/v_proj (and on the vision tower and projector):
+    the merged output reloads with the model's own class and matches the live adapter on text
+    and on text with an image; every vision tensor is kept (changed only where targeted)."""
+    from transformers import AutoModelForImageTextToText
+
+    base = vlm_base(arch)
+    adapter = make_adapter(base, target_modules=VISION_TOO[arch] if vision else LANGUAGE)
+    out = tmp_path / "out"
+    mergeflow.merge(base, adapter, out, dtype="float32")
+
+    cls_name, vision_prefix = VLMS[arch]
+    assert json.loads((out / "config.json").read_text())["architectures"] == [cls_name]
+    assert model_class_of(out).__name__ == cls_name
+    assert type(AutoModelForImageTextToText.from_pretrained(out)).__name__ == cls_name
+    for inputs in ({"input_ids": input_ids}, vlm_inputs(arch, input_ids)):
+        live = vlm_logits(base, inputs, adapter=adapter)
+        plain = vlm_logits(base, inputs)
+        merged = vlm_logits(out, inputs)
+        assert (live - plain).abs().max() > 1e-2, "the adapter must change the logits"
+        torch.testing.assert_close(merged, live, atol=1e-4, rtol=0)
+
+    merged, original = read_tensors(out), read_tensors(base)
+    assert set(merged) == set(original)
+    vision_keys = [k for k in original if k.startswith(vision_prefix)]
+    changed = {k for k in vision_keys if not torch.equal(merged[k], original[k])}
+    assert vision_keys and (bool(changed) == vision)
+    q_proj = next(k for k in original if "layers.0.self_attn.q_proj.weight" in k
+                  and not k.startswith(vision_prefix))
+    assert not torch.equal(merged[q_proj], original[q_proj])
+    _assert_processor_files_kept(base, out)
+    assert json.loads((out / "preprocessor_config.json").read_text()) == PREPROCESSOR_CONFIG[arch]
+    assert json.loads((out / "processor_config.json").read_text()) == PROCESSOR_CONFIG
+
+
+def test_vlm_cli_bfloat16(vlm_base, make_adapter, input_ids, tmp_path):
+    """Gemma 3 through the real CLI into bf16: the logits (with an image) are the live adapter's
+    within bf16 rounding, far from the base's; the processor files travel along."""
+    base = vlm_base("gemma3")
+    adapter = make_adapter(base, target_modules=VISION_TOO["gemma3"])
+    out = tmp_path / "out"
+    done = run_cli("merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out),
+                   "--dtype", "bfloat16")
+    assert done.returncode == 0, done.stderr
+    assert all(t.dtype == torch.bfloat16 for t in read_tensors(out).values())
+    inputs = vlm_inputs("gemma3", input_ids)
+    live, plain = vlm_logits(base, inputs, adapter=adapter), vlm_logits(base, inputs)
+    merged = vlm_logits(out, inputs)
+    tolerance = 3e-2 * live.abs().max().item()  # ~8 bits of mantissa, through two layers
+    torch.testing.assert_close(merged, live, atol=tolerance, rtol=0)
+    assert (merged - plain).abs().max() > 10 * tolerance
+    _assert_processor_files_kept(base, out)
+
+
+def test_gemma3_projector_parameter(vlm_base, make_adapter, input_ids, tmp_path):
+    """Gemma 3's projector is a bare parameter (``mm_input_projection_weight``, used as
+    ``x @ W``): LoRA on it via ``target_parameters`` lands on its disk tensor and matches the
+    live adapter with an image; the vision tower itself is kept."""
+    base = vlm_base("gemma3")
+    projector = "multi_modal_projector.mm_input_projection_weight"
+    adapter = make_adapter(base, target_modules=LANGUAGE, target_parameters=[projector])
+    out = tmp_path / "out"
+    report = mergeflow.merge(base, adapter, out, dtype="float32")
+    assert any("target_parameters" in n for n in report.notes)
+    inputs = vlm_inputs("gemma3", input_ids)
+    live, plain = vlm_logits(base, inputs, adapter=adapter), vlm_logits(base, inputs)
+    assert (live - plain).abs().max() > 1e-2
+    torch.testing.assert_close(vlm_logits(out, inputs), live, atol=1e-4, rtol=0)
+    merged, original = read_tensors(out), read_tensors(base)
+    assert not torch.equal(merged[projector], original[projector])
+    assert all(torch.equal(merged[k], original[k]) for k in original if "vision_tower" in k)
 
 
 # -- experts fused on disk (gpt-oss): the disk tensor is the in-memory (E, d1, d2) parameter ----
