@@ -677,14 +677,16 @@ def check_verified(prepared: PreparedMerge, report: VerifyReport) -> None:
 
 
 def run_local(prepared: PreparedMerge, spec: MergeSpec,
-              progress: Progress | None = None) -> MergeReport:
+              progress: Progress | None = None,
+              on_phase: Callable[[str], None] | None = None) -> MergeReport:
     """Run a prepared merge in this process, without Prefect: write every shard not already
     written (see :func:`run_shards`), finalize, verify, publish and, with ``spec.push_to``,
     upload. ``mergeflow.merge`` and a local ``mergeflow merge`` both run this; the Prefect flow
     runs the same steps as tasks.
 
     ``progress`` is called after each output tensor is written (from the worker threads when
-    several shards are written at once).
+    several shards are written at once); ``on_phase`` with "verify" and "publish" as those
+    steps begin (the CLI shows them).
 
     Raises:
         InputError, MergeError: as :func:`merge`.
@@ -701,10 +703,13 @@ def run_local(prepared: PreparedMerge, spec: MergeSpec,
         if spec.push_to:
             upload_published(spec)
         return report
+    phase = on_phase or (lambda name: None)
     results = run_shards(prepared, spec, progress)
     report = finalize(prepared, results)
     if spec.verify:
+        phase("verify")
         check_verified(prepared, verify(prepared, spec.device, results))
+    phase("publish")
     publish_output(prepared)
     if spec.push_to:
         upload_published(spec)

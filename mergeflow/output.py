@@ -15,8 +15,9 @@ import shutil
 from pathlib import Path
 
 from mergeflow.errors import InputError, OutputError
+from mergeflow.staging import MANIFEST_FILE
 
-MANIFEST = "merge-manifest.json"
+MANIFEST = MANIFEST_FILE  # written last: a folder holding it is a finished merge
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
