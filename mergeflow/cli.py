@@ -259,7 +259,7 @@ def progress_detail(tensors_done: int, tensors_total: int, bytes_done: int, byte
 
 def finished_line(tensors: int, bytes_total: int, seconds: float, bytes_this_run: int) -> str:
     """The line left on stderr when the writing is done, e.g. ``wrote 40/40 tensors, 1.20 GB
-    in 3.1 s (387.10 MB/s)``."""
+    in 3.1 s (387.10 MB/s)`` (the rate of the bytes this run wrote: resumed ones left out)."""
     from mergeflow.spec import format_size
 
     rate = format_rate(bytes_this_run / seconds if seconds > 0 else None)
@@ -306,6 +306,7 @@ class _StagingProgress:
         self.enabled = enabled
         self._ends = _tensor_ends(prepared.plan_path) if enabled else {}
         self._phase = "merging"
+        self._said_written = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -327,14 +328,28 @@ class _StagingProgress:
         return min(size, self.total), tensors
 
     def phase(self, name: str) -> None:
-        """The merge entered step ``name`` ("verify", "publish"): a verify phase gets its own
-        line on stderr (called from the thread that runs the merge)."""
+        """The merge entered step ``name`` ("verify", "publish"; called from the thread that
+        runs the merge): the writing is over, so say what was written; a verify phase gets
+        its own line on stderr."""
+        if not self.enabled:
+            return
+        self._say_written()
         with self._lock:
-            if name != "verify" or self._phase == "verifying" or not self.enabled:
+            if name != "verify" or self._phase == "verifying":
                 return
             self._phase = "verifying"
         err.print(f"verifying {self.out}: checksums, completeness and the merged tensors' "
                   "numerics ...", highlight=False, soft_wrap=True, markup=False)
+
+    def _say_written(self) -> None:
+        """Print :func:`finished_line` once, when the writing is over."""
+        with self._lock:
+            if self._said_written:
+                return
+            self._said_written = True
+        err.print(finished_line(self.tensors, self.total, time.monotonic() - self._start,
+                                self.total - self._start_bytes),
+                  highlight=False, soft_wrap=True, markup=False)
 
     def _poll(self) -> None:
         """Redraw the bar every ``interval`` (on a terminal; elsewhere, e.g. a log file, only
@@ -362,12 +377,10 @@ class _StagingProgress:
             self._thread.join(2)
 
     def finish(self) -> None:
-        """The run succeeded: stop the display and say what was written, how fast."""
+        """The run succeeded: stop the display and say what was written (if not said yet)."""
         self.halt()
         if self.enabled:
-            err.print(finished_line(self.tensors, self.total, time.monotonic() - self._start,
-                                    self.total - self._start_bytes),
-                      highlight=False, soft_wrap=True, markup=False)
+            self._say_written()
 
     def __enter__(self) -> _StagingProgress:
         if self.enabled:
