@@ -251,4 +251,4 @@ def test_a_bad_size_names_the_flag(tmp_path):
     result = CliRunner().invoke(app, ["merge", "--adapter", "a", "--out", str(tmp_path / "o"),
                                       "--max-shard-size", "5gb", "--low-disk"])
     assert result.exit_code == 2, result.output
-    assert "error: low_disk needs push_to" in " ".join(result.output.split()), result.output
+    assert "error: --low-disk needs --push-to" in " ".join(result.output.split()), result.output
