@@ -3,7 +3,12 @@
 Exit codes follow the phase: 0 success; 2 bad input refused while planning, before anything
 is written (a one-line message naming the file or key and the fix); 1 any failure once the merge
 runs (a full disk mid-merge, a destination failing after ``--out`` was published: the message
-says what was published and what was not). See :mod:`mergeflow.errors`.
+says what was published and what was not); 130 interrupted by Ctrl-C (SIGINT) or SIGTERM, either
+signal: one line on stderr names the staging folder, which is kept, and says that rerunning the
+same command resumes (:class:`_StopOnSignal`). See :mod:`mergeflow.errors`.
+
+Core messages name options by their MergeSpec fields in backticks (`` `overwrite=True` ``);
+everything this module prints goes through :func:`cli_words`, which shows them as flags.
 
 The ``merge`` options are :class:`~mergeflow.spec.MergeSpec`'s fields: their help and defaults
 come from the spec (``tests/test_cli.py`` proves that every field has its flag).
