@@ -22,6 +22,7 @@ or ``--push-to``. The core (torch, ...) and Prefect are imported only inside the
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -214,7 +215,7 @@ def _run_flow(spec: MergeSpec, prepared: PreparedMerge, reason: str) -> tuple[Me
 
     _on_interrupt.insert(0, abandon_cli_runs)  # after the progress display is stopped
     try:
-        with _StagingProgress(prepared) as progress:
+        with _StagingProgress(prepared, enabled=not prepared.up_to_date) as progress:
             report, name = _in_thread(run_from_cli, spec, prepared)  # raises the flow's error
             progress.finish()
     finally:
@@ -309,7 +310,9 @@ class _StagingProgress:
         self.tensors = prepared.tensor_count
         self.interval = interval
         self.enabled = enabled
-        self._ends = _tensor_ends(prepared.plan_path) if enabled else {}
+        self._ends = _tensor_ends(prepared.plan_path) \
+            if enabled and Path(prepared.plan_path).is_file() else {}
+        self._recorded: dict[str, int] = {}
         self._phase = "merging"
         self._said_written = False
         self._lock = threading.Lock()
@@ -328,9 +331,22 @@ class _StagingProgress:
         for filename, ends in self._ends.items():
             if (self.staging.folder / filename).is_file():
                 tensors += len(ends)
+            elif self.staging.done_record(filename).is_file():  # shipped and deleted (low_disk)
+                tensors += len(ends)
+                size += self._recorded_size(filename)
             else:
                 tensors += _tensors_in(self.staging.partial(filename), ends)
         return min(size, self.total), tensors
+
+    def _recorded_size(self, filename: str) -> int:
+        """The size a shard's done record gives (0 if unreadable), read once."""
+        if filename not in self._recorded:
+            try:
+                record = json.loads(self.staging.done_record(filename).read_text())
+                self._recorded[filename] = int(record["size"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return 0
+        return self._recorded[filename]
 
     def phase(self, name: str) -> None:
         """The merge entered step ``name`` ("verify", "publish"; called from the thread that

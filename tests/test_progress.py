@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from mergeflow.cli import (
     progress_detail,
 )
 from mergeflow.spec import format_size
+from mergeflow.staging import Staging
 
 
 @pytest.mark.parametrize(("size", "text"), [
@@ -90,3 +92,42 @@ def test_a_cli_run_says_what_it_wrote_then_that_it_verifies(make_base, make_adap
                         "numerics ...")
     assert f"tensors, {size} float32" in " ".join(result.stdout.split())
     assert "0.00 GB" not in result.stdout + result.stderr
+
+
+def test_the_display_counts_finished_shipped_and_half_written_shards(make_base, make_adapter,
+                                                                     tmp_path):
+    """What the bar shows, from a real staging folder: a finished shard counts whole, one shipped
+    and deleted (low_disk) by its record, one being written by the tensors its file holds."""
+    from mergeflow import api
+    from mergeflow.cli import _StagingProgress
+    from mergeflow.plan import MergePlan
+    from mergeflow.spec import MergeSpec
+
+    base = make_base("llama", max_shard_size="60KB")
+    adapter = make_adapter(base, target_modules=["q_proj"])
+    spec = MergeSpec(base=str(base), adapter=str(adapter), out=str(tmp_path / "out"),
+                     max_shard_size="40KB")
+    prepared = api.prepare(spec)
+    plan = MergePlan.load(Path(prepared.plan_path))
+    assert len(plan.shards) >= 3
+    progress = _StagingProgress(prepared)
+    assert progress._written() == (0, 0)
+
+    first, second = (api.run_shard(prepared.plan_path, i) for i in range(2))
+    counts = [len(s.tensors) for s in plan.shards]
+    assert progress._written() == (first.size + second.size, counts[0] + counts[1])
+    (Path(prepared.staging) / second.filename).unlink()  # shipped (low_disk): its record stays
+    assert progress._written() == (first.size + second.size, counts[0] + counts[1])
+
+    third = plan.shards[2]
+    api.run_shard(prepared.plan_path, 2)
+    done = Path(prepared.staging) / third.filename
+    data = done.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    done.unlink()
+    Staging.for_output(prepared.out).done_record(third.filename).unlink()
+    partial = Staging.for_output(prepared.out).partial(third.filename)
+    partial.write_bytes(data[:header + third.tensors[0].nbytes])  # one tensor in, so far
+    size, tensors = progress._written()
+    assert tensors == counts[0] + counts[1] + 1
+    assert size == first.size + second.size + header + third.tensors[0].nbytes
