@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -230,6 +232,63 @@ def merge_adapter(spec: MergeRequest, prepared: PreparedMerge | None = None) -> 
     report_artifacts(spec, prepared, report, results, verification, timings, base)
     log_timings(timings)
     return report
+
+
+#: Flow runs this process started for the CLI (``run_from_cli``) and that are running now.
+_cli_runs: set[UUID] = set()
+
+
+def _note_running(flow: Any, run: Any, state: Any) -> None:
+    """``on_running`` hook: remember the run, so an interrupt can mark it crashed."""
+    _cli_runs.add(run.id)
+
+
+def run_from_cli(spec: MergeSpec, prepared: PreparedMerge) -> tuple[MergeReport, str]:
+    """Run ``merge-adapter`` here on a merge the CLI planned; returns its report and the run's
+    name as the UI shows it.
+
+    Raises:
+        MergeError: the flow's own exception, when the run failed.
+    """
+    state = merge_adapter.with_options(on_running=[_note_running])(
+        spec, prepared=prepared, return_state=True)
+    run_id = state.state_details.flow_run_id
+    _cli_runs.discard(run_id)
+    return state.result(), flow_run_name(run_id)
+
+
+def flow_run_name(flow_run_id: UUID) -> str:
+    """The flow run's name as the Prefect UI shows it (its id if the API cannot say)."""
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(flow_run_id).name
+    except Exception:
+        return str(flow_run_id)
+
+
+def abandon_cli_runs(message: str, timeout: float = 5.0) -> None:
+    """The CLI is stopping on a signal: mark the runs it started crashed with ``message`` (so
+    the UI does not show them running for ever) and stop Prefect's temporary server, each
+    within about ``timeout`` seconds; nothing here raises."""
+    def mark() -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.states import Crashed
+
+        with get_client(sync_client=True) as client:
+            for run_id in list(_cli_runs):
+                client.set_flow_run_state(run_id, Crashed(message=message), force=True)
+
+    if _cli_runs:
+        marking = threading.Thread(target=mark, name="mergeflow-abandon", daemon=True)
+        marking.start()
+        marking.join(timeout)
+    server_module = sys.modules.get("prefect.server.api.server")  # started only if it was used
+    servers = getattr(getattr(server_module, "SubprocessASGIServer", None), "_instances", {})
+    for server in list(servers.values()):
+        with suppress(Exception):  # the process is exiting anyway
+            server.stop()
 
 
 def resolved_base(prepared: PreparedMerge) -> str | None:

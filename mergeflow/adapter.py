@@ -120,7 +120,7 @@ class Adapter:
 def _read_config(folder: Path) -> tuple[AdapterConfig, dict]:
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise AdapterError(f"{path}: not found; point --adapter at a PEFT adapter folder")
+        raise AdapterError(f"{path}: not found; point `adapter` at a PEFT adapter folder")
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from mergeflow import faults, preflight, resources
 from mergeflow.adapter import Adapter, load_adapter
 from mergeflow.checkpoint import INDEX_FILES, Checkpoint
 from mergeflow.errors import (
+    NOTHING_STAGED,
     DiskSpaceError,
     InputError,
     MergeError,
@@ -28,6 +30,7 @@ from mergeflow.errors import (
     UploadError,
     VerificationError,
     disk_full_error,
+    staging_kept,
 )
 from mergeflow.execute import Progress, ShardResult, TensorSource, open_source, write_shard
 from mergeflow.hashing import HashCache, fingerprint_files, identify_files, prefetch, sha256_file
@@ -111,14 +114,14 @@ def _resolve_tokenizer(spec: MergeSpec, adapter: Path, base: Path) -> Path | Non
     if spec.tokenizer is not None:
         folder = Path(spec.tokenizer)
         if find_tokenizer([folder]) is None:
-            raise InputError(f"--tokenizer {folder}: holds no tokenizer.json or "
+            raise InputError(f"`tokenizer={folder}`: holds no tokenizer.json or "
                              "tokenizer_config.json")
         return folder
     folder = find_tokenizer([adapter, base])
     if folder is None:
         raise InputError(
-            f"no tokenizer in {adapter} or {base}: pass --tokenizer PATH (the tokenizer you "
-            "trained with), or --no-tokenizer to publish a model without one"
+            f"no tokenizer in {adapter} or {base}: pass `tokenizer=PATH` (the tokenizer you "
+            "trained with), or `no_tokenizer=True` to publish a model without one"
         )
     return folder
 
@@ -183,13 +186,8 @@ def resolve_inputs(spec: MergeSpec) -> tuple[Path, Path]:
     base_ref = spec.base or base_from_adapter(adapter_dir)
     if not base_ref:
         raise InputError(f"{adapter_dir / 'adapter_config.json'}: base_model_name_or_path is "
-                         "empty; pass --base PATH (or hf://org/name, s3://bucket/prefix)")
+                         "empty; pass `base=PATH` (or hf://org/name, s3://bucket/prefix)")
     return resolve_source(base_ref), adapter_dir
-
-
-def _staging_kept(staging: str | Path) -> str:
-    return (f"the staging folder {staging} is kept: free space (or move it and --out to a bigger "
-            "disk), then rerun the same command to resume from its finished groups")
 
 
 def _disk_full_is_disk_space_error(staging_of: Callable[..., str | Path | None]):
@@ -206,8 +204,7 @@ def _disk_full_is_disk_space_error(staging_of: Callable[..., str | Path | None])
                 raise
             except (DiskSpaceError, OSError) as exc:
                 staging = staging_of(*args, **kwargs)
-                kept = _staging_kept(staging) if staging is not None else \
-                    "nothing is published; free space (or write elsewhere), then rerun"
+                kept = staging_kept(staging) if staging is not None else NOTHING_STAGED
                 if isinstance(exc, DiskSpaceError):
                     if "staging folder" in str(exc):
                         raise
@@ -221,7 +218,7 @@ def _disk_full_is_disk_space_error(staging_of: Callable[..., str | Path | None])
 
 
 def _staging_of_plan(plan_path: str | Path, *args, **kwargs) -> Path:
-    return Path(plan_path).parent.parent
+    return Staging.from_plan(plan_path).folder
 
 
 def _staging_of_prepared(prepared: PreparedMerge, *args, **kwargs) -> str:
@@ -340,22 +337,22 @@ def _check_quantized_options(spec: MergeSpec, quantized: QuantizedBase | None) -
     if quantized is not None:
         return
     if spec.merge_onto == "original":
-        raise InputError(f"--merge-onto original: the base {spec.base} is not quantized, so its "
-                         "weights are the original ones; drop --merge-onto and --original-base")
+        raise InputError(f"`merge_onto=original`: the base {spec.base} is not quantized, so its "
+                         "weights are the original ones; drop `merge_onto` and `original_base`")
     if spec.save_method == "merged_4bit":
-        raise InputError(f"--save-method merged_4bit re-quantizes with the base's own "
+        raise InputError(f"`save_method=merged_4bit` re-quantizes with the base's own "
                          f"bitsandbytes settings, but the base {spec.base} is not quantized "
-                         "(its config.json has no quantization_config); use merged_16bit")
+                         "(its config.json has no quantization_config); use `save_method=merged_16bit`")
 
 
 def _open_original(folder: Path | None) -> tuple[Checkpoint | None, dict]:
-    """The --original-base checkpoint (headers) and its config; it must not be quantized."""
+    """The ``original_base`` checkpoint (headers) and its config; it must not be quantized."""
     if folder is None:
         return None, {}
     config = require_config(folder)
     original = Checkpoint(folder)
     if detect(config, original) is not None:
-        raise InputError(f"--original-base {folder}: is itself quantized; pass the 16-bit "
+        raise InputError(f"`original_base={folder}`: is itself quantized; pass the 16-bit "
                          "checkpoint the quantized base was made from")
     return original, config
 
@@ -363,7 +360,7 @@ def _open_original(folder: Path | None) -> tuple[Checkpoint | None, dict]:
 def _output_dtype(spec: MergeSpec, config: dict, base: Checkpoint,
                   quantized: QuantizedBase | None, original: Checkpoint | None,
                   original_config: dict) -> str:
-    """``--dtype``, or for "auto": the base's own float dtype; merged onto an original, the
+    """``dtype``, or for "auto": the base's own float dtype; merged onto an original, the
     original's; a quantized base merged to 16 bits, its ``bnb_4bit_compute_dtype`` (bfloat16 for
     an 8-bit base); merged_4bit keeps the base's unquantized tensors' dtype."""
     if spec.dtype != "auto" or quantized is None:
@@ -530,7 +527,7 @@ def _write_manifest(staging: Path, plan: MergePlan, fingerprint: str, report: Me
 
 @_disk_full_is_disk_space_error(_staging_of_prepared)
 def write_gguf_output(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
-    """``--save-method gguf``: stream the merge into one GGUF file in staging (see
+    """``save_method="gguf"``: stream the merge into one GGUF file in staging (see
     :mod:`mergeflow.gguf_export`), check it (``spec.verify``), then write the Ollama Modelfile,
     the model card and - last - the manifest. :func:`publish_output` publishes it.
 
@@ -566,6 +563,26 @@ def up_to_date_report(prepared: PreparedMerge) -> MergeReport:
     return MergeReport(out=prepared.out, status="up-to-date", **manifest.get("report", {}))
 
 
+def check_location(name: str, value: object, optional: bool = False) -> None:
+    """Refuse a ``merge`` argument that is not a folder path or an ``hf://`` / ``s3://``
+    reference (a ``str`` or ``os.PathLike``; None too when ``optional``).
+
+    Raises:
+        TypeError: naming the argument and what it got; for a model object (a live
+            ``PeftModel`` or ``transformers`` model), pointing at the live route.
+    """
+    if isinstance(value, (str, os.PathLike)) or (optional and value is None):
+        return
+    kind = type(value).__name__
+    what = f"`{name}` must be a folder path, hf://org/name or s3://bucket/prefix (got {kind})"
+    if hasattr(value, "save_pretrained") or hasattr(value, "state_dict"):
+        raise TypeError(f"mergeflow.merge: {what}. To merge a model in memory (a trained "
+                        "PeftModel), call mergeflow.save_pretrained_merged(model, out) or "
+                        "model.save_pretrained_merged(out) after mergeflow.patch(model): the "
+                        "live route reads the adapter from the model itself")
+    raise TypeError(f"mergeflow.merge: {what}")
+
+
 def merge(base: str | Path | None, adapter: str | Path, out: str | Path, *,
           progress: Callable[[TensorPlan], None] | None = None, **options) -> MergeReport:
     """Merge a LoRA adapter into its base and write a SafeTensors checkpoint to ``out``.
@@ -584,6 +601,8 @@ def merge(base: str | Path | None, adapter: str | Path, out: str | Path, *,
         A :class:`MergeReport`; ``status`` is "up-to-date" when ``out`` already held this merge.
 
     Raises:
+        TypeError: ``base``, ``adapter`` or ``out`` is not a path or a reference (e.g. a live
+            ``PeftModel``: that one goes to :func:`mergeflow.save_pretrained_merged`).
         ValidationError: an option's value is invalid (a ``ValueError``).
         OptionsError: options that cannot go together (an InputError and a ``ValueError``).
         InputError: bad inputs or output location, found while planning (nothing is written).
@@ -591,6 +610,8 @@ def merge(base: str | Path | None, adapter: str | Path, out: str | Path, *,
         UploadError: ``push_to`` failed after ``out`` was published (the message says so).
         MergeError: any other failure (the output folder is left untouched).
     """
+    for name, value in (("base", base), ("adapter", adapter), ("out", out)):
+        check_location(name, value, optional=name == "base")
     options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
     try:
         spec = MergeSpec(base=str(base) if base is not None else None, adapter=str(adapter),
@@ -671,14 +692,16 @@ def check_verified(prepared: PreparedMerge, report: VerifyReport) -> None:
 
 
 def run_local(prepared: PreparedMerge, spec: MergeSpec,
-              progress: Progress | None = None) -> MergeReport:
+              progress: Progress | None = None,
+              on_phase: Callable[[str], None] | None = None) -> MergeReport:
     """Run a prepared merge in this process, without Prefect: write every shard not already
     written (see :func:`run_shards`), finalize, verify, publish and, with ``spec.push_to``,
     upload. ``mergeflow.merge`` and a local ``mergeflow merge`` both run this; the Prefect flow
     runs the same steps as tasks.
 
     ``progress`` is called after each output tensor is written (from the worker threads when
-    several shards are written at once).
+    several shards are written at once); ``on_phase`` with "verify" and "publish" as those
+    steps begin (the CLI shows them).
 
     Raises:
         InputError, MergeError: as :func:`merge`.
@@ -695,10 +718,13 @@ def run_local(prepared: PreparedMerge, spec: MergeSpec,
         if spec.push_to:
             upload_published(spec)
         return report
+    phase = on_phase or (lambda name: None)
     results = run_shards(prepared, spec, progress)
     report = finalize(prepared, results)
     if spec.verify:
+        phase("verify")
         check_verified(prepared, verify(prepared, spec.device, results))
+    phase("publish")
     publish_output(prepared)
     if spec.push_to:
         upload_published(spec)

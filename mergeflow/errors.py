@@ -96,11 +96,28 @@ class TransientUploadError(UploadError, TransientError):
     """An :class:`UploadError` whose cause is transient: retried like any TransientError."""
 
 
+#: How a full disk's message ends when nothing was staged yet.
+NOTHING_STAGED = "nothing is published; free space (or write elsewhere), then rerun"
+
+
+def staging_kept(staging: str | os.PathLike) -> str:
+    """How a full disk's message ends once the merge has a staging folder: it is kept, and a
+    rerun resumes from its finished groups."""
+    return (f"the staging folder {staging} is kept: free space (or move it and `out` to a bigger "
+            "disk), then rerun the same command to resume from its finished groups")
+
+
+def disk_full_message(where: str | os.PathLike, errnum: int, detail: str = "",
+                      kept: str = NOTHING_STAGED) -> str:
+    """The one wording of a full disk: ``<file>: no space left on the device (<strerror>)
+    <detail>; <kept>`` (``kept``: what is left and how to go on)."""
+    return f"{where}: no space left on the device ({os.strerror(errnum)}){detail}; {kept}"
+
+
 def disk_full_error(exc: OSError, where: str | os.PathLike, kept: str) -> DiskSpaceError | None:
     """``exc`` as a :class:`DiskSpaceError` when it is a full disk (None otherwise): naming the
     file (``exc.filename``, else ``where``), and ending with ``kept``, what is left and how to
     go on."""
     if not isinstance(exc, OSError) or exc.errno not in DISK_FULL:
         return None
-    return DiskSpaceError(f"{exc.filename or where}: no space left on the device "
-                          f"({os.strerror(exc.errno)}); {kept}")
+    return DiskSpaceError(disk_full_message(exc.filename or where, exc.errno, kept=kept))

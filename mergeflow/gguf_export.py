@@ -108,8 +108,8 @@ def arch_rule(config: dict, where: Path) -> ArchRule:
         names = ", ".join(config.get("architectures") or []) or "no architectures listed"
         raise InputError(
             f"{where / 'config.json'}: model_type {model_type!r} ({names}) is not covered by "
-            f"--save-method gguf (covered: {', '.join(sorted(ARCHITECTURES))}); merge with "
-            "--save-method merged_16bit and convert the result with llama.cpp's "
+            f"`save_method=gguf` (covered: {', '.join(sorted(ARCHITECTURES))}); merge with "
+            "`save_method=merged_16bit` and convert the result with llama.cpp's "
             "convert_hf_to_gguf.py")
     return rule
 
@@ -132,18 +132,18 @@ def check_supported(base: Path, tokenizer: Path | None, gguf_type: str) -> None:
         InputError: naming the architecture, rope scaling, tokenizer or type.
     """
     if gguf_type not in GGUF_TYPES:
-        raise InputError(f"--gguf-type {gguf_type!r}: choose {', '.join(GGUF_TYPES)}")
+        raise InputError(f"`gguf_type={gguf_type}`: choose {', '.join(GGUF_TYPES)}")
     config = json.loads((base / "config.json").read_text())
     config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     arch_rule(config, base)
     rope_type = rope_parameters(config).get("rope_type")
     if rope_type not in _ROPE_TYPES:
         raise InputError(f"{base / 'config.json'}: rope scaling {rope_type!r} is not covered by "
-                         "--save-method gguf (covered: none, linear, yarn); merge with "
+                         "`save_method=gguf` (covered: none, linear, yarn); merge with "
                          "merged_16bit and convert with llama.cpp's convert_hf_to_gguf.py")
     if tokenizer is None:
-        raise InputError("--save-method gguf needs a tokenizer (llama.cpp reads the vocabulary "
-                         "from the GGUF file): drop --no-tokenizer, or pass --tokenizer PATH")
+        raise InputError("`save_method=gguf` needs a tokenizer (llama.cpp reads the vocabulary "
+                         "from the GGUF file): drop `no_tokenizer=True`, or pass `tokenizer=PATH`")
     open_vocab(tokenizer)
 
 
@@ -215,7 +215,7 @@ def open_vocab(folder: Path) -> VocabInfo:
             vocab = gguf.BpeVocab(folder)
         except (FileNotFoundError, KeyError, ValueError) as exc:
             raise InputError(f"{path}: not a byte-level BPE tokenizer.json nor a SentencePiece "
-                             f"tokenizer.model ({exc}); --save-method gguf covers those two") \
+                             f"tokenizer.model ({exc}); `save_method=gguf` covers those two") \
                 from None
         pre = bpe_pre_tokenizer(json.loads(path.read_text()), path)
     tokens, scores, types = [], [], []
@@ -246,8 +246,8 @@ def add_vocab(writer, vocab: VocabInfo, n_vocab: int) -> None:
     gguf = _gguf()
     if len(vocab.tokens) > n_vocab:
         raise InputError(f"{vocab.folder}: the tokenizer has {len(vocab.tokens)} tokens but the "
-                         f"merged embedding only {n_vocab} rows; pass --pad-vocab-to-multiple-of "
-                         "or a matching --tokenizer")
+                         f"merged embedding only {n_vocab} rows; pass `pad_vocab_to_multiple_of` "
+                         "or a matching `tokenizer=PATH`")
     pad = n_vocab - len(vocab.tokens)
     tokens = vocab.tokens + [f"[PAD{i}]".encode() for i in range(len(vocab.tokens), n_vocab)]
     writer.add_tokenizer_model(vocab.model)
@@ -412,7 +412,7 @@ def encode(block: torch.Tensor, tensor: GgufTensor, out_dtype: torch.dtype) -> n
         raise AdapterError(
             f"merged tensor '{tensor.plan.name}' holds NaN or Inf as {tensor.qtype.name}: "
             "the merged values exceed the type's range, or the adapter weights are not "
-            "finite; check the training run, or choose --gguf-type bf16")
+            "finite; check the training run, or choose `gguf_type=bf16`")
     if tensor.head_rows:
         block = unpermute_heads(block, tensor.head_rows)
     if tensor.offset:

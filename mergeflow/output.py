@@ -15,8 +15,9 @@ import shutil
 from pathlib import Path
 
 from mergeflow.errors import InputError, OutputError
+from mergeflow.staging import MANIFEST_FILE
 
-MANIFEST = "merge-manifest.json"
+MANIFEST = MANIFEST_FILE  # written last: a folder holding it is a finished merge
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -49,7 +50,7 @@ def check_output_location(out: Path, inputs: list[Path]) -> None:
         inp = folder.resolve()
         if out_r == inp or inp in out_r.parents or out_r in inp.parents:
             raise OutputError(
-                f"--out {out}: overlaps the input folder {folder}; write the merge elsewhere"
+                f"`out={out}`: overlaps the input folder {folder}; write the merge elsewhere"
             )
 
 
@@ -62,7 +63,7 @@ def check_existing_output(out: Path, fingerprint: str, overwrite: bool) -> bool:
     if not out.exists():
         return False
     if not out.is_dir():
-        raise OutputError(f"--out {out}: exists and is not a folder")
+        raise OutputError(f"`out={out}`: exists and is not a folder")
     manifest = read_manifest(out)
     if manifest is not None and manifest.get("plan_fingerprint") == fingerprint:
         return True
@@ -70,7 +71,7 @@ def check_existing_output(out: Path, fingerprint: str, overwrite: bool) -> bool:
         return False
     what = "a finished merge of other inputs or options" if manifest else "files but no manifest"
     raise OutputError(
-        f"--out {out}: holds {what}; pass --overwrite to replace it or choose another folder"
+        f"`out={out}`: holds {what}; pass `overwrite=True` to replace it or choose another folder"
     )
 
 

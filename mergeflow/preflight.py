@@ -57,7 +57,7 @@ def check_disk_space(plan: MergePlan, out: Path, *, low_disk: bool = False) -> N
         extra = f" + {_size(headroom)} kept free ({MIN_FREE_ENV})" if headroom else ""
         raise NotEnoughDiskSpace(
             f"{folder}: {_size(free)} free, but the merge into {out} needs {_size(needed)}{extra}; "
-            f"free {_size(needed + headroom - free)} or pass --out on a bigger disk")
+            f"free {_size(needed + headroom - free)} or set `out` on a bigger disk")
 
 
 def required_bytes(plan: MergePlan, out: Path, *, low_disk: bool = False) -> int:

@@ -166,7 +166,7 @@ def _config_method(qc: dict, path: str) -> str:
         raise _config_error(path, (
             f"quantization_config.quant_method is {method!r}; Mergeflow reads bitsandbytes 4-bit "
             "and 8-bit checkpoints only. Merge onto the 16-bit model it was made from instead "
-            "(pass that as --base)"))
+            "(pass that as `base`)"))
     if qc.get("load_in_4bit") or qc.get("_load_in_4bit"):
         return "bnb4"
     if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
@@ -227,7 +227,7 @@ def _check_storage(qc: dict, path: str) -> None:
         raise _config_error(path, (
             f"bnb_4bit_quant_storage is {storage}; Mergeflow reads the uint8 storage transformers "
             "writes by default. Re-save the quantized base with bnb_4bit_quant_storage=uint8, or "
-            "merge onto the 16-bit model it was made from (pass that as --base)"))
+            "merge onto the 16-bit model it was made from (pass that as `base`)"))
 
 
 def _missing(base: Checkpoint, weight: str, key: str) -> CheckpointError:

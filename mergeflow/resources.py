@@ -86,11 +86,11 @@ def decide(workers: int | None, block_bytes: int, memory_limit: int | None,
             per requested worker.
     """
     if workers is not None and workers < 1:
-        raise InputError(f"--workers {workers}: must be at least 1")
+        raise InputError(f"`workers={workers}`: must be at least 1")
     if block_bytes <= 0:
-        raise InputError(f"--block-size {block_bytes}: must be positive")
+        raise InputError(f"`block_size={block_bytes}`: must be positive")
     if memory_limit is not None and memory_limit <= 0:
-        raise InputError(f"--memory-limit {memory_limit}: must be positive")
+        raise InputError(f"`memory_limit={memory_limit}`: must be positive")
     cpus = max(1, cpus if cpus is not None else usable_cpus())
     if memory_limit is None:
         available = available if available is not None else available_memory()
@@ -108,9 +108,9 @@ def decide(workers: int | None, block_bytes: int, memory_limit: int | None,
         if count * BUFFERS_PER_WORKER * block > budget and memory_limit is not None:
             need = count * BUFFERS_PER_WORKER * MIN_BLOCK
             raise InputError(
-                f"--memory-limit {memory_limit}: too small for {count} worker(s); each needs "
+                f"`memory_limit={memory_limit}`: too small for {count} worker(s); each needs "
                 f"{BUFFERS_PER_WORKER} blocks of at least {MIN_BLOCK // 2**20} MiB ({need} bytes "
-                "in all); raise --memory-limit or lower --workers")
+                "in all); raise `memory_limit` or lower `workers`")
     return Resources(workers=count, block_bytes=block, torch_threads=torch_threads(cpus, count),
                      memory_budget=budget)
 
@@ -118,8 +118,8 @@ def decide(workers: int | None, block_bytes: int, memory_limit: int | None,
 def for_spec(spec, cpus: int | None = None, available: int | None = None) -> Resources:
     """:func:`decide` for a :class:`~mergeflow.spec.MergeSpec` (sizes parsed, errors naming
     the option)."""
-    return decide(spec.workers, size_option(spec.block_size, "--block-size"),
-                  size_option(spec.memory_limit, "--memory-limit")
+    return decide(spec.workers, size_option(spec.block_size, "block_size"),
+                  size_option(spec.memory_limit, "memory_limit")
                   if spec.memory_limit is not None else None, cpus=cpus, available=available)
 
 
@@ -128,12 +128,12 @@ def size_option(text: str | int, option: str) -> int:
     :func:`mergeflow.spec.size_bytes` (the parser the spec validates with).
 
     Raises:
-        InputError: naming ``option``.
+        InputError: naming ``option`` (a MergeSpec field name, in backticks).
     """
     try:
         return size_bytes(text)
     except ValueError as exc:
-        raise InputError(f"{option} {exc}") from None
+        raise InputError(f"`{option}` {exc}") from None
 
 
 def torch_threads(cpus: int, workers: int) -> int:

@@ -156,7 +156,7 @@ def open_publisher(dest: str, **options: Any) -> HfPublisher | S3Publisher:
         cls = S3Publisher
     else:
         raise SinkError(f"{dest}: unsupported destination; publish to hf://org/name or "
-                        "s3://bucket/prefix (a local --out folder needs no publishing)")
+                        "s3://bucket/prefix (a local `out` folder needs no publishing)")
     unknown = sorted(set(options) - set(cls.OPTIONS))
     if unknown:
         raise SinkError(f"{dest}: option(s) {', '.join(unknown)} do not apply to "

@@ -102,7 +102,7 @@ def resolve_source(ref: str | os.PathLike, *, allow_patterns: Sequence[str] | No
 
 
 def base_from_adapter(adapter_dir: str | os.PathLike) -> str | None:
-    """The base model reference an adapter names, so ``--base`` can be omitted.
+    """The base model reference an adapter names, so ``base`` can be omitted.
 
     Reads ``base_model_name_or_path`` (and ``revision``) of ``adapter_config.json``. An existing
     local path or an ``hf://`` / ``s3://`` reference is returned as written; a Hub id such as

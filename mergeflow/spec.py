@@ -55,6 +55,15 @@ def size_bytes(text: str | int) -> int:
     return size
 
 
+def format_size(size: float) -> str:
+    """Bytes for people in the largest decimal unit that keeps the figure at least 1:
+    ``512 B``, ``2.05 KB``, ``35.7 MB``, ``1.20 GB`` (never ``0.00 GB``)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{int(size)} B"
+
+
 def _size_text(value: Any) -> Any:
     """An int size is kept as its text (the field stays a JSON string)."""
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
@@ -106,18 +115,18 @@ class MergeSpec(BaseModel):
     device: Literal["cpu", "cuda"] = Field(
         "cpu", description="Where dequantizing, the merge math and re-quantizing run.")
     save_method: Literal["merged_16bit", "merged_4bit", "lora", "gguf"] = Field(
-        "merged_16bit", description="merged_16bit: a plain checkpoint in --dtype. merged_4bit: "
+        "merged_16bit", description="merged_16bit: a plain checkpoint in `dtype`. merged_4bit: "
         "merge, then re-quantize the changed weights with the quantized base's own bitsandbytes "
         "settings (an 8-bit base stays 8-bit). lora: no merge; export the adapter as "
         "adapter_model.safetensors, checked against the base. gguf: merge straight into one "
-        "GGUF file for llama.cpp and Ollama (--gguf-type), with an Ollama Modelfile.")
+        "GGUF file for llama.cpp and Ollama (`gguf_type`), with an Ollama Modelfile.")
     gguf_type: Literal["f16", "bf16", "q8_0"] = Field(
-        "f16", description="With --save-method gguf: the GGUF tensor type (norms and 1-D "
+        "f16", description="With `save_method=gguf`: the GGUF tensor type (norms and 1-D "
         "tensors stay f32, as llama.cpp's converter keeps them).")
     merge_onto: Literal["dequantized", "original"] = Field(
         "dequantized", description="For a quantized base: merge onto its dequantized weights "
         "(what the adapter was trained against) or onto the original 16-bit weights "
-        "(--original-base).")
+        "(`original_base`).")
     original_base: str | None = Field(
         None, description="The 16-bit checkpoint the quantized base was made from "
         "(needed to merge onto the original; tensor names and shapes must match).")
@@ -151,27 +160,28 @@ class MergeSpec(BaseModel):
         "verified, then delete it locally (local disk stays near one shard).")
 
     def option_problems(self) -> list[str]:
-        """The combinations of options that cannot mean anything, one line each (in the CLI's
-        ``--option`` words). Checked when a spec is made and again by ``mergeflow.api.prepare``
-        (a ``model_copy(update=...)`` is not validated)."""
+        """The combinations of options that cannot mean anything, one line each (options named
+        by their field names in backticks; the CLI shows them as its flags). Checked when a
+        spec is made and again by ``mergeflow.api.prepare`` (a ``model_copy(update=...)`` is
+        not validated)."""
         problems = []
         if self.merge_onto == "original" and not self.original_base:
-            problems.append("--merge-onto original needs --original-base PATH: the 16-bit "
+            problems.append("`merge_onto=original` needs `original_base=PATH`: the 16-bit "
                             "checkpoint the quantized base was made from")
         if self.original_base and self.merge_onto != "original":
-            problems.append(f"--original-base {self.original_base} is only read with "
-                            "--merge-onto original; add that, or drop --original-base")
+            problems.append(f"`original_base={self.original_base}` is only read with "
+                            "`merge_onto=original`; add that, or drop `original_base`")
         if self.save_method == "lora" and self.merge_onto == "original":
-            problems.append("--save-method lora exports the adapter unmerged, so --merge-onto "
-                            "original has nothing to do; drop one of them")
+            problems.append("`save_method=lora` exports the adapter unmerged, so `merge_onto=original` "
+                            "has nothing to do; drop one of them")
         if self.save_method == "gguf" and self.low_disk:
-            problems.append("--save-method gguf writes one file, which --low-disk cannot ship "
-                            "in pieces; drop --low-disk")
+            problems.append("`save_method=gguf` writes one file, which `low_disk=True` cannot ship "
+                            "in pieces; drop `low_disk`")
         if self.save_method == "gguf" and self.merge_onto == "original":
-            problems.append("--save-method gguf: --merge-onto original is not covered yet; "
+            problems.append("`save_method=gguf`: `merge_onto=original` is not covered yet; "
                             "merge onto the dequantized weights")
         if self.low_disk and not self.push_to:
-            problems.append("low_disk needs push_to: shards are shipped and deleted as they go")
+            problems.append("`low_disk=True` needs `push_to`: shards are shipped and deleted as they go")
         return problems
 
     @model_validator(mode="after")

@@ -44,6 +44,7 @@ PARTIAL_SUFFIX = ".partial"  # a shard being written: ``.<name>.partial`` beside
 STAGING_SUFFIX = ".mergeflow-partial"
 OLD_SUFFIX = ".mergeflow-old"
 SHARD_GLOB = "*.safetensors"
+MANIFEST_FILE = "merge-manifest.json"  # mergeflow.output.MANIFEST, the last file of an output
 
 
 def partial_path(path: Path) -> Path:
@@ -170,6 +171,15 @@ class Staging:
         """The files whose sizes add up to the bytes written so far: finished shards and shards
         being written."""
         return [*self.folder.glob(SHARD_GLOB), *self.folder.glob(f".*{PARTIAL_SUFFIX}")]
+
+    def finalized(self) -> bool:
+        """Whether the folder holds its manifest (written last by finalize: only the checks
+        and the publish are left)."""
+        return (self.folder / MANIFEST_FILE).is_file()
+
+    def published(self) -> bool:
+        """Whether :attr:`out` holds a finished merge (its manifest)."""
+        return (self.out / MANIFEST_FILE).is_file()
 
     def done_records(self) -> list[Path]:
         return list(self.done_dir.glob("*.json"))

@@ -101,7 +101,7 @@ def generic_length(folder: Path) -> int:
         vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab(with_added_tokens=True)
     except Exception as exc:  # the Rust loader raises plain Exceptions
         raise InputError(f"{tokenizer_file}: the tokenizer does not load ({exc}); "
-                         "pass a working one with --tokenizer") from exc
+                         "pass a working one as `tokenizer=PATH`") from exc
     return len(set(vocab) | set(names))
 
 
@@ -134,4 +134,4 @@ def _transformers_length(folder: Path) -> int:
         return len(AutoTokenizer.from_pretrained(folder))
     except Exception as exc:
         raise InputError(f"{folder}: the tokenizer does not load ({exc}); "
-                         "pass a working one with --tokenizer") from exc
+                         "pass a working one as `tokenizer=PATH`") from exc

@@ -48,7 +48,7 @@ def decide_rows(base_rows: int, trained: dict[str, int], tokenizer_len: int | No
             raise PlanError(
                 f"tokenizer: {tokenizer_len} tokens, but the adapter's trained embedding/head has "
                 f"{rows} rows, so the model would index out of range; ship the tokenizer the "
-                "adapter was trained with (--tokenizer PATH)"
+                "adapter was trained with (`tokenizer=PATH`)"
             )
         if rows != base_rows:
             notes.append(f"vocabulary {base_rows} -> {rows} rows, as trained by the adapter")
@@ -63,12 +63,12 @@ def decide_rows(base_rows: int, trained: dict[str, int], tokenizer_len: int | No
         padded = -(-rows // pad_to_multiple_of) * pad_to_multiple_of
         if padded != rows:
             notes.append(f"vocabulary padded {rows} -> {padded} rows "
-                         f"(--pad-vocab-to-multiple-of {pad_to_multiple_of})")
+                         f"(`pad_vocab_to_multiple_of={pad_to_multiple_of}`)")
         rows = padded
     if rows < base_rows and not allow_shrink:
         raise PlanError(
             f"adapter: the merged vocabulary would shrink from {base_rows} to {rows} rows; pass "
-            "--allow-vocab-shrink if that is intended"
+            "`allow_vocab_shrink=True` if that is intended"
         )
     return rows, notes
 

@@ -21,7 +21,6 @@ temporary file is deleted, so the space it took is given back.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -36,11 +35,10 @@ import torch
 from mergeflow import faults
 from mergeflow.checkpoint import DTYPE_NAMES, DTYPES
 from mergeflow.durable import fsync_dir
-from mergeflow.errors import DiskSpaceError, MergeError
+from mergeflow.errors import DISK_FULL, DiskSpaceError, MergeError, disk_full_message
 from mergeflow.staging import partial_path
 
 ALIGNMENT = 8  # safetensors pads the header so tensor data starts 8-byte aligned
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def build_header(specs: Sequence[tuple[str, str, Sequence[int]]]) -> tuple[bytes, list[int]]:
@@ -162,11 +160,11 @@ class ShardWriter:
 
     def _disk_error(self, exc: OSError, missing: int) -> DiskSpaceError:
         """A full disk, as a DiskSpaceError naming the file and the bytes it still needed."""
-        return DiskSpaceError(
-            f"{self.path}: no space left on the device ({os.strerror(exc.errno)}) with {missing} "
-            f"of this file's {self.total} bytes not yet stored; free at least {missing} more bytes "
-            f"in {self.path.parent} (the whole merge needs more: see the preflight estimate) or "
-            "write elsewhere, then rerun: finished groups are kept")
+        return DiskSpaceError(disk_full_message(
+            self.path, exc.errno, f" with {missing} of this file's {self.total} bytes not yet "
+            "stored", kept=f"free at least {missing} more bytes in {self.path.parent} (the whole "
+            "merge needs more: see the preflight estimate) or write elsewhere, then rerun: "
+            "finished groups are kept"))
 
     def begin(self, name: str, dtype: str, shape: Sequence[int]) -> None:
         """Start the next planned tensor; its name, dtype and shape must match the plan."""

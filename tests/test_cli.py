@@ -210,6 +210,7 @@ def test_every_spec_field_is_a_merge_flag_with_its_default_and_help():
     after it, with the field's default and its description as the help."""
     from rich.markup import escape
 
+    from mergeflow.cli import cli_words
     from mergeflow.spec import MergeSpec
 
     params = _merge_params()
@@ -219,7 +220,7 @@ def test_every_spec_field_is_a_merge_flag_with_its_default_and_help():
         param = params[name]
         flag = "--" + name.replace("_", "-")
         assert flag in param.opts, (name, param.opts)
-        assert param.help == escape(info.description), name
+        assert param.help == escape(cli_words(info.description)), name  # fields as flags
         if info.is_required():
             assert param.required, name
         else:
@@ -251,4 +252,4 @@ def test_a_bad_size_names_the_flag(tmp_path):
     result = CliRunner().invoke(app, ["merge", "--adapter", "a", "--out", str(tmp_path / "o"),
                                       "--max-shard-size", "5gb", "--low-disk"])
     assert result.exit_code == 2, result.output
-    assert "error: low_disk needs push_to" in " ".join(result.output.split()), result.output
+    assert "error: --low-disk needs --push-to" in " ".join(result.output.split()), result.output

@@ -233,8 +233,11 @@ def test_deployments_are_on_the_server(stack):
 def test_signed_webhook_call_merges_once(stack, inputs):
     base, adapter = inputs
     out = stack.root / "merged-webhook"
+    # target gpu: this stack's one worker serves the gpu pool (the merge itself runs on CPU;
+    # without a target, device cpu would pick the CPU deployment)
     payload = {"adapter": str(adapter), "base": str(base), "out": str(out),
-               "options": {"device": "cpu"}, "delivery_id": f"train-{uuid.uuid4().hex}"}
+               "options": {"device": "cpu"}, "delivery_id": f"train-{uuid.uuid4().hex}",
+               "target": "gpu"}
     body = json.dumps(payload).encode()
     url = f"{stack.webhook}/hooks/training"
     assert httpx.post(url, content=body, timeout=60).status_code == 401
@@ -252,7 +255,8 @@ def test_signed_webhook_call_merges_once(stack, inputs):
 def test_adapter_ready_event_merges_once(stack, inputs):
     base, adapter = inputs
     out = stack.root / "merged-event"
-    event = adapter_ready_event(str(adapter), str(out), base=str(base), device="cpu")
+    event = adapter_ready_event(str(adapter), str(out), base=str(base), device="cpu",
+                                target="gpu")  # the stack's worker serves the gpu pool
     for _ in range(2):  # a resent event (same id) is a duplicate
         answer = httpx.post(f"{stack.api}/events", json=event, timeout=30)
         assert answer.status_code == 204, answer.text

@@ -125,6 +125,6 @@ def test_low_disk_keeps_one_shard_and_publishes_the_same_objects(client, s3_inpu
 
 
 def test_low_disk_needs_a_destination(make_base, tmp_path):
-    with pytest.raises(ValueError, match="low_disk needs push_to"):
+    with pytest.raises(ValueError, match="`low_disk=True` needs `push_to`"):
         mergeflow.merge(make_base("llama"), tmp_path, tmp_path / "out", low_disk=True)
     shutil.rmtree(tmp_path, ignore_errors=True)

@@ -310,9 +310,9 @@ def test_original_with_other_tensor_names_is_refused(quantized, original, tmp_pa
 
 def test_options_are_checked(quantized, original, make_adapter, tmp_path):
     base, adapter = quantized("nf4-bf16")
-    with pytest.raises(InputError, match="--original-base"):
+    with pytest.raises(InputError, match="needs `original_base=PATH`"):
         mergeflow.merge(base, adapter, tmp_path / "a", merge_onto="original")
-    with pytest.raises(InputError, match="--merge-onto original"):
+    with pytest.raises(InputError, match="only read with `merge_onto=original`"):
         mergeflow.merge(base, adapter, tmp_path / "b", original_base=original)
     plain_adapter = make_adapter(original, target_modules=["q_proj"])
     with pytest.raises(InputError, match="not quantized"):

@@ -116,12 +116,12 @@ def test_sizes_stay_json_and_the_flow_schema_enforces_them():
 
 
 COMBINATIONS = {
-    "needs --original-base": dict(merge_onto="original"),
-    "only read with --merge-onto original": dict(original_base="/orig"),
-    "--save-method lora exports the adapter unmerged": dict(save_method="lora",
+    "needs `original_base=PATH`": dict(merge_onto="original"),
+    "only read with `merge_onto=original`": dict(original_base="/orig"),
+    "`save_method=lora` exports the adapter unmerged": dict(save_method="lora",
                                                             merge_onto="original",
                                                             original_base="/orig"),
-    "low_disk needs push_to": dict(low_disk=True),
+    "`low_disk=True` needs `push_to`": dict(low_disk=True),
 }
 
 
@@ -145,7 +145,7 @@ def test_prepare_checks_the_combinations_of_an_unvalidated_copy(tmp_path):
 
     spec = MergeSpec(adapter="a", out=str(tmp_path / "o")).model_copy(
         update={"merge_onto": "original"})
-    with pytest.raises(OptionsError, match="needs --original-base"):
+    with pytest.raises(OptionsError, match="needs `original_base=PATH`"):
         api.prepare(spec)
 
 

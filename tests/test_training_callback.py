@@ -168,7 +168,9 @@ def receiver(prefect_server):
     name = f"callback-test-{uuid.uuid4().hex[:8]}"
     flow(stand_in_merge_adapter, name="merge-adapter").to_deployment(
         name=name, enforce_parameter_schema=True).apply()
-    settings = WebhookSettings(deployment=f"merge-adapter/{name}", api_url=prefect_server,
+    # both routes to the one deployment: device cpu (no target) picks the CPU route
+    settings = WebhookSettings(deployment=f"merge-adapter/{name}",
+                               cpu_deployment=f"merge-adapter/{name}", api_url=prefect_server,
                                training_secret=SecretStr(SECRET))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

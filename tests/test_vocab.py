@@ -176,7 +176,7 @@ def test_vocab_shrink_needs_explicit_permission(make_base, tmp_path):
     get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False,
                                      modules_to_save=["embed_tokens", "lm_head"])
                    ).save_pretrained(tmp_path / "adapter")
-    with pytest.raises(PlanError, match="--allow-vocab-shrink"):
+    with pytest.raises(PlanError, match="pass `allow_vocab_shrink=True` if that is intended"):
         mergeflow.merge(base, tmp_path / "adapter", tmp_path / "out", no_tokenizer=True)
     mergeflow.merge(base, tmp_path / "adapter", tmp_path / "out", no_tokenizer=True,
                     allow_vocab_shrink=True)

@@ -72,7 +72,8 @@ def _post(client: TestClient, body: dict | bytes, *, secret: str | None = SECRET
 def _payload(**kw) -> dict:
     payload = {"adapter": "/data/adapters/run-7", "out": "/data/merged/run-7",
                "base": "/data/bases/tiny", "options": {"device": "cpu", "dtype": "bfloat16"},
-               "delivery_id": f"delivery-{uuid.uuid4().hex}"}
+               "delivery_id": f"delivery-{uuid.uuid4().hex}",
+               "target": "gpu"}  # without it, device cpu would pick the CPU deployment
     payload.update(kw)
     return payload
 
@@ -382,7 +383,7 @@ def test_target_cpu_routes_to_the_cpu_deployment_with_its_defaults(routed, cpu_d
     assert answer.json()["deployment"] == cpu_deployment
     spec = _run(answer.json()["flow_run_id"]).parameters["spec"]
     assert (spec["device"], spec["workers"]) == ("cpu", 2)
-    gpu = _post(routed, _payload(options={}))  # no target: the GPU deployment, as before
+    gpu = _post(routed, _payload(options={}, target=None))  # no target, no device: the GPU one
     assert gpu.status_code == 202 and gpu.json()["deployment"] != cpu_deployment
     assert _run(gpu.json()["flow_run_id"]).parameters["spec"]["device"] == "cuda"
 
@@ -417,3 +418,57 @@ def test_redelivery_after_a_failed_run_starts_the_next_attempt(client):
     assert retry.json()["flow_run_id"] != first["flow_run_id"]
     assert retry.json()["idempotency_key"] == f"{first['idempotency_key']}#2"
     assert _post(client, payload).json()["flow_run_id"] == retry.json()["flow_run_id"]
+
+
+def test_without_a_target_the_device_picks_the_route(routed, deployment, cpu_deployment):
+    cpu = _post(routed, _payload(target=None, options={"device": "cpu"}))
+    assert cpu.status_code == 202, cpu.text
+    assert cpu.json()["deployment"] == cpu_deployment
+    cuda = _post(routed, _payload(target=None, options={"device": "cuda"}))
+    assert cuda.status_code == 202, cuda.text
+    assert cuda.json()["deployment"] == deployment
+    pinned = _post(routed, _payload(target="gpu", options={"device": "cpu"}))  # target wins
+    assert pinned.status_code == 202 and pinned.json()["deployment"] == deployment
+
+
+ROUTES = [(None, None), (None, "cpu"), (None, "cuda"), ("gpu", "cpu"), ("gpu", "cuda"),
+          ("cpu", None), ("cpu", "cpu")]
+
+
+@pytest.mark.parametrize(("target", "device"), ROUTES)
+def test_the_event_routes_as_the_webhook_does(target, device):
+    """``adapter_ready_event`` (and ``adapter_ready``) pick the deployment the webhook would
+    pick for the same target and device: one rule, :func:`triggers.events.route_for`."""
+    from triggers.events import RESOURCE_PREFIX, adapter_ready_event
+    from triggers.webhook import deployment_for
+
+    settings = WebhookSettings(deployment="flow/gpu-one", cpu_deployment="flow/cpu-one",
+                               training_secret=SecretStr("s"))
+    options = {"device": device} if device else {}
+    [event] = adapter_ready_event("/a", "/o", target=target, **options)
+    via_webhook = deployment_for(settings, target, device)
+    route = "cpu" if via_webhook == "flow/cpu-one" else "gpu"
+    assert event["resource"]["prefect.resource.id"] == f"{RESOURCE_PREFIX[route]}/a"
+    assert route == (target or ("cpu" if device == "cpu" else "gpu"))
+
+
+def test_the_event_refuses_cuda_on_the_cpu_route_as_the_webhook_does(routed):
+    from triggers.events import adapter_ready, adapter_ready_event
+
+    with pytest.raises(ValueError, match="CPU deployment"):
+        adapter_ready_event("/a", "/o", target="cpu", device="cuda")
+    with pytest.raises(ValueError, match="CPU deployment"):
+        adapter_ready("/a", "/o", target="cpu", device="cuda")
+    answer = _post(routed, _payload(target="cpu", options={"device": "cuda"}))
+    assert answer.status_code == 422
+
+
+def test_adapter_ready_emits_on_the_route_its_device_picks(prefect_server):
+    from triggers.events import adapter_ready
+
+    event = adapter_ready("/data/adapters/x", "/data/merged/x", device="cpu")
+    assert event is not None and event.resource.id == "mergeflow.cpu-adapter./data/adapters/x"
+    assert event.payload == {"adapter": "/data/adapters/x", "out": "/data/merged/x",
+                             "device": "cpu"}
+    event = adapter_ready("/data/adapters/y", "/data/merged/y", device="cuda")
+    assert event.resource.id == "mergeflow.adapter./data/adapters/y"

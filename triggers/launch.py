@@ -2,7 +2,8 @@
 
 Every trigger (webhook, folder watcher) ends here. The deployment's own default ``spec``
 parameter (set in ``deployments/prefect.yaml`` or in the UI: device, workers, dtype, ...) is
-layered under the fields the trigger supplies, so site-wide choices live in one place and a
+layered under the fields the trigger supplies (:func:`flows.parameters.layered`, the rule the
+flow itself applies to a run's ``spec``), so site-wide choices live in one place and a
 trigger only says which adapter, where to write and where to publish.
 
 A run is created with an idempotency key: the Prefect server answers a second request with the
@@ -23,6 +24,7 @@ from prefect.deployments import arun_deployment
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY, PREFECT_API_URL
 
+from flows.parameters import layered  # the one layering, the flow's own
 from mergeflow.spec import MergeSpec
 
 #: The GPU merge deployment (``<flow name>/<deployment name>``) of deployments/prefect.yaml.
@@ -43,20 +45,6 @@ class PrefectUnavailable(LaunchError):
 
 class RunRefused(LaunchError):
     """The Prefect server refused the run's parameters (the deployment's schema)."""
-
-
-def layer_spec(defaults: Mapping[str, Any] | None, fields: Mapping[str, Any]) -> MergeSpec:
-    """The trigger's ``fields`` over the deployment's default spec, validated (the same
-    layering the flow applies to a run's spec: :func:`flows.parameters.layered`).
-
-    Fields set to None are left to the defaults.
-
-    Raises:
-        pydantic.ValidationError: the result is not a valid :class:`MergeSpec`.
-    """
-    from flows.parameters import layered
-
-    return layered(defaults, fields)
 
 
 def spec_parameters(spec: MergeSpec) -> dict[str, Any]:
@@ -108,7 +96,7 @@ async def _create(fields: Mapping[str, Any], key: str, deployment: str,
                   api_url: str | None) -> FlowRun:
     async with prefect_client(api_url) as client:
         found = await client.read_deployment_by_name(deployment)
-        spec = layer_spec((found.parameters or {}).get("spec"), fields)
+        spec = layered((found.parameters or {}).get("spec"), fields)
         return await arun_deployment(found.id, client=client, parameters=spec_parameters(spec),
                                      idempotency_key=key, timeout=0, as_subflow=False)
 

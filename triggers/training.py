@@ -63,12 +63,13 @@ class PrefectEvent:
     """Announce with the ``mergeflow.adapter.ready`` event.
 
     Args:
-        target: ``"gpu"`` (the merge-adapter deployment) or ``"cpu"`` (merge-adapter-cpu).
+        target: ``"gpu"`` (the merge-adapter deployment) or ``"cpu"`` (merge-adapter-cpu);
+            default: from the options' ``device`` (:func:`triggers.events.route_for`).
         api_url: the Prefect API (default ``PREFECT_API_URL``); ``PREFECT_API_KEY`` is sent as
             a bearer token when set.
     """
 
-    def __init__(self, target: Target = "gpu", api_url: str | None = None,
+    def __init__(self, target: Target | None = None, api_url: str | None = None,
                  timeout: float = 30.0, attempts: int = 3) -> None:
         self.target, self.api_url, self.timeout, self.attempts = target, api_url, timeout, attempts
 
@@ -76,7 +77,8 @@ class PrefectEvent:
         """Post the event; returns ``{"event_id", "resource"}``.
 
         Raises:
-            InputError: no Prefect API, or options the event cannot carry (use :class:`Webhook`).
+            InputError: no Prefect API, options the event cannot carry (use :class:`Webhook`),
+                or device cuda routed to the CPU deployment.
             TransientError: the API could not be reached; MergeError: it refused the event.
         """
         api = (self.api_url or os.environ.get("PREFECT_API_URL") or "").rstrip("/")
@@ -88,9 +90,12 @@ class PrefectEvent:
             raise InputError(f"PrefectEvent: the event trigger reads only {EVENT_OPTIONS}, not "
                              f"{unsent}; use triggers.training.Webhook to send them")
         event_id = str(uuid.UUID(adapter_digest(request)[:32]))
-        body = adapter_ready_event(request["adapter"], request["out"], request.get("base"),
-                                   request.get("push_to"), target=self.target, event_id=event_id,
-                                   **options)
+        try:
+            body = adapter_ready_event(request["adapter"], request["out"], request.get("base"),
+                                       request.get("push_to"), target=self.target,
+                                       event_id=event_id, **options)
+        except ValueError as exc:  # a route that cannot run: device cuda to the CPU deployment
+            raise InputError(f"PrefectEvent: {exc}") from None
         headers = {"Content-Type": "application/json"}
         if os.environ.get("PREFECT_API_KEY"):
             headers["Authorization"] = f"Bearer {os.environ['PREFECT_API_KEY']}"

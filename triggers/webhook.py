@@ -5,6 +5,7 @@ Endpoints:
 * ``POST /hooks/training``: a trainer's "adapter finished" call. JSON body
   ``{"adapter", "out", "base"?, "push_to"?, "options"?: {MergeSpec fields}, "delivery_id"?,
   "target"?: "gpu" | "cpu"}`` (target picks the GPU deployment, the default, or the CPU one;
+  without a target, options.device cpu picks the CPU one, as for the ``adapter.ready`` event;
   device cuda with target cpu is refused with 422 before any run starts),
   signed with HMAC-SHA256 over the raw body: ``X-Mergeflow-Signature: sha256=<hex>``.
 * ``POST /hooks/huggingface``: a Hugging Face Hub webhook (repo content update of a model repo),
@@ -36,6 +37,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from mergeflow.spec import MergeSpec
+from triggers.events import route_for, route_problem
 from triggers.launch import (
     CPU_DEPLOYMENT,
     DEFAULT_DEPLOYMENT,
@@ -58,7 +60,8 @@ class WebhookSettings(BaseModel):
     """What the receiver needs; a hook whose secret is None is disabled (404)."""
 
     deployment: str = DEFAULT_DEPLOYMENT
-    cpu_deployment: str = Field(CPU_DEPLOYMENT, description="Where target cpu goes.")
+    cpu_deployment: str = Field(CPU_DEPLOYMENT, description="Where route cpu goes (target cpu, "
+                                "or options.device cpu without a target).")
     api_url: str | None = Field(None, description="Prefect API; default PREFECT_API_URL.")
     max_body_bytes: int = Field(65536, ge=1)
     training_secret: SecretStr | None = None
@@ -89,7 +92,8 @@ class TrainingPayload(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     delivery_id: str | None = Field(None, min_length=1, max_length=200)
     target: Literal["gpu", "cpu"] | None = Field(
-        None, description="The route: the GPU merge deployment (default) or the CPU one.")
+        None, description="The route: the GPU merge deployment or the CPU one; default: the "
+        "CPU one for options.device cpu, else the GPU one.")
 
     def spec_fields(self) -> dict[str, Any]:
         """The MergeSpec fields this payload sets."""
@@ -193,16 +197,20 @@ def training_request(payload: TrainingPayload, body: bytes,
 
 
 def check_route(target: str | None, device: str | None) -> None:
-    """422 for a route that cannot run: ``device`` cuda sent to the CPU deployment."""
-    if target == "cpu" and device == "cuda":
+    """422 for a route that cannot run (:func:`triggers.events.route_problem`: ``device`` cuda
+    sent to the CPU deployment)."""
+    problem = route_problem(target, device)
+    if problem:
         raise HookError(422, [{"loc": ["body", "options", "device"], "type": "route",
-                               "msg": "device cuda cannot run on the CPU deployment (target "
-                                      "cpu); drop device, or use target gpu"}])
+                               "msg": problem}])
 
 
-def deployment_for(settings: WebhookSettings, target: str | None) -> str:
-    """The deployment a delivery goes to: ``target`` cpu -> the CPU one, else the GPU one."""
-    return settings.cpu_deployment if target == "cpu" else settings.deployment
+def deployment_for(settings: WebhookSettings, target: str | None,
+                   device: str | None = None) -> str:
+    """The deployment a delivery goes to: the CPU one for route ``cpu``, else the GPU one; the
+    route is ``target``, or without one follows ``device``, as for the ``adapter.ready`` event
+    (:func:`triggers.events.route_for`)."""
+    return settings.cpu_deployment if route_for(target, device) == "cpu" else settings.deployment
 
 
 def hf_ignored(payload: HfPayload) -> str | None:
@@ -283,7 +291,8 @@ def create_app(settings: WebhookSettings) -> FastAPI:
         check_signature(body, request.headers.get(SIGNATURE_HEADER), secret)
         payload = parse(TrainingPayload, body)
         fields, key = training_request(payload, body, request.headers.get(DELIVERY_HEADER))
-        answer = await launch(settings, fields, key, deployment_for(settings, payload.target))
+        answer = await launch(settings, fields, key,
+                              deployment_for(settings, payload.target, fields.get("device")))
         log.info("training hook: adapter %s -> flow run %s", fields["adapter"],
                  answer["flow_run_id"])
         return answer
