@@ -43,6 +43,7 @@ from mergeflow.plan import (
     Experts,
     Lora,
     LoraBias,
+    LoraPart,
     MergePlan,
     OriginalTensor,
     QuantizedUnit,
@@ -481,11 +482,25 @@ class TensorSource:
         slice of a whole-parameter LoRA (``op.part``); float32 on the device."""
         spec = self.adapter.modules[op.module]
         magnitude = self._adapter_tensor(spec.magnitude_key).float() if spec.magnitude_key else None
-        a, b = self._adapter_tensor(spec.a_key).float(), self._adapter_tensor(spec.b_key).float()
         if op.part is not None:  # one expert's slice of a whole-parameter LoRA
-            a, b = op.part.factors(a, b)
+            a, b = self._expert_factors(op.part, *self._stacked_factors(op.module))
             return _Lora(a, b, op.part.scale, magnitude)
+        a, b = self._adapter_tensor(spec.a_key).float(), self._adapter_tensor(spec.b_key).float()
         return _Lora(a, b, spec.scale, magnitude)
+
+    def _stacked_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole-parameter LoRA's stacked ``lora_A`` (r·E, in) and ``lora_B`` (out, r·E), as
+        stored, on the CPU: experts are cut from these before any conversion or device copy."""
+        spec = self.adapter.modules[module]
+        return self.adapter.read(spec.a_key), self.adapter.read(spec.b_key)
+
+    def _expert_factors(self, part: LoraPart, a: torch.Tensor,
+                        b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert's factors ``(a2 (r, n1), b2 (n0, r))``, float32 on the device: sliced in the
+        stored dtype first (the same bits as slicing after the cast), so only 1/E of the stacked
+        factors is ever converted or moved."""
+        a2, b2 = part.factors(a, b)
+        return a2.to(self.device).float(), b2.to(self.device).float()
 
     def _lora_step(self, op: Lora, reader: Reader, info: TensorInfo) -> BlockStep:
         lora = self.lora_pair(op)
@@ -499,14 +514,13 @@ class TensorSource:
     def _experts_step(self, op: Experts, reader: Reader, info: TensorInfo) -> BlockStep:
         """Rows of a tensor holding several experts: each expert's rows get that expert's update
         only, with its own factors (one expert's factors alive at a time)."""
-        spec = self.adapter.modules[op.module]
-        a, b = self._adapter_tensor(spec.a_key).float(), self._adapter_tensor(spec.b_key).float()
+        a, b = self._stacked_factors(op.module)
         current: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the last expert's factors
 
         def factors(k: int) -> tuple[torch.Tensor, torch.Tensor]:
             if k not in current:
                 current.clear()
-                current[k] = op.part(k).factors(a, b)  # (r, n1), (n0, r)
+                current[k] = self._expert_factors(op.part(k), a, b)  # (r, n1), (n0, r)
             return current[k]
 
         def merge(work: torch.Tensor, i: int, j: int) -> None:
@@ -612,10 +626,9 @@ class TensorSource:
                             magnitude=lora.magnitude)
 
     def _whole_experts(self, op: Experts, tensor: torch.Tensor) -> torch.Tensor:
-        spec = self.adapter.modules[op.module]
-        a, b = self._adapter_tensor(spec.a_key).float(), self._adapter_tensor(spec.b_key).float()
+        a, b = self._stacked_factors(op.module)
         work = tensor.float().clone()  # (count * n0, n1)
-        merge_experts(work, op, lambda k: op.part(k).factors(a, b), 0, work.shape[0])
+        merge_experts(work, op, lambda k: self._expert_factors(op.part(k), a, b), 0, work.shape[0])
         return work
 
     def _whole_embedding_lora(self, op: EmbeddingLora, tensor: torch.Tensor) -> torch.Tensor:
