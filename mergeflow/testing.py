@@ -132,6 +132,16 @@ def _qwen3_moe(**overrides):
                                    tie_word_embeddings=False, **overrides))
 
 
+def _qwen2_moe(**overrides):
+    """Qwen2-MoE: a router (``mlp.gate``, a bare weight), stacked experts, and a shared expert
+    with its own gate (``nn.Linear`` modules)."""
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(**_small(moe_intermediate_size=48, shared_expert_intermediate_size=96,
+                                   num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+                                   mlp_only_layers=[], tie_word_embeddings=False, **overrides))
+
+
 def _gpt_neox(**overrides):
     from transformers import GPTNeoXConfig
 
@@ -150,8 +160,8 @@ def _llava(**overrides):
                        vision_config=vision, image_token_index=127)
 
 
-MORE_ARCHS = {"mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "gpt_neox": _gpt_neox,
-              "llava": _llava}
+MORE_ARCHS = {"mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "qwen2_moe": _qwen2_moe,
+              "gpt_neox": _gpt_neox, "llava": _llava}
 
 
 def model_class_of(folder: Path | str):

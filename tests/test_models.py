@@ -55,6 +55,24 @@ def test_expert_lora_matches_live_adapter(arch, targets, make_base, make_adapter
     assert experts and all(not torch.equal(merged[k], original[k]) for k in experts)
 
 
+def test_router_and_shared_expert_lora(make_base, make_adapter, input_ids, tmp_path):
+    """Qwen2-MoE with LoRA on the router (``mlp.gate``, a bare weight: ``target_parameters``),
+    on the shared expert and its gate (``nn.Linear``), and on the experts: each lands on its
+    own disk tensor, and the merge is the live adapter."""
+    base = make_base("qwen2_moe")
+    shared = ["shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj",
+              "shared_expert_gate"]
+    adapter = make_adapter(base, target_modules=["q_proj", *shared],
+                           target_parameters=[*EXPERTS, "mlp.gate.weight"])
+    _merge_and_compare(base, adapter, tmp_path / "out", input_ids)
+    merged, original = read_tensors(tmp_path / "out"), read_tensors(base)
+    assert set(merged) == set(original)
+    changed = {k for k in original if not torch.equal(merged[k], original[k])}
+    layer = "model.layers.1.mlp."
+    for name in ["gate", *shared, "experts.0.gate_proj", "experts.3.down_proj"]:
+        assert f"{layer}{name}.weight" in changed, name
+
+
 def test_each_expert_slice_is_peft_delta(make_base, make_adapter, tmp_path):
     """w1 (gate) and w3 (up) of expert e are rows [0, I) and [I, 2I) of PEFT's update of
     gate_up_proj[e]; w2 is down_proj[e]'s, computed here with PEFT's own get_delta_weight."""
