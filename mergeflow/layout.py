@@ -24,7 +24,7 @@ from mergeflow.errors import PlanError
 from mergeflow.memo import installed_version, memo_path, read_memo, write_memo
 from mergeflow.modelmap import ModelMap, WrappedParam, read_model_map
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: the model map records tensors held under two names
 
 
 @dataclass

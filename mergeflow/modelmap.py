@@ -59,12 +59,14 @@ class ModelMap:
 
     pieces: dict[str, list[Piece]] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)  # memory name -> why
+    ambiguous: dict[str, list[str]] = field(default_factory=dict)  # memory -> its disk claimants
     _renamed: dict[str, str] | None = field(default=None, repr=False, compare=False)
     _pieces: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def disk_name(self, memory: str) -> str:
         """The disk tensor that *is* ``memory`` (renamed at most); ``memory`` itself when
         transformers renames nothing."""
+        self.check_unambiguous(memory)
         pieces = self.pieces.get(memory)
         if pieces is None:
             return memory
@@ -75,8 +77,29 @@ class ModelMap:
 
     def memory_name(self, disk: str) -> str:
         """The in-memory name of a disk tensor that is a whole in-memory tensor (renamed at
-        most); ``disk`` itself otherwise."""
+        most); ``disk`` itself otherwise.
+
+        Raises:
+            PlanError: the checkpoint holds that in-memory tensor more than once.
+        """
+        for memory, claims in self.ambiguous.items():
+            if disk in claims:
+                self.check_unambiguous(memory)
         return self._inverse()[0].get(disk, disk)
+
+    def check_unambiguous(self, memory: str) -> None:
+        """Refuse an in-memory tensor that several disk tensors claim, naming them.
+
+        Raises:
+            PlanError: which tensors, and what to do.
+        """
+        claims = self.ambiguous.get(memory)
+        if claims:
+            shown = ", ".join(f"'{c}'" for c in claims[:4]) + (", ..." if len(claims) > 4 else "")
+            raise PlanError(
+                f"the checkpoint holds '{memory}' more than once ({shown}: the loader maps each "
+                "of them to it), so which one the model uses is ambiguous; remove the duplicates "
+                "so the checkpoint keeps one naming")
 
     def is_piece(self, disk: str) -> bool:
         """The disk tensor is one of several that transformers joins into one in-memory tensor."""
@@ -96,6 +119,7 @@ class ModelMap:
     def pieces_of(self, memory: str, shape: tuple[int, ...]) -> list[Piece]:
         """Every disk piece of ``memory`` (of in-memory ``shape``), checked to cover it exactly
         once."""
+        self.check_unambiguous(memory)
         if memory in self.unsupported:
             raise PlanError(f"'{memory}': {self.unsupported[memory]}")
         pieces = self.pieces.get(memory)
@@ -107,13 +131,14 @@ class ModelMap:
     def to_json(self) -> dict:
         return {"pieces": {m: [[p.disk, list(p.shape), [[a.offset, a.source, a.stride] for a in p.axes]]
                                for p in ps] for m, ps in self.pieces.items()},
-                "unsupported": self.unsupported}
+                "unsupported": self.unsupported, "ambiguous": self.ambiguous}
 
     @classmethod
     def from_json(cls, data: dict) -> ModelMap:
         pieces = {m: [Piece(d, tuple(s), tuple(Axis(o, src, st) for o, src, st in axes))
                       for d, s, axes in ps] for m, ps in data["pieces"].items()}
-        return cls(pieces=pieces, unsupported=dict(data["unsupported"]))
+        return cls(pieces=pieces, unsupported=dict(data["unsupported"]),
+                   ambiguous={m: list(c) for m, c in data.get("ambiguous", {}).items()})
 
 
 def check_cover(memory: str, shape: tuple[int, ...], pieces: list[Piece]) -> None:
@@ -156,10 +181,13 @@ def read_model_map(model, disk_shapes: dict[str, tuple[int, ...]]) -> ModelMap:
     prefix = getattr(model, "base_model_prefix", None) or None
     groups: dict[str, dict[str, list[tuple[int, str]]]] = {}  # memory -> pattern -> [(i, disk)]
     owner: dict[str, object] = {}
+    whole: dict[str, list[str]] = {}  # memory -> the disk tensors that are it whole (renamed or not)
     result = ModelMap()
     for disk in disk_shapes:
         target, pattern = rename_source_key(disk, renamings, converters, prefix, memory)
         if pattern is None:
+            if target in memory:
+                whole.setdefault(target, []).append(disk)
             if target != disk and target in memory:
                 result.pieces[target] = [Piece(disk, disk_shapes[disk], tuple(
                     Axis(0, i) for i in range(len(disk_shapes[disk]))))]
@@ -175,7 +203,20 @@ def read_model_map(model, disk_shapes: dict[str, tuple[int, ...]]) -> ModelMap:
             result.unsupported[target] = (
                 f"transformers converts it from {sum(len(v) for v in by_pattern.values())} disk "
                 f"tensors with {exc}, which Mergeflow cannot map index by index yet")
+    _mark_ambiguous(result, whole, groups)
     return result
+
+
+def _mark_ambiguous(result: ModelMap, whole: dict[str, list[str]],
+                    groups: dict[str, dict[str, list[tuple[int, str]]]]) -> None:
+    """Record the in-memory tensors that several disk tensors claim: two names the loader
+    renames to the same one, a renamed tensor next to one already under that name, or a whole
+    tensor next to a converter's pieces. Such a tensor has no single place on disk."""
+    for memory in set(whole) | set(groups):
+        if len(whole.get(memory, [])) > 1 or (memory in whole and memory in groups):
+            result.pieces.pop(memory, None)
+            result.ambiguous[memory] = whole.get(memory, []) + sorted(
+                d for found in groups.get(memory, {}).values() for _, d in found)
 
 
 class _Unsupported(Exception):

@@ -173,6 +173,29 @@ def test_vision_language_model(make_base, make_adapter, input_ids, tmp_path):
         "LlavaForConditionalGeneration"]
 
 
+def test_tensor_held_under_two_names_is_refused(make_base, make_adapter, tmp_path):
+    """A Llava checkpoint holding one weight under both namings (the legacy
+    ``language_model.model...`` the loader renames, and ``model.language_model...``) has no
+    single place for that weight: the merge refuses, naming both, and writes nothing."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base = make_base("llava")
+    adapter = make_adapter(base, target_modules=["q_proj", "v_proj"])
+    broken = tmp_path / "base"
+    shutil.copytree(base, broken)
+    tensors = load_file(broken / "model.safetensors")
+    legacy = "language_model.model.layers.0.self_attn.q_proj.weight"
+    current = "model.language_model.layers.0.self_attn.q_proj.weight"
+    tensors[current] = tensors[legacy].clone()
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PlanError, match="more than once") as refused:
+        mergeflow.merge(broken, adapter, tmp_path / "out", dtype="float32")
+    assert legacy in str(refused.value) and current in str(refused.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_gpt_neox_embed_out_head(make_base, make_adapter, input_ids, tmp_path):
     """GPT-NeoX's head is ``embed_out`` on disk, ``lm_head`` in memory: LoRA on it lands there."""
     base = make_base("gpt_neox")
