@@ -162,13 +162,15 @@ def test_vision_language_model(make_base, make_adapter, input_ids, tmp_path):
                                                                "CLIPImageProcessor"}))
     adapter = make_adapter(base, target_modules=r".*language_model.*\.(q_proj|v_proj)")
     out = tmp_path / "out"
-    _merge_and_compare(base, adapter, out, input_ids)
+    report = _merge_and_compare(base, adapter, out, input_ids)
     merged, original = read_tensors(out), read_tensors(base)
     assert set(merged) == set(original)
     assert all(torch.equal(merged[k], original[k]) for k in original if "vision_tower" in k)
     assert not torch.equal(merged["language_model.model.layers.0.self_attn.q_proj.weight"],
                            original["language_model.model.layers.0.self_attn.q_proj.weight"])
     assert (out / "preprocessor_config.json").is_file()
+    assert any("checkpoint's own names" in n and "'language_model.model.layers." in n
+               for n in report.notes), report.notes
     assert json.loads((out / "config.json").read_text())["architectures"] == [
         "LlavaForConditionalGeneration"]
 

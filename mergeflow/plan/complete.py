@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from mergeflow.adapter import Adapter, LoraModule
 from mergeflow.adapter_config import check_target_module_exists
 from mergeflow.errors import PlanError
-from mergeflow.plan.inputs import PlanInputs
+from mergeflow.plan.inputs import PlanInputs, module_of
 from mergeflow.plan.model import (
     AdapterTensor,
     EmbeddingLora,
@@ -53,6 +53,20 @@ def used_keys(plans: Iterable[TensorPlan], adapter: Adapter) -> set[str]:
         for op in plan.ops:
             used |= _OP_KEYS[type(op)](op, adapter)
     return used
+
+
+def renamed_note(plans: Iterable[TensorPlan]) -> list[str]:
+    """The report's word on adapted modules whose checkpoint tensors have other names than the
+    model in memory (transformers' conversion mapping: a VLM's ``language_model``, GPT-NeoX's
+    head), with one example; whole-parameter expert slices are noted by the count check."""
+    renamed = sorted({(op.module, plan.name) for plan in plans for op in plan.ops
+                      if isinstance(op, (Lora, EmbeddingLora, LoraBias))
+                      and getattr(op, "part", None) is None and module_of(plan.name) != op.module})
+    if not renamed:
+        return []
+    module, disk = renamed[0]
+    return [f"{len(renamed)} adapted tensors are stored under the checkpoint's own names "
+            f"(transformers' conversion mapping), e.g. '{module}' -> '{disk}'"]
 
 
 def check_everything_used(inputs: PlanInputs, used: set[str]) -> list[str]:

@@ -8,7 +8,12 @@ from mergeflow.checkpoint import Checkpoint
 from mergeflow.errors import InputError
 from mergeflow.layout import ModelLayout
 from mergeflow.modelmap import WrappedParam
-from mergeflow.plan.complete import check_everything_used, check_targets_present, used_keys
+from mergeflow.plan.complete import (
+    check_everything_used,
+    check_targets_present,
+    renamed_note,
+    used_keys,
+)
 from mergeflow.plan.experts import check_wrapped, plan_piece, wrapped_ops
 from mergeflow.plan.export import adapter_shards
 from mergeflow.plan.inputs import PlanInputs, natural_key
@@ -80,6 +85,7 @@ class Planner:
         planned.update(self._plan_layers(set(planned) | vocab.skipped))
         notes += check_wrapped(self.wrapped, planned)
         notes += check_everything_used(inputs, used_keys(planned.values(), inputs.adapter))
+        notes += renamed_note(planned.values())
         check_targets_present(inputs)
         tables = {n for n in (inputs.layout.embed, inputs.layout.head) if n in planned}
         # The embedding/head group comes first, then the layers in order.
