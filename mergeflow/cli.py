@@ -355,12 +355,14 @@ class _StagingProgress:
         if not self.enabled:
             return
         self._say_written()
-        with self._lock:
-            if name != "verify" or self._phase == "verifying":
+        if name != "verify":
+            return
+        with self._lock:  # the change and its line at once: whoever comes second sees both
+            if self._phase == "verifying":
                 return
             self._phase = "verifying"
-        err.print(f"verifying {self.out}: checksums, completeness and the merged tensors' "
-                  "numerics ...", highlight=False, soft_wrap=True, markup=False)
+            err.print(f"verifying {self.out}: checksums, completeness and the merged tensors' "
+                      "numerics ...", highlight=False, soft_wrap=True, markup=False)
 
     def _say_written(self) -> None:
         """Print :func:`finished_line` once, when the writing is over."""
@@ -368,9 +370,9 @@ class _StagingProgress:
             if self._said_written:
                 return
             self._said_written = True
-        err.print(finished_line(self.tensors, self.total, time.monotonic() - self._start,
-                                self.total - self._start_bytes),
-                  highlight=False, soft_wrap=True, markup=False)
+            err.print(finished_line(self.tensors, self.total, time.monotonic() - self._start,
+                                    self.total - self._start_bytes),
+                      highlight=False, soft_wrap=True, markup=False)
 
     def _poll(self) -> None:
         """Redraw the bar every ``interval`` (on a terminal; elsewhere, e.g. a log file, only
@@ -394,8 +396,9 @@ class _StagingProgress:
     def halt(self, line: str = "") -> None:
         """Stop the display (its bar is removed) and wait for it briefly."""
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(2)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            # a line it is printing gets out (a busy machine is slow); an interrupt waits less
+            self._thread.join(2 if line else 10)
 
     def finish(self) -> None:
         """The run succeeded: stop the display and say what was written (if not said yet)."""
