@@ -62,6 +62,7 @@ class ModelMap:
     ambiguous: dict[str, list[str]] = field(default_factory=dict)  # memory -> its disk claimants
     _renamed: dict[str, str] | None = field(default=None, repr=False, compare=False)
     _pieces: set[str] = field(default_factory=set, repr=False, compare=False)
+    _claimed: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def disk_name(self, memory: str) -> str:
         """The disk tensor that *is* ``memory`` (renamed at most); ``memory`` itself when
@@ -82,10 +83,11 @@ class ModelMap:
         Raises:
             PlanError: the checkpoint holds that in-memory tensor more than once.
         """
-        for memory, claims in self.ambiguous.items():
-            if disk in claims:
-                self.check_unambiguous(memory)
-        return self._inverse()[0].get(disk, disk)
+        renamed = self._inverse()[0]
+        claimed = self._claimed.get(disk)
+        if claimed is not None:
+            self.check_unambiguous(claimed)
+        return renamed.get(disk, disk)
 
     def check_unambiguous(self, memory: str) -> None:
         """Refuse an in-memory tensor that several disk tensors claim, naming them.
@@ -114,6 +116,7 @@ class ModelMap:
                 else:
                     pieces.update(p.disk for p in found)
             self._renamed, self._pieces = renamed, pieces
+            self._claimed = {d: m for m, claims in self.ambiguous.items() for d in claims}
         return self._renamed, self._pieces
 
     def pieces_of(self, memory: str, shape: tuple[int, ...]) -> list[Piece]:
