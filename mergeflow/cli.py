@@ -217,10 +217,17 @@ def _run_flow(spec: MergeSpec, prepared: PreparedMerge, reason: str) -> tuple[Me
     try:
         with _StagingProgress(prepared, enabled=not prepared.up_to_date) as progress:
             report, name = _in_thread(run_from_cli, spec, prepared)  # raises the flow's error
-            progress.finish()
+            progress.finish(verified=_verify_step_runs(spec))
     finally:
         _on_interrupt.remove(abandon_cli_runs)
     return report, f"ran as Prefect flow run merge-adapter/{name} ({reason})"
+
+
+def _verify_step_runs(spec: MergeSpec) -> bool:
+    """Whether a run of ``spec`` has a verify step of its own between finalize and publish
+    (:func:`mergeflow.api.run_local` and the flow alike): a low-disk merge verifies each shard
+    as it goes, and a GGUF output is published without one."""
+    return spec.verify and not spec.low_disk and spec.save_method != "gguf"
 
 
 def format_rate(bytes_per_second: float | None) -> str:
@@ -400,11 +407,15 @@ class _StagingProgress:
             # a line it is printing gets out (a busy machine is slow); an interrupt waits less
             self._thread.join(2 if line else 10)
 
-    def finish(self) -> None:
-        """The run succeeded: stop the display and say what was written (if not said yet)."""
+    def finish(self, verified: bool = False) -> None:
+        """The run succeeded: stop the display and say what was written and, if ``verified``,
+        that it was verified (each if not said yet: a flow's verify step can begin and end
+        between two looks at the staging folder, which then never shows it finalized)."""
         self.halt()
         if self.enabled:
             self._say_written()
+            if verified:
+                self.phase("verify")
 
     def __enter__(self) -> _StagingProgress:
         if self.enabled:

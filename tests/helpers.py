@@ -96,8 +96,13 @@ def cli_command(*args: str) -> list[str]:
 
 
 def cli_env() -> dict[str, str]:
+    """The environment of a CLI subprocess: this one's, without PREFECT_API_URL (the session's
+    Prefect server exports it, so an inherited one would send a CLI test down the flow route
+    or not depending on which tests ran first; a test wanting that route sets it itself)."""
     # Third-party deprecation warnings are not Mergeflow's output; keep them off stderr.
-    return dict(os.environ, PYTHONWARNINGS="ignore", NO_COLOR="1", COLUMNS="80")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", NO_COLOR="1", COLUMNS="80")
+    env.pop("PREFECT_API_URL", None)
+    return env
 
 
 def start_cli(*args: str) -> subprocess.Popen:
@@ -129,8 +134,11 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> CliResult:
     return CliResult(proc.returncode, stdout, stderr)
 
 
-def _cli_child(args: list[str], stdout_path: str, stderr_path: str) -> None:
-    """Body of a forked CLI process: fds 1 and 2 go to files, exit status is the CLI's."""
+def _cli_child(args: list[str], stdout_path: str, stderr_path: str,
+               env: dict[str, str] | None = None) -> None:
+    """Body of a forked CLI process: fds 1 and 2 go to files, exit status is the CLI's. The
+    environment is the forkserver's with ``env`` over it, PREFECT_API_URL only if ``env`` sets
+    it (see :func:`cli_env`)."""
     import traceback
     import warnings
 
@@ -140,7 +148,8 @@ def _cli_child(args: list[str], stdout_path: str, stderr_path: str) -> None:
         new = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(new, fd)
         os.close(new)
-    os.environ.update(NO_COLOR="1", COLUMNS="80")
+    os.environ.pop("PREFECT_API_URL", None)
+    os.environ.update(env or {}, NO_COLOR="1", COLUMNS="80")
     code = 1
     try:
         from mergeflow.cli import app

@@ -37,8 +37,7 @@ def _cli_child_env(args: list[str], stdout_path: str, stderr_path: str,
                    env: dict[str, str]) -> None:
     """helpers._cli_child with environment overrides (a forked child inherits the forkserver's
     environment, not the test's)."""
-    os.environ.update(env)
-    _cli_child(args, stdout_path, stderr_path)
+    _cli_child(args, stdout_path, stderr_path, env)
 
 
 def run_cli_env(argvs: list[list[str]], workdir: Path, env: dict[str, str] | None = None,

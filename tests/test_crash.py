@@ -72,7 +72,7 @@ def _merge_child(job: dict) -> None:
         if job.get("cli"):
             from helpers import _cli_child
 
-            _cli_child(job["cli"], job["log"] + ".out", job["log"])  # exits with its status
+            _cli_child(job["cli"], job["log"] + ".out", job["log"], job["env"])  # exits with its status
         published = {}
         real_upload = api.upload
 

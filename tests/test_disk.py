@@ -238,7 +238,6 @@ def _cli_child_disk_full(args: list[str], stdout_path: str, stderr_path: str,
     """The CLI with the disk filling up in the shard writer or while finalizing."""
     from helpers import _cli_child
 
-    os.environ.update(env)
     if where == "writer":
         writer.open = FullDisk(20_000).open
     else:
@@ -250,7 +249,7 @@ def _cli_child_disk_full(args: list[str], stdout_path: str, stderr_path: str,
             real(path, data)
 
         api.write_json = full
-    _cli_child(args, stdout_path, stderr_path)
+    _cli_child(args, stdout_path, stderr_path, env)
 
 
 @pytest.mark.parametrize("where", ["writer", "finalize"])

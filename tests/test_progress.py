@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import REPO, cli_command, cli_env, run_cli
 from safetensors.torch import save_file
 
 from mergeflow.cli import (
@@ -75,11 +76,21 @@ def test_tensors_in_a_half_written_shard_count_from_its_header(tmp_path):
     assert _tensors_in(tmp_path / "missing", ends) == 0
 
 
-def test_a_cli_run_says_what_it_wrote_then_that_it_verifies(make_base, make_adapter, tmp_path):
+@pytest.mark.parametrize("route", ["in-process", "prefect"])
+def test_a_cli_run_says_what_it_wrote_then_that_it_verifies(make_base, make_adapter, tmp_path,
+                                                            route, request):
+    """Both routes, the flow's too: its verify step can start and end between two looks of
+    the display at the staging folder, and the line must still be said, in order."""
     base = make_base("llama")
     adapter = make_adapter(base, target_modules=["q_proj", "v_proj"])
     out = tmp_path / "out"
-    result = run_cli("merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out))
+    args = ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)]
+    if route == "prefect":
+        env = {**cli_env(), "PREFECT_API_URL": request.getfixturevalue("prefect_server")}
+        result = subprocess.run(cli_command(*args, "--prefect"), cwd=REPO, env=env, text=True,
+                                capture_output=True, timeout=600, check=False)
+    else:
+        result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
     report = json.loads((out / "merge-manifest.json").read_text())["report"]
