@@ -56,8 +56,7 @@ def size(path: Path) -> int:
 def build(work: Path, hidden: int, layers: int, vocab: int) -> None:
     """The bench's bf16 Llama base (with a byte-level BPE tokenizer) and a rank-16 adapter."""
     import torch
-
-    from mergeflow.testing import build_adapter, build_base, save_bpe_tokenizer
+    from builders import build_adapter, build_base, save_bpe_tokenizer
 
     base = build_base(work / "base", "llama", tokenizer=False, dtype=torch.bfloat16,
                       hidden_size=hidden, intermediate_size=hidden * 11 // 4,
@@ -91,7 +90,7 @@ def main() -> None:
                         "--hidden", str(args.hidden), "--layers", str(args.layers),
                         "--vocab", str(args.vocab)], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        cli = [sys.executable, "-m", "mergeflow.cli", "merge", "--base", str(base),
+        cli = [sys.executable, "-m", "mergeflow.cli.app", "merge", "--base", str(base),
                "--adapter", str(adapter)]
         one = run([*cli, "--out", str(work / "one"), "--save-method", "gguf",
                    "--gguf-type", args.gguf_type], env)

@@ -639,7 +639,7 @@ def mergeflow_origin(src: str | None, workdir: str | Path) -> str:
 
 def mergeflow_supports(env: dict, workdir: Path, option: str) -> bool:
     """Whether the benchmarked mergeflow's CLI has ``option`` (read from its source)."""
-    out = subprocess.run([sys.executable, "-c", "import mergeflow.cli as c; print(c.__file__)"],
+    out = subprocess.run([sys.executable, "-c", "import mergeflow.cli.app as c; print(c.__file__)"],
                          env=env, capture_output=True, text=True, cwd=workdir)
     try:
         return option in Path(out.stdout.strip()).read_text()
@@ -649,7 +649,7 @@ def mergeflow_supports(env: dict, workdir: Path, option: str) -> bool:
 
 def mergeflow_cmd() -> list[str]:
     script = Path(sys.executable).parent / "mergeflow"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "mergeflow.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "mergeflow.cli.app"]
 
 
 def _medians(runs: list[dict]) -> dict:

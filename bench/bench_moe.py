@@ -18,7 +18,7 @@ cp + sync, ...) so noise from the shared machine hits them alike:
 
 * ``mergeflow merge --max-shard-size 1GB --no-tokenizer --workers 1 --block-size BLOCK`` with an
   empty ``MERGEFLOW_CACHE`` - "mergeflow"; its *block budget* is
-  ``workers x BUFFERS_PER_WORKER x block`` (:mod:`mergeflow.resources`);
+  ``workers x BUFFERS_PER_WORKER x block`` (:mod:`mergeflow.pipeline.resources`);
 * ``bench/peft_merge.py``: ``from_pretrained(bf16)``, ``PeftModel.from_pretrained``,
   ``merge_and_unload()``, ``save_pretrained(max_shard_size="1GB")`` - "peft";
 * ``cp --reflink=never`` of the base's shards, then ``sync`` of the copies - "cp + sync";
@@ -67,10 +67,10 @@ from bench_merge import (  # noqa: E402  (the benchmark scripts sit side by side
 SHARD = "1GB"
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-IMPORTS = ("import mergeflow.cli, mergeflow.api, torch, peft; "
+IMPORTS = ("import mergeflow.cli.app, mergeflow.pipeline.steps, torch, peft; "
            "from transformers import Qwen3MoeForCausalLM")
 GIB = 2**30
-SMALL_BLOCK = "1MB"  # mergeflow.resources.MIN_BLOCK: the smallest block budget
+SMALL_BLOCK = "1MB"  # mergeflow.pipeline.resources.MIN_BLOCK: the smallest block budget
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -231,7 +231,7 @@ def paired_ratio(a: list[dict], b: list[dict], key: str) -> float:
 
 def block_budget(block_size: str) -> int:
     """Mergeflow's bound on its working buffers with one worker: BUFFERS_PER_WORKER blocks."""
-    from mergeflow.resources import BUFFERS_PER_WORKER
+    from mergeflow.pipeline.resources import BUFFERS_PER_WORKER
     from mergeflow.spec import size_bytes
 
     return BUFFERS_PER_WORKER * size_bytes(block_size)

@@ -161,7 +161,7 @@ def environment() -> dict:
     for name in ("transformers", "peft", "safetensors", "pydantic", "bitsandbytes"):
         try:
             info[name] = __import__(name).__version__
-        except Exception as exc:  # noqa: BLE001  (report any failure to import, do not stop)
+        except Exception as exc:
             info[name] = f"missing ({type(exc).__name__})"
     return info
 
@@ -286,7 +286,7 @@ def main() -> None:
     for size in sizes:
         try:
             results["merges"][size] = merge_both_routes(size, work)
-        except Exception as exc:  # noqa: BLE001  (record it and go on to the next step)
+        except Exception as exc:
             results["merges"][size] = {"error": f"{type(exc).__name__}: {exc}"}
             log(f"{size}: FAILED: {exc}")
         save()

@@ -33,19 +33,23 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
 
 from flows.parameters import MergeRequest, layered
-from mergeflow import api, resources
-from mergeflow.api import MergeReport, PreparedMerge
+from mergeflow import pipeline
 from mergeflow.errors import MergeError, OptionsError
-from mergeflow.execute import ShardResult
-from mergeflow.output import read_manifest
-from mergeflow.plan import MergePlan
-from mergeflow.spec import MergeSpec
-from mergeflow.verify import VerifyReport
+from mergeflow.pipeline import (
+    STEP_LABELS,
+    Carried,
+    MergeReport,
+    PreparedMerge,
+    ShardResult,
+    VerifyReport,
+    resolved_base,
+)
+from mergeflow.spec import MergeSpec, format_size
 from tasks import (
     finalize,
     load,
-    merge_group,
     merge_low_disk,
+    merge_shard,
     publish,
     resize_vocab_and_untie,
     upload,
@@ -120,45 +124,42 @@ class Timings(dict):
 
 def task_runner(spec: MergeSpec):
     """A Dask runner on the cluster at ``spec.dask_address``, else a thread pool of the workers
-    :func:`mergeflow.resources.for_spec` decides (``spec.workers``, or from the cores and
+    :func:`mergeflow.pipeline.for_spec` decides (``spec.workers``, or from the cores and
     memory; torch's threads are divided between them)."""
     if spec.dask_address:
         from prefect_dask import DaskTaskRunner
 
         return DaskTaskRunner(address=spec.dask_address)
-    decided = resources.for_spec(spec)
-    resources.apply_threads(decided)
+    decided = pipeline.for_spec(spec)
+    pipeline.apply_threads(decided)
     return ThreadPoolTaskRunner(max_workers=decided.workers)
 
 
-@flow(name="merge-groups")
-def merge_groups(prepared: PreparedMerge, device: str = "cpu",
+@flow(name="merge-shards")
+def merge_shards(prepared: PreparedMerge, device: str = "cpu",
                  progress: UUID | None = None) -> list[ShardResult]:
     """Write every layer group's shard that is not already written and verified; update the
     ``progress`` artifact as groups finish."""
     logger = get_run_logger()
-    plan = MergePlan.load(Path(prepared.plan_path))
-    staging = Path(prepared.staging)
-    results: dict[int, ShardResult] = {}
+    shards = pipeline.shard_states(prepared)
+    results: dict[int, ShardResult] = {s.index: s.finished for s in shards if s.finished}
     futures, index_of = [], {}
-    for index, shard in enumerate(plan.shards):
-        finished = api.finished_shard(staging, shard.filename)
-        if finished is not None:
-            results[index] = finished
+    for shard in shards:
+        if shard.finished is not None:
             continue
-        step = resize_vocab_and_untie if index in plan.vocab_groups else merge_group
+        step = resize_vocab_and_untie if shard.holds_vocab else merge_shard
         if device == "cuda":
             step = step.with_options(tags={"gpu"})
-        future = step.submit(prepared.plan_path, index, device)
+        future = step.submit(prepared.plan_path, shard.index, device)
         futures.append(future)
-        index_of[future.task_run_id] = index
-    total = len(plan.shards)
+        index_of[future.task_run_id] = shard.index
+    total = len(shards)
     if results:
         logger.info("resume: %d of %d groups already written and checksum-verified in %s, "
-                    "kept: %s; writing %d", len(results), total, staging,
-                    ", ".join(plan.shards[i].filename for i in sorted(results)), len(futures))
+                    "kept: %s; writing %d", len(results), total, prepared.staging,
+                    ", ".join(shards[i].filename for i in sorted(results)), len(futures))
     else:
-        logger.info("writing all %d groups (nothing to resume in %s)", total, staging)
+        logger.info("writing all %d groups (nothing to resume in %s)", total, prepared.staging)
     for future in as_completed(futures):
         results[index_of[future.task_run_id]] = future.result()
         if progress is not None:
@@ -177,7 +178,6 @@ def merge_adapter(spec: MergeRequest, prepared: PreparedMerge | None = None) -> 
     instead of planning again. The report is the run's persisted result
     (``run_deployment(...).state.result()``).
     """
-    logger = get_run_logger()
     found = _current_deployment()
     spec = run_spec(spec, found)
     timings = Timings()
@@ -185,53 +185,57 @@ def merge_adapter(spec: MergeRequest, prepared: PreparedMerge | None = None) -> 
         prepared = load(spec, prepared, run_origin(found))
     base = resolved_base(prepared)
     log_plan(prepared, base)
-    if prepared.up_to_date:
-        logger.info("%s already holds this merge; nothing to merge", prepared.out)
-        if spec.push_to:
-            _upload_published(spec)
-        return api.up_to_date_report(prepared)
-    if spec.low_disk:  # one shard on disk at a time: write, verify, ship, delete
-        with timings("merge, verify and upload"):
-            report = merge_low_disk(prepared, spec)
-        report_artifacts(spec, prepared, report, [], None, timings, base)
+    carried = pipeline.run_steps(prepared, spec, FlowSteps(),
+                                 around=lambda step: timings(STEP_LABELS.get(step, step)))
+    assert carried.report is not None  # every route's first step makes the report
+    if not prepared.up_to_date:
+        report_artifacts(spec, prepared, carried.report, carried.results, carried.verification,
+                         timings, base)
         log_timings(timings)
-        return report
-    if spec.save_method == "gguf":  # one GGUF file streamed from the merge, then as below
-        with timings("merge into gguf"):
-            report = write_gguf(prepared, spec)
-        with timings("publish"):
-            publish(prepared)
-        if spec.push_to:
-            with timings("upload"):
-                _upload_published(spec)
-        report_artifacts(spec, prepared, report, [], None, timings)
-        return report
-    with timings("merge"):
+    return carried.report
+
+
+class FlowSteps:
+    """Each pipeline step as this flow's task (the order is :func:`mergeflow.pipeline.steps_for`'s).
+    Steps after the shards are submitted with their dependencies, so the run's graph shows
+    finalize -> verify -> publish."""
+
+    def __init__(self) -> None:
+        self.last = None  # the future the next step waits for
+
+    def up_to_date(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
+        get_run_logger().info("%s already holds this merge; nothing to merge", prepared.out)
+        carried.report = pipeline.up_to_date_report(prepared)
+
+    def merge_low_disk(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
+        carried.report = merge_low_disk(prepared, spec)
+
+    def write_gguf(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
+        carried.report = write_gguf(prepared, spec)
+
+    def write_shards(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
         progress = create_progress_artifact(0.0, key=artifact_key("merge-progress", spec.out),
                                             description="layer groups written")
-        results = merge_groups.with_options(task_runner=task_runner(spec))(
+        carried.results = merge_shards.with_options(task_runner=task_runner(spec))(
             prepared, spec.device, progress)
-    # submitted with their dependencies, so the graph shows finalize -> verify -> publish
-    with timings("finalize"):
-        finalized = finalize.submit(prepared, results)
-        report = finalized.result()
-    verification = None
-    if spec.verify:
-        with timings("verify"):
-            checked = verify.submit(prepared, spec.device, results, wait_for=[finalized])
-            verification = checked.result()
-        log_verification(verification)
-    else:
-        logger.info("verification skipped (verify=false)")
-    with timings("publish"):
-        publish.submit(prepared, wait_for=[checked if spec.verify else finalized]).result()
-    logger.info("published %s", prepared.out)
-    if spec.push_to:
-        with timings("upload"):
-            _upload_published(spec)
-    report_artifacts(spec, prepared, report, results, verification, timings, base)
-    log_timings(timings)
-    return report
+
+    def finalize(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
+        self.last = finalize.submit(prepared, carried.results)
+        carried.report = self.last.result()
+
+    def verify(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
+        self.last = verify.submit(prepared, spec.device, carried.results, wait_for=[self.last])
+        carried.verification = self.last.result()
+        log_verification(carried.verification)
+
+    def publish(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
+        if spec.save_method != "gguf" and not spec.verify:
+            get_run_logger().info("verification skipped (verify=false)")
+        publish.submit(prepared, wait_for=[self.last] if self.last else []).result()
+        get_run_logger().info("published %s", prepared.out)
+
+    def upload(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
+        _upload_published(spec)
 
 
 #: Flow runs this process started for the CLI (``run_from_cli``) and that are running now.
@@ -291,22 +295,12 @@ def abandon_cli_runs(message: str, timeout: float = 5.0) -> None:
             server.stop()
 
 
-def resolved_base(prepared: PreparedMerge) -> str | None:
-    """The base folder the merge reads (resolved from ``spec.base`` or the adapter's config):
-    from the plan, or for a finished output from its manifest."""
-    plan_path = Path(prepared.plan_path)
-    if plan_path.is_file():
-        return MergePlan.load(plan_path).base
-    manifest = read_manifest(Path(prepared.out)) or {}
-    return (manifest.get("inputs") or {}).get("base")
-
-
 def log_plan(prepared: PreparedMerge, base: str | None) -> None:
     """The plan's summary in the flow run's log."""
     get_run_logger().info(
         "plan: base %s -> %s: %d tensors in %d shard(s), %s; staging %s%s", base,
         prepared.out, prepared.tensor_count, prepared.shard_count,
-        _size(prepared.total_size), prepared.staging,
+        format_size(prepared.total_size), prepared.staging,
         " (up to date)" if prepared.up_to_date else "")
 
 
@@ -327,22 +321,14 @@ def log_timings(timings: dict[str, float]) -> None:
                                                      for stage, seconds in timings.items()))
 
 
-def _size(size: int) -> str:
-    """Bytes for people: B, KB, MB or GB (never "0.00 GB")."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:.2f} {unit}"
-    return f"{size} B"
-
-
 def _upload_published(spec: MergeSpec) -> None:
     """The ``upload`` task, once ``spec.out`` is published: when it fails (after its retries),
     the flow fails with the error that says what is published and what is not
-    (:func:`mergeflow.api.upload_error`)."""
+    (:func:`mergeflow.pipeline.upload_error`)."""
     try:
         upload(spec)
     except MergeError as exc:
-        raise api.upload_error(spec, exc) from exc
+        raise pipeline.upload_error(spec, exc) from exc
 
 
 def report_artifacts(spec: MergeSpec, prepared: PreparedMerge, report: MergeReport,
@@ -376,7 +362,7 @@ def report_markdown(spec: MergeSpec, prepared: PreparedMerge, report: MergeRepor
              "## Plan", "",
              f"{report.tensors} tensors, {report.lora_modules} LoRA merges, "
              f"{report.replaced_tensors} replaced tensors, {report.lora_biases} LoRA biases; "
-             f"{_size(report.total_size)} in {report.shards} shard(s).", "",
+             f"{format_size(report.total_size)} in {report.shards} shard(s).", "",
              "| shard | bytes | sha256 |", "| --- | ---: | --- |"]
     lines += [f"| {r.filename} | {r.size} | `{r.sha256[:16]}…` |" for r in results]
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "| --- | ---: |"]

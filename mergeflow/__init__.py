@@ -12,16 +12,16 @@ from typing import TYPE_CHECKING
 from mergeflow.version import __version__
 
 _LAZY = {
-    "merge": "mergeflow.api",
-    "MergeReport": "mergeflow.api",
+    "merge": "mergeflow.pipeline.local",
+    "MergeReport": "mergeflow.pipeline.results",
     "InputError": "mergeflow.errors",
     "MergeError": "mergeflow.errors",
     "TransientError": "mergeflow.errors",
     "MergeSpec": "mergeflow.spec",
-    "save_pretrained_merged": "mergeflow.live",
-    "push_to_hub_merged": "mergeflow.live",
-    "patch": "mergeflow.live",
-    "MergeOnTrainEnd": "mergeflow.callback",
+    "save_pretrained_merged": "mergeflow.live.save",
+    "push_to_hub_merged": "mergeflow.live.save",
+    "patch": "mergeflow.live.save",
+    "MergeOnTrainEnd": "mergeflow.live.callback",
 }
 
 __all__ = ["InputError", "MergeError", "MergeOnTrainEnd", "MergeReport", "MergeSpec",
@@ -29,10 +29,11 @@ __all__ = ["InputError", "MergeError", "MergeOnTrainEnd", "MergeReport", "MergeS
            "save_pretrained_merged"]
 
 if TYPE_CHECKING:
-    from mergeflow.api import MergeReport, merge
-    from mergeflow.callback import MergeOnTrainEnd
     from mergeflow.errors import InputError, MergeError, TransientError
-    from mergeflow.live import patch, push_to_hub_merged, save_pretrained_merged
+    from mergeflow.live.callback import MergeOnTrainEnd
+    from mergeflow.live.save import patch, push_to_hub_merged, save_pretrained_merged
+    from mergeflow.pipeline.local import merge
+    from mergeflow.pipeline.results import MergeReport
     from mergeflow.spec import MergeSpec
 
 

@@ -3,7 +3,7 @@
 Two families matter to callers:
 
 * :class:`InputError` and its subclasses are *permanent*: the request or its files are wrong, and
-  retrying cannot help. Planning (``mergeflow.api.prepare``) raises them before any output is
+  retrying cannot help. Planning (``mergeflow.pipeline.steps.prepare``) raises them before any output is
   written; the CLI then exits with code 2 and prints the one-line message, which names the file
   or key at fault and says what to do.
 * :class:`TransientError` is the only *retryable* family (network, throttling, a busy disk).

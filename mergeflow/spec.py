@@ -135,7 +135,7 @@ class MergeSpec(BaseModel):
         "tensor before publishing.")
     workers: int | None = Field(
         None, ge=1, le=64, description="Layer groups merged in parallel (thread pool size); "
-        "default: decided from the cores and memory available (see mergeflow.resources).")
+        "default: decided from the cores and memory available (see mergeflow.pipeline.resources).")
     block_size: Size = Field(
         "24MiB", description="Bytes of one row block: every tensor is read, merged and written in "
         "blocks of about this many float32 bytes, so memory never follows a tensor's size.")
@@ -162,7 +162,7 @@ class MergeSpec(BaseModel):
     def option_problems(self) -> list[str]:
         """The combinations of options that cannot mean anything, one line each (options named
         by their field names in backticks; the CLI shows them as its flags). Checked when a
-        spec is made and again by ``mergeflow.api.prepare`` (a ``model_copy(update=...)`` is
+        spec is made and again by ``mergeflow.pipeline.steps.prepare`` (a ``model_copy(update=...)`` is
         not validated)."""
         problems = []
         if self.merge_onto == "original" and not self.original_base:

@@ -4,8 +4,7 @@ import sys
 from pathlib import Path
 
 import torch
-
-from mergeflow.testing import build_adapter, build_base
+from builders import build_adapter, build_base
 
 work = Path(sys.argv[1] if len(sys.argv) > 1 else "demo-out")
 if not (work / "base" / "config.json").is_file():

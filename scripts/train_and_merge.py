@@ -15,11 +15,11 @@ import argparse
 from pathlib import Path
 
 import torch
+from builders import build_base
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 import mergeflow
-from mergeflow.testing import build_base
 
 
 def main() -> None:

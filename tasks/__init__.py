@@ -6,8 +6,8 @@ Tasks take and return paths and small pydantic models, never tensors.
 from tasks.merge import (
     finalize,
     load,
-    merge_group,
     merge_low_disk,
+    merge_shard,
     publish,
     resize_vocab_and_untie,
     upload,
@@ -16,5 +16,5 @@ from tasks.merge import (
 )
 from tasks.policy import IO_RETRIES, retry_transient
 
-__all__ = ["IO_RETRIES", "finalize", "load", "merge_group", "merge_low_disk", "publish",
+__all__ = ["IO_RETRIES", "finalize", "load", "merge_shard", "merge_low_disk", "publish",
            "resize_vocab_and_untie", "retry_transient", "upload", "verify", "write_gguf"]

@@ -8,13 +8,10 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mergeflow import api, resources
-from mergeflow.api import MergeReport, PreparedMerge
+from mergeflow import pipeline
 from mergeflow.errors import InputError
-from mergeflow.execute import ShardResult
-from mergeflow.sinks import PublishResult
+from mergeflow.pipeline import MergeReport, PreparedMerge, PublishResult, ShardResult, VerifyReport
 from mergeflow.spec import MergeSpec
-from mergeflow.verify import VerifyReport
 from tasks.policy import IO_RETRIES
 
 # Side-effecting tasks are never served from Prefect's cache: resume is decided by the core,
@@ -37,7 +34,7 @@ def load(spec: MergeSpec, prepared: PreparedMerge | None = None,
     check_device(spec.device, origin)
     if prepared is not None and (prepared.up_to_date or Path(prepared.plan_path).is_file()):
         return prepared
-    return api.prepare(spec)
+    return pipeline.prepare(spec)
 
 
 def check_device(device: str, origin: str | None = None) -> None:
@@ -64,24 +61,24 @@ def check_device(device: str, origin: str | None = None) -> None:
                      "False); nothing was written. Merge with device cpu")
 
 
-@task(name="merge-group", task_run_name="merge-group-{index}", **_TASK)
-def merge_group(plan_path: str, index: int, device: str = "cpu") -> ShardResult:
+@task(name="merge-shard", task_run_name="merge-shard-{index}", **_TASK)
+def merge_shard(plan_path: str, index: int, device: str = "cpu") -> ShardResult:
     """Dequantize and merge one layer group into its output shard."""
-    resources.limit_threads()
-    return api.run_shard(plan_path, index, device)
+    pipeline.limit_threads()
+    return pipeline.run_shard(plan_path, index, device)
 
 
 @task(name="resize-vocab-and-untie", task_run_name="resize-vocab-and-untie-{index}", **_TASK)
 def resize_vocab_and_untie(plan_path: str, index: int, device: str = "cpu") -> ShardResult:
     """Write the group holding the embedding and head: resized, merged, untied as planned."""
-    resources.limit_threads()
-    return api.run_shard(plan_path, index, device)
+    pipeline.limit_threads()
+    return pipeline.run_shard(plan_path, index, device)
 
 
 @task(name="finalize", **_TASK)
 def finalize(prepared: PreparedMerge, results: list[ShardResult]) -> MergeReport:
     """Write index, config, tokenizer, model card and - last - the manifest (in staging)."""
-    return api.finalize(prepared, results)
+    return pipeline.finalize(prepared, results)
 
 
 @task(name="verify", **_TASK)
@@ -93,15 +90,15 @@ def verify(prepared: PreparedMerge, device: str = "cpu",
     Raises:
         VerificationError: any check failed; the output is not published.
     """
-    report = api.verify(prepared, device, results)
-    api.check_verified(prepared, report)
+    report = pipeline.verify(prepared, device, results)
+    pipeline.check_verified(prepared, report)
     return report
 
 
 @task(name="publish", **_TASK)
 def publish(prepared: PreparedMerge) -> str:
     """Move the verified output into place with one rename; returns the output path."""
-    api.publish_output(prepared)
+    pipeline.publish_output(prepared)
     return prepared.out
 
 
@@ -109,18 +106,18 @@ def publish(prepared: PreparedMerge) -> str:
 def upload(spec: MergeSpec) -> PublishResult:
     """Publish the finished output to ``spec.push_to``; files already there are skipped, the
     manifest goes last."""
-    return api.upload(spec)
+    return pipeline.upload(spec)
 
 
 @task(name="merge-low-disk", **_TASK)
 def merge_low_disk(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
     """Low-disk mode: write, verify, publish and delete one shard at a time, manifest last."""
-    return api.merge_low_disk(prepared, spec)[0]
+    return pipeline.merge_low_disk(prepared, spec)[0]
 
 
 @task(name="write-gguf", **_TASK)
 def write_gguf(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
     """--save-method gguf: stream the merge into one GGUF file (written under a partial name,
     fsynced, renamed), check it, write the Modelfile, card and manifest in staging."""
-    resources.limit_threads()
-    return api.write_gguf_output(prepared, spec)
+    pipeline.limit_threads()
+    return pipeline.write_gguf_output(prepared, spec)

@@ -43,7 +43,7 @@ def make_base(tmp_path_factory):
     """``make_base(arch, dtype=torch.float32, max_shard_size=None, tokenizer=True, **config)``:
     a tiny saved base model (hidden 64, 2 layers); built once per distinct set of arguments.
     Treat the folder as read-only (copy it before damaging it)."""
-    from mergeflow.testing import build_base
+    from builders import build_base
 
     root = tmp_path_factory.mktemp("bases")
     built: dict[str, Path] = {}
@@ -62,7 +62,7 @@ def make_base(tmp_path_factory):
 def make_adapter(tmp_path_factory):
     """``make_adapter(base, seed=0, save_tokenizer_too=False, **LoraConfig kwargs)``: a real PEFT
     adapter with random non-zero weights, built once per distinct set of arguments. Read-only."""
-    from mergeflow.testing import build_adapter
+    from builders import build_adapter
 
     root = tmp_path_factory.mktemp("adapters")
     built: dict[str, Path] = {}

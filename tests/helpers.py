@@ -88,11 +88,11 @@ def load_json(path: Path) -> dict:
 
 
 def cli_command(*args: str) -> list[str]:
-    """The installed ``mergeflow`` console script (``python -m mergeflow.cli`` if absent)."""
+    """The installed ``mergeflow`` console script (``python -m mergeflow.cli.app`` if absent)."""
     script = Path(sys.executable).with_name("mergeflow")
     if script.is_file():
         return [str(script), *args]
-    return [sys.executable, "-m", "mergeflow.cli", *args]
+    return [sys.executable, "-m", "mergeflow.cli.app", *args]
 
 
 def cli_env() -> dict[str, str]:
@@ -152,7 +152,7 @@ def _cli_child(args: list[str], stdout_path: str, stderr_path: str,
     os.environ.update(env or {}, NO_COLOR="1", COLUMNS="80")
     code = 1
     try:
-        from mergeflow.cli import app
+        from mergeflow.cli.app import app
 
         app(args=list(args), prog_name="mergeflow")
         code = 0
@@ -169,12 +169,12 @@ def _cli_child(args: list[str], stdout_path: str, stderr_path: str,
 def run_cli_forked(argvs: list[list[str]], workdir: Path, timeout: float = 300) -> list[CliResult]:
     """Run the CLI once per argv, each in its own process, all at once.
 
-    The processes fork from a multiprocessing forkserver that imported ``mergeflow.cli`` once
+    The processes fork from a multiprocessing forkserver that imported ``mergeflow.cli.app`` once
     (torch, transformers and peft take seconds to import), so each run is a real separate process
     with its own stdout, stderr and exit status, without paying the imports again.
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["mergeflow.cli"])
+    ctx.set_forkserver_preload(["mergeflow.cli.app"])
     procs = []
     for i, argv in enumerate(argvs):
         paths = (str(workdir / f"cli-{i}.out"), str(workdir / f"cli-{i}.err"))
@@ -200,8 +200,8 @@ IMAGE_TOKEN, SECOND_TOKEN, START_TOKEN = 127, 126, 125
 
 
 def _tiny_text(**overrides) -> dict:
-    """The language model's sizes, as :mod:`mergeflow.testing` builds its tiny models."""
-    from mergeflow.testing import _small
+    """The language model's sizes, as :mod:`builders` builds its tiny models."""
+    from builders import _small
 
     return _small(**overrides)
 
@@ -247,9 +247,8 @@ PREPROCESSOR_CONFIG["qwen2_5_vl"] = PREPROCESSOR_CONFIG["qwen2_vl"]
 def build_vlm_base(folder: Path, arch: str, seed: int = 0) -> Path:
     """Save a tiny random VLM with its own class (``save_pretrained``), a tokenizer with a chat
     template, a preprocessor_config.json and a processor_config.json."""
+    from builders import save_tokenizer
     from transformers import AutoModelForImageTextToText
-
-    from mergeflow.testing import save_tokenizer
 
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(vlm_config(arch), dtype=torch.float32)
@@ -282,9 +281,8 @@ def vlm_logits(folder: Path, inputs: dict[str, torch.Tensor], *,
                adapter: Path | None = None) -> torch.Tensor:
     """Logits of a saved VLM reloaded with the class its config names (optionally under a live
     PEFT adapter), eval mode, no grad."""
+    from builders import model_class_of
     from peft import PeftModel
-
-    from mergeflow.testing import model_class_of
 
     model = model_class_of(folder).from_pretrained(folder, dtype=torch.float32)
     if adapter is not None:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from mergeflow.adapter import load_adapter
-from mergeflow.adapter_config import AdapterConfig, ConfigError, parse_config
 from mergeflow.errors import AdapterError
+from mergeflow.model.adapter import load_adapter
+from mergeflow.model.adapter_config import AdapterConfig, ConfigError, parse_config
 
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2 = ["c_attn", "c_proj", "c_fc"]

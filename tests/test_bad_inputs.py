@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import save_tokenizer
 from helpers import CliResult, _cli_child, snapshot
 from safetensors.torch import load_file, save_file
 
 import mergeflow
 from mergeflow.errors import AdapterError, InputError
-from mergeflow.testing import save_tokenizer
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -45,7 +45,7 @@ def run_cli_env(argvs: list[list[str]], workdir: Path, env: dict[str, str] | Non
     """Like helpers.run_cli_forked (the CLI in processes forked from a server that imported it
     once, all at once), with ``env`` set in each child."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["mergeflow.cli"])
+    ctx.set_forkserver_preload(["mergeflow.cli.app"])
     procs = []
     for i, argv in enumerate(argvs):
         paths = (str(workdir / f"cli-{i}.out"), str(workdir / f"cli-{i}.err"))
@@ -482,8 +482,8 @@ def test_overflow_in_the_output_dtype_is_caught_without_verification(make_base, 
 
 def test_overflow_in_the_output_dtype_is_not_published(make_base, make_adapter, tmp_path):
     """Verification re-reads the written values: an Inf that reached a shard is never published."""
-    from mergeflow import api
     from mergeflow.errors import VerificationError
+    from mergeflow.pipeline import steps as api
     from mergeflow.spec import MergeSpec
 
     base = make_base("llama")
@@ -513,7 +513,7 @@ def test_overflow_in_the_output_dtype_is_not_published(make_base, make_adapter, 
 def test_adapter_that_changes_nothing_is_reported(make_base, make_adapter, tmp_path):
     """lora_B = 0 everywhere (saved right after get_peft_model): a silent no-op merge, reported
     as a warning by the plan (report, card, manifest) and by verification alike."""
-    from mergeflow import api
+    from mergeflow.pipeline import steps as api
     from mergeflow.spec import MergeSpec
 
     base = make_base("llama")
@@ -540,7 +540,7 @@ def test_trained_adapter_gets_no_warning(make_base, make_adapter, tmp_path):
 
 
 def test_verification_warns_on_the_same_adapter(make_base, make_adapter, tmp_path):
-    from mergeflow import api
+    from mergeflow.pipeline import steps as api
     from mergeflow.spec import MergeSpec
 
     base = make_base("llama")
@@ -554,8 +554,8 @@ def test_verification_warns_on_the_same_adapter(make_base, make_adapter, tmp_pat
 def test_cli_prints_warnings_in_yellow_on_stderr(make_base, make_adapter, tmp_path):
     from rich.console import Console
 
-    from mergeflow import cli
-    from mergeflow.api import MergeReport
+    import mergeflow.cli.app as cli
+    from mergeflow.pipeline.steps import MergeReport
 
     report = MergeReport(out="o", status="merged", dtype="float32", shards=1, tensors=3,
                          total_size=10, lora_modules=2, replaced_tensors=0, lora_biases=0,

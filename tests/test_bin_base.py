@@ -21,8 +21,8 @@ import torch
 from helpers import load_json, logits_of, read_tensors, run_cli, sha256, weight_files
 
 import mergeflow
-from mergeflow.checkpoint import Checkpoint
 from mergeflow.errors import CheckpointError, InputError
+from mergeflow.model.checkpoint import Checkpoint
 
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ATOL = 1e-4  # float32 bases: merged and live logits agree to ~1e-6
@@ -255,7 +255,7 @@ def _bin_files(llama, tmp_path: Path, max_shard_size: str | None = "60KB") -> di
 def test_s3_fetches_bin_weights_only_where_no_safetensors_are(llama, tmp_path, monkeypatch):
     from s3_server import aws_test_env, moto_s3, new_bucket
 
-    from mergeflow.sources import resolve_source, s3_client
+    from mergeflow.remote.fetch import resolve_source, s3_client
 
     monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
     files = _bin_files(llama, tmp_path)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergeflow.checkpoint import Checkpoint
 from mergeflow.errors import CheckpointError, InputError
-from mergeflow.output import output_config
+from mergeflow.model.checkpoint import Checkpoint
+from mergeflow.output.folder import output_config
 from mergeflow.plan import parse_size
 
 TENSORS_A = {"model.a.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3),
@@ -141,6 +141,7 @@ def test_output_config_drops_quantization_and_sets_dtype():
 def test_plan_entries_round_trip_with_their_op_and_source_types(tmp_path):
     """Every source, op and encoding kind survives the plan file (the discriminated unions read
     back as the same classes), and the fingerprint with them."""
+    from mergeflow.model.quant import QuantSpec
     from mergeflow.plan import (
         AdapterTensor,
         BaseTensor,
@@ -160,7 +161,6 @@ def test_plan_entries_round_trip_with_their_op_and_source_types(tmp_path):
         TensorPlan,
         TokenRows,
     )
-    from mergeflow.quant import QuantSpec
 
     part = LoraPart(expert=1, experts=4, b_left=True, transposed=False, rows=(0, 1, 8),
                     cols=(8, 1, 8), scale=2.0)
@@ -205,7 +205,7 @@ def test_staging_planned_by_the_previous_plan_version_starts_afresh(make_base, m
     from helpers import read_tensors
 
     import mergeflow
-    from mergeflow.api import prepare
+    from mergeflow.pipeline.steps import prepare
     from mergeflow.spec import MergeSpec
 
     base = make_base("llama")

@@ -31,7 +31,7 @@ from helpers import (
 from safetensors.torch import load_file
 
 import mergeflow
-from mergeflow.output import TOKENIZER_FILES
+from mergeflow.output.folder import TOKENIZER_FILES
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -199,7 +199,7 @@ CLI_ONLY = {"prefect"}  # how to run, not what to merge
 def _merge_params() -> dict:
     import typer
 
-    from mergeflow.cli import app
+    from mergeflow.cli.app import app
 
     command = typer.main.get_command(app).commands["merge"]
     return {p.name: p for p in command.params if p.name != "help"}
@@ -210,7 +210,7 @@ def test_every_spec_field_is_a_merge_flag_with_its_default_and_help():
     after it, with the field's default and its description as the help."""
     from rich.markup import escape
 
-    from mergeflow.cli import cli_words
+    from mergeflow.cli.app import cli_words
     from mergeflow.spec import MergeSpec
 
     params = _merge_params()
@@ -241,7 +241,7 @@ def test_every_merge_flag_is_in_the_readme_table():
 def test_a_bad_size_names_the_flag(tmp_path):
     from typer.testing import CliRunner
 
-    from mergeflow.cli import app
+    from mergeflow.cli.app import app
 
     result = CliRunner().invoke(app, ["merge", "--adapter", "a", "--out", str(tmp_path / "o"),
                                       "--max-shard-size", "5 gigs", "--block-size", "0KB"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, cli_command, cli_env, load_json, snapshot
 
-from mergeflow import api
+from mergeflow import pipeline as api
 from mergeflow.errors import VerificationError
 from mergeflow.spec import MergeSpec
 
@@ -46,7 +46,7 @@ def _contents(folder: Path) -> dict[str, bytes]:
 
 
 def test_route_choice(monkeypatch):
-    from mergeflow.cli import flow_reason
+    from mergeflow.cli.app import flow_reason
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     plain = MergeSpec(adapter="a", out="o")
@@ -114,7 +114,7 @@ def test_in_process_resume_and_exit_codes(inputs, tmp_path):
 def test_the_flow_reuses_the_cli_plan_and_raises_the_flows_own_errors(inputs, tmp_path,
                                                                        prefect_server,
                                                                        monkeypatch):
-    from mergeflow import cli
+    import mergeflow.cli.app as cli
 
     base, adapter = inputs
     calls = []

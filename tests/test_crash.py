@@ -35,8 +35,8 @@ import pytest
 from helpers import REPO, cli_command
 from s3_server import _AWS_ENV, moto_s3
 
-from mergeflow.output import MANIFEST
-from mergeflow.verify import check_files
+from mergeflow.output.folder import MANIFEST
+from mergeflow.pipeline.verification import check_files
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 SHARD = "100KB"
@@ -66,7 +66,7 @@ def _merge_child(job: dict) -> None:
     _redirect(job["log"])
     os.environ.pop("MERGEFLOW_FAULT_AT", None)
     os.environ.update(job["env"])
-    from mergeflow import api
+    from mergeflow.pipeline import steps as api
     code = 1
     try:
         if job.get("cli"):
@@ -100,7 +100,7 @@ def _merge_child(job: dict) -> None:
 def run_forked(job: dict, timeout: float = 300) -> int:
     """Run one job in a process forked from the forkserver; its exit code (-9: killed)."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["mergeflow.cli"])
+    ctx.set_forkserver_preload(["mergeflow.cli.app"])
     proc = ctx.Process(target=_merge_child, args=(job,))
     proc.start()
     proc.join(timeout)
@@ -217,7 +217,7 @@ class Harness:
         assert code == 0, f"{scenario.name}: the rerun failed (exit {code}):\n{log[-3000:]}"
         if scenario.via == "api":
             result = json.loads(Path(job["result"]).read_text())
-            scenario.resumed = bool(result["report"]["groups_resumed"]
+            scenario.resumed = bool(result["report"]["shards_resumed"]
                                     or result["report"]["status"] == "up-to-date"
                                     or result["publish"].get("skipped"))
         else:

@@ -16,9 +16,9 @@ import yaml
 from helpers import REPO
 
 from mergeflow.errors import SourceError
-from mergeflow.hashing import HashCache
-from mergeflow.output import MANIFEST
+from mergeflow.output.folder import MANIFEST
 from mergeflow.spec import MergeSpec
+from mergeflow.storage.hashing import HashCache
 from triggers import finished
 from triggers.finished import find_local, merged_already
 
@@ -236,7 +236,7 @@ def test_merged_already_reads_the_local_manifest(tmp_path):
 def test_scan_and_manifest_check_on_s3(tiny_adapter):
     from s3_server import aws_test_env, moto_s3, new_bucket
 
-    from mergeflow.sources import s3_client
+    from mergeflow.remote.fetch import s3_client
 
     _, adapter = tiny_adapter
     with aws_test_env(), moto_s3() as endpoint:

@@ -19,12 +19,14 @@ from helpers import snapshot, staging_leftovers
 from test_bad_inputs import run_cli_env
 
 import mergeflow
-from mergeflow import api, preflight, writer
+from mergeflow.engine import writer
 from mergeflow.errors import DiskSpaceError, InputError
-from mergeflow.output import MANIFEST
+from mergeflow.output.folder import MANIFEST
+from mergeflow.pipeline import preflight
+from mergeflow.pipeline import steps as api
 from mergeflow.plan import MergePlan
 from mergeflow.spec import MergeSpec
-from mergeflow.staging import Staging
+from mergeflow.storage.staging import Staging
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 Usage = namedtuple("Usage", "total used free")
@@ -188,7 +190,7 @@ def test_disk_full_mid_merge_is_a_disk_error_then_resumes(inputs, parent, tmp_pa
 
     monkeypatch.undo()
     report = mergeflow.merge(base, adapter, out, max_shard_size=SHARD)
-    assert report.groups_resumed == 1
+    assert report.shards_resumed == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == \
         {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir()}
     assert staging_leftovers(out) == []
@@ -216,13 +218,13 @@ def test_disk_full_while_finalizing_is_a_disk_error(inputs, parent, monkeypatch)
     assert isinstance(caught.value.__cause__, OSError) and not isinstance(caught.value, InputError)
     assert not out.exists() and not list(parent.rglob(MANIFEST))
     monkeypatch.undo()
-    assert mergeflow.merge(base, adapter, out, max_shard_size=SHARD).groups_resumed >= 1
+    assert mergeflow.merge(base, adapter, out, max_shard_size=SHARD).shards_resumed >= 1
 
 
 def test_other_write_errors_are_not_disk_errors(tmp_path, monkeypatch):
     import torch
 
-    from mergeflow.writer import ShardWriter
+    from mergeflow.engine.writer import ShardWriter
 
     monkeypatch.setattr(writer, "open", FullDisk(200, error=errno.EIO).open, raising=False)
     with pytest.raises(OSError) as caught, \

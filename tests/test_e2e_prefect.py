@@ -29,8 +29,8 @@ import httpx
 import pytest
 from helpers import REPO, cli_command, cli_env
 
-from mergeflow.output import read_manifest
-from mergeflow.verify import check_files
+from mergeflow.output.folder import read_manifest
+from mergeflow.pipeline.verification import check_files
 from triggers.events import adapter_ready_event
 from triggers.webhook import SIGNATURE_HEADER, sign
 

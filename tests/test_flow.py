@@ -13,10 +13,10 @@ import pytest
 from helpers import REPO, load_json, logits_of, read_tensors, snapshot
 
 import mergeflow
-from mergeflow import api
+from mergeflow import pipeline as api
 from mergeflow.errors import PlanError, TransientError
 from mergeflow.spec import MergeSpec
-from mergeflow.staging import Staging
+from mergeflow.storage.staging import Staging
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -80,12 +80,12 @@ def test_flow_output_equals_core_output_and_has_artifacts(sharded_inputs, tmp_pa
 
 
 def test_tasks_through_fn(sharded_inputs, tmp_path):
-    from tasks import finalize, load, merge_group, publish, verify
+    from tasks import finalize, load, merge_shard, publish, verify
 
     base, adapter = sharded_inputs
     prepared = load.fn(_spec(base, adapter, tmp_path / "out"))
     assert prepared.shard_count == 1 and not prepared.up_to_date
-    result = merge_group.fn(prepared.plan_path, 0)
+    result = merge_shard.fn(prepared.plan_path, 0)
     assert (Path(prepared.staging) / result.filename).stat().st_size == result.size
     finalize.fn(prepared, [result])
     assert verify.fn(prepared).ok
@@ -143,7 +143,7 @@ def test_dask_runner_on_a_local_process_cluster(sharded_inputs, tmp_path):
 
 def _cli(args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONWARNINGS="ignore", NO_COLOR="1")
-    return subprocess.Popen([sys.executable, "-m", "mergeflow.cli", "merge", *args], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "mergeflow.cli.app", "merge", *args], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import build_adapter, build_base, save_bpe_tokenizer
 from helpers import read_tensors, run_cli
 
 import mergeflow
 from mergeflow.errors import InputError
-from mergeflow.testing import build_adapter, build_base, save_bpe_tokenizer
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (scripts/setup builds it)")
 gguf = pytest.importorskip("gguf")

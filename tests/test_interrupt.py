@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, cli_command, cli_env, snapshot
 
-from mergeflow import api
-from mergeflow.staging import Staging
+from mergeflow import pipeline as api
+from mergeflow.storage.staging import Staging
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -28,7 +28,7 @@ def _python(code: str, env: dict[str, str] | None = None, timeout: float = 300) 
 
 
 def test_spec_cli_and_package_load_no_heavy_module():
-    code = ("import mergeflow.spec, mergeflow.cli, mergeflow\n"
+    code = ("import mergeflow.spec, mergeflow.cli.app, mergeflow\n"
             "assert mergeflow.__version__ and mergeflow.MergeSpec is mergeflow.spec.MergeSpec\n"
             "assert issubclass(mergeflow.InputError, mergeflow.MergeError)\n"
             "assert 'merge' in dir(mergeflow)\n" + REPORT.format(names=HEAVY))
@@ -38,7 +38,7 @@ def test_spec_cli_and_package_load_no_heavy_module():
 @pytest.mark.parametrize("args", [["--help"], ["merge", "--help"], ["webhook", "serve", "--help"],
                                   ["webhook", "--help"]])
 def test_help_loads_no_heavy_module(args):
-    code = ("from mergeflow.cli import app\n"
+    code = ("from mergeflow.cli.app import app\n"
             f"try:\n    app(args={args!r}, prog_name='mergeflow')\n"
             "except SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
             + REPORT.format(names=(*HEAVY, "fastapi", "triggers", "flows")))
@@ -47,9 +47,9 @@ def test_help_loads_no_heavy_module(args):
 
 def test_lazy_package_attributes_still_work():
     import mergeflow
-    from mergeflow import api
+    from mergeflow import pipeline
 
-    assert mergeflow.merge is api.merge and mergeflow.MergeReport is api.MergeReport
+    assert mergeflow.merge is pipeline.merge and mergeflow.MergeReport is pipeline.MergeReport
     with pytest.raises(AttributeError):
         mergeflow.no_such_thing  # noqa: B018
 
@@ -65,8 +65,8 @@ def test_a_local_merge_imports_no_transformers_peft_bitsandbytes_or_prefect(tiny
     the same base, in a fresh process, imports none of them."""
     base, adapter = tiny
     env = {"MERGEFLOW_CACHE": str(tmp_path / "cache")}
-    merge = ("import mergeflow.api as api\n"
-             "r = api.merge({base!r}, {adapter!r}, {out!r}, max_shard_size='40KB')\n"
+    merge = ("import mergeflow\n"
+             "r = mergeflow.merge({base!r}, {adapter!r}, {out!r}, max_shard_size='40KB')\n"
              "assert r.status == 'merged' and r.shards > 1, r\n")
     first = _python(merge.format(base=str(base), adapter=str(adapter), out=str(tmp_path / "a"))
                     + REPORT.format(names=HEAVY), env)
@@ -83,7 +83,7 @@ def test_a_local_cli_merge_runs_in_process_without_prefect(tiny, tmp_path):
     base, adapter = tiny
     env = {"MERGEFLOW_CACHE": str(tmp_path / "cache"), "NO_COLOR": "1", "COLUMNS": "200"}
     run = ("import io, contextlib\n"
-           "from mergeflow.cli import app\n"
+           "from mergeflow.cli.app import app\n"
            "buf = io.StringIO()\n"
            "with contextlib.redirect_stdout(buf):\n"
            "    try:\n"
@@ -103,9 +103,9 @@ def test_a_local_cli_merge_runs_in_process_without_prefect(tiny, tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "phi3"])
 def test_layout_is_cached_and_a_damaged_entry_is_harmless(arch, make_base, tmp_path, monkeypatch):
-    from mergeflow import layout
-    from mergeflow.checkpoint import Checkpoint
-    from mergeflow.output import require_config
+    from mergeflow.model import layout
+    from mergeflow.model.checkpoint import Checkpoint
+    from mergeflow.output.folder import require_config
 
     monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path))
     base = make_base(arch)
@@ -135,7 +135,7 @@ def test_layout_is_cached_and_a_damaged_entry_is_harmless(arch, make_base, tmp_p
 def test_an_architecture_transformers_cannot_build_is_not_cached(make_base, tmp_path, monkeypatch):
     import shutil
 
-    from mergeflow import layout
+    from mergeflow.model import layout
 
     monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
     base = shutil.copytree(make_base("llama"), tmp_path / "base")
@@ -159,13 +159,12 @@ def _edit_config(folder: Path, **changes) -> Path:
 
 
 def _tokenizers(root: Path, base: Path) -> dict[str, Path]:
-    """The tokenizers the test suite builds (mergeflow.testing.save_tokenizer, test_vocab's
+    """The tokenizers the test suite builds (builders.save_tokenizer, test_vocab's
     trained tokenizer), and edits of them that exercise each rule."""
     import shutil
 
+    from builders import save_tokenizer
     from transformers import AutoTokenizer
-
-    from mergeflow.testing import save_tokenizer
 
     made = {"base": base}
     for extra in (0, 8, 20):
@@ -207,7 +206,7 @@ def tokenizer_corpus(make_base, tmp_path_factory) -> dict[str, Path]:
 def test_tokenizer_length_without_transformers_equals_len_autotokenizer(tokenizer_corpus):
     from transformers import AutoTokenizer
 
-    from mergeflow.tokenizer import generic_length
+    from mergeflow.model.tokenizer import generic_length
 
     lengths = {}
     for name, folder in tokenizer_corpus.items():
@@ -223,7 +222,7 @@ def test_other_tokenizers_are_measured_by_transformers_once(tokenizer_corpus, tm
                                                             monkeypatch):
     import shutil
 
-    from mergeflow import tokenizer
+    from mergeflow.model import tokenizer
 
     monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
     legacy = shutil.copytree(tokenizer_corpus["extra-8"], tmp_path / "legacy")
@@ -251,7 +250,7 @@ def test_a_broken_tokenizer_json_is_an_input_error(tokenizer_corpus, tmp_path):
     import shutil
 
     from mergeflow.errors import InputError
-    from mergeflow.tokenizer import tokenizer_length
+    from mergeflow.model.tokenizer import tokenizer_length
 
     broken = shutil.copytree(tokenizer_corpus["extra-0"], tmp_path / "broken")
     (broken / "tokenizer.json").write_text("{not json")

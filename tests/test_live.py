@@ -10,15 +10,15 @@ from typing import ClassVar
 
 import pytest
 import torch
+from builders import model_config
 from helpers import build_vlm_base, logits_of, read_tensors
 from test_sinks import RecordingHfApi
 
 import mergeflow
 from mergeflow.errors import DiskSpaceError, InputError, OptionsError
-from mergeflow.live import base_mismatch, live_base_tensors
-from mergeflow.output import MANIFEST, read_manifest
-from mergeflow.testing import model_config
-from mergeflow.verify import check_files
+from mergeflow.live.save import base_mismatch, live_base_tensors
+from mergeflow.output.folder import MANIFEST, read_manifest
+from mergeflow.pipeline.verification import check_files
 
 # The outputs are bfloat16 (merged_16bit of a float32 model): logits agree with the live float32
 # model to bfloat16 rounding of the weights (measured ~4e-3 on these logits of about 0.75).
@@ -193,7 +193,7 @@ def test_base_changed_in_memory_is_noticed(base_dir, tmp_path, input_ids):
 
 
 def test_a_rerun_after_a_failure_resumes(trained, tmp_path, input_ids, monkeypatch):
-    from mergeflow import api
+    from mergeflow.pipeline import steps as api
 
     out, calls = tmp_path / "m", []
     real = api.run_shard
@@ -209,7 +209,7 @@ def test_a_rerun_after_a_failure_resumes(trained, tmp_path, input_ids, monkeypat
     with pytest.raises(DiskSpaceError, match="simulated"):
         mergeflow.save_pretrained_merged(trained, out, **options)
     report = mergeflow.save_pretrained_merged(trained, out, **options)
-    assert report.groups_resumed == 1, report
+    assert report.shards_resumed == 1, report
     assert_same_logits(out, trained, input_ids)
 
 
@@ -308,9 +308,8 @@ def test_push_to_hub_merged_publishes_one_commit(trained, tokenizer, tmp_path, m
 
 def test_prequantized_4bit_base_on_disk_is_read_from_its_files(four_bit, tmp_path, input_ids):
     """The common QLoRA case: a checkpoint saved already quantized (like the *-bnb-4bit repos)."""
+    from builders import build_quantized_base
     from transformers import AutoModelForCausalLM
-
-    from mergeflow.testing import build_quantized_base
 
     original, _ = four_bit
     saved = build_quantized_base(original, tmp_path / "bnb-4bit", double_quant=True)
@@ -352,9 +351,8 @@ def test_converted_base_on_disk_is_read_from_its_files(arch, make_base, make_ada
     Gemma 3, Qwen2-VL: renamed in memory) loaded from disk is matched to its checkpoint through
     the model map: the base is read from disk, nothing is spilled, and the output is the disk
     route's, tensor for tensor."""
+    from builders import model_class_of
     from peft import PeftModel
-
-    from mergeflow.testing import model_class_of
 
     base = converted_base(arch, make_base, tmp_path / "base")
     lora_kwargs, _ = CONVERTED[arch]
@@ -375,9 +373,8 @@ def test_converted_base_on_disk_is_read_from_its_files(arch, make_base, make_ada
 def test_changed_expert_is_noticed_on_its_disk_tensor(arch, make_base, make_adapter):
     """One row of one expert changed in memory: the check names the per-expert disk tensor and
     row (read through the model map, not a name-for-name comparison)."""
+    from builders import model_class_of
     from peft import PeftModel
-
-    from mergeflow.testing import model_class_of
 
     base = make_base(arch)
     lora_kwargs, stacked = CONVERTED[arch]

@@ -1,4 +1,4 @@
-"""mergeflow.lora against PEFT's own layers: same random tensors, PEFT's delta and merge results.
+"""mergeflow.math.lora against PEFT's own layers: same random tensors, PEFT's delta and merge results.
 
 Each case wraps one random layer with PEFT (``get_peft_model`` on a one-module network), gives the
 LoRA weights (and DoRA magnitude, LoRA bias) random values, then compares what Mergeflow computes
@@ -13,8 +13,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from mergeflow.adapter import load_adapter
-from mergeflow.lora import dora_rescale, embedding_delta, linear_delta, merge_bias, merge_linear
+from mergeflow.math.lora import dora_rescale, embedding_delta, linear_delta, merge_bias, merge_linear
+from mergeflow.model.adapter import load_adapter
 
 IN, OUT = 24, 40
 

@@ -18,8 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import mergeflow
-from mergeflow.adapter import load_adapter
-from mergeflow.checkpoint import DTYPES
+from mergeflow.model.adapter import load_adapter
+from mergeflow.model.checkpoint import DTYPES
 
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2 = ["c_attn", "c_proj", "c_fc"]
@@ -207,10 +207,9 @@ def test_sequence_classification_score_head_in_modules_to_save(tmp_path, input_i
     """modules_to_save on a non-embedding module: the ``score`` head of a Qwen2 classifier,
     which PEFT's SEQ_CLS task adds to modules_to_save; both paths use the SequenceClassification
     auto class."""
+    from builders import model_config, save_tokenizer
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
-
-    from mergeflow.testing import model_config, save_tokenizer
 
     torch.manual_seed(0)
     base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"

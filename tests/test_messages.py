@@ -1,6 +1,6 @@
 """Error and help texts name options the way their reader calls them (issue 16, item 5): the
 core names a MergeSpec field in backticks (`` `overwrite=True` ``), the CLI translates that to
-its flag (``--overwrite``) with :func:`mergeflow.cli.cli_words`; and ``mergeflow.merge`` refuses
+its flag (``--overwrite``) with :func:`mergeflow.cli.app.cli_words`; and ``mergeflow.merge`` refuses
 an argument of the wrong type (a live PeftModel) with a TypeError that names it."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from helpers import REPO, run_cli
 
 import mergeflow
-from mergeflow.cli import _help, cli_words
+from mergeflow.cli.app import _help, cli_words
 from mergeflow.errors import OutputError
 from mergeflow.spec import MergeSpec
 
@@ -44,7 +44,7 @@ def test_cli_words_turn_fields_into_flags(core, cli):
 def test_every_translated_flag_is_a_real_merge_option():
     from typer.main import get_command
 
-    from mergeflow.cli import app
+    from mergeflow.cli.app import app
 
     merge = get_command(app).commands["merge"]
     flags = {opt for param in merge.params for opt in (*param.opts, *param.secondary_opts)}

@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.utils import validate_repo_id
 
 import mergeflow
-from mergeflow.output import hub_base_model, hub_repo_id, pipeline_tag
+from mergeflow.output.folder import hub_base_model, hub_repo_id, pipeline_tag
 
 #: The relations the Hub's model tree knows (docs: "Specifying a base model").
 HUB_RELATIONS = {"adapter", "merge", "quantized", "finetune"}

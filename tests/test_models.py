@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from builders import model_class_of
 from helpers import (
     PREPROCESSOR_CONFIG,
     PROCESSOR_CONFIG,
@@ -24,7 +25,6 @@ from safetensors.torch import load_file
 
 import mergeflow
 from mergeflow.errors import PlanError
-from mergeflow.testing import model_class_of
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -328,9 +328,8 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 def _build_gpt_oss(folder, max_shard_size=None, hidden=64):
     """A tiny GptOss (4 experts, gate/up interleaved in ``gate_up_proj`` (E, hidden, 2I)) saved
     by ``save_pretrained``: its experts are stored fused, as in memory."""
+    from builders import save_tokenizer
     from transformers import AutoModelForCausalLM, GptOssConfig
-
-    from mergeflow.testing import save_tokenizer
 
     config = GptOssConfig(hidden_size=hidden, intermediate_size=48, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -353,7 +352,7 @@ def _build_gpt_oss(folder, max_shard_size=None, hidden=64):
 def gpt_oss(tmp_path_factory):
     """(base, adapter): LoRA on the attention and, with target_parameters, on both fused expert
     parameters of every layer."""
-    from mergeflow.testing import build_adapter
+    from builders import build_adapter
 
     root = tmp_path_factory.mktemp("gpt_oss")
     base = _build_gpt_oss(root / "base")
@@ -421,9 +420,10 @@ def test_fused_experts_across_shards(tmp_path_factory, input_ids, tmp_path):
     """A base sharded so that the fused expert tensors of a layer sit in different files, merged
     into a sharded output with row blocks smaller than one expert: each fused tensor still gets
     all its experts, and no block holds more than its share of rows."""
-    from mergeflow.execute import TensorSource
+    from builders import build_adapter
+
+    from mergeflow.engine.stream import TensorSource
     from mergeflow.plan import Experts
-    from mergeflow.testing import build_adapter
 
     root = tmp_path_factory.mktemp("gpt_oss_sharded")
     base = _build_gpt_oss(root / "base", max_shard_size="120KB", hidden=128)
@@ -441,8 +441,8 @@ def test_fused_experts_across_shards(tmp_path_factory, input_ids, tmp_path):
     for key in [k for k in merged if k.endswith("_proj") and ".experts." in k]:
         torch.testing.assert_close(merged[key], reference[key], rtol=1e-5, atol=1e-6)
     # gate_up_proj (4, 128, 96): an expert's 128 rows come in two 64-row blocks of 96 columns
-    from mergeflow.api import prepare
-    from mergeflow.execute import open_source
+    from mergeflow.engine.stream import open_source
+    from mergeflow.pipeline.steps import prepare
     from mergeflow.plan import MergePlan
     from mergeflow.spec import MergeSpec
 
@@ -465,11 +465,11 @@ def test_fused_experts_across_shards(tmp_path_factory, input_ids, tmp_path):
 def test_fused_experts_are_verified_row_by_row(gpt_oss, tmp_path):
     """Verification's sampled-row check covers a fused tensor: the merged output passes, and one
     expert's rows changed (an update applied to the wrong expert) fail it."""
-    from mergeflow.api import prepare
-    from mergeflow.execute import open_source
+    from mergeflow.engine.stream import open_source
+    from mergeflow.pipeline.steps import prepare
+    from mergeflow.pipeline.verification import NumericChecker
     from mergeflow.plan import Experts, MergePlan
     from mergeflow.spec import MergeSpec
-    from mergeflow.verify import NumericChecker
 
     base, adapter = gpt_oss
     mergeflow.merge(base, adapter, tmp_path / "out", dtype="float32")
@@ -497,7 +497,7 @@ def test_fused_experts_are_verified_row_by_row(gpt_oss, tmp_path):
 
 def test_expert_count_counts_experts_inside_fused_tensors(gpt_oss):
     """The count check sees the experts a fused tensor holds: all four pass, three are refused."""
-    from mergeflow.modelmap import WrappedParam
+    from mergeflow.model.modelmap import WrappedParam
     from mergeflow.plan import BaseTensor, Experts, LoraPart, TensorPlan
     from mergeflow.plan.experts import check_wrapped
 
@@ -522,8 +522,8 @@ def test_a_slice_of_fused_experts(gpt_oss):
     from peft import PeftModel
     from peft.tuners.lora.layer import ParamWrapper
 
-    from mergeflow.execute import merge_experts
-    from mergeflow.modelmap import Axis, Piece, WrappedParam, expert_slice
+    from mergeflow.engine.stream import merge_experts
+    from mergeflow.model.modelmap import Axis, Piece, WrappedParam, expert_slice
     from mergeflow.plan.experts import _piece_op
 
     base, adapter = gpt_oss

@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 import torch
+from builders import save_tokenizer
 from helpers import age_files, load_json, read_tensors, sha256, snapshot, staging_leftovers
 from huggingface_hub import ModelCard
 
 import mergeflow
 from mergeflow.errors import InputError, OutputError
-from mergeflow.output import TOKENIZER_FILES
-from mergeflow.testing import save_tokenizer
+from mergeflow.output.folder import TOKENIZER_FILES
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -35,7 +35,7 @@ def adapter(base, make_adapter):
 @pytest.fixture(scope="module")
 def adapter_with_tokenizer(base, tmp_path_factory):
     """An adapter shipping its own tokenizer, distinguishable from the base's (smaller vocab)."""
-    from mergeflow.testing import build_adapter
+    from builders import build_adapter
 
     folder = build_adapter(base, tmp_path_factory.mktemp("tok") / "adapter", seed=3,
                            target_modules=TARGETS, save_tokenizer_too=True)

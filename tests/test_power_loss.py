@@ -43,8 +43,9 @@ import pytest
 from helpers import staging_leftovers
 
 import mergeflow
-from mergeflow import durable, faults
-from mergeflow.output import MANIFEST
+from mergeflow import faults
+from mergeflow.output.folder import MANIFEST
+from mergeflow.storage import durable
 
 pytestmark = pytest.mark.skipif(not (sys.platform.startswith("linux") and hasattr(os, "O_PATH")),
                                 reason="the journal reads /proc/self/fd and holds O_PATH fds")
@@ -435,7 +436,7 @@ def test_without_leftover_cleanup_a_rerun_is_caught(inputs, clean, tmp_path, mon
     would publish it or refuse the output (verification: not listed in the manifest) on every
     rerun: the rerun check catches that."""
     from mergeflow.errors import MergeError
-    from mergeflow.staging import Staging
+    from mergeflow.storage.staging import Staging
 
     monkeypatch.setattr(Staging, "clear_leftovers", lambda self: None)
     journal = journaled_merge(inputs, tmp_path / "run", monkeypatch)

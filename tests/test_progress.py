@@ -15,7 +15,7 @@ import torch
 from helpers import REPO, cli_command, cli_env, run_cli
 from safetensors.torch import save_file
 
-from mergeflow.cli import (
+from mergeflow.cli.app import (
     _tensors_in,
     finished_line,
     format_eta,
@@ -24,7 +24,7 @@ from mergeflow.cli import (
     progress_detail,
 )
 from mergeflow.spec import format_size
-from mergeflow.staging import Staging
+from mergeflow.storage.staging import Staging
 
 
 @pytest.mark.parametrize(("size", "text"), [
@@ -109,8 +109,8 @@ def test_the_display_counts_finished_shipped_and_half_written_shards(make_base, 
                                                                      tmp_path):
     """What the bar shows, from a real staging folder: a finished shard counts whole, one shipped
     and deleted (low_disk) by its record, one being written by the tensors its file holds."""
-    from mergeflow import api
-    from mergeflow.cli import _StagingProgress
+    from mergeflow.cli.app import _StagingProgress
+    from mergeflow.pipeline import steps as api
     from mergeflow.plan import MergePlan
     from mergeflow.spec import MergeSpec
 

@@ -14,9 +14,9 @@ import pytest
 from s3_server import aws_test_env, moto_s3, new_bucket
 
 import mergeflow
-from mergeflow.output import MANIFEST
-from mergeflow.sources import s3_client
-from mergeflow.staging import Staging
+from mergeflow.output.folder import MANIFEST
+from mergeflow.remote.fetch import s3_client
+from mergeflow.storage.staging import Staging
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_low_disk_keeps_one_shard_and_publishes_the_same_objects(client, s3_inpu
 
     staging = Staging.for_output(tmp_path / "out").folder
     peak = {"shards": 0}
-    from mergeflow import api
+    from mergeflow.pipeline import steps as api
 
     real_put = api.open_publisher
 

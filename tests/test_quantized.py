@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import build_adapter, build_base, build_quantized_base
 from helpers import logits_of, read_tensors
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import mergeflow
-from mergeflow import quant
-from mergeflow.checkpoint import Checkpoint
 from mergeflow.errors import CheckpointError, InputError, PlanError
-from mergeflow.testing import build_adapter, build_base, build_quantized_base
+from mergeflow.model import quant
+from mergeflow.model.checkpoint import Checkpoint
 
 SIZES = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]  # k_proj, up_proj unadapted
@@ -283,7 +283,7 @@ def test_dequantized_is_the_default_and_reported(quantized, merged16):
 
 
 def test_bad_original_exits_2(quantized, tmp_path):
-    from mergeflow.cli import app
+    from mergeflow.cli.app import app
 
     base, adapter = quantized("nf4-bf16")
     bad = build_base(tmp_path / "bad-original", "llama", **{**SIZES, "intermediate_size": 192})
@@ -323,7 +323,7 @@ def test_options_are_checked(quantized, original, make_adapter, tmp_path):
 
 
 def test_save_method_and_merge_onto_change_the_fingerprint(quantized, original, tmp_path):
-    from mergeflow.api import prepare
+    from mergeflow.pipeline.steps import prepare
     from mergeflow.spec import MergeSpec
 
     base, adapter = quantized("nf4-bf16")
@@ -338,7 +338,7 @@ def test_save_method_and_merge_onto_change_the_fingerprint(quantized, original, 
 def test_cli_flags(quantized, original, make_adapter, tmp_path):
     """The flags reach the spec: each of these is refused at plan time (exit 2, nothing written)
     for the reason only that flag can cause."""
-    from mergeflow.cli import app
+    from mergeflow.cli.app import app
 
     base, adapter = quantized("nf4-bf16")
     plain_adapter = make_adapter(original, target_modules=["q_proj"])

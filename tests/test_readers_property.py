@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from mergeflow.checkpoint import DTYPE_NAMES, Checkpoint, read_header
 from mergeflow.errors import CheckpointError
+from mergeflow.model.checkpoint import DTYPE_NAMES, Checkpoint, read_header
 
 SETTINGS = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,

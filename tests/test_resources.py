@@ -1,4 +1,4 @@
-"""Workers, block size and torch threads from the machine (issue 11, item 6): mergeflow.resources."""
+"""Workers, block size and torch threads from the machine (issue 11, item 6): mergeflow.pipeline.resources."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from mergeflow.errors import InputError
-from mergeflow.resources import (
+from mergeflow.pipeline.resources import (
     BUFFERS_PER_WORKER,
     MIN_BLOCK,
     Resources,

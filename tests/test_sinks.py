@@ -16,8 +16,9 @@ import pytest
 from s3_server import SECRET_KEY, FlakyProxy, OperationLog, aws_test_env, moto_s3, new_bucket
 
 from mergeflow.errors import SinkError, TransientError
-from mergeflow.output import MANIFEST
-from mergeflow.sinks import (
+from mergeflow.output.folder import MANIFEST
+from mergeflow.remote.fetch import resolve_source, s3_client
+from mergeflow.remote.publish import (
     HfPublisher,
     S3Publisher,
     finished_files,
@@ -25,7 +26,6 @@ from mergeflow.sinks import (
     publish,
     publish_file,
 )
-from mergeflow.sources import resolve_source, s3_client
 
 MiB = 2**20
 BIG = "model-00001-of-00002.safetensors"
@@ -444,8 +444,8 @@ class _FailingPublisher:
 def test_low_disk_failing_after_shards_were_shipped_says_which(make_base, make_adapter,
                                                                tmp_path, monkeypatch, transient):
     import mergeflow
-    from mergeflow import api
     from mergeflow.errors import InputError, UploadError
+    from mergeflow.pipeline import steps as api
 
     base = make_base("llama")
     adapter = make_adapter(base)
@@ -475,7 +475,7 @@ def test_cli_exits_1_when_the_destination_fails_after_out_was_published(
     """Through the Prefect flow (--push-to runs it): exit 1, one error line naming both."""
     from typer.testing import CliRunner
 
-    from mergeflow.cli import app
+    from mergeflow.cli.app import app
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     base = make_base("llama")

@@ -13,7 +13,7 @@ import pytest
 from s3_server import SECRET_KEY, FlakyProxy, OperationLog, aws_test_env, moto_s3, new_bucket
 
 from mergeflow.errors import AdapterError, SourceError, TransientError
-from mergeflow.sources import (
+from mergeflow.remote.fetch import (
     S3_STATE_FILE,
     base_from_adapter,
     hf_error,

@@ -141,7 +141,7 @@ def test_option_combinations_are_refused_by_the_spec(message, tmp_path):
 
 
 def test_prepare_checks_the_combinations_of_an_unvalidated_copy(tmp_path):
-    from mergeflow import api
+    from mergeflow.pipeline import steps as api
 
     spec = MergeSpec(adapter="a", out=str(tmp_path / "o")).model_copy(
         update={"merge_onto": "original"})

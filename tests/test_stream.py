@@ -13,7 +13,7 @@ from helpers import read_tensors, sha256, weight_files
 from safetensors import safe_open
 
 import mergeflow
-from mergeflow.checkpoint import Checkpoint
+from mergeflow.model.checkpoint import Checkpoint
 
 BF16 = torch.bfloat16
 # Every block-streamed op: linear LoRA, DoRA, rsLoRA, embedding LoRA, head LoRA, lora_bias,

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from builders import model_config
 from helpers import REPO, cli_env
 from pydantic import SecretStr
 from test_live import assert_same_logits, lora, train
 
 import mergeflow
-from mergeflow.callback import MARKER, MergeAfterTrainingError
 from mergeflow.errors import InputError
-from mergeflow.testing import model_config
+from mergeflow.live.callback import MARKER, MergeAfterTrainingError
 from triggers.events import ADAPTER_READY
 from triggers.training import PrefectEvent, Webhook
 
@@ -70,7 +70,7 @@ def test_callback_merges_at_train_end(base_dir, tokenizer, tmp_path, input_ids):
 def test_a_failed_merge_is_loud_and_raised(base_dir, tokenizer, tmp_path, caplog):
     model = fresh_model(base_dir)
     callback = mergeflow.MergeOnTrainEnd(out=tmp_path / "merged", save_method="merged_4bit")
-    with caplog.at_level(logging.ERROR, logger="mergeflow.callback"), \
+    with caplog.at_level(logging.ERROR, logger="mergeflow.live.callback"), \
             pytest.raises(MergeAfterTrainingError, match="adapter is saved in"):
         train(model, tmp_path / "run", tokenizer, callbacks=[callback])
     assert_finished_adapter(tmp_path / "run" / "adapter")  # nothing trained is lost

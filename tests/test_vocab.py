@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import save_tokenizer
 from helpers import load_json, logits_of, read_tensors, run_cli, sha256
 
 import mergeflow
 from mergeflow.errors import PlanError
-from mergeflow.testing import save_tokenizer
 
 ATOL = 1e-4
 

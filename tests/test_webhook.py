@@ -346,7 +346,7 @@ def test_settings_from_env_and_secret_block(prefect_server, monkeypatch):
 def test_cli_refuses_to_serve_without_a_secret(prefect_server, monkeypatch):
     from typer.testing import CliRunner
 
-    from mergeflow.cli import app
+    from mergeflow.cli.app import app
 
     monkeypatch.delenv("MERGEFLOW_WEBHOOK_SECRET", raising=False)
     monkeypatch.delenv("MERGEFLOW_HF_WEBHOOK_SECRET", raising=False)

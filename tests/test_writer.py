@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mergeflow.checkpoint import DTYPE_NAMES
+from mergeflow.engine.writer import ShardWriter
 from mergeflow.errors import MergeError
-from mergeflow.writer import ShardWriter
+from mergeflow.model.checkpoint import DTYPE_NAMES
 
 
 def _write(path, tensors: dict[str, torch.Tensor]):

@@ -23,15 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from mergeflow.errors import SinkError, SourceError
-from mergeflow.hashing import HashCache
-from mergeflow.output import MANIFEST, read_manifest
-from mergeflow.sources import (
+from mergeflow.pipeline import (
     HF_SCHEME,
+    MANIFEST,
     S3_SCHEME,
+    HashCache,
     list_s3_prefix,
     parse_hf_ref,
     parse_s3_ref,
     raise_s3,
+    read_manifest,
     s3_client,
     s3_key,
 )
@@ -117,7 +118,7 @@ def find_s3(ref: str, markers: Sequence[str] = MARKERS, client: Any | None = Non
     """The finished adapters directly under ``s3://bucket/prefix``, by name.
 
     Raises:
-        SourceError / TransientError: listing failed (as :func:`mergeflow.sources.s3_error`).
+        SourceError / TransientError: listing failed (as :func:`mergeflow.remote.fetch.s3_error`).
     """
     bucket, prefix = parse_s3_ref(ref)
     client = client or s3_client(endpoint_url)

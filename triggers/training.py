@@ -1,4 +1,4 @@
-"""Notifiers for :class:`mergeflow.callback.MergeOnTrainEnd`: hand a finished adapter's merge
+"""Notifiers for :class:`mergeflow.live.callback.MergeOnTrainEnd`: hand a finished adapter's merge
 to the merge deployments instead of merging in the training process.
 
 * :class:`PrefectEvent`: POSTs ``mergeflow.adapter.ready`` (see :mod:`triggers.events`) to the
@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from mergeflow.errors import InputError, MergeError, TransientError
-from mergeflow.hashing import sha256_file
+from mergeflow.pipeline import sha256_file
 from triggers.events import Target, adapter_ready_event
 
 #: The options the deployments' event trigger reads from the payload.

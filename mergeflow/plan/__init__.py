@@ -18,7 +18,7 @@ The package follows planning's jobs:
 * :mod:`~mergeflow.plan.planner`: :class:`Planner`, running the jobs in order.
 """
 
-from mergeflow.checkpoint import DTYPE_NAMES
+from mergeflow.model.checkpoint import DTYPE_NAMES
 from mergeflow.plan.inputs import PlanInputs, natural_key, parse_size, resolve_dtype
 from mergeflow.plan.model import (
     ADAPTER_FILE,

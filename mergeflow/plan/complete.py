@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from mergeflow.adapter import Adapter, LoraModule
-from mergeflow.adapter_config import check_target_module_exists
 from mergeflow.errors import PlanError
+from mergeflow.model.adapter import Adapter, LoraModule
+from mergeflow.model.adapter_config import check_target_module_exists
 from mergeflow.plan.inputs import PlanInputs, module_of
 from mergeflow.plan.model import (
     AdapterTensor,

@@ -4,7 +4,7 @@ which disk tensors hold each expert, and the count check that no expert is dropp
 from __future__ import annotations
 
 from mergeflow.errors import PlanError
-from mergeflow.modelmap import ExpertSlice, WrappedParam, expert_slice
+from mergeflow.model.modelmap import ExpertSlice, WrappedParam, expert_slice
 from mergeflow.plan.inputs import PlanInputs
 from mergeflow.plan.model import Experts, Lora, LoraPart, Op, TensorPlan
 from mergeflow.plan.tensors import check_same_shape, output_entry, source_of
@@ -43,7 +43,7 @@ def wrapped_ops(inputs: PlanInputs, wrapped: dict[str, WrappedParam],
 
 def _piece_op(module: str, param: WrappedParam, where: ExpertSlice) -> Lora | Experts:
     """The op merging ``module``'s update into one disk piece of ``param`` (``where``: its
-    :class:`mergeflow.modelmap.ExpertSlice`)."""
+    :class:`mergeflow.model.modelmap.ExpertSlice`)."""
     first = LoraPart(expert=where.expert, experts=param.experts, b_left=param.b_left,
                      transposed=where.transposed, rows=where.rows, cols=where.cols,
                      scale=param.scale)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mergeflow.adapter import Adapter
+from mergeflow.model.adapter import Adapter
 from mergeflow.plan.inputs import natural_key
 from mergeflow.plan.model import ADAPTER_FILE, AdapterTensor, ShardPlan, TensorPlan
 

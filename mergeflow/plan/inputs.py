@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from mergeflow.adapter import Adapter
-from mergeflow.checkpoint import Checkpoint
 from mergeflow.errors import InputError
-from mergeflow.layout import ModelLayout
+from mergeflow.model.adapter import Adapter
+from mergeflow.model.checkpoint import Checkpoint
+from mergeflow.model.layout import ModelLayout
 from mergeflow.plan.model import DTYPE_CHOICES
 from mergeflow.spec import size_bytes
 

@@ -9,8 +9,8 @@ A :class:`TensorPlan` is a small, explicit union of three parts:
 * its **encoding**: :class:`Cast` to the entry's dtype, :class:`Requantize` with the base's
   bitsandbytes settings, or :class:`Stored` (the unit's stored bytes, copied).
 
-Execution (:mod:`mergeflow.execute`) and verification (:mod:`mergeflow.verify`) each look an op
-up once by its type; nothing re-tests optional flags.
+Execution (:mod:`mergeflow.engine.stream`) and verification
+(:mod:`mergeflow.pipeline.verification`) each look an op up once by its type; nothing re-tests optional flags.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from typing import Annotated, Literal
 import torch
 from pydantic import BaseModel, Field
 
-from mergeflow.checkpoint import DTYPES
-from mergeflow.lora import expert_factors
-from mergeflow.quant import QuantSpec
+from mergeflow.math.lora import expert_factors
+from mergeflow.model.checkpoint import DTYPES
+from mergeflow.model.quant import QuantSpec
 
 PLAN_VERSION = 2
 DTYPE_CHOICES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 # "gguf" is planned as a 16-bit merge (the same tensors, in the same order), then written by
-# mergeflow.gguf_export instead of as shards.
+# mergeflow.engine.gguf instead of as shards.
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora", "gguf")
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -58,7 +58,7 @@ class TensorPart(BaseModel):
 class LoraPart(BaseModel):
     """The share of one disk tensor in the LoRA of a parameter PEFT adapts whole
     (``target_parameters``): which expert, and which rows and columns of it (see
-    :func:`mergeflow.lora.expert_factors`). ``scale`` is PEFT's own for that parameter."""
+    :func:`mergeflow.math.lora.expert_factors`). ``scale`` is PEFT's own for that parameter."""
 
     expert: int
     experts: int
@@ -304,7 +304,7 @@ class MergePlan(BaseModel):
     notes: list[str] = []  # decisions taken, for the report
     vocab_groups: list[int] = []  # shards holding the embedding/head (resize and untie)
     # "base"/"adapter"/... -> file -> identity (size and mtime, or a known sha256; see
-    # mergeflow.hashing.file_identity); the manifest lists their sha256
+    # mergeflow.storage.hashing.file_identity); the manifest lists their sha256
     inputs: dict[str, dict[str, str]] = {}
     options: dict[str, object] = {}
     # How this run executes (block size, ...): never changes the output bytes, so it is left
@@ -325,8 +325,8 @@ class MergePlan(BaseModel):
         return hashlib.sha256(blob).hexdigest()
 
     def save(self, path: Path) -> None:
-        """Write the plan durably (see :func:`mergeflow.durable.atomic_write`)."""
-        from mergeflow.durable import atomic_write
+        """Write the plan durably (see :func:`mergeflow.storage.durable.atomic_write`)."""
+        from mergeflow.storage.durable import atomic_write
 
         atomic_write(path, self.model_dump_json(indent=1))
 

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from mergeflow.adapter import Adapter
-from mergeflow.checkpoint import Checkpoint
 from mergeflow.errors import InputError
-from mergeflow.layout import ModelLayout
-from mergeflow.modelmap import WrappedParam
+from mergeflow.model.adapter import Adapter
+from mergeflow.model.checkpoint import Checkpoint
+from mergeflow.model.layout import ModelLayout
+from mergeflow.model.modelmap import WrappedParam
+from mergeflow.model.quant import QuantizedBase
 from mergeflow.plan.complete import (
     check_everything_used,
     check_targets_present,
@@ -22,7 +23,6 @@ from mergeflow.plan.quantized import Placement, check_original, quant_notes
 from mergeflow.plan.sharding import shard
 from mergeflow.plan.tables import VocabOptions, plan_vocab
 from mergeflow.plan.tensors import plan_tensor
-from mergeflow.quant import QuantizedBase
 
 
 class Planner:
@@ -43,10 +43,10 @@ class Planner:
             it against the base) or "gguf" (planned as merged_16bit; written as one GGUF file).
         original: the 16-bit checkpoint a quantized base was made from, to merge onto instead
             of the dequantized weights (``merge_onto=original``).
-        quantized: what :func:`mergeflow.quant.detect` found in the base (None: not quantized).
+        quantized: what :func:`mergeflow.model.quant.detect` found in the base (None: not quantized).
             The planner then sees each quantized unit as one tensor of its real shape.
         wrapped: the parameters the adapter adapts whole (``target_parameters``), by adapter
-            module name (:func:`mergeflow.layout.read_param_wrappers`).
+            module name (:func:`mergeflow.model.layout.read_param_wrappers`).
 
     The adapter names modules as the model in memory has them; the plan names disk tensors.
     ``layout.model_map`` translates (a VLM's ``language_model`` prefix, GPT-NeoX's head, MoE

@@ -3,8 +3,9 @@ unit to dequantize, or the original 16-bit checkpoint), and how merged_4bit writ
 
 from __future__ import annotations
 
-from mergeflow.checkpoint import Checkpoint
 from mergeflow.errors import PlanError
+from mergeflow.model.checkpoint import Checkpoint
+from mergeflow.model.quant import QuantizedBase, QuantSpec, output_infos, output_keys
 from mergeflow.plan.inputs import natural_key
 from mergeflow.plan.model import (
     AdapterTensor,
@@ -19,7 +20,6 @@ from mergeflow.plan.model import (
     TensorPlan,
     TokenRows,
 )
-from mergeflow.quant import QuantizedBase, QuantSpec, output_infos, output_keys
 
 
 def check_original(base: Checkpoint, original: Checkpoint | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mergeflow.errors import PlanError
+from mergeflow.model.vocab import decide_rows
 from mergeflow.plan.inputs import PlanInputs
 from mergeflow.plan.model import (
     AdapterTensor,
@@ -19,7 +20,6 @@ from mergeflow.plan.model import (
     TokenRows,
 )
 from mergeflow.plan.tensors import check_lora
-from mergeflow.vocab import decide_rows
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def _untie_reason(inputs: PlanInputs, head: TensorPlan) -> str:
 
 
 def _decide_rows(inputs: PlanInputs, options: VocabOptions, result: VocabPlan) -> int:
-    """The vocabulary's rows (:func:`mergeflow.vocab.decide_rows`); notes and the config's
+    """The vocabulary's rows (:func:`mergeflow.model.vocab.decide_rows`); notes and the config's
     ``vocab_size`` go to ``result``."""
     lay, a = inputs.layout, inputs.adapter
     base_rows = inputs.base.tensors[lay.embed].shape[0]

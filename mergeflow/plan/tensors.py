@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from mergeflow.checkpoint import TensorInfo
 from mergeflow.errors import PlanError
+from mergeflow.model.checkpoint import TensorInfo
 from mergeflow.plan.inputs import PlanInputs
 from mergeflow.plan.model import AdapterTensor, BaseTensor, Lora, LoraBias, Op, Source, TensorPlan
 

@@ -1,0 +1,1 @@
+"""The `mergeflow` command: its commands, progress display, signal handling and flag words."""

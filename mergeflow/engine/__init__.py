@@ -1,0 +1,2 @@
+"""Execution: row readers, the per-op block steps, shard writing, GGUF writing and the quantization
+codecs."""

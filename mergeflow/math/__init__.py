@@ -1,0 +1,1 @@
+"""Tensor math with no I/O: LoRA/DoRA deltas and finiteness checks."""

@@ -1,0 +1,234 @@
+"""What the model's own code says about its tensors: which is the input embedding, which the
+output head, whether they are tied, which layers store weights transposed (``Conv1D``), and
+how its tensors in memory map to the checkpoint's on disk (:mod:`mergeflow.model.modelmap`).
+
+The model is instantiated from its config on the ``meta`` device (no memory, no weights), so this
+works for any architecture transformers knows, without a list of model names. Importing
+transformers and building the model costs seconds, so the answer is cached as JSON in the
+Mergeflow cache folder (``$MERGEFLOW_CACHE/layout/``), keyed by the canonical JSON of
+``config.json``, the set of tensor names, and the Mergeflow and installed transformers versions:
+a second merge of the same base imports no transformers. A damaged cache entry is ignored and
+rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergeflow.errors import PlanError
+from mergeflow.model.modelmap import ModelMap, WrappedParam, read_model_map
+from mergeflow.storage.memo import installed_version, memo_path, read_memo, write_memo
+
+CACHE_FORMAT = 3  # 3: the model map records tensors held under two names
+
+
+@dataclass
+class ModelLayout:
+    """Embedding/head names (disk tensor names, ``.weight`` included), transposed modules, and
+    the in-memory -> disk map.
+
+    ``conv1d`` holds disk module names (the weight's name less ``.weight``).
+    """
+
+    embed: str | None
+    head: str | None
+    tied: bool
+    conv1d: set[str] = field(default_factory=set)  # module names whose weight is (in, out)
+    model_map: ModelMap = field(default_factory=ModelMap)
+
+    def disk_module(self, module: str) -> str:
+        """The disk name of an in-memory module (its weight renamed, less ``.weight``)."""
+        return _renamed_module(module, self.model_map.disk_name)
+
+    def memory_module(self, module: str) -> str:
+        """The in-memory name of a disk module (the inverse of :meth:`disk_module`)."""
+        return _renamed_module(module, self.model_map.memory_name)
+
+
+def _renamed_module(module: str, rename: Callable[[str], str]) -> str:
+    """A module's name on the other side of the model map: the one owner of the rule that a
+    module is renamed as its weight (``module.weight``) is; ``module`` itself when the renamed
+    weight is not a ``.weight``."""
+    name = rename(f"{module}.weight")
+    return name[: -len(".weight")] if name.endswith(".weight") else module
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if get is not None else config
+
+
+def model_class(config):
+    """The class the checkpoint was saved from (``architectures`` in config.json) when
+    transformers has it, else ``AutoModelForCausalLM``'s choice: the class the adapter was
+    trained on, so its module names are the adapter's."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None and hasattr(cls, "_from_config"):
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def meta_model(config_dir: Path):
+    """The model of ``config_dir/config.json`` on the ``meta`` device (no memory, no weights),
+    and its config."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(config_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    cls = model_class(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            if hasattr(cls, "from_config"):
+                return cls.from_config(config), config
+            return cls._from_config(config), config
+
+
+def _module_names(model) -> dict[int, str]:
+    return {id(m): n for n, m in model.named_modules()}
+
+
+def read_layout(config_dir: Path, tensor_names: set[str], config: dict,
+                shapes: dict[str, tuple[int, ...]] | None = None) -> ModelLayout:
+    """Find the embedding, head, tie and Conv1D modules of the base model, and map its tensors in
+    memory to the checkpoint's (cached).
+
+    ``config`` is the parsed ``config.json`` of ``config_dir``; ``shapes`` the checkpoint's tensor
+    shapes (names only: ``tensor_names``, with unknown shapes). Falls back to ``config.json``
+    alone when transformers cannot build the architecture (then no module is known to be
+    transposed, and embedding/head changes are refused); that answer is not cached.
+    """
+    shapes = shapes if shapes is not None else {n: () for n in tensor_names}
+    path = _cache_path(config_dir, shapes)
+    cached = _load_cached(path) if path is not None else None
+    if cached is not None:
+        return cached
+    layout = _model_layout(config_dir, shapes, config)
+    if layout is not None:
+        if path is not None:
+            _store(path, layout)
+        return layout
+    return ModelLayout(embed=None, head=None, tied=bool(config.get("tie_word_embeddings")))
+
+
+def _model_layout(config_dir: Path, shapes: dict[str, tuple[int, ...]],
+                  config: dict) -> ModelLayout | None:
+    """The layout from the model's own code; None when transformers cannot build it."""
+    try:
+        model, hf_config = meta_model(config_dir)
+    except Exception:
+        return None
+    names = _module_names(model)
+    from transformers.pytorch_utils import Conv1D
+
+    model_map = read_model_map(model, shapes)
+    disk = ModelLayout(None, None, False, model_map=model_map)
+    conv1d = {disk.disk_module(n) for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    embed_module = model.get_input_embeddings()
+    head_module = model.get_output_embeddings()
+    embed = f"{names[id(embed_module)]}.weight" if embed_module is not None else None
+    head = f"{names[id(head_module)]}.weight" if head_module is not None else None
+    embed = model_map.disk_name(embed) if embed is not None else None
+    head = model_map.disk_name(head) if head is not None else None
+    tied = bool(getattr(_text_config(hf_config), "tie_word_embeddings", False))
+    if head is not None and not tied and head not in shapes:
+        raise PlanError(
+            f"{config_dir}: config.json says tie_word_embeddings is false but the checkpoint has "
+            f"no '{head}'; the base checkpoint is incomplete"
+        )
+    return ModelLayout(embed=embed, head=head, tied=tied and head is not None, conv1d=conv1d,
+                       model_map=model_map)
+
+
+# -- the cache ------------------------------------------------------------------------------
+
+
+def _cache_path(config_dir: Path, shapes: dict[str, tuple[int, ...]]) -> Path | None:
+    """Where the layout of this ``config.json`` (the file transformers reads) and tensor set
+    (names and shapes) is cached; None when the config cannot be read as JSON (then nothing is
+    cached)."""
+    try:
+        config = json.loads((Path(config_dir) / "config.json").read_text())
+        canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (OSError, TypeError, ValueError, UnicodeDecodeError):
+        return None
+    return memo_path("layout", {
+        "format": CACHE_FORMAT, "config": hashlib.sha256(canonical.encode()).hexdigest(),
+        "tensors": hashlib.sha256("\n".join(f"{n}:{list(shapes[n])}" for n in sorted(shapes))
+                                  .encode()).hexdigest(),
+        "transformers": installed_version("transformers")})
+
+
+def _load_cached(path: Path) -> ModelLayout | None:
+    """A cached layout, or None when there is none or it is damaged in any way."""
+    data = read_memo(path)
+    if data is None or data.get("format") != CACHE_FORMAT:
+        return None
+    embed, head, tied, conv1d = (data.get(k) for k in ("embed", "head", "tied", "conv1d"))
+    if not (all(v is None or isinstance(v, str) for v in (embed, head)) and isinstance(tied, bool)
+            and isinstance(conv1d, list) and all(isinstance(n, str) for n in conv1d)):
+        return None
+    try:
+        model_map = ModelMap.from_json(data["model_map"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return ModelLayout(embed=embed, head=head, tied=tied, conv1d=set(conv1d), model_map=model_map)
+
+
+def _store(path: Path, layout: ModelLayout) -> None:
+    write_memo(path, {"format": CACHE_FORMAT, "embed": layout.embed, "head": layout.head,
+                      "tied": layout.tied, "conv1d": sorted(layout.conv1d),
+                      "model_map": layout.model_map.to_json()})
+
+
+def read_param_wrappers(config_dir: Path, adapter_dir: Path) -> dict[str, WrappedParam]:
+    """The parameters an adapter with ``target_parameters`` adapts whole, by adapter module
+    name (its saved keys less ``.lora_A.weight``), as PEFT itself wraps them.
+
+    PEFT is asked directly: its ``get_peft_model`` runs on the base model built on the ``meta``
+    device, so the nesting of several wrapped parameters on one module (``experts.base_layer``
+    is the first one PEFT wrapped), the experts count, the layout and the scale are PEFT's own.
+    """
+    from mergeflow.errors import AdapterError
+
+    try:
+        model, _ = meta_model(config_dir)
+    except Exception as exc:
+        raise PlanError(f"{config_dir}: transformers cannot build this model ({exc}); an adapter "
+                        "with target_parameters needs the model's own code") from exc
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import ParamWrapper
+
+    try:
+        config = LoraConfig.from_pretrained(str(adapter_dir))
+    except Exception as exc:
+        raise AdapterError(f"{adapter_dir / 'adapter_config.json'}: PEFT cannot read it ({exc})") from exc
+    config.inference_mode = True
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, config)
+    wrapped = {}
+    prefix = "base_model.model."
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, ParamWrapper):
+            continue
+        owner = name.removeprefix(prefix).replace(".base_layer", "")
+        param = module.get_param()
+        adapter_name = next(iter(module.r))
+        wrapped[name.removeprefix(prefix)] = WrappedParam(
+            param=f"{owner}.{module.parameter_name}", shape=tuple(param.shape),
+            experts=module.num_experts,
+            b_left=module.num_experts == 1 or module._did_swap_in_out_features,
+            rank=module.r[adapter_name], scale=float(module.scaling[adapter_name]))
+    return wrapped

@@ -1,0 +1,1 @@
+"""The finished folder's small files, card and manifest."""

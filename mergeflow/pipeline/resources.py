@@ -1,0 +1,165 @@
+"""How many layer groups to merge at once, with how many torch threads and how big a block.
+
+:func:`decide` is a pure function of the request (``--workers``, ``--block-size``,
+``--memory-limit``) and of the machine (usable cores, available memory), so it can be tested
+for any machine. The rule:
+
+* **Memory.** Each worker holds about :data:`BUFFERS_PER_WORKER` blocks of working buffers (the
+  read block, its float32 copy, the merged block and the encoded bytes being written), so
+  ``workers x BUFFERS_PER_WORKER x block_bytes`` must fit the budget: ``--memory-limit``, else a
+  quarter of the available memory. When it does not, automatic workers are reduced first, then
+  the block is made smaller (not below :data:`MIN_BLOCK`).
+* **Cores.** Merging is matrix work that torch already spreads over its intra-op threads; two
+  workers fighting over two cores are slower than one worker using both. So below four usable
+  cores one worker is used; above, one worker per two cores (at most :data:`MAX_AUTO_WORKERS`).
+  Each worker gets ``max(1, cpus // workers)`` torch threads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from mergeflow.errors import InputError
+from mergeflow.spec import size_bytes
+
+# Blocks of working memory per worker, at most (mergeflow.engine.stream): the float32 work block,
+# the read buffer and the encoded blocks in the writer's hands (3 for 16-bit models, 4 for
+# float32 in and out).
+BUFFERS_PER_WORKER = 4
+MIN_BLOCK = 2**20  # 1 MiB: below this, per-block overhead dominates
+MAX_AUTO_WORKERS = 8
+MEMORY_SHARE = 4  # the default budget is available memory / MEMORY_SHARE
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a merge runs with: parallel layer groups, row-block size, torch threads each."""
+
+    workers: int
+    block_bytes: int
+    torch_threads: int
+    memory_budget: int | None = None  # bytes the workers' buffers must fit (None: unknown)
+
+    @property
+    def working_bytes(self) -> int:
+        """The buffers' bound: workers x BUFFERS_PER_WORKER x block_bytes."""
+        return self.workers * BUFFERS_PER_WORKER * self.block_bytes
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on (its CPU affinity), else the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def available_memory(meminfo: str = "/proc/meminfo") -> int | None:
+    """``MemAvailable`` in bytes (Linux), else free physical pages; None when unknown."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def decide(workers: int | None, block_bytes: int, memory_limit: int | None,
+           cpus: int | None = None, available: int | None = None) -> Resources:
+    """Choose workers, block size and torch threads (see the module docstring for the rule).
+
+    Args:
+        workers: ``--workers`` (None: automatic).
+        block_bytes: ``--block-size`` in bytes (the largest block; it may be made smaller).
+        memory_limit: ``--memory-limit`` in bytes (None: a quarter of ``available``).
+        cpus: usable cores (None: this process's CPU affinity).
+        available: available memory in bytes (None: read ``/proc/meminfo``).
+
+    Raises:
+        InputError: a value is not positive, or ``--memory-limit`` cannot hold even one block
+            per requested worker.
+    """
+    if workers is not None and workers < 1:
+        raise InputError(f"`workers={workers}`: must be at least 1")
+    if block_bytes <= 0:
+        raise InputError(f"`block_size={block_bytes}`: must be positive")
+    if memory_limit is not None and memory_limit <= 0:
+        raise InputError(f"`memory_limit={memory_limit}`: must be positive")
+    cpus = max(1, cpus if cpus is not None else usable_cpus())
+    if memory_limit is None:
+        available = available if available is not None else available_memory()
+    budget = memory_limit if memory_limit is not None else (
+        available // MEMORY_SHARE if available else None)
+    count = workers if workers is not None else (
+        1 if cpus < 4 else min(MAX_AUTO_WORKERS, cpus // 2))
+    block = block_bytes
+    if budget is not None:
+        if workers is None:  # fewer automatic workers before smaller blocks
+            count = max(1, min(count, budget // (BUFFERS_PER_WORKER * block)))
+        if count * BUFFERS_PER_WORKER * block > budget:
+            block = max(MIN_BLOCK, budget // (count * BUFFERS_PER_WORKER))
+            block = min(block, block_bytes)
+        if count * BUFFERS_PER_WORKER * block > budget and memory_limit is not None:
+            need = count * BUFFERS_PER_WORKER * MIN_BLOCK
+            raise InputError(
+                f"`memory_limit={memory_limit}`: too small for {count} worker(s); each needs "
+                f"{BUFFERS_PER_WORKER} blocks of at least {MIN_BLOCK // 2**20} MiB ({need} bytes "
+                "in all); raise `memory_limit` or lower `workers`")
+    return Resources(workers=count, block_bytes=block, torch_threads=torch_threads(cpus, count),
+                     memory_budget=budget)
+
+
+def for_spec(spec, cpus: int | None = None, available: int | None = None) -> Resources:
+    """:func:`decide` for a :class:`~mergeflow.spec.MergeSpec` (sizes parsed, errors naming
+    the option)."""
+    return decide(spec.workers, size_option(spec.block_size, "block_size"),
+                  size_option(spec.memory_limit, "memory_limit")
+                  if spec.memory_limit is not None else None, cpus=cpus, available=available)
+
+
+def size_option(text: str | int, option: str) -> int:
+    """A size option (``24MiB``, ``5gb``, ``1000000``) in bytes, via
+    :func:`mergeflow.spec.size_bytes` (the parser the spec validates with).
+
+    Raises:
+        InputError: naming ``option`` (a MergeSpec field name, in backticks).
+    """
+    try:
+        return size_bytes(text)
+    except ValueError as exc:
+        raise InputError(f"`{option}` {exc}") from None
+
+
+def torch_threads(cpus: int, workers: int) -> int:
+    """Intra-op threads per worker: the cores left once each worker's writer thread (which
+    writes and sha256-hashes at about a core's speed) has one, shared out. More would
+    oversubscribe the cores, and OpenMP's spinning threads then stall each other: on 2 busy
+    cores a merge measured 6x slower with 2 torch threads than with 1."""
+    return max(1, (cpus - workers) // workers)
+
+
+def apply_threads(decided: Resources) -> None:
+    """Give torch at most ``decided.torch_threads`` intra-op threads (never more than it has;
+    ``OMP_NUM_THREADS`` or ``MERGEFLOW_TORCH_THREADS``, when set, win)."""
+    import torch
+
+    wanted = os.environ.get("MERGEFLOW_TORCH_THREADS")
+    if wanted is None and os.environ.get("OMP_NUM_THREADS"):
+        return
+    threads = int(wanted) if wanted else decided.torch_threads
+    if wanted or threads < torch.get_num_threads():
+        torch.set_num_threads(max(1, threads))
+
+
+def limit_threads(workers: int = 1) -> None:
+    """:func:`apply_threads` for ``workers`` merging at once on this machine's cores (a task
+    runner's worker, which knows no spec)."""
+    cpus = usable_cpus()
+    apply_threads(Resources(workers=workers, block_bytes=MIN_BLOCK,
+                            torch_threads=torch_threads(cpus, workers)))

@@ -1,0 +1,50 @@
+"""The results the pipeline's steps pass to one another and to their callers: small pydantic
+models (and paths inside them), never tensors, so a Prefect task can return and persist them."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from mergeflow.engine.stream import ShardResult
+from mergeflow.pipeline.verification import VerifyReport
+from mergeflow.remote.publish import PublishResult
+
+__all__ = ["MergeReport", "PreparedMerge", "PublishResult", "ShardResult", "VerifyReport"]
+
+
+class PreparedMerge(BaseModel):
+    """The result of planning: where the plan lives and whether there is anything to do."""
+
+    out: str
+    staging: str
+    plan_path: str
+    fingerprint: str
+    up_to_date: bool
+    shard_count: int
+    tensor_count: int
+    total_size: int
+
+
+class MergeReport(BaseModel):
+    """What a merge did, for people: printed by the CLI, stored in the manifest."""
+
+    out: str
+    status: str  # "merged" or "up-to-date"
+    dtype: str
+    shards: int
+    tensors: int
+    total_size: int
+    lora_modules: int
+    replaced_tensors: int
+    lora_biases: int
+    variant: str
+    notes: list[str] = []
+    save_method: str = "merged_16bit"
+    shards_resumed: int = 0  # shards an interrupted earlier run had already written
+
+    def durable(self) -> dict:
+        """The fields that describe the output itself (stored in the manifest and model card);
+        how this particular run got there (resumed groups, paths) is left out."""
+        return self.model_dump(exclude={"out", "status", "shards_resumed"})
+
+

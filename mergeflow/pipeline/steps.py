@@ -1,0 +1,622 @@
+"""The pipeline's steps: prepare, run each shard, finalize, verify, publish, upload (and the
+low-disk and GGUF variants). :mod:`mergeflow.pipeline.order` says which run and in what order.
+
+The steps take and return paths and small models only, so an orchestrator (the Prefect flow in
+``flows/``) can run shards as separate tasks, in parallel, on other machines, and resume them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergeflow import faults
+from mergeflow.engine.stream import Progress, TensorSource, open_source, write_shard
+from mergeflow.errors import (
+    NOTHING_STAGED,
+    DiskSpaceError,
+    InputError,
+    MergeError,
+    NotEnoughDiskSpace,
+    OptionsError,
+    TransientError,
+    TransientUploadError,
+    UploadError,
+    VerificationError,
+    disk_full_error,
+    staging_kept,
+)
+from mergeflow.model.adapter import Adapter, load_adapter
+from mergeflow.model.checkpoint import INDEX_FILES, Checkpoint
+from mergeflow.model.layout import read_layout, read_param_wrappers
+from mergeflow.model.quant import QuantizedBase, detect
+from mergeflow.model.vocab import set_config_field
+from mergeflow.output.folder import (
+    INDEX_FILE,
+    MANIFEST,
+    TOKENIZER_FILES,
+    check_existing_output,
+    check_output_location,
+    copy_processor,
+    copy_tokenizer,
+    find_tokenizer,
+    hub_base_model,
+    model_card,
+    output_config,
+    read_manifest,
+    require_config,
+    write_json,
+)
+from mergeflow.pipeline import preflight, resources
+from mergeflow.pipeline.results import MergeReport, PreparedMerge, ShardResult, VerifyReport
+from mergeflow.pipeline.verification import verify_output, verify_shard
+from mergeflow.plan import (
+    DTYPE_CHOICES,
+    MergePlan,
+    Planner,
+    parse_size,
+    resolve_dtype,
+)
+from mergeflow.remote.fetch import base_from_adapter, resolve_source
+from mergeflow.remote.publish import PublishResult, open_publisher
+from mergeflow.remote.publish import publish as publish_folder
+from mergeflow.spec import MergeSpec
+from mergeflow.storage.hashing import HashCache, fingerprint_files, identify_files, prefetch, sha256_file
+from mergeflow.storage.staging import Staging, atomic_write, fsync_file
+from mergeflow.version import __version__
+
+DTYPE_LABELS = {v: k for k, v in DTYPE_CHOICES.items()}
+
+
+def _resolve_tokenizer(spec: MergeSpec, adapter: Path, base: Path) -> Path | None:
+    if spec.no_tokenizer:
+        return None
+    if spec.tokenizer is not None:
+        folder = Path(spec.tokenizer)
+        if find_tokenizer([folder]) is None:
+            raise InputError(f"`tokenizer={folder}`: holds no tokenizer.json or "
+                             "tokenizer_config.json")
+        return folder
+    folder = find_tokenizer([adapter, base])
+    if folder is None:
+        raise InputError(
+            f"no tokenizer in {adapter} or {base}: pass `tokenizer=PATH` (the tokenizer you "
+            "trained with), or `no_tokenizer=True` to publish a model without one"
+        )
+    return folder
+
+
+def tokenizer_length(folder: Path) -> int:
+    """``len(tokenizer)``: the token ids the model must be able to embed (computed without
+    transformers where possible; see :mod:`mergeflow.model.tokenizer`)."""
+    from mergeflow.model.tokenizer import tokenizer_length as length
+
+    return length(folder)
+
+
+def text_config(config: dict) -> dict:
+    """The part of config.json that describes the language model (nested in multimodal ones)."""
+    nested = config.get("text_config")
+    return nested if isinstance(nested, dict) else config
+
+
+def _input_files(base: Checkpoint, adapter: Adapter, tokenizer: Path | None,
+                 original: Checkpoint | None = None) -> dict[str, tuple[Path, list[str]]]:
+    """Every input file that determines the output, by role: (folder, file names)."""
+    files = {"base": (base.folder, [*base.files, "config.json", "generation_config.json",
+                                    *INDEX_FILES]),
+             "adapter": (adapter.folder, [adapter.weights_file, "adapter_config.json"])}
+    if tokenizer is not None:
+        files["tokenizer"] = (tokenizer, list(TOKENIZER_FILES))
+    if original is not None:
+        files["original"] = (original.folder, [*original.files, "config.json", *INDEX_FILES])
+    return files
+
+
+def _input_identities(files: dict[str, tuple[Path, list[str]]]) -> dict[str, dict[str, str]]:
+    """What the plan records of its inputs (size and mtime, or a cache-known sha256), so
+    planning never waits for a hash; the sha256 of every file is computed meanwhile on a
+    background thread (:func:`mergeflow.storage.hashing.prefetch`) for the manifest."""
+    identities = {role: identify_files(folder, names) for role, (folder, names) in files.items()}
+    prefetch(folder / name for role, (folder, _) in files.items() for name in identities[role])
+    return identities
+
+
+def _input_sha256(plan: MergePlan) -> dict[str, dict[str, str]]:
+    """sha256 of every input file the plan identifies (from the memo, the background hashes
+    or the Hugging Face cache's blob names when possible)."""
+    folders = {"base": plan.base, "adapter": plan.adapter, "original": plan.original,
+               "tokenizer": plan.options.get("tokenizer")}
+    cache = HashCache()
+    sums = {role: fingerprint_files(Path(str(folders[role])), list(names), cache)
+            for role, names in plan.inputs.items()}
+    cache.save()
+    return sums
+
+
+def resolve_inputs(spec: MergeSpec) -> tuple[Path, Path]:
+    """Local folders for the adapter and the base (``hf://`` and ``s3://`` are fetched into the
+    cache); without ``spec.base``, the base is the one the adapter's config names.
+
+    Raises:
+        InputError: a reference cannot be resolved, or no base is given or named.
+        TransientError: the network failed in a way worth retrying.
+    """
+    adapter_dir = resolve_source(spec.adapter)
+    base_ref = spec.base or base_from_adapter(adapter_dir)
+    if not base_ref:
+        raise InputError(f"{adapter_dir / 'adapter_config.json'}: base_model_name_or_path is "
+                         "empty; pass `base=PATH` (or hf://org/name, s3://bucket/prefix)")
+    return resolve_source(base_ref), adapter_dir
+
+
+def _disk_full_is_disk_space_error(staging_of: Callable[..., str | Path | None]):
+    """Decorate a step that writes: a full disk (ENOSPC / EDQUOT) escaping it as an ``OSError``
+    becomes a :class:`DiskSpaceError` naming the file, and every DiskSpaceError of the step says
+    that the staging folder (``staging_of(*args, **kwargs)``; None: nothing staged yet) is kept
+    and a rerun resumes. The preflight's refusal (:class:`NotEnoughDiskSpace`) passes as it is."""
+    def decorate(step):
+        @functools.wraps(step)
+        def run(*args, **kwargs):
+            try:
+                return step(*args, **kwargs)
+            except NotEnoughDiskSpace:
+                raise
+            except (DiskSpaceError, OSError) as exc:
+                staging = staging_of(*args, **kwargs)
+                kept = staging_kept(staging) if staging is not None else NOTHING_STAGED
+                if isinstance(exc, DiskSpaceError):
+                    if "staging folder" in str(exc):
+                        raise
+                    raise DiskSpaceError(f"{exc}; {kept}") from exc
+                error = disk_full_error(exc, staging or "the disk", kept)
+                if error is None:
+                    raise
+                raise error from exc
+        return run
+    return decorate
+
+
+def _staging_of_plan(plan_path: str | Path, *args, **kwargs) -> Path:
+    return Staging.from_plan(plan_path).folder
+
+
+def _staging_of_prepared(prepared: PreparedMerge, *args, **kwargs) -> str:
+    return prepared.staging
+
+
+def publish_options(spec: MergeSpec) -> dict[str, object]:
+    """The sink options a spec sets (None: not set, so not passed)."""
+    return {"private": spec.private or None, "revision": spec.revision,
+            "create_pr": spec.create_pr or None, "commit_message": spec.commit_message,
+            "sse": spec.s3_sse, "kms_key_id": spec.s3_kms_key_id}
+
+
+def upload(spec: MergeSpec) -> PublishResult:
+    """Publish the finished output folder to ``spec.push_to`` (skipping what is already there).
+
+    Raises:
+        SinkError: the destination cannot be used; TransientError: worth retrying.
+    """
+    return publish_folder(Path(spec.out), spec.push_to, **publish_options(spec))
+
+
+def upload_error(spec: MergeSpec, exc: MergeError) -> UploadError:
+    """A failed :func:`upload` of an output already published to ``spec.out``, as the error
+    that says what is published and what is not (transient when ``exc`` was)."""
+    kind = TransientUploadError if isinstance(exc, TransientError) else UploadError
+    return kind(f"{spec.out} is published and holds the finished merge, but publishing it to "
+                f"{spec.push_to} failed, so {spec.push_to} does not hold it (its manifest goes "
+                f"last): {exc}. Rerun the same command to upload it; the merge is not redone")
+
+
+def upload_published(spec: MergeSpec) -> PublishResult:
+    """:func:`upload`, once ``spec.out`` is published.
+
+    Raises:
+        UploadError: saying what is published and what is not (TransientUploadError when the
+            cause was transient).
+    """
+    try:
+        return upload(spec)
+    except MergeError as exc:
+        raise upload_error(spec, exc) from exc
+
+
+@_disk_full_is_disk_space_error(lambda spec: None)
+def prepare(spec: MergeSpec) -> PreparedMerge:
+    """Read headers, plan and validate the whole merge, and set up its staging folder.
+
+    Raises:
+        InputError: any problem with the inputs or the output location, before a byte is written.
+    """
+    _check_method_options(spec)
+    base_dir, adapter_dir = resolve_inputs(spec)
+    out = Path(spec.out)
+    original_dir = resolve_source(spec.original_base) if spec.original_base else None
+    check_output_location(out, [base_dir, adapter_dir, *([original_dir] if original_dir else [])])
+    config = require_config(base_dir)
+    base = Checkpoint(base_dir)
+    quantized = detect(config, base)
+    _check_quantized_options(spec, quantized)
+    original, original_config = _open_original(original_dir)
+    adapter = load_adapter(adapter_dir)
+    dtype = _output_dtype(spec, config, base, quantized, original, original_config)
+    tokenizer = _resolve_tokenizer(spec, adapter_dir, base_dir)
+    if spec.save_method == "gguf":  # refused here, before a byte is written
+        from mergeflow.engine.gguf import check_supported
+
+        check_supported(base_dir, tokenizer, spec.gguf_type)
+    view = quantized.logical_view(base) if quantized is not None else base
+    layout = read_layout(base_dir, set(view.tensors), config,
+                         {n: tuple(i.shape) for n, i in view.tensors.items()})
+    wrapped = (read_param_wrappers(base_dir, adapter_dir) if adapter.config.target_parameters
+               else None)
+    plan = Planner(base, adapter, layout, dtype, parse_size(spec.max_shard_size),
+                   tokenizer_len=tokenizer_length(tokenizer) if tokenizer else None,
+                   pad_to_multiple_of=spec.pad_vocab_to_multiple_of,
+                   allow_vocab_shrink=spec.allow_vocab_shrink,
+                   vocab_size=text_config(config).get("vocab_size"),
+                   save_method=spec.save_method, original=original,
+                   quantized=quantized, wrapped=wrapped).plan()
+    plan.inputs = _input_identities(_input_files(base, adapter, tokenizer, original))
+    plan.options = {"dtype": dtype, "max_shard_size": parse_size(spec.max_shard_size),
+                    "pad_vocab_to_multiple_of": spec.pad_vocab_to_multiple_of,
+                    "allow_vocab_shrink": spec.allow_vocab_shrink,
+                    "tokenizer": str(tokenizer) if tokenizer else None, "device": spec.device,
+                    "save_method": spec.save_method, "merge_onto": spec.merge_onto,
+                    "original_base": str(original_dir) if original_dir else None,
+                    "mergeflow": __version__,
+                    **({"gguf_type": spec.gguf_type} if spec.save_method == "gguf" else {})}
+    plan.runtime = {"block_bytes": resources.for_spec(spec).block_bytes}  # within the budget
+    warnings = preflight.check(plan, adapter, out, low_disk=spec.low_disk)  # values, free disk
+    plan.notes.extend(w for w in warnings if w not in plan.notes)  # before the fingerprint
+    fingerprint = plan.fingerprint()
+    up_to_date = check_existing_output(out, fingerprint, spec.overwrite)
+    staging = Staging.for_output(out)
+    if up_to_date:
+        staging.clear_leftovers()
+    else:
+        _prepare_staging(staging, plan, fingerprint)
+    return PreparedMerge(out=str(out), staging=str(staging.folder),
+                         plan_path=str(staging.plan_path), fingerprint=fingerprint,
+                         up_to_date=up_to_date, shard_count=len(plan.shards),
+                         tensor_count=plan.tensor_count, total_size=plan.total_size)
+
+
+def _check_method_options(spec: MergeSpec) -> None:
+    """Option combinations that cannot mean anything, declared by the spec
+    (:meth:`MergeSpec.option_problems`): checked again here, since an updated copy of a spec
+    (``model_copy(update=...)``) is not validated."""
+    problems = spec.option_problems()
+    if problems:
+        raise OptionsError("; ".join(problems))
+
+
+def _check_quantized_options(spec: MergeSpec, quantized: QuantizedBase | None) -> None:
+    if quantized is not None:
+        return
+    if spec.merge_onto == "original":
+        raise InputError(f"`merge_onto=original`: the base {spec.base} is not quantized, so its "
+                         "weights are the original ones; drop `merge_onto` and `original_base`")
+    if spec.save_method == "merged_4bit":
+        raise InputError(f"`save_method=merged_4bit` re-quantizes with the base's own "
+                         f"bitsandbytes settings, but the base {spec.base} is not quantized "
+                         "(its config.json has no quantization_config); use `save_method=merged_16bit`")
+
+
+def _open_original(folder: Path | None) -> tuple[Checkpoint | None, dict]:
+    """The ``original_base`` checkpoint (headers) and its config; it must not be quantized."""
+    if folder is None:
+        return None, {}
+    config = require_config(folder)
+    original = Checkpoint(folder)
+    if detect(config, original) is not None:
+        raise InputError(f"`original_base={folder}`: is itself quantized; pass the 16-bit "
+                         "checkpoint the quantized base was made from")
+    return original, config
+
+
+def _output_dtype(spec: MergeSpec, config: dict, base: Checkpoint,
+                  quantized: QuantizedBase | None, original: Checkpoint | None,
+                  original_config: dict) -> str:
+    """``dtype``, or for "auto": the base's own float dtype; merged onto an original, the
+    original's; a quantized base merged to 16 bits, its ``bnb_4bit_compute_dtype`` (bfloat16 for
+    an 8-bit base); merged_4bit keeps the base's unquantized tensors' dtype."""
+    if spec.dtype != "auto" or quantized is None:
+        return resolve_dtype(spec.dtype, config, base)
+    if original is not None:
+        return resolve_dtype("auto", original_config, original)
+    if spec.save_method == "merged_4bit":
+        return resolve_dtype("auto", config, quantized.logical_view(base))
+    return quantized.compute_dtype() or "BF16"
+
+
+def _prepare_staging(staging: Staging, plan: MergePlan, fingerprint: str) -> None:
+    """Reuse a staging folder of the same plan (resume; a new way to run the same merge only
+    rewrites the plan); otherwise start it afresh (see :meth:`Staging.begin`)."""
+    staging.begin(plan.model_dump_json(indent=1), fingerprint,
+                  lambda text: MergePlan.model_validate_json(text).fingerprint())
+
+
+def finished_shard(staging: Path | str | Staging, filename: str) -> ShardResult | None:
+    """A shard a previous run finished, if its file still matches its recorded sha256
+    (``staging``: the staging folder, as in :attr:`PreparedMerge.staging`)."""
+    if not isinstance(staging, Staging):
+        staging = Staging.from_folder(staging)
+    record = staging.finished(filename)
+    if record is None:
+        return None
+    try:
+        result = ShardResult.model_validate(record)
+    except ValueError:
+        return None
+    return result.model_copy(update={"resumed": True})
+
+
+@_disk_full_is_disk_space_error(_staging_of_plan)
+def run_shard(plan_path: str | Path, index: int, device: str = "cpu",
+              source: TensorSource | None = None, progress: Progress | None = None) -> ShardResult:
+    """Write shard ``index`` of a plan into its staging folder (skipped if already finished)."""
+    faults.checkpoint("before-shard-recorded")
+    plan_path = Path(plan_path)
+    staging = Staging.from_plan(plan_path)
+    plan = MergePlan.load(plan_path)
+    shard = plan.shards[index]
+    done = finished_shard(staging, shard.filename)
+    if done is not None:
+        if progress is not None:
+            for tensor in shard.tensors:
+                progress(tensor)
+        return done
+    source = source or open_source(plan, device=device)
+    result = write_shard(shard, source, staging.folder, progress)
+    staging.record_done(shard.filename, result.model_dump_json())
+    faults.checkpoint("after-shard-recorded")
+    return result
+
+
+def _report(plan: MergePlan, adapter_config: dict, out: str, status: str) -> MergeReport:
+    tensors = [t for s in plan.shards for t in s.tensors]
+    variant = "DoRA" if adapter_config.get("use_dora") else "LoRA"
+    if adapter_config.get("use_rslora"):
+        variant = f"rs{variant}"
+    save_method = str(plan.options.get("save_method", "merged_16bit"))
+    if save_method == "lora":  # the adapter's own tensors, counted by their saved names
+        names = [t.name for t in tensors]
+        counts = (sum(n.endswith((".lora_A.weight", ".lora_embedding_A")) for n in names),
+                  sum("lora_" not in n and "token_adapter" not in n for n in names),
+                  sum(n.endswith(".lora_B.bias") for n in names))
+    else:
+        counts = (sum(t.lora is not None for t in tensors), sum(t.from_adapter for t in tensors),
+                  sum(t.lora_bias is not None for t in tensors))
+    return MergeReport(
+        out=out, status=status, dtype=DTYPE_LABELS.get(plan.dtype, plan.dtype),
+        shards=len(plan.shards), tensors=sum(len(t.outputs()) for t in tensors),
+        total_size=plan.total_size, lora_modules=counts[0], replaced_tensors=counts[1],
+        lora_biases=counts[2], variant=variant, notes=list(plan.notes), save_method=save_method,
+    )
+
+
+@_disk_full_is_disk_space_error(_staging_of_prepared)
+def finalize(prepared: PreparedMerge, results: list[ShardResult]) -> MergeReport:
+    """Write config, tokenizer, index, model card and - last - the manifest, in staging."""
+    staging, out = Path(prepared.staging), Path(prepared.out)
+    plan = MergePlan.load(Path(prepared.plan_path))
+    base, adapter = Path(plan.base), Path(plan.adapter)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    report = _report(plan, adapter_config, str(out), "merged")
+    if report.save_method == "lora":
+        shutil.copyfile(adapter / "adapter_config.json", staging / "adapter_config.json")
+    else:
+        _write_model_config(plan, base, staging, keep_quantization=report.save_method == "merged_4bit")
+    tokenizer = plan.options.get("tokenizer")
+    if tokenizer:
+        copy_tokenizer(Path(tokenizer), staging)
+    if report.save_method != "lora":
+        copy_processor(base, staging)
+    if len(plan.shards) > 1:
+        write_json(staging / INDEX_FILE, {
+            "metadata": {"total_size": plan.total_size},
+            "weight_map": {name: s.filename for s in plan.shards for t in s.tensors
+                           for name, _, _ in t.outputs()},
+        })
+    base_model = hub_base_model(base, adapter_config.get("base_model_name_or_path"))
+    (staging / "README.md").write_text(model_card(base_model, adapter.name, report.durable(),
+                                                  adapter_only=report.save_method == "lora",
+                                                  base_folder=base))
+    _write_manifest(staging, plan, prepared.fingerprint, report, results)
+    report.shards_resumed = sum(r.resumed for r in results)
+    return report
+
+
+def verify(prepared: PreparedMerge, device: str = "cpu",
+           results: list[ShardResult] | None = None) -> VerifyReport:
+    """Verify the finalized staging folder against its plan (see :mod:`mergeflow.pipeline.verification`).
+
+    ``results``: the shards this run wrote or checked for resume; their writers' sha256 is
+    trusted, so the shards are not read again just to hash them.
+    """
+    plan = MergePlan.load(Path(prepared.plan_path))
+    trusted = {r.filename: r.sha256 for r in results or []}
+    return verify_output(Path(prepared.staging), plan, open_source(plan, device=device), trusted)
+
+
+@_disk_full_is_disk_space_error(_staging_of_prepared)
+def publish_output(prepared: PreparedMerge) -> None:
+    """Move the finished staging folder to the output path with one durable rename."""
+    Staging.for_output(prepared.out).publish()
+
+
+def _write_model_config(plan: MergePlan, base: Path, staging: Path, keep_quantization: bool) -> None:
+    """config.json (dtype, vocab and tie updates; quantization_config only for merged_4bit)
+    and generation_config.json of a merged model."""
+    config = output_config(require_config(base), DTYPE_LABELS[plan.dtype], keep_quantization)
+    for key, value in plan.config_updates.items():
+        set_config_field(config, key, value)
+    write_json(staging / "config.json", config)
+    if (base / "generation_config.json").is_file():
+        shutil.copyfile(base / "generation_config.json", staging / "generation_config.json")
+
+
+def _write_manifest(staging: Path, plan: MergePlan, fingerprint: str, report: MergeReport,
+                    results: list[ShardResult]) -> None:
+    # Shards are described by their write results (in low-disk mode they are already shipped
+    # and gone); every other file by its bytes on disk.
+    files = {r.filename: {"size": r.size, "sha256": r.sha256} for r in results}
+    for path in staging.iterdir():
+        # A manifest left by a run killed before publishing is about to be replaced.
+        if path.is_file() and not path.name.startswith(".") and path.name not in files \
+                and path.name != MANIFEST:
+            fsync_file(path)  # the manifest may only name data that is on the disk
+            files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    files = dict(sorted(files.items()))
+    manifest = {
+        "format": "mergeflow-manifest/1",
+        "mergeflow_version": __version__,
+        "plan_fingerprint": fingerprint,
+        "files": files,
+        "inputs": {"base": plan.base, "adapter": plan.adapter, "sha256": _input_sha256(plan)},
+        "options": plan.options,
+        "report": report.durable(),
+    }
+    faults.checkpoint("before-manifest")
+    atomic_write(staging / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    faults.checkpoint("after-manifest")
+
+
+@_disk_full_is_disk_space_error(_staging_of_prepared)
+def write_gguf_output(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
+    """``save_method="gguf"``: stream the merge into one GGUF file in staging (see
+    :mod:`mergeflow.engine.gguf`), check it (``spec.verify``), then write the Ollama Modelfile,
+    the model card and - last - the manifest. :func:`publish_output` publishes it.
+
+    Raises:
+        VerificationError: the file read back does not hold the planned tensors.
+    """
+    from mergeflow.engine import gguf as gguf_export
+
+    staging = Staging.for_output(prepared.out)
+    plan = MergePlan.load(Path(prepared.plan_path))
+    adapter = Path(plan.adapter)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    gguf_type = str(plan.options["gguf_type"])
+    result = gguf_export.write_gguf(plan, open_source(plan, device=spec.device), staging,
+                                    gguf_type, adapter.name)
+    if spec.verify:
+        problems = gguf_export.check_gguf(staging.folder / result.filename, plan, gguf_type)
+        check_verified(prepared, VerifyReport(ok=not problems, files=1, tensors=plan.tensor_count,
+                                                  problems=problems))
+    gguf_export.write_modelfile(staging, result.filename, Path(str(plan.options["tokenizer"])))
+    report = _report(plan, adapter_config, prepared.out, "merged").model_copy(
+        update={"dtype": gguf_type, "shards": 1, "total_size": result.size})
+    base_name = adapter_config.get("base_model_name_or_path") or Path(plan.base).name
+    (staging.folder / "README.md").write_text(model_card(base_name, adapter.name,
+                                                         report.durable()))
+    _write_manifest(staging.folder, plan, prepared.fingerprint, report, [result])
+    return report
+
+
+def up_to_date_report(prepared: PreparedMerge) -> MergeReport:
+    """The report of a merge that was already finished in ``out``."""
+    manifest = read_manifest(Path(prepared.out)) or {}
+    return MergeReport(out=prepared.out, status="up-to-date", **manifest.get("report", {}))
+
+
+def merge_low_disk(prepared: PreparedMerge, spec: MergeSpec,
+                   progress: Progress | None = None) -> tuple[MergeReport, PublishResult]:
+    """Merge straight to ``spec.push_to`` keeping one shard on local disk at a time.
+
+    Each shard is written, verified, published and deleted before the next is written; then the
+    small files and - last - the manifest are published, and the staging folder is removed.
+    A rerun re-creates (byte-identical) shards that are gone locally; the publisher skips the
+    ones already at the destination.
+
+    Raises:
+        VerificationError: a shard failed its checks (it is not published).
+        SinkError, TransientError: from the destination, before any shard was shipped.
+        UploadError, TransientUploadError: the destination failed after some shards were
+            shipped (the message says which are there, and that the manifest is not).
+    """
+    plan = MergePlan.load(Path(prepared.plan_path))
+    staging = Path(prepared.staging)
+    publisher = open_publisher(spec.push_to, **publish_options(spec))
+    source = open_source(plan, device=spec.device)
+    results = []
+    for index, shard in enumerate(plan.shards):
+        result = run_shard(prepared.plan_path, index, spec.device, source, progress)
+        if spec.verify:
+            check_verified(prepared, verify_shard(staging, shard, source))
+        try:
+            publisher.put(staging / shard.filename, result.sha256, result.size)
+        except MergeError as exc:
+            raise _shipping_error(spec, exc, results, len(plan.shards)) from exc
+        (staging / shard.filename).unlink()
+        results.append(result)
+    report = finalize(prepared, results)
+    small = sorted(p for p in staging.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST)
+    try:
+        published = publisher.finish(small, staging / MANIFEST)
+    except MergeError as exc:
+        raise _shipping_error(spec, exc, results, len(plan.shards)) from exc
+    Staging.for_output(prepared.out).remove()
+    report.out = spec.push_to
+    return report, published
+
+
+def _shipping_error(spec: MergeSpec, exc: MergeError, shipped: list[ShardResult],
+                    total: int) -> MergeError:
+    """A low-disk publish that failed: as it is when nothing was shipped yet, else an
+    UploadError saying which shards are at the destination and that its manifest is not."""
+    if not shipped:
+        return exc
+    kind = TransientUploadError if isinstance(exc, TransientError) else UploadError
+    names = ", ".join(r.filename for r in shipped)
+    return kind(f"publishing to {spec.push_to} failed after {len(shipped)} of {total} shards "
+                f"were shipped ({names}); the rest and the manifest are not there, so "
+                f"{spec.push_to} is not a finished model and nothing is published locally: {exc}. "
+                "Rerun the same command to go on (shards already there are skipped)")
+
+
+def check_verified(prepared: PreparedMerge, report: VerifyReport) -> None:
+    """Raise when verification failed; the staging folder is then left unpublished.
+
+    Raises:
+        VerificationError: with the first problems found.
+    """
+    if not report.ok:
+        raise VerificationError(f"{prepared.staging}: verification failed, output not "
+                                "published: " + "; ".join(report.problems[:5]))
+
+
+@dataclass(frozen=True)
+class ShardState:
+    """One shard of a prepared merge, as an orchestrator schedules it."""
+
+    index: int
+    filename: str
+    holds_vocab: bool  # the group with the embedding and head (resized, untied)
+    finished: ShardResult | None  # written and checksum-verified by an earlier run
+
+
+def shard_states(prepared: PreparedMerge) -> list[ShardState]:
+    """Every shard of a prepared merge, in order, with what an earlier run already finished."""
+    plan = MergePlan.load(Path(prepared.plan_path))
+    staging = Staging.from_folder(prepared.staging)
+    return [ShardState(i, s.filename, i in plan.vocab_groups, finished_shard(staging, s.filename))
+            for i, s in enumerate(plan.shards)]
+
+
+def resolved_base(prepared: PreparedMerge) -> str | None:
+    """The base folder the merge reads (resolved from ``spec.base`` or the adapter's config):
+    from the plan, or for a finished output from its manifest."""
+    plan_path = Path(prepared.plan_path)
+    if plan_path.is_file():
+        return MergePlan.load(plan_path).base
+    manifest = read_manifest(Path(prepared.out)) or {}
+    return (manifest.get("inputs") or {}).get("base")

@@ -1,0 +1,1 @@
+"""hf:// and s3:// locations: fetching inputs and publishing outputs."""

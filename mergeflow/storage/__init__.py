@@ -1,0 +1,1 @@
+"""Staging, durable writes, hashing and small on-disk memos."""

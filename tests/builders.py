@@ -1,0 +1,272 @@
+"""Tiny real models, tokenizers and adapters, built locally.
+
+Used by the demo, the tests and the benchmarks: nothing here downloads anything. Models are real
+``transformers`` architectures with random weights; adapters are real PEFT adapters with random
+(non-zero) LoRA weights, saved the way a training run saves them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    Phi3Config,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def save_tokenizer(folder: Path | str, vocab_size: int, extra_tokens: int = 0) -> Path:
+    """A word-level tokenizer with ``vocab_size`` tokens (+ ``extra_tokens`` added special ones),
+    special tokens and a chat template, saved with ``save_pretrained``."""
+    folder = Path(folder)
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for i in range(len(specials), vocab_size):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+    if extra_tokens:
+        fast.add_special_tokens(
+            {"additional_special_tokens": [f"<|extra_{i}|>" for i in range(extra_tokens)]})
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return folder
+
+
+#: Split regexes of byte-level BPE pre-tokenizers (as Hugging Face tokenizer.json stores them).
+BPE_SPLITS = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+             r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+CHAT_SPECIALS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def _corpus() -> list[str]:
+    text = ("the model merges a small adapter into its base and writes one file that llama "
+            "runs quickly on every machine , with numbers 12 345 and 2024 ! hello world ? it is "
+            "done . we've said they'll go")
+    words = text.split()
+    return [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(200)]
+
+
+def save_bpe_tokenizer(folder: Path | str, vocab_size: int, pre: str = "gpt-2") -> Path:
+    """A real byte-level BPE tokenizer (trained here on a fixed text, offline) with ``<s>``,
+    ``</s>``, ``<pad>``, chat special tokens and a chat template, saved with
+    ``save_pretrained``. ``pre``: "gpt-2" (ByteLevel's own regex) or a :data:`BPE_SPLITS` key."""
+    from tokenizers import Regex, decoders, trainers
+
+    folder = Path(folder)
+    tok = Tokenizer(models.BPE())
+    if pre == "gpt-2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(BPE_SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<pad>", *CHAT_SPECIALS]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return folder
+
+
+def _small(**overrides) -> dict:
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    kw.update(overrides)
+    return kw
+
+
+def model_config(arch: str, **overrides):
+    """A tiny config of one architecture: llama, qwen2 (biases), gemma (tied, norms stored
+    w - 1), gpt2 (Conv1D), phi3 (fused)."""
+    if arch == "llama":
+        return LlamaConfig(**_small(**{"tie_word_embeddings": False, **overrides}))
+    if arch == "qwen2":
+        return Qwen2Config(**_small(**{"tie_word_embeddings": True, **overrides}))
+    if arch == "gemma":
+        return GemmaConfig(**_small(**{"head_dim": 16, "tie_word_embeddings": True, **overrides}))
+    if arch == "phi3":
+        return Phi3Config(**_small(tie_word_embeddings=False, pad_token_id=0, **overrides))
+    if arch == "gpt2":
+        kw = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+        kw.update(overrides)
+        return GPT2Config(**kw)
+    if arch in MORE_ARCHS:
+        return MORE_ARCHS[arch](**overrides)
+    raise ValueError(f"unknown architecture {arch!r}")
+
+
+def _mixtral(**overrides):
+    from transformers import MixtralConfig
+
+    return MixtralConfig(**_small(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
+                                  tie_word_embeddings=False, **overrides))
+
+
+def _qwen3_moe(**overrides):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(**_small(moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                                   decoder_sparse_step=1, mlp_only_layers=[],
+                                   tie_word_embeddings=False, **overrides))
+
+
+def _qwen2_moe(**overrides):
+    """Qwen2-MoE: a router (``mlp.gate``, a bare weight), stacked experts, and a shared expert
+    with its own gate (``nn.Linear`` modules)."""
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(**_small(moe_intermediate_size=48, shared_expert_intermediate_size=96,
+                                   num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+                                   mlp_only_layers=[], tie_word_embeddings=False, **overrides))
+
+
+def _gpt_neox(**overrides):
+    from transformers import GPTNeoXConfig
+
+    kw = _small(tie_word_embeddings=False)
+    kw.pop("num_key_value_heads")
+    kw.update(overrides)
+    return GPTNeoXConfig(**kw)
+
+
+def _llava(**overrides):
+    from transformers import LlavaConfig
+
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+    return LlavaConfig(text_config=LlamaConfig(**_small(**overrides)).to_dict(),
+                       vision_config=vision, image_token_index=127)
+
+
+MORE_ARCHS = {"mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "qwen2_moe": _qwen2_moe,
+              "gpt_neox": _gpt_neox, "llava": _llava}
+
+
+def model_class_of(folder: Path | str):
+    """The transformers class a saved model was built with (``architectures``)."""
+    from transformers import AutoConfig
+
+    from mergeflow.model.layout import model_class
+
+    return model_class(AutoConfig.from_pretrained(folder))
+
+
+def build_base(folder: Path | str, arch: str = "llama", *, dtype: torch.dtype = torch.float32,
+               seed: int = 0, max_shard_size: str | None = None, tokenizer: bool = True,
+               **overrides) -> Path:
+    """Build and save a tiny random model (and its tokenizer) with ``save_pretrained``."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    config = model_config(arch, **overrides)
+    if arch == "llava":
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    if tokenizer:
+        save_tokenizer(folder, config.get_text_config().vocab_size)
+    return folder
+
+
+def build_quantized_base(original: Path | str, folder: Path | str, *, bits: int = 4,
+                         quant_type: str = "nf4", double_quant: bool = False,
+                         compute_dtype: torch.dtype = torch.float32,
+                         max_shard_size: str | None = None) -> Path:
+    """Quantize a saved model with bitsandbytes, as ``from_pretrained(quantization_config=...)``
+    does, and save the quantized checkpoint (tokenizer files copied along).
+
+    Args:
+        original: a full-precision model folder (e.g. from :func:`build_base`); hidden sizes
+            must be multiples of 64 for bitsandbytes' CPU 4-bit forward pass.
+        folder: where to save the quantized model.
+        bits: 4 (``load_in_4bit``) or 8 (``load_in_8bit``, LLM.int8).
+        quant_type, double_quant, compute_dtype: the ``bnb_4bit_*`` settings (4-bit only).
+        max_shard_size: shard the quantized save (e.g. "100KB").
+    """
+    from transformers import BitsAndBytesConfig
+
+    original, folder = Path(original), Path(folder)
+    if bits == 4:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                    bnb_4bit_use_double_quant=double_quant,
+                                    bnb_4bit_compute_dtype=compute_dtype)
+    elif bits == 8:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        raise ValueError(f"bits must be 4 or 8, not {bits}")
+    model = AutoModelForCausalLM.from_pretrained(original, quantization_config=config,
+                                                 device_map="cpu")
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    for path in original.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def _randomize_trained_parts(peft_model, seed: int) -> None:
+    """Give every trainable tensor a non-trivial value, as a training run would."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if not param.requires_grad:
+                continue
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.1 * noise.to(param.dtype))
+            elif "lora_" in name:
+                continue  # init_lora_weights=False already made A and B random
+            else:
+                param.add_(0.05 * noise.to(param.dtype))
+        for name, param in peft_model.named_parameters():
+            if name.endswith("lora_B.default.bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+
+
+def build_adapter(base: Path | str, folder: Path | str, *, seed: int = 0,
+                  save_tokenizer_too: bool = False, **lora_kwargs) -> Path:
+    """Train-free adapter: PEFT's ``get_peft_model`` with random LoRA weights, saved by PEFT.
+
+    ``lora_kwargs`` go to ``LoraConfig`` (``init_lora_weights`` defaults to False so B != 0).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    model = model_class_of(base).from_pretrained(base)
+    lora_kwargs.setdefault("init_lora_weights", False)
+    lora_kwargs.setdefault("r", 4)
+    lora_kwargs.setdefault("lora_alpha", 8)
+    peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
+    _randomize_trained_parts(peft_model, seed)
+    peft_model.save_pretrained(folder)
+    if save_tokenizer_too:
+        for name in Path(base).iterdir():
+            if name.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                (folder / name.name).write_bytes(name.read_bytes())
+    return folder
