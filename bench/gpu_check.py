@@ -167,7 +167,7 @@ def environment() -> dict:
 
 
 def gpu_test_files() -> list[str]:
-    return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
+    return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")
                   if "mark.gpu" in p.read_text())
 
 

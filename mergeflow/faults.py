@@ -4,7 +4,7 @@
 ``finally``, like a power cut or the OOM killer) the ``n``-th time it reaches the named point.
 ``MERGEFLOW_FAULT_AT=<point>:<n>:pause`` instead holds the thread that reaches it there for
 good (the rest of the process goes on), so a test can interrupt a merge at a known point with a
-real signal (``tests/test_interrupt.py``).
+real signal (``tests/scenarios/test_interrupt.py``).
 When the variable is unset, :func:`checkpoint` costs one environment lookup. This module is a
 leaf (``os`` and ``signal`` only); the core calls it inline at its boundaries:
 

@@ -1,6 +1,6 @@
 """deployments/prefect.yaml, the Kubernetes pool template, the finished-adapter scan and the
 watcher flow (issue 7). The watcher runs against the session's Prefect server; the merge runs it
-starts are only created here (no worker): tests/test_e2e_prefect.py executes them for real."""
+starts are only created here (no worker): tests/scenarios/test_e2e_prefect.py executes them for real."""
 
 from __future__ import annotations
 
