@@ -56,6 +56,7 @@ def size(path: Path) -> int:
 def build(work: Path, hidden: int, layers: int, vocab: int) -> None:
     """The bench's bf16 Llama base (with a byte-level BPE tokenizer) and a rank-16 adapter."""
     import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from builders import build_adapter, build_base, save_bpe_tokenizer
 
     base = build_base(work / "base", "llama", tokenizer=False, dtype=torch.bfloat16,

@@ -95,6 +95,7 @@ def build_base(args, folder: Path) -> Path:
                          num_key_value_heads=max(1, args.hidden // 512), vocab_size=args.vocab,
                          tie_word_embeddings=False, max_position_embeddings=256)
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from builders import save_tokenizer
 
     save_tokenizer(folder, 128)

@@ -55,12 +55,12 @@ def size_bytes(text: str | int) -> int:
     return size
 
 
-def format_size(size: float) -> str:
+def format_size(size: float, digits: int = 2) -> str:
     """Bytes for people in the largest decimal unit that keeps the figure at least 1:
     ``512 B``, ``2.05 KB``, ``35.7 MB``, ``1.20 GB`` (never ``0.00 GB``)."""
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if size >= scale:
-            return f"{size / scale:.2f} {unit}"
+            return f"{size / scale:.{digits}f} {unit}"
     return f"{int(size)} B"
 
 

@@ -4,6 +4,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tests/builders.py
 from builders import build_adapter, build_base
 
 work = Path(sys.argv[1] if len(sys.argv) > 1 else "demo-out")

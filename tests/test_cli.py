@@ -210,7 +210,7 @@ def test_every_spec_field_is_a_merge_flag_with_its_default_and_help():
     after it, with the field's default and its description as the help."""
     from rich.markup import escape
 
-    from mergeflow.cli.app import cli_words
+    from mergeflow.cli.words import cli_words
     from mergeflow.spec import MergeSpec
 
     params = _merge_params()

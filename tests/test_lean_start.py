@@ -105,11 +105,11 @@ def test_a_local_cli_merge_runs_in_process_without_prefect(tiny, tmp_path):
 def test_layout_is_cached_and_a_damaged_entry_is_harmless(arch, make_base, tmp_path, monkeypatch):
     from mergeflow.model import layout
     from mergeflow.model.checkpoint import Checkpoint
-    from mergeflow.output.folder import require_config
+    from mergeflow.model.config import base_config
 
     monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path))
     base = make_base(arch)
-    names, config = set(Checkpoint(base).tensors), require_config(base)
+    names, config = set(Checkpoint(base).tensors), base_config(base)
     fresh = layout.read_layout(base, names, config)
     assert fresh.embed is not None and (arch != "gpt2" or fresh.conv1d)
     [entry] = (tmp_path / "layout").glob("*.json")

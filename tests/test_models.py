@@ -422,7 +422,7 @@ def test_fused_experts_across_shards(tmp_path_factory, input_ids, tmp_path):
     all its experts, and no block holds more than its share of rows."""
     from builders import build_adapter
 
-    from mergeflow.engine.stream import TensorSource
+    from mergeflow.engine.ops import TensorMerger
     from mergeflow.plan import Experts
 
     root = tmp_path_factory.mktemp("gpt_oss_sharded")
@@ -441,7 +441,7 @@ def test_fused_experts_across_shards(tmp_path_factory, input_ids, tmp_path):
     for key in [k for k in merged if k.endswith("_proj") and ".experts." in k]:
         torch.testing.assert_close(merged[key], reference[key], rtol=1e-5, atol=1e-6)
     # gate_up_proj (4, 128, 96): an expert's 128 rows come in two 64-row blocks of 96 columns
-    from mergeflow.engine.stream import open_source
+    from mergeflow.engine.shards import open_merger
     from mergeflow.pipeline.steps import prepare
     from mergeflow.plan import MergePlan
     from mergeflow.spec import MergeSpec
@@ -451,8 +451,8 @@ def test_fused_experts_across_shards(tmp_path_factory, input_ids, tmp_path):
     entry = next(t for s in plan.shards for t in s.tensors
                  if t.name == "model.layers.0.mlp.experts.gate_up_proj")
     assert entry.find(Experts).rows_per_expert == 128
-    source = open_source(plan, block_bytes=8 * 1024)
-    assert isinstance(source, TensorSource)
+    source = open_merger(plan, block_bytes=8 * 1024)
+    assert isinstance(source, TensorMerger)
     blocks = []
     for block, _, release in source.blocks(entry):
         blocks.append(block.clone())
@@ -465,7 +465,7 @@ def test_fused_experts_across_shards(tmp_path_factory, input_ids, tmp_path):
 def test_fused_experts_are_verified_row_by_row(gpt_oss, tmp_path):
     """Verification's sampled-row check covers a fused tensor: the merged output passes, and one
     expert's rows changed (an update applied to the wrong expert) fail it."""
-    from mergeflow.engine.stream import open_source
+    from mergeflow.engine.shards import open_merger
     from mergeflow.pipeline.steps import prepare
     from mergeflow.pipeline.verification import NumericChecker
     from mergeflow.plan import Experts, MergePlan
@@ -482,7 +482,7 @@ def test_fused_experts_are_verified_row_by_row(gpt_oss, tmp_path):
     assert op is not None and op.count == 4 and op.rows_per_expert == 48
     assert entry.row_shape == [4 * 48, 64]
     merged = read_tensors(tmp_path / "out")[entry.name].reshape(entry.row_shape)
-    checker = NumericChecker(open_source(plan))
+    checker = NumericChecker(open_merger(plan))
     rows = checker.sample(entry)
     assert set((rows // 48).tolist()) == {0, 1, 2, 3}  # every expert's rows are looked at
     check = checker.check(entry, merged[rows], rows)
@@ -522,7 +522,7 @@ def test_a_slice_of_fused_experts(gpt_oss):
     from peft import PeftModel
     from peft.tuners.lora.layer import ParamWrapper
 
-    from mergeflow.engine.stream import merge_experts
+    from mergeflow.engine.ops import merge_experts
     from mergeflow.model.modelmap import Axis, Piece, WrappedParam, expert_slice
     from mergeflow.plan.experts import _piece_op
 

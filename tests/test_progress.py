@@ -15,7 +15,7 @@ import torch
 from helpers import REPO, cli_command, cli_env, run_cli
 from safetensors.torch import save_file
 
-from mergeflow.cli.app import (
+from mergeflow.cli.progress import (
     _tensors_in,
     finished_line,
     format_eta,
@@ -109,7 +109,7 @@ def test_the_display_counts_finished_shipped_and_half_written_shards(make_base, 
                                                                      tmp_path):
     """What the bar shows, from a real staging folder: a finished shard counts whole, one shipped
     and deleted (low_disk) by its record, one being written by the tensors its file holds."""
-    from mergeflow.cli.app import _StagingProgress
+    from mergeflow.cli.progress import StagingProgress
     from mergeflow.pipeline import steps as api
     from mergeflow.plan import MergePlan
     from mergeflow.spec import MergeSpec
@@ -121,7 +121,7 @@ def test_the_display_counts_finished_shipped_and_half_written_shards(make_base, 
     prepared = api.prepare(spec)
     plan = MergePlan.load(Path(prepared.plan_path))
     assert len(plan.shards) >= 3
-    progress = _StagingProgress(prepared)
+    progress = StagingProgress(prepared)
     assert progress._written() == (0, 0)
 
     first, second = (api.run_shard(prepared.plan_path, i) for i in range(2))

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import mergeflow
+from mergeflow.engine import codecs
 from mergeflow.errors import CheckpointError, InputError, PlanError
 from mergeflow.model import quant
 from mergeflow.model.checkpoint import Checkpoint
@@ -390,12 +391,12 @@ def test_any_blocksize_dequantizes_and_requantizes(tmp_path, blocksize, nested, 
     assert (spec.blocksize, spec.nested, spec.shape) == (blocksize, nested, [64, 256])
     assert set(found.logical_tensors(base)) == {"layer.weight", "norm.weight"}
     stored = base.read_many(quant.output_keys(spec))
-    weight = quant.dequantize(spec, stored)
+    weight = codecs.dequantize(spec, stored)
     assert torch.equal(weight, want.float())
-    again = quant.requantize(spec, weight)
+    again = codecs.requantize(spec, weight)
     infos = quant.output_infos(spec, base)
     assert [(k, tuple(v.shape)) for k, v in again.items()] == [(i.name, i.shape) for i in infos]
-    assert torch.allclose(quant.dequantize(spec, again), weight, atol=1e-3)
+    assert torch.allclose(codecs.dequantize(spec, again), weight, atol=1e-3)
 
 
 def test_unsupported_storage_fails_at_plan_time(tmp_path):

@@ -4,7 +4,7 @@
 shards, writes one GGUF file with the ``gguf`` package's :class:`gguf.GGUFWriter`: the header,
 the metadata (hyperparameters, tokenizer) and every tensor's info first - the plan knows every
 name, shape and type - then each tensor's data in the same order, produced block by block by
-:meth:`mergeflow.engine.stream.TensorSource.merged_rows` and encoded as it comes (f16, bf16, or q8_0 by
+:meth:`mergeflow.engine.ops.TensorMerger.merged_rows` and encoded as it comes (f16, bf16, or q8_0 by
 ``gguf.quants``). No 16-bit checkpoint is written first, and memory stays at a few row blocks.
 
 What llama.cpp's own converter (``convert_hf_to_gguf.py``) changes per tensor is applied to each
@@ -40,9 +40,11 @@ import numpy as np
 import torch
 
 from mergeflow import faults
-from mergeflow.engine.stream import ShardResult, TensorSource
+from mergeflow.engine.ops import TensorMerger
+from mergeflow.engine.shards import ShardResult
 from mergeflow.errors import AdapterError, InputError
 from mergeflow.math.numerics import all_finite, fits
+from mergeflow.model.config import base_config, text_config
 from mergeflow.model.vocab import set_config_field
 from mergeflow.plan import MergePlan, TensorPlan
 from mergeflow.storage.hashing import sha256_file
@@ -89,11 +91,10 @@ def gguf_filename(gguf_type: str) -> str:
 
 def model_config(plan: MergePlan) -> dict:
     """The merged model's text config: the base's config.json with the plan's updates."""
-    config = json.loads((Path(plan.base) / "config.json").read_text())
+    config = base_config(plan.base)
     for key, value in plan.config_updates.items():
         set_config_field(config, key, value)
-    nested = config.get("text_config")
-    return nested if isinstance(nested, dict) else config
+    return text_config(config)
 
 
 def arch_rule(config: dict, where: Path) -> ArchRule:
@@ -133,8 +134,7 @@ def check_supported(base: Path, tokenizer: Path | None, gguf_type: str) -> None:
     """
     if gguf_type not in GGUF_TYPES:
         raise InputError(f"`gguf_type={gguf_type}`: choose {', '.join(GGUF_TYPES)}")
-    config = json.loads((base / "config.json").read_text())
-    config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    config = text_config(base_config(base))
     arch_rule(config, base)
     rope_type = rope_parameters(config).get("rope_type")
     if rope_type not in _ROPE_TYPES:
@@ -375,10 +375,10 @@ def plan_tensors(plan: MergePlan, config: dict, rule: ArchRule, gguf_type: str) 
     return out
 
 
-def float_blocks(source: TensorSource, plan: TensorPlan, head_rows: int | None
+def float_blocks(source: TensorMerger, plan: TensorPlan, head_rows: int | None
                  ) -> Iterator[torch.Tensor]:
     """The merged tensor as consecutive float32 row blocks (CPU), one block alive at a time:
-    merged in place by :meth:`TensorSource.merged_rows`, read and widened when unchanged, or a
+    merged in place by :meth:`TensorMerger.merged_rows`, read and widened when unchanged, or a
     quantized unit decoded whole. With ``head_rows``, every block holds whole heads."""
     rows = plan.shape[0] if plan.shape else 1
     row_elems = math.prod(plan.shape[1:]) if plan.shape else 1
@@ -426,7 +426,7 @@ def _range_dtype(qtype) -> torch.dtype:
         torch.bfloat16 if name == "BF16" else torch.float32)
 
 
-def write_gguf(plan: MergePlan, source: TensorSource, staging: Staging, gguf_type: str,
+def write_gguf(plan: MergePlan, source: TensorMerger, staging: Staging, gguf_type: str,
                model_name: str) -> ShardResult:
     """Write the merged model as one GGUF file into the staging folder, streaming.
 
@@ -473,7 +473,7 @@ def write_gguf(plan: MergePlan, source: TensorSource, staging: Staging, gguf_typ
     return ShardResult(filename=filename, size=final.stat().st_size, sha256=sha256_file(final))
 
 
-def _write_tensor_data(writer, fout, tensor: GgufTensor, source: TensorSource) -> None:
+def _write_tensor_data(writer, fout, tensor: GgufTensor, source: TensorMerger) -> None:
     """One tensor's data, aligned as GGUFWriter aligns it, block by block."""
     writer.write_padding(fout, fout.tell())
     written = 0

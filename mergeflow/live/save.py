@@ -601,11 +601,11 @@ def _live_pieces(folder: Path, disk: Checkpoint,
     """Each live tensor (in-memory name) -> the disk tensors of ``folder`` that hold it, by the
     checkpoint's model map; a tensor transformers neither renames nor converts is its own
     single piece (so a checkpoint transformers cannot build is compared name for name)."""
+    from mergeflow.model.config import base_config
     from mergeflow.model.layout import read_layout
-    from mergeflow.output.folder import require_config
 
     shapes = {n: tuple(i.shape) for n, i in disk.tensors.items()}
-    model_map = read_layout(folder, set(shapes), require_config(folder), shapes).model_map
+    model_map = read_layout(folder, set(shapes), base_config(folder), shapes).model_map
     found: dict[str, list[Piece]] = {}
     for name, tensor in live.items():
         shape = tuple(tensor.shape)
@@ -659,11 +659,11 @@ def _piece_rows(tensor: torch.Tensor, piece: Piece, start: int, stop: int) -> to
 def _is_original_of(folder: Path, live: dict[str, torch.Tensor]) -> bool:
     """Whether ``folder`` holds an unquantized checkpoint with the live quantized base's
     logical tensor names (the 16-bit model it was quantized from at load)."""
-    from mergeflow.output.folder import require_config
+    from mergeflow.model.config import base_config
 
     try:
         disk = Checkpoint(folder)
-        if _quantization(types.SimpleNamespace(**require_config(folder))):
+        if _quantization(types.SimpleNamespace(**base_config(folder))):
             return False
     except (CheckpointError, InputError):
         return False

@@ -117,8 +117,14 @@ class Adapter:
         return bool(self.config.use_dora)
 
 
-def _read_config(folder: Path) -> tuple[AdapterConfig, dict]:
-    path = folder / CONFIG_FILE
+def read_adapter_config(folder: str | Path) -> dict:
+    """The adapter's ``adapter_config.json`` as PEFT wrote it (a JSON object): the one place it
+    is read; :func:`load_adapter` parses and checks it.
+
+    Raises:
+        AdapterError: the file is missing, unreadable, or not a JSON object (naming it).
+    """
+    path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise AdapterError(f"{path}: not found; point `adapter` at a PEFT adapter folder")
     try:
@@ -127,6 +133,12 @@ def _read_config(folder: Path) -> tuple[AdapterConfig, dict]:
         raise AdapterError(f"{path}: unreadable JSON ({exc}); re-save the adapter") from exc
     if not isinstance(raw, dict):
         raise AdapterError(f"{path}: expected a JSON object; re-save the adapter")
+    return raw
+
+
+def _read_config(folder: Path) -> tuple[AdapterConfig, dict]:
+    path = folder / CONFIG_FILE
+    raw = read_adapter_config(folder)
     peft_type = str(raw.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise AdapterError(

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergeflow.errors import PlanError
+from mergeflow.model.config import read_base_config
 from mergeflow.model.modelmap import ModelMap, WrappedParam, read_model_map
 from mergeflow.storage.memo import installed_version, memo_path, read_memo, write_memo
 
@@ -157,10 +158,12 @@ def _cache_path(config_dir: Path, shapes: dict[str, tuple[int, ...]]) -> Path | 
     """Where the layout of this ``config.json`` (the file transformers reads) and tensor set
     (names and shapes) is cached; None when the config cannot be read as JSON (then nothing is
     cached)."""
+    config = read_base_config(config_dir)
     try:
-        config = json.loads((Path(config_dir) / "config.json").read_text())
         canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (OSError, TypeError, ValueError, UnicodeDecodeError):
+    except (TypeError, ValueError):
+        return None
+    if config is None:
         return None
     return memo_path("layout", {
         "format": CACHE_FORMAT, "config": hashlib.sha256(canonical.encode()).hexdigest(),

@@ -8,13 +8,12 @@ every file with its sha256.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
 from pathlib import Path
 
-from mergeflow.errors import InputError, OutputError
+from mergeflow.errors import OutputError
 from mergeflow.storage.staging import MANIFEST_FILE
 
 MANIFEST = MANIFEST_FILE  # written last: a folder holding it is a finished merge
@@ -158,10 +157,10 @@ def hub_base_model(base_folder: Path | None, named: str | None) -> str | None:
     return hub_repo_id(named)
 
 
-def base_license(base_folder: Path | None) -> dict[str, str]:
+def base_license(base_folder: Path | None, config: dict | None = None) -> dict[str, str]:
     """``license`` (and ``license_name`` / ``license_link`` for "other") of the base's own model
-    card (its README.md front matter), else a ``license`` in its config.json; {} when neither
-    says."""
+    card (its README.md front matter), else a ``license`` in its ``config`` (config.json); {}
+    when neither says."""
     if base_folder is None:
         return {}
     found: dict = {}
@@ -174,11 +173,7 @@ def base_license(base_folder: Path | None) -> dict[str, str]:
         except Exception:  # a malformed card carries no license over; the merge goes on
             found = {}
     if not found.get("license"):
-        try:
-            config = json.loads((Path(base_folder) / "config.json").read_text())
-        except (OSError, ValueError):
-            config = {}
-        found = {"license": config.get("license")} if isinstance(config, dict) else {}
+        found = {"license": (config or {}).get("license")}
     return {k: v for k in ("license", "license_name", "license_link")
             if isinstance(v := found.get(k), str) and v}
 
@@ -194,29 +189,27 @@ def pipeline_tag(config: dict | None) -> str | None:
 
 
 def model_card(base_model: str | None, adapter_name: str | None, report: dict,
-               adapter_only: bool = False, *, base_folder: Path | None = None) -> str:
+               adapter_only: bool = False, *, base_folder: Path | None = None,
+               base_config: dict | None = None) -> str:
     """A README.md model card with Hugging Face metadata and the merge options
     (``adapter_only``: the card of an unmerged adapter export, ``save_method`` lora).
 
     ``base_model``: the base's Hub id (:func:`hub_base_model`) or None, in which case the
     metadata has no ``base_model`` (nor ``base_model_relation``); a local path never goes into
-    the metadata. ``base_folder``: the base read, for its license (:func:`base_license`), its
-    ``pipeline_tag`` and, without a Hub id, the name the text calls it by.
+    the metadata. ``base_folder``: the base read, for its license (:func:`base_license`) and,
+    without a Hub id, the name the text calls it by; ``base_config``: its config.json, for the
+    ``pipeline_tag`` and a license the card does not give.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    config = None
-    if base_folder is not None:
-        with contextlib.suppress(OSError, ValueError):
-            config = json.loads((Path(base_folder) / "config.json").read_text())
     save_method = "lora" if adapter_only else str(report.get("save_method", "merged_16bit"))
     relation = BASE_MODEL_RELATION.get(save_method) if base_model else None
     data = ModelCardData(
         base_model=base_model or None,
         library_name="peft" if adapter_only else "transformers",
-        pipeline_tag=pipeline_tag(config if isinstance(config, dict) else None),
+        pipeline_tag=pipeline_tag(base_config),
         tags=["mergeflow", "lora"] if adapter_only else ["mergeflow", "lora", "merge"],
-        **base_license(base_folder),
+        **base_license(base_folder, base_config),
         **({"base_model_relation": relation} if relation else {}),
     )
     base_text = base_model or (Path(base_folder).name if base_folder is not None else None)
@@ -240,17 +233,3 @@ def model_card(base_model: str | None, adapter_name: str | None, report: dict,
         lines.append(f"- {note}")
     lines += ["", f"Every file's sha256 is listed in `{MANIFEST}`.", ""]
     return ModelCard("\n".join(lines)).content
-
-
-def require_config(base: Path) -> dict:
-    """The base's config.json, which every merged model needs."""
-    path = base / "config.json"
-    if not path.is_file():
-        raise InputError(f"{path}: not found; the base folder needs the model's config.json")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return config

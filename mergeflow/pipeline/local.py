@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from mergeflow.engine.stream import Progress, open_source
+from mergeflow.engine.shards import Progress, open_merger
 from mergeflow.errors import OptionsError
 from mergeflow.pipeline import resources, steps
 from mergeflow.pipeline.order import Carried, run_steps
@@ -153,7 +153,7 @@ def run_shards(prepared: PreparedMerge, spec: MergeSpec,
     workers = min(decided.workers, count)
     resources.apply_threads(decided)  # leave each worker's writer thread a core
     if workers <= 1:
-        source = open_source(plan, device=spec.device)
+        source = open_merger(plan, device=spec.device)
         return [steps.run_shard(prepared.plan_path, i, spec.device, source, progress)
                 for i in range(count)]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergeflow-shard") as pool:

@@ -20,6 +20,7 @@ from mergeflow.errors import InputError, NotEnoughDiskSpace
 from mergeflow.model.adapter import Adapter, check_values
 from mergeflow.output.folder import MANIFEST, TOKENIZER_FILES, read_manifest
 from mergeflow.plan import MergePlan, parse_size
+from mergeflow.spec import format_size
 from mergeflow.storage.staging import Staging
 
 MIN_FREE_ENV = "MERGEFLOW_MIN_FREE_BYTES"
@@ -121,8 +122,5 @@ def _file_size(path: Path) -> int:
 
 
 def _size(n: int) -> str:
-    """Bytes, and a readable figure beside them."""
-    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if n >= scale:
-            return f"{n} bytes ({n / scale:.1f} {unit})"
-    return f"{n} bytes"
+    """Bytes, and a readable figure beside them (:func:`mergeflow.spec.format_size`)."""
+    return f"{n} bytes ({format_size(n, digits=1)})" if n >= 1000 else f"{n} bytes"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from mergeflow.errors import InputError
 from mergeflow.spec import size_bytes
 
-# Blocks of working memory per worker, at most (mergeflow.engine.stream): the float32 work block,
+# Blocks of working memory per worker, at most (mergeflow.engine.readers): the float32 work block,
 # the read buffer and the encoded blocks in the writer's hands (3 for 16-bit models, 4 for
 # float32 in and out).
 BUFFERS_PER_WORKER = 4

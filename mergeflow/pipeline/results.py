@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from mergeflow.engine.stream import ShardResult
+from mergeflow.engine.shards import ShardResult
 from mergeflow.pipeline.verification import VerifyReport
 from mergeflow.remote.publish import PublishResult
 

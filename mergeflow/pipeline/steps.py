@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergeflow import faults
-from mergeflow.engine.stream import Progress, TensorSource, open_source, write_shard
+from mergeflow.engine.ops import TensorMerger
+from mergeflow.engine.shards import Progress, open_merger, write_shard
 from mergeflow.errors import (
     NOTHING_STAGED,
     DiskSpaceError,
@@ -30,8 +31,9 @@ from mergeflow.errors import (
     disk_full_error,
     staging_kept,
 )
-from mergeflow.model.adapter import Adapter, load_adapter
+from mergeflow.model.adapter import Adapter, load_adapter, read_adapter_config
 from mergeflow.model.checkpoint import INDEX_FILES, Checkpoint
+from mergeflow.model.config import base_config, read_base_config, text_config
 from mergeflow.model.layout import read_layout, read_param_wrappers
 from mergeflow.model.quant import QuantizedBase, detect
 from mergeflow.model.vocab import set_config_field
@@ -48,7 +50,6 @@ from mergeflow.output.folder import (
     model_card,
     output_config,
     read_manifest,
-    require_config,
     write_json,
 )
 from mergeflow.pipeline import preflight, resources
@@ -96,12 +97,6 @@ def tokenizer_length(folder: Path) -> int:
     from mergeflow.model.tokenizer import tokenizer_length as length
 
     return length(folder)
-
-
-def text_config(config: dict) -> dict:
-    """The part of config.json that describes the language model (nested in multimodal ones)."""
-    nested = config.get("text_config")
-    return nested if isinstance(nested, dict) else config
 
 
 def _input_files(base: Checkpoint, adapter: Adapter, tokenizer: Path | None,
@@ -239,7 +234,7 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
     out = Path(spec.out)
     original_dir = resolve_source(spec.original_base) if spec.original_base else None
     check_output_location(out, [base_dir, adapter_dir, *([original_dir] if original_dir else [])])
-    config = require_config(base_dir)
+    config = base_config(base_dir)
     base = Checkpoint(base_dir)
     quantized = detect(config, base)
     _check_quantized_options(spec, quantized)
@@ -313,7 +308,7 @@ def _open_original(folder: Path | None) -> tuple[Checkpoint | None, dict]:
     """The ``original_base`` checkpoint (headers) and its config; it must not be quantized."""
     if folder is None:
         return None, {}
-    config = require_config(folder)
+    config = base_config(folder)
     original = Checkpoint(folder)
     if detect(config, original) is not None:
         raise InputError(f"`original_base={folder}`: is itself quantized; pass the 16-bit "
@@ -360,7 +355,7 @@ def finished_shard(staging: Path | str | Staging, filename: str) -> ShardResult 
 
 @_disk_full_is_disk_space_error(_staging_of_plan)
 def run_shard(plan_path: str | Path, index: int, device: str = "cpu",
-              source: TensorSource | None = None, progress: Progress | None = None) -> ShardResult:
+              source: TensorMerger | None = None, progress: Progress | None = None) -> ShardResult:
     """Write shard ``index`` of a plan into its staging folder (skipped if already finished)."""
     faults.checkpoint("before-shard-recorded")
     plan_path = Path(plan_path)
@@ -373,7 +368,7 @@ def run_shard(plan_path: str | Path, index: int, device: str = "cpu",
             for tensor in shard.tensors:
                 progress(tensor)
         return done
-    source = source or open_source(plan, device=device)
+    source = source or open_merger(plan, device=device)
     result = write_shard(shard, source, staging.folder, progress)
     staging.record_done(shard.filename, result.model_dump_json())
     faults.checkpoint("after-shard-recorded")
@@ -408,7 +403,7 @@ def finalize(prepared: PreparedMerge, results: list[ShardResult]) -> MergeReport
     staging, out = Path(prepared.staging), Path(prepared.out)
     plan = MergePlan.load(Path(prepared.plan_path))
     base, adapter = Path(plan.base), Path(plan.adapter)
-    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    adapter_config = read_adapter_config(adapter)
     report = _report(plan, adapter_config, str(out), "merged")
     if report.save_method == "lora":
         shutil.copyfile(adapter / "adapter_config.json", staging / "adapter_config.json")
@@ -428,7 +423,8 @@ def finalize(prepared: PreparedMerge, results: list[ShardResult]) -> MergeReport
     base_model = hub_base_model(base, adapter_config.get("base_model_name_or_path"))
     (staging / "README.md").write_text(model_card(base_model, adapter.name, report.durable(),
                                                   adapter_only=report.save_method == "lora",
-                                                  base_folder=base))
+                                                  base_folder=base,
+                                                  base_config=read_base_config(base)))
     _write_manifest(staging, plan, prepared.fingerprint, report, results)
     report.shards_resumed = sum(r.resumed for r in results)
     return report
@@ -443,7 +439,7 @@ def verify(prepared: PreparedMerge, device: str = "cpu",
     """
     plan = MergePlan.load(Path(prepared.plan_path))
     trusted = {r.filename: r.sha256 for r in results or []}
-    return verify_output(Path(prepared.staging), plan, open_source(plan, device=device), trusted)
+    return verify_output(Path(prepared.staging), plan, open_merger(plan, device=device), trusted)
 
 
 @_disk_full_is_disk_space_error(_staging_of_prepared)
@@ -455,7 +451,7 @@ def publish_output(prepared: PreparedMerge) -> None:
 def _write_model_config(plan: MergePlan, base: Path, staging: Path, keep_quantization: bool) -> None:
     """config.json (dtype, vocab and tie updates; quantization_config only for merged_4bit)
     and generation_config.json of a merged model."""
-    config = output_config(require_config(base), DTYPE_LABELS[plan.dtype], keep_quantization)
+    config = output_config(base_config(base), DTYPE_LABELS[plan.dtype], keep_quantization)
     for key, value in plan.config_updates.items():
         set_config_field(config, key, value)
     write_json(staging / "config.json", config)
@@ -503,9 +499,9 @@ def write_gguf_output(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
     staging = Staging.for_output(prepared.out)
     plan = MergePlan.load(Path(prepared.plan_path))
     adapter = Path(plan.adapter)
-    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    adapter_config = read_adapter_config(adapter)
     gguf_type = str(plan.options["gguf_type"])
-    result = gguf_export.write_gguf(plan, open_source(plan, device=spec.device), staging,
+    result = gguf_export.write_gguf(plan, open_merger(plan, device=spec.device), staging,
                                     gguf_type, adapter.name)
     if spec.verify:
         problems = gguf_export.check_gguf(staging.folder / result.filename, plan, gguf_type)
@@ -545,7 +541,7 @@ def merge_low_disk(prepared: PreparedMerge, spec: MergeSpec,
     plan = MergePlan.load(Path(prepared.plan_path))
     staging = Path(prepared.staging)
     publisher = open_publisher(spec.push_to, **publish_options(spec))
-    source = open_source(plan, device=spec.device)
+    source = open_merger(plan, device=spec.device)
     results = []
     for index, shard in enumerate(plan.shards):
         result = run_shard(prepared.plan_path, index, spec.device, source, progress)

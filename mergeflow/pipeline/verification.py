@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
-from mergeflow.engine.stream import TensorSource, row_reader
+from mergeflow.engine.ops import TensorMerger
+from mergeflow.engine.readers import row_reader
 from mergeflow.math.numerics import all_finite
 from mergeflow.model.checkpoint import Checkpoint
 from mergeflow.model.vocab import resize_rows
@@ -139,7 +140,7 @@ class NumericChecker:
     small products, whatever the model size; the delta norm is measured on the same rows.
     """
 
-    def __init__(self, source: TensorSource, seed: int = 0) -> None:
+    def __init__(self, source: TensorMerger, seed: int = 0) -> None:
         self.source = source
         self.adapter = source.adapter
         self.gen = torch.Generator().manual_seed(seed)
@@ -340,7 +341,7 @@ def _no_op_warnings(checks: list[TensorCheck]) -> list[str]:
     return []
 
 
-def verify_shard(folder: Path, shard: ShardPlan, source: TensorSource) -> VerifyReport:
+def verify_shard(folder: Path, shard: ShardPlan, source: TensorMerger) -> VerifyReport:
     """Check one freshly written shard (low-disk mode verifies each shard before shipping it)."""
     written = Checkpoint(folder, weights_file=shard.filename)
     planned = {n for t in shard.tensors for n, _, _ in t.outputs()}
@@ -350,7 +351,7 @@ def verify_shard(folder: Path, shard: ShardPlan, source: TensorSource) -> Verify
                         problems=problems + more, warnings=[], checks=checks)
 
 
-def verify_output(folder: Path, plan: MergePlan, source: TensorSource,
+def verify_output(folder: Path, plan: MergePlan, source: TensorMerger,
                   trusted: dict[str, str] | None = None) -> VerifyReport:
     """Run every check on a written (not yet published) output folder; ``trusted``: see
     :func:`check_files`."""

@@ -9,7 +9,7 @@ A :class:`TensorPlan` is a small, explicit union of three parts:
 * its **encoding**: :class:`Cast` to the entry's dtype, :class:`Requantize` with the base's
   bitsandbytes settings, or :class:`Stored` (the unit's stored bytes, copied).
 
-Execution (:mod:`mergeflow.engine.stream`) and verification
+Execution (:mod:`mergeflow.engine.ops`) and verification
 (:mod:`mergeflow.pipeline.verification`) each look an op up once by its type; nothing re-tests optional flags.
 """
 

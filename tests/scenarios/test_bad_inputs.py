@@ -491,7 +491,7 @@ def test_overflow_in_the_output_dtype_is_not_published(make_base, make_adapter, 
     prepared = api.prepare(MergeSpec(base=str(base), adapter=str(adapter),
                                      out=str(tmp_path / "out"), dtype="float16"))
     plan = api.MergePlan.load(Path(prepared.plan_path))
-    source = api.open_source(plan)
+    source = api.open_merger(plan)
     source_blocks = source.blocks
 
     def unchecked(t):  # write the overflowed values, as a buggy writer would
@@ -554,20 +554,20 @@ def test_verification_warns_on_the_same_adapter(make_base, make_adapter, tmp_pat
 def test_cli_prints_warnings_in_yellow_on_stderr(make_base, make_adapter, tmp_path):
     from rich.console import Console
 
-    import mergeflow.cli.app as cli
+    from mergeflow.cli import report as cli_report
     from mergeflow.pipeline.steps import MergeReport
 
     report = MergeReport(out="o", status="merged", dtype="float32", shards=1, tensors=3,
                          total_size=10, lora_modules=2, replaced_tensors=0, lora_biases=0,
                          variant="LoRA", notes=["a decision", "warning: nothing changes"])
     stdout, stderr = io.StringIO(), io.StringIO()
-    saved = cli.out, cli.err
-    cli.out = Console(file=stdout, force_terminal=True, color_system="standard", width=200)
-    cli.err = Console(file=stderr, force_terminal=True, color_system="standard", width=200)
+    saved = cli_report.out, cli_report.err
+    cli_report.out = Console(file=stdout, force_terminal=True, color_system="standard", width=200)
+    cli_report.err = Console(file=stderr, force_terminal=True, color_system="standard", width=200)
     try:
-        cli._print_report(report)
+        cli_report.print_report(report)
     finally:
-        cli.out, cli.err = saved
+        cli_report.out, cli_report.err = saved
     assert "a decision" in stdout.getvalue() and "warning" not in stdout.getvalue()
     assert "\x1b[33mwarning: nothing changes" in stderr.getvalue()  # yellow
 
