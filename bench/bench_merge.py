@@ -648,8 +648,10 @@ def mergeflow_supports(env: dict, workdir: Path, option: str) -> bool:
 
 
 def mergeflow_cmd() -> list[str]:
-    script = Path(sys.executable).parent / "mergeflow"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "mergeflow.cli.app"]
+    """The ``mergeflow`` command as ``python -m mergeflow.cli``, which runs whichever mergeflow
+    the process imports (the installed one, or ``--mergeflow-src`` / ``--baseline-src``), also
+    across the move of the CLI into a package."""
+    return [sys.executable, "-m", "mergeflow.cli"]
 
 
 def _medians(runs: list[dict]) -> dict:
