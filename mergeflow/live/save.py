@@ -55,6 +55,7 @@ from mergeflow.model.modelmap import Axis, Piece
 from mergeflow.output.folder import find_tokenizer
 from mergeflow.pipeline.local import merge
 from mergeflow.pipeline.results import MergeReport
+from mergeflow.storage.confine import LIVE_WORK_PREFIX
 from mergeflow.storage.hashing import sha256_file
 
 log = logging.getLogger("mergeflow.live.save")
@@ -360,7 +361,7 @@ def _work_folder(out: Path, temporary_location: str | os.PathLike | None) -> Pat
     """The stable temporary folder of one output (so a rerun reuses it and resumes)."""
     root = Path(temporary_location) if temporary_location else out.absolute().parent
     tag = hashlib.sha256(str(out.absolute()).encode()).hexdigest()[:8]
-    folder = root / f".mergeflow-live-{out.name}-{tag}"
+    folder = root / f"{LIVE_WORK_PREFIX}{out.name}-{tag}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -9,12 +9,17 @@ every file with its sha256.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
 
 from mergeflow.errors import OutputError
+from mergeflow.storage.confine import confined_file
+from mergeflow.storage.hashing import sha256_file
 from mergeflow.storage.staging import MANIFEST_FILE
+
+log = logging.getLogger(__name__)
 
 MANIFEST = MANIFEST_FILE  # written last: a folder holding it is a finished merge
 INDEX_FILE = "model.safetensors.index.json"
@@ -53,8 +58,12 @@ def check_output_location(out: Path, inputs: list[Path]) -> None:
             )
 
 
-def check_existing_output(out: Path, fingerprint: str, overwrite: bool) -> bool:
-    """Decide what an existing ``out`` means. True: it already holds this very merge.
+def check_existing_output(out: Path, fingerprint: str, overwrite: bool,
+                          deep: bool = False) -> bool:
+    """Decide what an existing ``out`` means. True: it already holds this very merge, intact:
+    its files match its manifest (:func:`output_damage`; ``deep``: their sha256 too, as before
+    an upload). A finished merge of the same inputs whose files no longer match is rebuilt
+    (False), never taken as done nor shipped.
 
     Raises:
         OutputError: it holds something else and ``overwrite`` is not set.
@@ -65,13 +74,38 @@ def check_existing_output(out: Path, fingerprint: str, overwrite: bool) -> bool:
         raise OutputError(f"`out={out}`: exists and is not a folder")
     manifest = read_manifest(out)
     if manifest is not None and manifest.get("plan_fingerprint") == fingerprint:
-        return True
+        damage = output_damage(out, manifest, deep)
+        if damage is None:
+            return True
+        log.warning("%s holds this merge, but %s; rebuilding it", out, damage)
+        return False
     if overwrite or not any(out.iterdir()):
         return False
     what = "a finished merge of other inputs or options" if manifest else "files but no manifest"
     raise OutputError(
         f"`out={out}`: holds {what}; pass `overwrite=True` to replace it or choose another folder"
     )
+
+
+def output_damage(out: Path, manifest: dict, deep: bool = False) -> str | None:
+    """How a finished output's files differ from its manifest, in words, or None when they
+    match: every listed file present with its size (and, ``deep``, its sha256). Files it does
+    not list are not part of the model (and never uploaded: publishing ships listed files)."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return f"its {MANIFEST} lists no files"
+    for name, entry in sorted(files.items()):
+        path = out / name
+        if not path.is_file() or path.is_symlink():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != entry.get("size"):
+            return f"{name} has {size} bytes where its manifest says {entry.get('size')}"
+    if deep:
+        for name, entry in sorted(files.items()):
+            if sha256_file(out / name) != entry.get("sha256"):
+                return f"{name}'s sha256 differs from its manifest's"
+    return None
 
 
 def find_tokenizer(candidates: list[Path]) -> Path | None:
@@ -87,7 +121,7 @@ def copy_tokenizer(source: Path, dest: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
-            shutil.copyfile(source / name, dest / name)
+            shutil.copyfile(confined_file(source, name), dest / name)
             copied.append(name)
     return copied
 
@@ -98,7 +132,7 @@ def copy_processor(base: Path, dest: Path) -> list[str]:
     copied = []
     for name in PROCESSOR_FILES:
         if (base / name).is_file() and not (dest / name).exists():
-            shutil.copyfile(base / name, dest / name)
+            shutil.copyfile(confined_file(base, name), dest / name)
             copied.append(name)
     return copied
 

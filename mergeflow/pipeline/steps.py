@@ -40,6 +40,7 @@ from mergeflow.model.vocab import set_config_field
 from mergeflow.output.folder import (
     INDEX_FILE,
     MANIFEST,
+    PROCESSOR_FILES,
     TOKENIZER_FILES,
     check_existing_output,
     check_output_location,
@@ -66,8 +67,9 @@ from mergeflow.remote.fetch import base_from_adapter, resolve_source
 from mergeflow.remote.publish import PublishResult, open_publisher
 from mergeflow.remote.publish import publish as publish_folder
 from mergeflow.spec import MergeSpec
+from mergeflow.storage.confine import check_confined, confined_file
 from mergeflow.storage.hashing import HashCache, fingerprint_files, identify_files, prefetch, sha256_file
-from mergeflow.storage.staging import Staging, atomic_write, fsync_file
+from mergeflow.storage.staging import Staging, atomic_write, fsync_file, remove_unplanned
 from mergeflow.version import __version__
 
 DTYPE_LABELS = {v: k for k, v in DTYPE_CHOICES.items()}
@@ -242,6 +244,9 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
     adapter = load_adapter(adapter_dir)
     dtype = _output_dtype(spec, config, base, quantized, original, original_config)
     tokenizer = _resolve_tokenizer(spec, adapter_dir, base_dir)
+    for folder, names in _input_files(base, adapter, tokenizer, original).values():
+        check_confined(folder, names)  # no input file is a link out of its folder
+    check_confined(base_dir, PROCESSOR_FILES)
     if spec.save_method == "gguf":  # refused here, before a byte is written
         from mergeflow.engine.gguf import check_supported
 
@@ -271,7 +276,7 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
     warnings = preflight.check(plan, adapter, out, low_disk=spec.low_disk)  # values, free disk
     plan.notes.extend(w for w in warnings if w not in plan.notes)  # before the fingerprint
     fingerprint = plan.fingerprint()
-    up_to_date = check_existing_output(out, fingerprint, spec.overwrite)
+    up_to_date = check_existing_output(out, fingerprint, spec.overwrite, deep=bool(spec.push_to))
     staging = Staging.for_output(out)
     if up_to_date:
         staging.clear_leftovers()
@@ -405,27 +410,32 @@ def finalize(prepared: PreparedMerge, results: list[ShardResult]) -> MergeReport
     base, adapter = Path(plan.base), Path(plan.adapter)
     adapter_config = read_adapter_config(adapter)
     report = _report(plan, adapter_config, str(out), "merged")
+    written = ["README.md"]
     if report.save_method == "lora":
-        shutil.copyfile(adapter / "adapter_config.json", staging / "adapter_config.json")
+        shutil.copyfile(confined_file(adapter, "adapter_config.json"), staging / "adapter_config.json")
+        written.append("adapter_config.json")
     else:
-        _write_model_config(plan, base, staging, keep_quantization=report.save_method == "merged_4bit")
+        written += _write_model_config(plan, base, staging,
+                                       keep_quantization=report.save_method == "merged_4bit")
     tokenizer = plan.options.get("tokenizer")
     if tokenizer:
-        copy_tokenizer(Path(tokenizer), staging)
+        written += copy_tokenizer(Path(tokenizer), staging)
     if report.save_method != "lora":
-        copy_processor(base, staging)
+        written += copy_processor(base, staging)
     if len(plan.shards) > 1:
         write_json(staging / INDEX_FILE, {
             "metadata": {"total_size": plan.total_size},
             "weight_map": {name: s.filename for s in plan.shards for t in s.tensors
                            for name, _, _ in t.outputs()},
         })
+        written.append(INDEX_FILE)
     base_model = hub_base_model(base, adapter_config.get("base_model_name_or_path"))
     (staging / "README.md").write_text(model_card(base_model, adapter.name, report.durable(),
                                                   adapter_only=report.save_method == "lora",
                                                   base_folder=base,
                                                   base_config=read_base_config(base)))
-    _write_manifest(staging, plan, prepared.fingerprint, report, results)
+    planned = {*written, *(s.filename for s in plan.shards)}
+    _write_manifest(staging, plan, prepared.fingerprint, report, results, planned)
     report.shards_resumed = sum(r.resumed for r in results)
     return report
 
@@ -448,22 +458,28 @@ def publish_output(prepared: PreparedMerge) -> None:
     Staging.for_output(prepared.out).publish()
 
 
-def _write_model_config(plan: MergePlan, base: Path, staging: Path, keep_quantization: bool) -> None:
+def _write_model_config(plan: MergePlan, base: Path, staging: Path, keep_quantization: bool) -> list[str]:
     """config.json (dtype, vocab and tie updates; quantization_config only for merged_4bit)
-    and generation_config.json of a merged model."""
+    and generation_config.json of a merged model; returns the names written."""
     config = output_config(base_config(base), DTYPE_LABELS[plan.dtype], keep_quantization)
     for key, value in plan.config_updates.items():
         set_config_field(config, key, value)
     write_json(staging / "config.json", config)
-    if (base / "generation_config.json").is_file():
-        shutil.copyfile(base / "generation_config.json", staging / "generation_config.json")
+    if not (base / "generation_config.json").is_file():
+        return ["config.json"]
+    shutil.copyfile(confined_file(base, "generation_config.json"), staging / "generation_config.json")
+    return ["config.json", "generation_config.json"]
 
 
 def _write_manifest(staging: Path, plan: MergePlan, fingerprint: str, report: MergeReport,
-                    results: list[ShardResult]) -> None:
+                    results: list[ShardResult], planned: set[str]) -> None:
+    """The manifest, last: the sha256 of every ``planned`` file. Anything else in the staging
+    folder (a file dropped there between a kill and the rerun) is deleted first, so it is never
+    published nor listed."""
     # Shards are described by their write results (in low-disk mode they are already shipped
     # and gone); every other file by its bytes on disk.
     files = {r.filename: {"size": r.size, "sha256": r.sha256} for r in results}
+    remove_unplanned(staging, planned | {MANIFEST})
     for path in staging.iterdir():
         # A manifest left by a run killed before publishing is about to be replaced.
         if path.is_file() and not path.name.startswith(".") and path.name not in files \
@@ -513,7 +529,8 @@ def write_gguf_output(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
     base_name = adapter_config.get("base_model_name_or_path") or Path(plan.base).name
     (staging.folder / "README.md").write_text(model_card(base_name, adapter.name,
                                                          report.durable()))
-    _write_manifest(staging.folder, plan, prepared.fingerprint, report, [result])
+    _write_manifest(staging.folder, plan, prepared.fingerprint, report, [result],
+                    {result.filename, gguf_export.MODELFILE, "README.md"})
     return report
 
 

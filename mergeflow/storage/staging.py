@@ -209,12 +209,23 @@ class Staging:
 
     # -- publishing -------------------------------------------------------------------------
 
+    def _drop_unlisted(self) -> None:
+        """Delete what the manifest does not list (a file dropped into the folder after it was
+        finalized), so the output holds exactly the files its manifest names."""
+        try:
+            manifest = json.loads((self.folder / MANIFEST_FILE).read_text())
+            listed = {*manifest["files"], MANIFEST_FILE}
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # nothing finalized: publish is refused before this by its callers
+        remove_unplanned(self.folder, listed)
+
     def publish(self) -> None:
         """Move the finished folder to :attr:`out` (replacing what was there) by durable renames:
         the state and any leftovers are removed first, so the output holds only the model."""
         faults.checkpoint("before-publish-rename")
         shutil.rmtree(self.state_dir, ignore_errors=True)
         self.clear_leftovers()
+        self._drop_unlisted()
         durable.fsync_dir(self.folder)
         if self.out.exists():
             shutil.rmtree(self.old, ignore_errors=True)
@@ -224,3 +235,18 @@ class Staging:
             durable.durable_rename(self.folder, self.out)
         shutil.rmtree(self.old, ignore_errors=True)
         faults.checkpoint("after-publish-rename")
+
+
+def remove_unplanned(folder: Path, keep: set[str]) -> list[str]:
+    """Delete every visible entry of ``folder`` not named in ``keep`` (hidden names are staging's
+    own state and temporaries, handled by :class:`Staging`); returns the names removed."""
+    removed = []
+    for path in sorted(folder.iterdir()):
+        if path.name in keep or path.name.startswith("."):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed
