@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import quiet  # noqa: F401  (first: it silences the libraries below)
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM

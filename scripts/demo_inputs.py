@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import quiet  # noqa: F401  (first: it silences the libraries below)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tests/builders.py

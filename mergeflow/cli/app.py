@@ -23,6 +23,7 @@ or ``--push-to``. The core (torch, ...) and Prefect are imported only inside the
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -48,6 +49,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 @app.callback()
 def main() -> None:
     """Mergeflow: streaming LoRA merges."""
+    # bitsandbytes notes on import that optional CPU kernels are missing; it falls back to its
+    # own, so the note is noise in a merge's output (its errors still show)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def flow_reason(spec: MergeSpec, prefect: bool = False) -> str | None:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from mergeflow import faults
+from mergeflow.engine.gguf_quant import STREAMED, check_type
 from mergeflow.engine.ops import TensorMerger
 from mergeflow.engine.shards import ShardResult
 from mergeflow.errors import AdapterError, InputError
@@ -50,7 +51,7 @@ from mergeflow.plan import MergePlan, TensorPlan
 from mergeflow.storage.hashing import sha256_file
 from mergeflow.storage.staging import Staging, atomic_write, durable_rename
 
-GGUF_TYPES = ("f16", "bf16", "q8_0")
+GGUF_TYPES = STREAMED  # written here block by block; others: mergeflow.engine.gguf_quant
 MODELFILE = "Modelfile"
 # rope scaling types whose GGUF keys are written here (others need extra tensors or code)
 _ROPE_TYPES = {None, "default", "linear", "yarn"}
@@ -132,8 +133,7 @@ def check_supported(base: Path, tokenizer: Path | None, gguf_type: str) -> None:
     Raises:
         InputError: naming the architecture, rope scaling, tokenizer or type.
     """
-    if gguf_type not in GGUF_TYPES:
-        raise InputError(f"`gguf_type={gguf_type}`: choose {', '.join(GGUF_TYPES)}")
+    check_type(gguf_type)  # streamed here, or made by llama.cpp's quantizer
     config = text_config(base_config(base))
     arch_rule(config, base)
     rope_type = rope_parameters(config).get("rope_type")
@@ -507,6 +507,24 @@ def check_gguf(path: Path, plan: MergePlan, gguf_type: str) -> list[str]:
             problems.append(f"{path.name}: tensor {name} is {got.tensor_type.name} "
                             f"{list(got.shape)}, planned {want.qtype.name} {want.plan.shape}")
     problems.extend(f"{path.name}: unplanned tensor {n}" for n in found if n not in expected)
+    return problems
+
+
+def check_quantized(path: Path, plan: MergePlan, source_type: str) -> list[str]:
+    """Read a file llama.cpp's quantizer made back: the tensors of the 16-bit file it was made
+    from (``source_type``), with their shapes (their types are the quantizer's choice).
+    Returns the problems found (empty: fine)."""
+    gguf = _gguf()
+    config = model_config(plan)
+    rule = arch_rule(config, Path(plan.base))
+    expected = {t.name: list(t.plan.shape) for t in plan_tensors(plan, config, rule, source_type)}
+    found = {t.name: list(reversed([int(d) for d in t.shape]))
+             for t in gguf.GGUFReader(path).tensors}
+    problems = [f"{path.name}: tensor {n} is missing" for n in expected if n not in found]
+    problems += [f"{path.name}: tensor {n} is {found[n]}, planned {shape}"
+                 for n, shape in expected.items() if n in found and len(shape) > 1
+                 and found[n] != shape]
+    problems += [f"{path.name}: unplanned tensor {n}" for n in found if n not in expected]
     return problems
 
 

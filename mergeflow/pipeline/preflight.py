@@ -16,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+from mergeflow.engine.gguf_quant import STREAMED
 from mergeflow.errors import InputError, NotEnoughDiskSpace
 from mergeflow.model.adapter import Adapter, check_values
 from mergeflow.output.folder import MANIFEST, TOKENIZER_FILES, read_manifest
@@ -68,10 +69,21 @@ def required_bytes(plan: MergePlan, out: Path, *, low_disk: bool = False) -> int
         total = max((s.nbytes for s in plan.shards), default=0)
     else:
         total = plan.total_size - _resumable_bytes(plan, Staging.for_output(out))
+    total += quantized_gguf_bytes(plan)
     tokenizer = plan.options.get("tokenizer")
     if tokenizer:
         total += sum(_file_size(Path(str(tokenizer)) / name) for name in TOKENIZER_FILES)
     return total + SMALL_FILES
+
+
+def quantized_gguf_bytes(plan: MergePlan) -> int:
+    """A GGUF type llama.cpp's quantizer makes is written from the streamed 16-bit file, so both
+    are on disk for a moment: the quantized file's bound, at q8_0's 8.5 bits a weight (every
+    offered type takes fewer) against the plan's 16 bits; 0 for any other output."""
+    gguf_type = plan.options.get("gguf_type")
+    if plan.options.get("save_method") != "gguf" or gguf_type in STREAMED:
+        return 0
+    return plan.total_size * 17 // 32
 
 
 def min_free_bytes() -> int:

@@ -69,7 +69,13 @@ from mergeflow.remote.publish import publish as publish_folder
 from mergeflow.spec import MergeSpec
 from mergeflow.storage.confine import check_confined, confined_file
 from mergeflow.storage.hashing import HashCache, fingerprint_files, identify_files, prefetch, sha256_file
-from mergeflow.storage.staging import Staging, atomic_write, fsync_file, remove_unplanned
+from mergeflow.storage.staging import (
+    Staging,
+    atomic_write,
+    durable_rename,
+    fsync_file,
+    remove_unplanned,
+)
 from mergeflow.version import __version__
 
 DTYPE_LABELS = {v: k for k, v in DTYPE_CHOICES.items()}
@@ -504,25 +510,34 @@ def _write_manifest(staging: Path, plan: MergePlan, fingerprint: str, report: Me
 @_disk_full_is_disk_space_error(_staging_of_prepared)
 def write_gguf_output(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
     """``save_method="gguf"``: stream the merge into one GGUF file in staging (see
-    :mod:`mergeflow.engine.gguf`), check it (``spec.verify``), then write the Ollama Modelfile,
-    the model card and - last - the manifest. :func:`publish_output` publishes it.
+    :mod:`mergeflow.engine.gguf`) and check it (``spec.verify``); for a type llama.cpp's
+    quantizer makes (:mod:`mergeflow.engine.gguf_quant`), quantize that 16-bit file with it and
+    delete it. Then write the Ollama Modelfile, the model card and - last - the manifest.
+    :func:`publish_output` publishes it.
 
     Raises:
-        VerificationError: the file read back does not hold the planned tensors.
+        VerificationError: a file read back does not hold the planned tensors.
     """
     from mergeflow.engine import gguf as gguf_export
+    from mergeflow.engine import gguf_quant
 
     staging = Staging.for_output(prepared.out)
     plan = MergePlan.load(Path(prepared.plan_path))
     adapter = Path(plan.adapter)
     adapter_config = read_adapter_config(adapter)
     gguf_type = str(plan.options["gguf_type"])
+    streamed = (gguf_quant.source_type(plan.dtype) if gguf_quant.is_quantized(gguf_type)
+                else gguf_type)
     result = gguf_export.write_gguf(plan, open_merger(plan, device=spec.device), staging,
-                                    gguf_type, adapter.name)
+                                    streamed, adapter.name)
     if spec.verify:
-        problems = gguf_export.check_gguf(staging.folder / result.filename, plan, gguf_type)
-        check_verified(prepared, VerifyReport(ok=not problems, files=1, tensors=plan.tensor_count,
-                                                  problems=problems))
+        _check_gguf(prepared, gguf_export.check_gguf(staging.folder / result.filename, plan,
+                                                     streamed), plan)
+    if streamed != gguf_type:
+        result = _quantize_gguf(staging, result, gguf_type, plan.dtype)
+        if spec.verify:
+            _check_gguf(prepared, gguf_export.check_quantized(staging.folder / result.filename,
+                                                              plan, streamed), plan)
     gguf_export.write_modelfile(staging, result.filename, Path(str(plan.options["tokenizer"])))
     report = _report(plan, adapter_config, prepared.out, "merged").model_copy(
         update={"dtype": gguf_type, "shards": 1, "total_size": result.size})
@@ -532,6 +547,28 @@ def write_gguf_output(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
     _write_manifest(staging.folder, plan, prepared.fingerprint, report, [result],
                     {result.filename, gguf_export.MODELFILE, "README.md"})
     return report
+
+
+def _check_gguf(prepared: PreparedMerge, problems: list[str], plan: MergePlan) -> None:
+    check_verified(prepared, VerifyReport(ok=not problems, files=1, tensors=plan.tensor_count,
+                                          problems=problems))
+
+
+def _quantize_gguf(staging: Staging, streamed: ShardResult, gguf_type: str,
+                   dtype: str) -> ShardResult:
+    """The streamed 16-bit GGUF quantized by llama.cpp into ``model-<gguf_type>.gguf`` (under a
+    partial name, fsynced, renamed), on every usable core; the 16-bit file is then deleted."""
+    from mergeflow.engine import gguf as gguf_export
+    from mergeflow.engine import gguf_quant
+
+    filename = gguf_export.gguf_filename(gguf_type)
+    partial, final = staging.partial(filename), staging.folder / filename
+    source = staging.folder / streamed.filename
+    gguf_quant.quantize(source, partial, gguf_type, resources.usable_cpus())
+    faults.checkpoint("gguf-before-rename")
+    durable_rename(partial, final)
+    source.unlink()
+    return ShardResult(filename=filename, size=final.stat().st_size, sha256=sha256_file(final))
 
 
 def up_to_date_report(prepared: PreparedMerge) -> MergeReport:

@@ -1,0 +1,106 @@
+"""GGUF types llama.cpp's quantizer makes (the k-quants people ship, ``q4_k_m`` first), from the
+16-bit GGUF that :mod:`mergeflow.engine.gguf` streams from the merge.
+
+The types are llama.cpp's own (``llama_cpp.LLAMA_FTYPE_MOSTLY_*``), quantized by llama.cpp itself
+(``llama_cpp.llama_model_quantize``, every core): the bytes are what ``llama-quantize`` makes of
+the same 16-bit file. Offered: the types that need no importance matrix
+(``q2_k``, ``q3_k`` ... ``q6_k`` with their ``_s``/``_m``/``_l`` mixes,
+``q4_0``/``q4_1``/``q5_0``/``q5_1``, ``iq4_nl``, ``iq4_xs``). llama-cpp-python is the optional
+dependency ``mergeflow[gguf]``; without it these types are refused while planning, naming the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import re
+from pathlib import Path
+
+from mergeflow.errors import InputError, MergeError
+
+#: Types :mod:`mergeflow.engine.gguf` writes itself, block by block.
+STREAMED = ("f16", "bf16", "q8_0")
+# the types llama-quantize makes without an importance matrix (iq1/iq2/q2_k_s need one)
+_OFFERED = re.compile(r"^(q2_k|q[3-6]_k(_[sml])?|q[45]_[01]|iq4_(nl|xs))$")
+_PREFIX = "LLAMA_FTYPE_MOSTLY_"
+
+
+def _llama_cpp(gguf_type: str):
+    try:
+        import llama_cpp
+    except ImportError:
+        raise InputError(f"`gguf_type={gguf_type}` is made by llama.cpp's quantizer, which is not "
+                         "installed: pip install 'mergeflow[gguf]' (llama-cpp-python)") from None
+    return llama_cpp
+
+
+def quantizer_types(gguf_type: str = "q4_k_m") -> dict[str, int]:
+    """llama.cpp's file types this route offers, by lower-case name -> ``llama_ftype`` value
+    (``gguf_type``: the type asked for, named in the refusal when llama.cpp is missing)."""
+    llama_cpp = _llama_cpp(gguf_type)
+    types = {name.removeprefix(_PREFIX).lower(): int(value) for name, value in vars(llama_cpp).items()
+             if name.startswith(_PREFIX)}
+    return {name: value for name, value in types.items() if _OFFERED.match(name)}
+
+
+def check_type(gguf_type: str) -> None:
+    """Refuse a type neither streamed here nor made by llama.cpp's quantizer.
+
+    Raises:
+        InputError: naming the type and the choices.
+    """
+    if gguf_type in STREAMED:
+        return
+    offered = quantizer_types(gguf_type)
+    if gguf_type not in offered:
+        raise InputError(f"`gguf_type={gguf_type}`: choose {', '.join(STREAMED)} or one of "
+                         f"llama.cpp's quantizer types: {', '.join(sorted(offered))}")
+
+
+def is_quantized(gguf_type: str) -> bool:
+    """Whether ``gguf_type`` is made by llama.cpp's quantizer from a 16-bit file."""
+    return gguf_type not in STREAMED
+
+
+def source_type(dtype: str) -> str:
+    """The 16-bit GGUF type to quantize from, for a merge planned in ``dtype`` (safetensors'
+    name: ``BF16``, ``F16``, ``F32``): bf16 for a bfloat16 merge (f16 could overflow its
+    range), else f16, as llama.cpp's converter picks for ``--outtype auto``."""
+    return "bf16" if dtype == "BF16" else "f16"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """llama.cpp logs every tensor it quantizes (through llama-cpp-python's logger); keep all
+    but its errors out of the user's terminal."""
+    from llama_cpp import _logger
+
+    level = _logger.logger.level
+    _logger.logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        _logger.logger.setLevel(level)
+
+
+def quantize(source: Path, dest: Path, gguf_type: str, threads: int) -> None:
+    """Quantize the GGUF ``source`` into ``dest`` as ``gguf_type`` with llama.cpp, on
+    ``threads`` threads; ``dest`` is fsynced before this returns.
+
+    Raises:
+        MergeError: llama.cpp's quantizer failed.
+    """
+    llama_cpp = _llama_cpp(gguf_type)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = quantizer_types(gguf_type)[gguf_type]
+    params.nthread = max(1, threads)
+    with _quiet():
+        code = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(),
+                                              ctypes.byref(params))
+    if code != 0:
+        dest.unlink(missing_ok=True)
+        raise MergeError(f"{dest.name}: llama.cpp's quantizer failed (code {code}) on {source.name}")
+    with open(dest, "rb") as f:
+        os.fsync(f.fileno())
