@@ -180,6 +180,13 @@ def merge_adapter(spec: MergeRequest, prepared: PreparedMerge | None = None) -> 
     """
     found = _current_deployment()
     spec = run_spec(spec, found)
+    with pipeline.output_lock(spec.out):  # one writer per output (re-entrant for the CLI's)
+        return _merge_locked(spec, prepared, found)
+
+
+def _merge_locked(spec: MergeSpec, prepared: PreparedMerge | None, found: Any | None
+                  ) -> MergeReport:
+    """The flow's body, holding the output's lock: load, then the pipeline's steps as tasks."""
     timings = Timings()
     with timings("load"):
         prepared = load(spec, prepared, run_origin(found))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,23 @@ def test_an_architecture_not_covered_is_refused_by_name(tmp_path):
     with pytest.raises(InputError, match=r"model_type 'phi3' \(Phi3ForCausalLM\) is not covered"):
         mergeflow.merge(base, adapter, tmp_path / "out", save_method="gguf")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_the_gguf_package_trips_on_is_one_line_exit_2(models, tmp_path):
+    base, adapter, _ = models("qwen2")
+    odd = tmp_path / "base"
+    shutil.copytree(base, odd)
+    tokenizer = json.loads((odd / "tokenizer.json").read_text())
+    tokenizer["decoder"] = None  # byte-level BPE without a decoder: gguf raises a TypeError
+    (odd / "tokenizer.json").write_text(json.dumps(tokenizer))
+    out = tmp_path / "out"
+    proc = run_cli("merge", "--base", str(odd), "--adapter", str(adapter), "--out", str(out),
+                   "--save-method", "gguf", "--tokenizer", str(odd))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith(f"error: {odd / 'tokenizer.json'}: the gguf package cannot "
+                                  "read this tokenizer")
+    assert not out.exists()
 
 
 def test_cli_prints_the_ollama_command_and_a_crash_leaves_no_finished_gguf(models, tmp_path):

@@ -181,6 +181,15 @@ def test_body_over_the_limit_is_413(client):
     assert client.post("/hooks/huggingface", content=b"x" * 5000).status_code == 413
 
 
+def test_a_deeply_nested_body_under_the_size_limit_is_422_not_500(client):
+    deep = b"[" * 2000 + b"]" * 2000  # 4000 bytes, under the limit; recursion would fail at ~1000
+    answer = _post(client, deep)
+    assert answer.status_code == 422, answer.text
+    assert "nested deeper than" in answer.text
+    quoted = json.dumps(_payload(options={"commit_message": "[" * 200})).encode()
+    assert _post(client, quoted).status_code != 422  # brackets inside a string do not count
+
+
 def test_disabled_hooks_are_404(prefect_server, deployment):
     settings = _settings(prefect_server, deployment, training_secret=None, hf_secret=None)
     with TestClient(create_app(settings)) as disabled:

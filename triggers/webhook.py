@@ -164,8 +164,39 @@ def field_errors(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[dic
             for e in exc.errors(include_url=False, include_input=False)]
 
 
+#: The deepest JSON nesting a delivery may have (its payload is a flat object of a few levels);
+#: deeper bodies are refused before parsing, which would otherwise recurse until it fails.
+MAX_JSON_DEPTH = 32
+
+
+def json_depth(body: bytes) -> int:
+    """How deep ``[`` / ``{`` nest in ``body``, brackets inside strings ignored."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # closing quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
 def parse(model: type[BaseModel], body: bytes) -> Any:
-    """The body as ``model``; 422 with the field errors otherwise."""
+    """The body as ``model``; 422 with the field errors otherwise (and for JSON nested deeper
+    than :data:`MAX_JSON_DEPTH`)."""
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise HookError(422, [{"loc": ["body"], "type": "json_too_deep",
+                               "msg": f"JSON nested deeper than {MAX_JSON_DEPTH} levels"}])
     try:
         return model.model_validate(json.loads(body))
     except ValueError as exc:

@@ -23,6 +23,7 @@ or ``--push-to``. The core (torch, ...) and Prefect are imported only inside the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -38,6 +39,7 @@ from mergeflow.cli.words import option_default as _default
 from mergeflow.cli.words import option_help as _help
 from mergeflow.errors import InputError, MergeError
 from mergeflow.spec import MergeSpec
+from mergeflow.storage.lock import output_lock
 
 if TYPE_CHECKING:
     from mergeflow.pipeline.results import MergeReport, PreparedMerge
@@ -185,8 +187,9 @@ def merge(
         spec = MergeSpec(**fields)
     except ValueError as exc:
         _fail(2, _invalid_options(exc))
-    with StopOnSignal(spec.out):  # Ctrl-C / SIGTERM: one line, exit 130 (INTERRUPTED)
+    with StopOnSignal(spec.out), contextlib.ExitStack() as held:  # Ctrl-C / SIGTERM: exit 130
         try:
+            held.enter_context(output_lock(spec.out))  # one writer per output
             prepared = _plan(spec)
         except InputError as exc:  # refused before anything was written
             _fail(2, str(exc))

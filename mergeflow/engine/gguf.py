@@ -198,8 +198,22 @@ def open_vocab(folder: Path) -> VocabInfo:
     SentencePiece, else ``tokenizer.json`` as byte-level BPE.
 
     Raises:
-        InputError: neither form (or ``sentencepiece`` missing for a tokenizer.model).
+        InputError: neither form (or ``sentencepiece`` missing for a tokenizer.model), or a
+            file the ``gguf`` package's readers fail on in any way (naming the file).
     """
+    try:
+        return _read_vocab(folder)
+    except InputError:
+        raise
+    except Exception as exc:  # the gguf package's readers raise whatever the file trips
+        name = "tokenizer.model" if (folder / "tokenizer.model").is_file() else "tokenizer.json"
+        raise InputError(f"{folder / name}: the gguf package cannot read this tokenizer "
+                         f"({type(exc).__name__}: {exc}); `save_method=gguf` needs a tokenizer "
+                         "llama.cpp's converter reads (re-save it with transformers)") from None
+
+
+def _read_vocab(folder: Path) -> VocabInfo:
+    """:func:`open_vocab`'s reading, with the ``gguf`` package's own errors as they come."""
     gguf = _gguf()
     if (folder / "tokenizer.model").is_file():
         try:

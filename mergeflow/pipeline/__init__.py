@@ -29,6 +29,8 @@ _PUBLIC = {
     "VerifyReport": "results", "PublishResult": "results",
     # workers and threads
     "for_spec": "resources", "apply_threads": "resources", "limit_threads": "resources",
+    # one writer per output
+    "output_lock": "lock",
     # what the watchers for finished adapters and outputs read
     "MANIFEST": "watch", "read_manifest": "watch", "HashCache": "watch", "sha256_file": "watch",
     "HF_SCHEME": "watch", "S3_SCHEME": "watch", "list_s3_prefix": "watch",
@@ -39,8 +41,8 @@ _PUBLIC = {
 __all__ = ["Carried", "HF_SCHEME", "HashCache", "MANIFEST", "MergeReport", "PreparedMerge",
            "PublishResult", "S3_SCHEME", "STEP_LABELS", "ShardResult", "Steps", "VerifyReport",
            "apply_threads", "check_verified", "finalize", "finished_shard", "for_spec",
-           "limit_threads", "list_s3_prefix", "merge", "merge_low_disk", "parse_hf_ref",
-           "parse_s3_ref", "prepare", "publish_output", "raise_s3", "read_manifest",
+           "limit_threads", "list_s3_prefix", "merge", "merge_low_disk", "output_lock",
+           "parse_hf_ref", "parse_s3_ref", "prepare", "publish_output", "raise_s3", "read_manifest",
            "resolved_base", "run_local", "run_shard", "run_shards", "run_steps", "s3_client",
            "s3_key", "sha256_file", "shard_states", "steps_for", "up_to_date_report", "upload",
            "upload_error", "upload_published", "verify", "write_gguf_output"]
@@ -87,13 +89,15 @@ if TYPE_CHECKING:
         s3_key,
         sha256_file,
     )
+    from mergeflow.storage.lock import output_lock
 
 
 def __getattr__(name: str):
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'mergeflow.pipeline' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"mergeflow.pipeline.{module}"), name)
+    package = "mergeflow.storage" if module == "lock" else "mergeflow.pipeline"
+    value = getattr(importlib.import_module(f"{package}.{module}"), name)
     globals()[name] = value
     return value
 

@@ -16,6 +16,7 @@ from mergeflow.pipeline.order import Carried, run_steps
 from mergeflow.pipeline.results import MergeReport, PreparedMerge, ShardResult
 from mergeflow.plan import MergePlan, TensorPlan
 from mergeflow.spec import OPTION_COMBINATION, MergeSpec
+from mergeflow.storage.lock import output_lock
 
 
 def check_location(name: str, value: object, optional: bool = False) -> None:
@@ -76,7 +77,8 @@ def merge(base: str | Path | None, adapter: str | Path, out: str | Path, *,
         if combinations and len(combinations) == len(exc.errors()):
             raise OptionsError("; ".join(combinations)) from None
         raise
-    return run_local(steps.prepare(spec), spec, progress)
+    with output_lock(spec.out):  # one writer per output
+        return run_local(steps.prepare(spec), spec, progress)
 
 
 def run_local(prepared: PreparedMerge, spec: MergeSpec,

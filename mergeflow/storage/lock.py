@@ -1,0 +1,87 @@
+"""One writer per output: an exclusive ``fcntl.flock`` on ``.<out>.lock`` beside the output,
+held by the process that plans and runs a merge into it.
+
+A second merge into the same ``out`` does not wait: it stops at once with one line naming the
+process that holds the output (exit 2, nothing written). Waiting would leave a scheduled or
+webhook-started run hanging behind a merge that may take an hour, and its own work would be
+done by the first (a rerun afterwards finds the output up to date, or resumes it); a refusal
+that names the holder is what a person or a scheduler can act on. The kernel drops the lock
+when its process dies, so a crash never leaves the output locked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from mergeflow.errors import OutputError
+
+_held: dict[str, int] = {}  # lock path -> depth, for the locks this process holds
+_guard = threading.Lock()
+
+
+def lock_path(out: str | Path) -> Path:
+    """The lock file of an output: hidden, beside it (it outlives the staging folder)."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.lock"
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+        return f"pid {info['pid']} on {info['host']}, since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path) -> Iterator[None]:
+    """Hold ``out``'s lock for the block (re-entrant within this process).
+
+    Raises:
+        OutputError: another process holds it (naming that process).
+    """
+    path = lock_path(out)
+    key = str(path)
+    with _guard:
+        if key in _held:
+            _held[key] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield
+        finally:
+            with _guard:
+                _held[key] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"`out={out}`: another merge is writing it ({_holder(path)}); "
+                              "wait for it to finish, or choose another `out`") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        with _guard:
+            _held[key] = 1
+        try:
+            yield
+        finally:
+            with _guard:
+                del _held[key]
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
