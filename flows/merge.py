@@ -58,10 +58,27 @@ from tasks import (
 )
 
 
+def _tail(ref: str, parts: int) -> str:
+    """The last ``parts`` parts of a path or ``s3://`` / ``hf://`` reference."""
+    return "/".join(Path(ref).parts[-parts:]) if ref else "?"
+
+
+def run_name(adapter: str, out: str) -> str:
+    """A run's name, saying what is merged and where: ``<adapter> -> <out>`` (the adapter by its
+    last two path parts, since its own folder is often just "adapter")."""
+    return f"{_tail(adapter, 2)} -> {_tail(out, 1)}"
+
+
 def _run_name() -> str:
     spec = flow_run.parameters.get("spec") or {}
-    adapter = spec.get("adapter") if isinstance(spec, dict) else getattr(spec, "adapter", "")
-    return f"merge-{Path(str(adapter or '')).name or 'adapter'}"
+    field = spec.get if isinstance(spec, dict) else (lambda k: getattr(spec, k, ""))
+    return run_name(str(field("adapter") or ""), str(field("out") or ""))
+
+
+def _shards_run_name() -> str:
+    prepared = flow_run.parameters.get("prepared")
+    out = prepared.get("out") if isinstance(prepared, dict) else getattr(prepared, "out", "")
+    return f"write shards -> {_tail(str(out or ''), 1)}"
 
 
 def _current_deployment() -> Any | None:
@@ -135,7 +152,7 @@ def task_runner(spec: MergeSpec):
     return ThreadPoolTaskRunner(max_workers=decided.workers)
 
 
-@flow(name="merge-shards")
+@flow(name="merge-shards", flow_run_name=_shards_run_name)
 def merge_shards(prepared: PreparedMerge, device: str = "cpu",
                  progress: UUID | None = None) -> list[ShardResult]:
     """Write every layer group's shard that is not already written and verified; update the

@@ -69,7 +69,8 @@ def test_local_run_is_in_process_and_byte_identical_to_the_flow(inputs, tmp_path
                 {"PREFECT_API_URL": prefect_server})
     assert flow.returncode == 0, flow.stderr
     line = flow.stdout.strip().splitlines()[-1]
-    assert line == f"ran as Prefect flow run merge-adapter/merge-{adapter.name} (--prefect)"
+    assert line == (f"ran as Prefect flow run merge-adapter/{adapter.parent.name}/{adapter.name}"
+                    " -> flow (--prefect)")
     assert load_json(tmp_path / "local" / "merge-manifest.json")["report"]["shards"] > 1
     assert _contents(tmp_path / "local") == _contents(tmp_path / "flow")
 

@@ -114,12 +114,22 @@ def test_hub_repo_id(ref, expected):
     assert hub_repo_id(ref) == expected
 
 
-def test_existing_relative_folder_is_not_a_repo_id(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "org" / "name").mkdir(parents=True)
-    assert hub_repo_id("org/name") is None
+def test_a_relative_base_path_is_judged_from_the_adapter_never_the_working_directory(
+        tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "demo-out" / "base").mkdir(parents=True)
+    adapter = project / "demo-out" / "adapter"
+    adapter.mkdir()
+    elsewhere = tmp_path / "worker"
+    (elsewhere / "org" / "name").mkdir(parents=True)
+    for cwd in (project, elsewhere):  # the trainer's folder, then a worker's somewhere else
+        monkeypatch.chdir(cwd)
+        assert hub_base_model(None, "demo-out/base", adapter) is None  # exists above the adapter
+        assert hub_base_model(project / "demo-out" / "base", "demo-out/base") is None  # read
+        assert hub_base_model(None, "acme/tiny", adapter) == "acme/tiny"
+        assert hub_repo_id("org/name") == "org/name"  # whatever folders the cwd holds
     cache = tmp_path / "models--org--name" / "snapshots" / "abc"
-    assert hub_base_model(cache, None) is None  # org/name exists here as a folder
+    assert hub_base_model(cache, None) == "org/name"
     assert hub_base_model(tmp_path / "models--x--y" / "snapshots" / "abc", "/p") == "x/y"
 
 

@@ -161,16 +161,17 @@ _HF_CACHE_REPO = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+/?
 
 def hub_repo_id(ref: str | None) -> str | None:
     """``ref`` as a Hugging Face Hub model id (``org/name`` or a legacy ``name``), or None when
-    it is not one: a local path (absolute, ``./``, ``~``, or an existing relative folder), an
-    ``s3://`` reference or anything the Hub's own repo-id check refuses. ``hf://org/name@rev``
-    gives ``org/name``."""
+    it is not one: a local path (absolute, ``./``, ``~``), an ``s3://`` reference or anything the
+    Hub's own repo-id check refuses. ``hf://org/name@rev`` gives ``org/name``. (Whether a
+    relative ``org/name`` is really a local folder is judged by :func:`hub_base_model`, from the
+    folders read, never from the working directory.)"""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if not ref or not isinstance(ref, str):
         return None
     if ref.startswith("hf://"):
         ref = ref.removeprefix("hf://").split("@", 1)[0]
-    elif "://" in ref or ref.startswith((".", "~", "/")) or Path(ref).exists():
+    elif "://" in ref or ref.startswith((".", "~", "/")):
         return None
     try:
         validate_repo_id(ref)
@@ -179,16 +180,34 @@ def hub_repo_id(ref: str | None) -> str | None:
     return ref
 
 
-def hub_base_model(base_folder: Path | None, named: str | None) -> str | None:
+def hub_base_model(base_folder: Path | None, named: str | None,
+                   adapter_folder: Path | None = None) -> str | None:
     """The base's Hub id for the card's ``base_model``, never a local path: the repo of a base
     read from the Hugging Face cache (``.../models--org--name/snapshots/<rev>``, where ``hf://``
     bases are fetched to), else the adapter config's ``base_model_name_or_path`` when that is a
-    Hub id (see :func:`hub_repo_id`), else None (the key is then left out)."""
+    Hub id (see :func:`hub_repo_id`) and not a local path (:func:`names_local_path`), else None
+    (the key is then left out). The answer never depends on the working directory."""
     if base_folder is not None:
         match = _HF_CACHE_REPO.search(Path(base_folder).as_posix())
         if match:
             return hub_repo_id(f"{match.group(1)}/{match.group(2)}")
-    return hub_repo_id(named)
+    repo = hub_repo_id(named)
+    if repo is None or names_local_path(repo, base_folder, adapter_folder):
+        return None
+    return repo
+
+
+def names_local_path(named: str, base_folder: Path | None, adapter_folder: Path | None) -> bool:
+    """Whether a relative ``named`` that looks like ``org/name`` is a local path after all: the
+    end of the base folder that was read, or a path that exists from the adapter's folder or a
+    folder above it (where a training script's relative path starts)."""
+    parts = Path(named).parts
+    if base_folder is not None and Path(base_folder).absolute().parts[-len(parts):] == parts:
+        return True
+    if adapter_folder is None:
+        return False
+    anchor = Path(adapter_folder).absolute()
+    return any((folder / named).exists() for folder in (anchor, *anchor.parents))
 
 
 def base_license(base_folder: Path | None, config: dict | None = None) -> dict[str, str]:

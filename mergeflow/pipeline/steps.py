@@ -435,7 +435,7 @@ def finalize(prepared: PreparedMerge, results: list[ShardResult]) -> MergeReport
                            for name, _, _ in t.outputs()},
         })
         written.append(INDEX_FILE)
-    base_model = hub_base_model(base, adapter_config.get("base_model_name_or_path"))
+    base_model = hub_base_model(base, adapter_config.get("base_model_name_or_path"), adapter)
     (staging / "README.md").write_text(model_card(base_model, adapter.name, report.durable(),
                                                   adapter_only=report.save_method == "lora",
                                                   base_folder=base,
