@@ -1,5 +1,7 @@
-"""One writer per output: an exclusive ``fcntl.flock`` on ``.<out>.lock`` beside the output,
-held by the process that plans and runs a merge into it.
+"""One writer per output: an exclusive ``fcntl.flock`` on a lock file named by the output's
+absolute path, in the machine's temporary folder (``<tmp>/mergeflow-locks/``, so nothing is
+written beside an output a refused merge must leave untouched), held by the process that plans
+and runs a merge into it.
 
 A second merge into the same ``out`` does not wait: it stops at once with one line naming the
 process that holds the output (exit 2, nothing written). Waiting would leave a scheduled or
@@ -13,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,9 +32,12 @@ _guard = threading.Lock()
 
 
 def lock_path(out: str | Path) -> Path:
-    """The lock file of an output: hidden, beside it (it outlives the staging folder)."""
-    out = Path(out).absolute()
-    return out.parent / f".{out.name}.lock"
+    """The lock file of an output: ``<tmp>/mergeflow-locks/<sha256 of its absolute path>.lock``
+    (``MERGEFLOW_LOCK_DIR`` overrides the folder). Outputs on a shared filesystem written from
+    several machines need a lock folder they share."""
+    folder = Path(os.environ.get("MERGEFLOW_LOCK_DIR") or Path(tempfile.gettempdir(), "mergeflow-locks"))
+    digest = hashlib.sha256(str(Path(out).absolute()).encode()).hexdigest()[:24]
+    return folder / f"{digest}.lock"
 
 
 def _holder(path: Path) -> str:
