@@ -121,3 +121,25 @@ def test_the_disk_check_counts_the_16_bit_file_beside_the_k_quant(models, tmp_pa
         needed[gguf_type] = (required_bytes(plan, out), plan.total_size)
     (streamed, total), (quantized, _) = needed["bf16"], needed["q4_k_m"]
     assert quantized - streamed == total * 17 // 32  # the quantized file, beside the 16-bit one
+
+
+def test_several_types_come_from_one_merge(models, tmp_path):
+    base, adapter = models("qwen2")
+    out = tmp_path / "out"
+    report = mergeflow.merge(base, adapter, out, save_method="gguf",
+                             gguf_type="q4_k_m,q8_0,bf16")
+    assert report.dtype == "q4_k_m,q8_0,bf16" and report.shards == 3
+    names = ["model-q4_k_m.gguf", "model-q8_0.gguf", "model-bf16.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "Modelfile", "README.md",
+                                                            MANIFEST])
+    assert report.total_size == sum((out / n).stat().st_size for n in names)
+    for gguf_type in ("q4_k_m", "q8_0"):  # each is llama.cpp's own quantization of the bf16 file
+        two_step = tmp_path / f"{gguf_type}.gguf"
+        _llama_quantize(out / "model-bf16.gguf", two_step, gguf_type)
+        assert (out / f"model-{gguf_type}.gguf").read_bytes() == two_step.read_bytes()
+    assert "model-q4_k_m.gguf" in (out / "Modelfile").read_text()  # the first type asked
+
+    only_quantized = tmp_path / "k"
+    mergeflow.merge(base, adapter, only_quantized, save_method="gguf", gguf_type="q4_k_m,q6_k")
+    assert sorted(p.name for p in only_quantized.glob("*.gguf")) == [
+        "model-q4_k_m.gguf", "model-q6_k.gguf"]  # the 16-bit file it came from is gone

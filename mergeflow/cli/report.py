@@ -77,8 +77,9 @@ def _print_gguf(report: MergeReport) -> None:
     """A GGUF merge: what was written, and the command that imports it into Ollama."""
     from mergeflow.engine.gguf import gguf_filename, ollama_command
 
+    files = ", ".join(gguf_filename(t) for t in report.dtype.split(","))
     out.print(f"[bold green]merged[/] {report.lora_modules} {report.variant} modules into "
-              f"{gguf_filename(report.dtype)} ({report.tensors} tensors, "
+              f"{files} ({report.tensors} tensors, "
               f"{format_size(report.total_size)} {report.dtype}) with an Ollama Modelfile")
     _print_notes(report.notes)
     out.print(f"output: {report.out}")

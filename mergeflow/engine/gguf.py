@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from mergeflow import faults
-from mergeflow.engine.gguf_quant import STREAMED, check_type
+from mergeflow.engine.gguf_quant import STREAMED, check_type, split_types
 from mergeflow.engine.ops import TensorMerger
 from mergeflow.engine.shards import ShardResult
 from mergeflow.errors import AdapterError, InputError
@@ -133,7 +133,8 @@ def check_supported(base: Path, tokenizer: Path | None, gguf_type: str) -> None:
     Raises:
         InputError: naming the architecture, rope scaling, tokenizer or type.
     """
-    check_type(gguf_type)  # streamed here, or made by llama.cpp's quantizer
+    for one in split_types(gguf_type):
+        check_type(one)  # streamed here, or made by llama.cpp's quantizer
     config = text_config(base_config(base))
     arch_rule(config, base)
     rope_type = rope_parameters(config).get("rope_type")

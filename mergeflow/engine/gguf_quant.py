@@ -36,13 +36,31 @@ def _llama_cpp(gguf_type: str):
     return llama_cpp
 
 
+def _file_types(gguf_type: str) -> dict[str, int]:
+    """Every file type llama.cpp's quantizer knows, by lower-case name -> ``llama_ftype``."""
+    llama_cpp = _llama_cpp(gguf_type)
+    return {name.removeprefix(_PREFIX).lower(): int(value) for name, value in vars(llama_cpp).items()
+            if name.startswith(_PREFIX)}
+
+
 def quantizer_types(gguf_type: str = "q4_k_m") -> dict[str, int]:
     """llama.cpp's file types this route offers, by lower-case name -> ``llama_ftype`` value
     (``gguf_type``: the type asked for, named in the refusal when llama.cpp is missing)."""
-    llama_cpp = _llama_cpp(gguf_type)
-    types = {name.removeprefix(_PREFIX).lower(): int(value) for name, value in vars(llama_cpp).items()
-             if name.startswith(_PREFIX)}
-    return {name: value for name, value in types.items() if _OFFERED.match(name)}
+    return {name: value for name, value in _file_types(gguf_type).items() if _OFFERED.match(name)}
+
+
+def split_types(text: str) -> list[str]:
+    """``--gguf-type q4_k_m,q8_0``: the types asked for, in order, each once."""
+    return list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+
+
+def made_from(types: list[str], dtype: str) -> str | None:
+    """The 16-bit type the other files are quantized from when ``types`` need llama.cpp's
+    quantizer (a 16-bit type asked for, else :func:`source_type`); None when one streamed type
+    is all that is asked (it is written straight from the merge)."""
+    if len(types) == 1 and types[0] in STREAMED:
+        return None
+    return next((t for t in types if t in ("f16", "bf16")), source_type(dtype))
 
 
 def check_type(gguf_type: str) -> None:
@@ -94,7 +112,7 @@ def quantize(source: Path, dest: Path, gguf_type: str, threads: int) -> None:
     """
     llama_cpp = _llama_cpp(gguf_type)
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = quantizer_types(gguf_type)[gguf_type]
+    params.ftype = _file_types(gguf_type)[gguf_type]
     params.nthread = max(1, threads)
     with _quiet():
         code = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(),

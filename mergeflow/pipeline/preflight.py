@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from mergeflow.engine.gguf_quant import STREAMED
+from mergeflow.engine.gguf_quant import made_from, split_types
 from mergeflow.errors import InputError, NotEnoughDiskSpace
 from mergeflow.model.adapter import Adapter, check_values
 from mergeflow.output.folder import MANIFEST, TOKENIZER_FILES, read_manifest
@@ -77,13 +77,16 @@ def required_bytes(plan: MergePlan, out: Path, *, low_disk: bool = False) -> int
 
 
 def quantized_gguf_bytes(plan: MergePlan) -> int:
-    """A GGUF type llama.cpp's quantizer makes is written from the streamed 16-bit file, so both
-    are on disk for a moment: the quantized file's bound, at q8_0's 8.5 bits a weight (every
-    offered type takes fewer) against the plan's 16 bits; 0 for any other output."""
-    gguf_type = plan.options.get("gguf_type")
-    if plan.options.get("save_method") != "gguf" or gguf_type in STREAMED:
+    """GGUF types llama.cpp's quantizer makes are written from the streamed 16-bit file (which
+    ``plan.total_size`` counts), so all are on disk together for a moment: each quantized
+    file's bound at q8_0's 8.5 bits a weight (every offered type takes fewer) against the plan's
+    16, a second 16-bit type at the full size; 0 for any other output."""
+    if plan.options.get("save_method") != "gguf":
         return 0
-    return plan.total_size * 17 // 32
+    types = split_types(str(plan.options.get("gguf_type") or ""))
+    source = made_from(types, plan.dtype)
+    return sum(plan.total_size if t in ("f16", "bf16") else plan.total_size * 17 // 32
+               for t in types if source is not None and t != source)
 
 
 def min_free_bytes() -> int:

@@ -510,9 +510,10 @@ def _write_manifest(staging: Path, plan: MergePlan, fingerprint: str, report: Me
 @_disk_full_is_disk_space_error(_staging_of_prepared)
 def write_gguf_output(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
     """``save_method="gguf"``: stream the merge into one GGUF file in staging (see
-    :mod:`mergeflow.engine.gguf`) and check it (``spec.verify``); for a type llama.cpp's
-    quantizer makes (:mod:`mergeflow.engine.gguf_quant`), quantize that 16-bit file with it and
-    delete it. Then write the Ollama Modelfile, the model card and - last - the manifest.
+    :mod:`mergeflow.engine.gguf`) and check it (``spec.verify``). Types llama.cpp's quantizer
+    makes (:mod:`mergeflow.engine.gguf_quant`; several types asked at once) are made from that
+    one 16-bit file, each checked, and the 16-bit file is deleted unless it was asked for. Then
+    the Ollama Modelfile (for the first type asked), the model card and - last - the manifest.
     :func:`publish_output` publishes it.
 
     Raises:
@@ -525,27 +526,32 @@ def write_gguf_output(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
     plan = MergePlan.load(Path(prepared.plan_path))
     adapter = Path(plan.adapter)
     adapter_config = read_adapter_config(adapter)
-    gguf_type = str(plan.options["gguf_type"])
-    streamed = (gguf_quant.source_type(plan.dtype) if gguf_quant.is_quantized(gguf_type)
-                else gguf_type)
-    result = gguf_export.write_gguf(plan, open_merger(plan, device=spec.device), staging,
-                                    streamed, adapter.name)
+    types = gguf_quant.split_types(str(plan.options["gguf_type"]))
+    source = gguf_quant.made_from(types, plan.dtype) or types[0]
+    streamed = gguf_export.write_gguf(plan, open_merger(plan, device=spec.device), staging,
+                                      source, adapter.name)
     if spec.verify:
-        _check_gguf(prepared, gguf_export.check_gguf(staging.folder / result.filename, plan,
-                                                     streamed), plan)
-    if streamed != gguf_type:
-        result = _quantize_gguf(staging, result, gguf_type, plan.dtype)
-        if spec.verify:
-            _check_gguf(prepared, gguf_export.check_quantized(staging.folder / result.filename,
-                                                              plan, streamed), plan)
-    gguf_export.write_modelfile(staging, result.filename, Path(str(plan.options["tokenizer"])))
+        _check_gguf(prepared, gguf_export.check_gguf(staging.folder / streamed.filename, plan,
+                                                     source), plan)
+    results = {source: streamed}
+    for gguf_type in types:
+        if gguf_type not in results:
+            results[gguf_type] = _quantize_gguf(staging, streamed, gguf_type)
+            if spec.verify:
+                _check_gguf(prepared, gguf_export.check_quantized(
+                    staging.folder / results[gguf_type].filename, plan, source), plan)
+    if source not in types:
+        (staging.folder / streamed.filename).unlink()
+    written = [results[t] for t in types]
+    gguf_export.write_modelfile(staging, written[0].filename, Path(str(plan.options["tokenizer"])))
     report = _report(plan, adapter_config, prepared.out, "merged").model_copy(
-        update={"dtype": gguf_type, "shards": 1, "total_size": result.size})
+        update={"dtype": ",".join(types), "shards": len(written),
+                "total_size": sum(r.size for r in written)})
     base_name = adapter_config.get("base_model_name_or_path") or Path(plan.base).name
     (staging.folder / "README.md").write_text(model_card(base_name, adapter.name,
                                                          report.durable()))
-    _write_manifest(staging.folder, plan, prepared.fingerprint, report, [result],
-                    {result.filename, gguf_export.MODELFILE, "README.md"})
+    _write_manifest(staging.folder, plan, prepared.fingerprint, report, written,
+                    {*(r.filename for r in written), gguf_export.MODELFILE, "README.md"})
     return report
 
 
@@ -554,20 +560,18 @@ def _check_gguf(prepared: PreparedMerge, problems: list[str], plan: MergePlan) -
                                           problems=problems))
 
 
-def _quantize_gguf(staging: Staging, streamed: ShardResult, gguf_type: str,
-                   dtype: str) -> ShardResult:
+def _quantize_gguf(staging: Staging, streamed: ShardResult, gguf_type: str) -> ShardResult:
     """The streamed 16-bit GGUF quantized by llama.cpp into ``model-<gguf_type>.gguf`` (under a
-    partial name, fsynced, renamed), on every usable core; the 16-bit file is then deleted."""
+    partial name, fsynced, renamed), on every usable core."""
     from mergeflow.engine import gguf as gguf_export
     from mergeflow.engine import gguf_quant
 
     filename = gguf_export.gguf_filename(gguf_type)
     partial, final = staging.partial(filename), staging.folder / filename
-    source = staging.folder / streamed.filename
-    gguf_quant.quantize(source, partial, gguf_type, resources.usable_cpus())
+    gguf_quant.quantize(staging.folder / streamed.filename, partial, gguf_type,
+                        resources.usable_cpus())
     faults.checkpoint("gguf-before-rename")
     durable_rename(partial, final)
-    source.unlink()
     return ShardResult(filename=filename, size=final.stat().st_size, sha256=sha256_file(final))
 
 
