@@ -212,11 +212,27 @@ def _merge_locked(spec: MergeSpec, prepared: PreparedMerge | None, found: Any | 
     carried = pipeline.run_steps(prepared, spec, FlowSteps(),
                                  around=lambda step: timings(STEP_LABELS.get(step, step)))
     assert carried.report is not None  # every route's first step makes the report
-    if not prepared.up_to_date:
-        report_artifacts(spec, prepared, carried.report, carried.results, carried.verification,
+    report = carried.report.model_copy(update={
+        "timings": dict(timings), "manifest_sha256": manifest_digest(spec.out),
+        "verification": verification_line(carried.verification) if carried.verification
+        else None})
+    if prepared.up_to_date:
+        create_markdown_artifact(
+            key=artifact_key("merge-report", spec.out), description=f"Merge report: {spec.out}",
+            markdown=f"# Merge report: `{Path(spec.adapter).name}`\n\n`{spec.out}` already holds "
+                     f"this merge (manifest sha256 `{report.manifest_sha256}`); nothing was "
+                     "written.\n")
+    else:
+        report_artifacts(spec, prepared, report, carried.results, carried.verification,
                          timings, base)
         log_timings(timings)
-    return carried.report
+    return report
+
+
+def manifest_digest(out: str) -> str | None:
+    """sha256 of ``out``'s manifest (None where there is none: a low-disk merge ships it)."""
+    path = Path(out) / pipeline.MANIFEST
+    return pipeline.sha256_file(path) if path.is_file() else None
 
 
 class FlowSteps:
@@ -328,15 +344,18 @@ def log_plan(prepared: PreparedMerge, base: str | None) -> None:
         " (up to date)" if prepared.up_to_date else "")
 
 
+def verification_line(verification: VerifyReport) -> str:
+    """The verification's outcome in words (the log line, and the persisted result's)."""
+    worst = max((c.relative_error for c in verification.checks), default=0.0)
+    warnings = "".join(f"; warning: {w}" for w in verification.warnings)
+    return (f"verification {'passed' if verification.ok else 'FAILED'}: {verification.files} "
+            f"files checksummed, {verification.tensors} tensors read, {len(verification.checks)} "
+            f"merged tensors checked numerically (worst relative error {worst:.1e}){warnings}")
+
+
 def log_verification(verification: VerifyReport) -> None:
     """The verification's outcome in the flow run's log."""
-    worst = max((c.relative_error for c in verification.checks), default=0.0)
-    get_run_logger().info(
-        "verification %s: %d files checksummed, %d tensors read, %d merged tensors checked "
-        "numerically (worst relative error %.1e)%s",
-        "passed" if verification.ok else "FAILED", verification.files, verification.tensors,
-        len(verification.checks), worst,
-        "".join(f"; warning: {w}" for w in verification.warnings))
+    get_run_logger().info("%s", verification_line(verification))
 
 
 def log_timings(timings: dict[str, float]) -> None:

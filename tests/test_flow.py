@@ -79,6 +79,27 @@ def test_flow_output_equals_core_output_and_has_artifacts(sharded_inputs, tmp_pa
     assert progress and float(progress[0].data) == 100.0
 
 
+def test_the_persisted_result_carries_timings_verification_and_manifest(sharded_inputs,
+                                                                        tmp_path):
+    import hashlib
+
+    from flows.merge import artifact_key, merge_adapter
+
+    base, adapter = sharded_inputs
+    spec = _spec(base, adapter, tmp_path / "out", max_shard_size="40KB")
+    report = merge_adapter(spec, return_state=True).result()
+    digest = hashlib.sha256((tmp_path / "out" / "merge-manifest.json").read_bytes()).hexdigest()
+    assert report.manifest_sha256 == digest
+    assert {"load", "merge", "finalize", "verify", "publish"} <= set(report.timings)
+    assert report.verification.startswith("verification passed:")
+    assert "timings" not in load_json(tmp_path / "out" / "merge-manifest.json")["report"]
+
+    again = merge_adapter(spec, return_state=True)  # up to date: a short artifact says so
+    assert again.result().status == "up-to-date" and again.result().manifest_sha256 == digest
+    note = _artifacts(again.state_details.flow_run_id)[artifact_key("merge-report", spec.out)]
+    assert "already holds this merge" in note.data and digest in note.data
+
+
 def test_tasks_through_fn(sharded_inputs, tmp_path):
     from tasks import finalize, load, merge_shard, publish, verify
 

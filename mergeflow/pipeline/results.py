@@ -41,10 +41,15 @@ class MergeReport(BaseModel):
     notes: list[str] = []
     save_method: str = "merged_16bit"
     shards_resumed: int = 0  # shards an interrupted earlier run had already written
+    # this run, as the Prefect flow records it in its persisted result:
+    timings: dict[str, float] = {}  # wall seconds per pipeline step
+    verification: str | None = None  # the verification's outcome, in words
+    manifest_sha256: str | None = None  # sha256 of the published output's manifest
 
     def durable(self) -> dict:
         """The fields that describe the output itself (stored in the manifest and model card);
-        how this particular run got there (resumed groups, paths) is left out."""
-        return self.model_dump(exclude={"out", "status", "shards_resumed"})
+        how this particular run got there (resumed shards, paths, timings) is left out."""
+        return self.model_dump(exclude={"out", "status", "shards_resumed", "timings",
+                                        "verification", "manifest_sha256"})
 
 
