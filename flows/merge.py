@@ -32,6 +32,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
 
+from flows import failures
 from flows.parameters import MergeRequest, layered
 from mergeflow import pipeline
 from mergeflow.errors import MergeError, OptionsError
@@ -56,6 +57,8 @@ from tasks import (
     verify,
     write_gguf,
 )
+
+failures.install()  # a MergeError is one line in the run's log, not a traceback
 
 
 def _tail(ref: str, parts: int) -> str:

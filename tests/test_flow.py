@@ -100,6 +100,36 @@ def test_the_persisted_result_carries_timings_verification_and_manifest(sharded_
     assert "already holds this merge" in note.data and digest in note.data
 
 
+def _logs(flow_run_id) -> list[str]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)  # the run's logs reach the server in batches
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+    return [log.message for log in asyncio.run(read())]
+
+
+def test_a_refused_merge_is_one_line_in_the_runs_log_not_a_traceback(sharded_inputs, tmp_path):
+    from flows.merge import merge_adapter
+
+    base, _ = sharded_inputs
+    missing = tmp_path / "no-such-adapter"
+    state = merge_adapter(_spec(base, missing, tmp_path / "out"), return_state=True)
+    assert state.is_failed()
+    logs = _logs(state.state_details.flow_run_id)
+    assert not [m for m in logs if "Traceback" in m], logs
+    assert any(f"{missing}: no such local file or folder" in m for m in logs), logs
+    assert not any("Engine execution exited" in m for m in logs)
+
+
 def test_tasks_through_fn(sharded_inputs, tmp_path):
     from tasks import finalize, load, merge_shard, publish, verify
 
