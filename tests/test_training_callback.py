@@ -10,6 +10,7 @@ import logging
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -171,7 +172,8 @@ def receiver(prefect_server):
     # both routes to the one deployment: device cpu (no target) picks the CPU route
     settings = WebhookSettings(deployment=f"merge-adapter/{name}",
                                cpu_deployment=f"merge-adapter/{name}", api_url=prefect_server,
-                               training_secret=SecretStr(SECRET))
+                               training_secret=SecretStr(SECRET),
+                               allowed_roots=[tempfile.gettempdir()])  # where pytest's folders are
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

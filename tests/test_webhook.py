@@ -49,7 +49,8 @@ def deployment(prefect_server) -> str:
 def _settings(api_url: str, deployment: str, **kw) -> WebhookSettings:
     values = dict(deployment=deployment, api_url=api_url, max_body_bytes=4096,
                   training_secret=SecretStr(SECRET), hf_secret=SecretStr(HF_SECRET),
-                  hf_out_root="/srv/merged", hf_push_root="hf://acme-merged")
+                  hf_out_root="/srv/merged", hf_push_root="hf://acme-merged",
+                  allowed_roots=["/data", "/srv/merged", "hf://"], allow_overwrite=True)
     values.update(kw)
     return WebhookSettings(**values)
 
@@ -336,9 +337,11 @@ def test_settings_from_env_and_secret_block(prefect_server, monkeypatch):
     from prefect.blocks.system import Secret
 
     monkeypatch.setenv("MERGEFLOW_WEBHOOK_SECRET", "from-env")
+    monkeypatch.setenv("MERGEFLOW_WEBHOOK_ROOTS", "/data, s3://runs")
     monkeypatch.delenv("MERGEFLOW_HF_WEBHOOK_SECRET", raising=False)
     settings = load_settings(api_url=prefect_server)
     assert settings.training_secret.get_secret_value() == "from-env"
+    assert settings.allowed_roots == ["/data", "s3://runs"]
     assert settings.hf_secret is None
 
     block = f"mergeflow-hf-{uuid.uuid4().hex[:8]}"
@@ -481,3 +484,40 @@ def test_adapter_ready_emits_on_the_route_its_device_picks(prefect_server):
                              "device": "cpu"}
     event = adapter_ready("/data/adapters/y", "/data/merged/y", device="cuda")
     assert event.resource.id == "mergeflow.adapter./data/adapters/y"
+
+
+# --------------------------------------------------------------------------- 403: confinement
+
+
+@pytest.mark.parametrize("fields", [
+    {"adapter": "/etc", "out": "/"},  # the attack: read /etc, write /
+    {"out": "/data/../etc/merged"},  # .. folded before the check
+    {"out": "relative/out"},  # a relative path would depend on the worker's folder
+    {"base": "/home/someone/base"},
+    {"push_to": "s3://other-bucket/x"},
+    {"options": {"tokenizer": "/root/.ssh"}},
+])
+def test_a_location_outside_the_allowed_roots_is_403_before_any_run(client, fields):
+    payload = _payload(**{k: v for k, v in fields.items() if k != "options"})
+    payload["options"].update(fields.get("options", {}))
+    answer = _post(client, payload)
+    assert answer.status_code == 403, answer.text
+    assert "outside the locations this receiver allows" in answer.text
+
+
+def test_overwrite_is_403_unless_the_receiver_allows_it(prefect_server, deployment):
+    payload = _payload(options={"device": "cpu", "overwrite": True})
+    with TestClient(create_app(_settings(prefect_server, deployment,
+                                         allow_overwrite=False))) as strict:
+        answer = _post(strict, payload)
+        assert answer.status_code == 403 and "overwrite" in answer.text
+    with TestClient(create_app(_settings(prefect_server, deployment,
+                                         allow_overwrite=True))) as lenient:
+        assert _post(lenient, payload).status_code == 202
+
+
+def test_a_receiver_without_allowed_roots_does_not_start(prefect_server, deployment):
+    from triggers.webhook import check_settings
+
+    with pytest.raises(ValueError, match="no allowed roots"):
+        check_settings(_settings(prefect_server, deployment, allowed_roots=[]))

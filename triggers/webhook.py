@@ -54,6 +54,7 @@ DELIVERY_HEADER = "X-Mergeflow-Delivery"
 HF_SECRET_HEADER = "X-Webhook-Secret"
 SECRET_ENV = "MERGEFLOW_WEBHOOK_SECRET"
 HF_SECRET_ENV = "MERGEFLOW_HF_WEBHOOK_SECRET"
+ROOTS_ENV = "MERGEFLOW_WEBHOOK_ROOTS"
 
 
 class WebhookSettings(BaseModel):
@@ -69,6 +70,11 @@ class WebhookSettings(BaseModel):
     hf_out_root: str | None = Field(None, description="Hub hooks: outputs go under here.")
     hf_push_root: str | None = Field(None, description="Hub hooks: publish to <root>/<name>.")
     api_timeout: float = Field(15.0, gt=0)
+    allowed_roots: list[str] = Field(
+        default_factory=list, description="Where a delivery's inputs and outputs may be: local "
+        "folders (absolute) and s3:// or hf:// prefixes; any other location is refused (403).")
+    allow_overwrite: bool = Field(False, description="Accept deliveries asking to overwrite a "
+                                  "finished output (refused with 403 otherwise).")
 
 
 class HookError(Exception):
@@ -273,15 +279,49 @@ def hf_request(payload: HfPayload, settings: WebhookSettings) -> tuple[dict[str,
 # --------------------------------------------------------------------------- the app
 
 
+#: The MergeSpec fields that name a location (read from, or written to).
+LOCATION_FIELDS = ("adapter", "base", "out", "push_to", "tokenizer", "original_base")
+
+
+def within(value: str, root: str) -> bool:
+    """Whether location ``value`` lies under ``root``: the same scheme-qualified prefix for
+    ``s3://`` and ``hf://``; for a local folder, an absolute path under it once ``..`` and
+    ``.`` are folded (a relative path would depend on the worker's working directory)."""
+    if "://" in root or "://" in value:
+        root = root.rstrip("/")
+        return value == root or value.startswith(root + "/")
+    if not os.path.isabs(value):
+        return False
+    path, root = os.path.normpath(value), os.path.normpath(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def check_confined(settings: WebhookSettings, fields: dict[str, Any]) -> None:
+    """403 unless every location the request names lies under an allowed root, and unless
+    ``overwrite`` is allowed when asked for."""
+    for name in LOCATION_FIELDS:
+        value = fields.get(name)
+        if value is not None and not any(within(str(value), r) for r in settings.allowed_roots):
+            raise HookError(403, f"{name}={value}: outside the locations this receiver allows "
+                                 f"({', '.join(settings.allowed_roots) or 'none'})")
+    if fields.get("overwrite") and not settings.allow_overwrite:
+        raise HookError(403, "overwrite: this receiver does not replace finished outputs "
+                             "(start it with --allow-overwrite to allow it)")
+
+
 async def launch(settings: WebhookSettings, fields: dict[str, Any], key: str,
                  deployment: str | None = None) -> dict[str, Any]:
-    """Start the run; the 202 answer body, or a HookError (422 / 503).
+    """Start the run; the 202 answer body, or a HookError (403 / 422 / 503).
+
+    Locations outside the allowed roots, and ``overwrite`` where it is not allowed, are refused
+    (403) before any run exists (:func:`check_confined`).
 
     A redelivery answers the run its key made, unless that run failed, crashed or was
     cancelled: then it starts the next attempt (``<key>#2``, ``#3``; see
     :func:`triggers.launch.ensure_merge`), so a delivery resent after a failure is retried, a
     bounded number of times.
     """
+    check_confined(settings, fields)
     deployment = deployment or settings.deployment
     try:
         run = await asyncio.wait_for(ensure_merge(
@@ -375,10 +415,12 @@ def env_secret(name: str) -> SecretStr | None:
 def load_settings(*, deployment: str = DEFAULT_DEPLOYMENT, max_body_bytes: int = 65536,
                   api_url: str | None = None, secret_block: str | None = None,
                   hf_secret_block: str | None = None, hf_out_root: str | None = None,
-                  hf_push_root: str | None = None) -> WebhookSettings:
+                  hf_push_root: str | None = None, allowed_roots: list[str] | None = None,
+                  allow_overwrite: bool = False) -> WebhookSettings:
     """Settings from options, the environment and Prefect Secret blocks.
 
     Secrets: a named block wins over ``MERGEFLOW_WEBHOOK_SECRET`` / ``MERGEFLOW_HF_WEBHOOK_SECRET``.
+    Allowed roots: ``allowed_roots``, else ``MERGEFLOW_WEBHOOK_ROOTS`` (comma-separated).
 
     Raises:
         ValueError: no Prefect API URL, no secret at all, or a Hub secret without an output root.
@@ -398,7 +440,10 @@ def load_settings(*, deployment: str = DEFAULT_DEPLOYMENT, max_body_bytes: int =
         deployment=deployment, max_body_bytes=max_body_bytes, api_url=api_url,
         training_secret=training, hf_secret=hf,
         hf_out_root=hf_out_root or os.environ.get("MERGEFLOW_HF_OUT_ROOT") or None,
-        hf_push_root=hf_push_root or os.environ.get("MERGEFLOW_HF_PUSH_ROOT") or None)
+        hf_push_root=hf_push_root or os.environ.get("MERGEFLOW_HF_PUSH_ROOT") or None,
+        allowed_roots=allowed_roots or [r.strip() for r in os.environ.get(ROOTS_ENV, "").split(",")
+                                        if r.strip()],
+        allow_overwrite=allow_overwrite)
     check_settings(settings)
     return settings
 
@@ -411,6 +456,10 @@ def check_settings(settings: WebhookSettings) -> None:
     if settings.training_secret is None and settings.hf_secret is None:
         raise ValueError(f"no webhook secret: set {SECRET_ENV} and/or {HF_SECRET_ENV}, or "
                          "name a Prefect Secret block with --secret-block / --hf-secret-block")
+    if not settings.allowed_roots:
+        raise ValueError(f"no allowed roots: name the folders and s3:// / hf:// prefixes "
+                         f"deliveries may read and write with --allow-root (or {ROOTS_ENV}); "
+                         "anything else is refused")
     if settings.hf_secret is not None and not settings.hf_out_root:
         raise ValueError("the Hugging Face hook needs an output root: --hf-out-root or "
                          "MERGEFLOW_HF_OUT_ROOT")

@@ -250,6 +250,12 @@ def webhook_serve(
         help="Hugging Face hook: publish to <root>/<name> (hf://org or s3://bucket/prefix).")] = None,
     api_url: Annotated[str | None, typer.Option(
         help="Prefect API URL (default: $PREFECT_API_URL).")] = None,
+    allow_root: Annotated[list[str] | None, typer.Option(
+        help="A folder (absolute) or s3:// / hf:// prefix deliveries may read and write; "
+             "repeat for several (default: $MERGEFLOW_WEBHOOK_ROOTS, comma-separated). Every "
+             "other location is refused with 403.")] = None,
+    allow_overwrite: Annotated[bool, typer.Option(
+        help="Accept deliveries that ask to overwrite a finished output.")] = False,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
 ) -> None:
     """Serve POST /hooks/training, POST /hooks/huggingface and GET /healthz (triggers.webhook)."""
@@ -259,7 +265,8 @@ def webhook_serve(
         settings = load_settings(deployment=deployment, max_body_bytes=max_body_bytes,
                                  api_url=api_url, secret_block=secret_block,
                                  hf_secret_block=hf_secret_block, hf_out_root=hf_out_root,
-                                 hf_push_root=hf_push_root)
+                                 hf_push_root=hf_push_root, allowed_roots=allow_root,
+                                 allow_overwrite=allow_overwrite)
     except ValueError as exc:
         _fail(2, str(exc))
     serve(settings, host=host, port=port, log_level=log_level)

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -158,6 +159,7 @@ def _env(root: Path, api: str) -> dict[str, str]:
             "PREFECT_SERVER_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_UI_ENABLED": "false",
             "PREFECT": PREFECT,
             "MERGEFLOW_WEBHOOK_SECRET": SECRET, "PYTHONUNBUFFERED": "1",
+            "MERGEFLOW_WEBHOOK_ROOTS": tempfile.gettempdir(),  # where pytest's folders are
             "MERGEFLOW_WATCH_LOCATION": str(root / "scheduled-inbox"),
             "MERGEFLOW_OUT_ROOT": str(root / "scheduled-out")}
 
