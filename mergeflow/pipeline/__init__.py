@@ -30,7 +30,7 @@ _PUBLIC = {
     # workers and threads
     "for_spec": "resources", "apply_threads": "resources", "limit_threads": "resources",
     # one writer per output
-    "output_lock": "lock",
+    "output_lock": "local",
     # what the watchers for finished adapters and outputs read
     "MANIFEST": "watch", "read_manifest": "watch", "HashCache": "watch", "sha256_file": "watch",
     "HF_SCHEME": "watch", "S3_SCHEME": "watch", "list_s3_prefix": "watch",
@@ -48,7 +48,7 @@ __all__ = ["Carried", "HF_SCHEME", "HashCache", "MANIFEST", "MergeReport", "Prep
            "upload_error", "upload_published", "verify", "write_gguf_output"]
 
 if TYPE_CHECKING:
-    from mergeflow.pipeline.local import merge, run_local, run_shards
+    from mergeflow.pipeline.local import merge, output_lock, run_local, run_shards
     from mergeflow.pipeline.order import STEP_LABELS, Carried, Steps, run_steps, steps_for
     from mergeflow.pipeline.resources import apply_threads, for_spec, limit_threads
     from mergeflow.pipeline.results import (
@@ -89,15 +89,13 @@ if TYPE_CHECKING:
         s3_key,
         sha256_file,
     )
-    from mergeflow.storage.lock import output_lock
 
 
 def __getattr__(name: str):
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'mergeflow.pipeline' has no attribute {name!r}")
-    package = "mergeflow.storage" if module == "lock" else "mergeflow.pipeline"
-    value = getattr(importlib.import_module(f"{package}.{module}"), name)
+    value = getattr(importlib.import_module(f"mergeflow.pipeline.{module}"), name)
     globals()[name] = value
     return value
 
