@@ -5,9 +5,11 @@ deployment with the merge flow's parameter schema; no worker runs them (test_e2e
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import socket
+import time
 import uuid
 
 import pytest
@@ -17,13 +19,16 @@ from pydantic import SecretStr
 from flows.parameters import MergeRequest
 from mergeflow.spec import MergeSpec
 from triggers.webhook import (
-    DELIVERY_HEADER,
     HF_SECRET_HEADER,
     SIGNATURE_HEADER,
+    WEBHOOK_ID,
+    WEBHOOK_SIGNATURE,
+    WEBHOOK_TIMESTAMP,
     WebhookSettings,
     create_app,
     load_settings,
     sign,
+    sign_delivery,
 )
 
 SECRET = "mergeflow-webhook-test-secret-5e1f0c"
@@ -134,15 +139,38 @@ def test_signed_call_starts_one_run_per_delivery(client, deployment):
     assert other.status_code == 202 and other.json()["flow_run_id"] != answer["flow_run_id"]
 
 
-def test_delivery_key_from_header_else_body_hash(client):
-    payload = _payload(delivery_id=None)
-    header = {DELIVERY_HEADER: f"hdr-{uuid.uuid4().hex}"}
-    by_header = _post(client, payload, headers=header).json()
-    assert by_header["idempotency_key"].endswith(header[DELIVERY_HEADER])
+def test_a_signed_body_sent_again_under_another_delivery_header_is_the_same_delivery(client):
     body = json.dumps(_payload(delivery_id=None)).encode()
-    first, second = _post(client, body).json(), _post(client, body).json()
-    assert first["flow_run_id"] == second["flow_run_id"]
-    assert first["flow_run_id"] != by_header["flow_run_id"]
+    first = _post(client, body, headers={"X-Mergeflow-Delivery": f"a-{uuid.uuid4().hex}"}).json()
+    replay = _post(client, body, headers={"X-Mergeflow-Delivery": f"b-{uuid.uuid4().hex}"}).json()
+    assert first["flow_run_id"] == replay["flow_run_id"]  # the unsigned header is not a key
+    assert first["idempotency_key"].endswith(hashlib.sha256(body).hexdigest())
+
+
+def _standard(body: bytes, delivery: str, stamp: int, secret: str = SECRET) -> dict[str, str]:
+    return {"Content-Type": "application/json", WEBHOOK_ID: delivery,
+            WEBHOOK_TIMESTAMP: str(stamp),
+            WEBHOOK_SIGNATURE: sign_delivery(delivery, stamp, body, secret)}
+
+
+def test_standard_webhooks_signatures_cover_the_id_and_the_time(client):
+    body = json.dumps(_payload(delivery_id=None)).encode()
+    delivery, now = f"msg_{uuid.uuid4().hex}", int(time.time())
+    first = client.post("/hooks/training", content=body, headers=_standard(body, delivery, now))
+    assert first.status_code == 202, first.text
+    assert first.json()["idempotency_key"].endswith(delivery)
+    again = client.post("/hooks/training", content=body, headers=_standard(body, delivery, now))
+    assert again.json()["flow_run_id"] == first.json()["flow_run_id"]
+
+    stale = client.post("/hooks/training", content=body,
+                        headers=_standard(body, delivery, now - 3600))
+    assert stale.status_code == 401 and "away from now" in stale.text
+    forged = _standard(body, delivery, now)
+    forged[WEBHOOK_ID] = f"msg_{uuid.uuid4().hex}"  # a new id under the old signature
+    assert client.post("/hooks/training", content=body, headers=forged).status_code == 401
+    wrong = client.post("/hooks/training", content=body,
+                        headers=_standard(body, delivery, now, secret="not-the-secret"))
+    assert wrong.status_code == 401
 
 
 # --------------------------------------------------------------------------- 401 / 404 / 413

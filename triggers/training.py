@@ -127,7 +127,13 @@ class Webhook:
             InputError: no secret, or the receiver refused the request (401/404/413/422).
             TransientError: the receiver could not be reached or answered 5xx.
         """
-        from triggers.webhook import SECRET_ENV, SIGNATURE_HEADER, sign
+        from triggers.webhook import (
+            SECRET_ENV,
+            WEBHOOK_ID,
+            WEBHOOK_SIGNATURE,
+            WEBHOOK_TIMESTAMP,
+            sign_delivery,
+        )
 
         secret = self._secret or os.environ.get(SECRET_ENV)
         if not secret:
@@ -135,7 +141,10 @@ class Webhook:
         payload = {k: v for k, v in request.items() if v not in (None, {})}
         payload["delivery_id"] = f"train-end-{adapter_digest(request)}"
         body = json.dumps(payload).encode()
-        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(body, secret)}
+        stamp = int(time.time())  # signed with the id and the body (Standard Webhooks)
+        headers = {"Content-Type": "application/json", WEBHOOK_ID: payload["delivery_id"],
+                   WEBHOOK_TIMESTAMP: str(stamp),
+                   WEBHOOK_SIGNATURE: sign_delivery(payload["delivery_id"], stamp, body, secret)}
         answer = _post(self.url, body, headers, self.timeout, self.attempts)
         if answer.status_code != 202:
             raise InputError(f"{self.url} refused the merge request: HTTP {answer.status_code} "

@@ -25,11 +25,14 @@ unreachable or deployment missing. Secrets are compared in constant time and nev
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
 import logging
 import os
+import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -49,8 +52,11 @@ from triggers.launch import (
 
 log = logging.getLogger("mergeflow.webhook")
 
-SIGNATURE_HEADER = "X-Mergeflow-Signature"
-DELIVERY_HEADER = "X-Mergeflow-Delivery"
+SIGNATURE_HEADER = "X-Mergeflow-Signature"  # HMAC of the body alone (the older scheme)
+# Standard Webhooks (standardwebhooks.com): the signature covers the delivery id and timestamp
+WEBHOOK_ID, WEBHOOK_TIMESTAMP, WEBHOOK_SIGNATURE = "webhook-id", "webhook-timestamp", \
+    "webhook-signature"
+SIGNATURE_TOLERANCE_S = 300  # a delivery signed longer ago (or ahead) than this is refused
 HF_SECRET_HEADER = "X-Webhook-Secret"
 SECRET_ENV = "MERGEFLOW_WEBHOOK_SECRET"
 HF_SECRET_ENV = "MERGEFLOW_HF_WEBHOOK_SECRET"
@@ -158,6 +164,36 @@ def check_signature(body: bytes, header: str | None, secret: SecretStr) -> None:
         raise HookError(401, f"missing or invalid {SIGNATURE_HEADER} signature")
 
 
+def sign_delivery(delivery_id: str, timestamp: int, body: bytes, secret: str) -> str:
+    """The ``webhook-signature`` value of a delivery (Standard Webhooks, ``v1``): the base64
+    HMAC-SHA256 of ``<id>.<timestamp>.<body>``, keyed by the shared secret's bytes."""
+    content = f"{delivery_id}.{timestamp}.".encode() + body
+    digest = hmac.new(secret.encode(), content, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def check_delivery(headers: Mapping[str, str], body: bytes, secret: SecretStr,
+                   now: float | None = None) -> str:
+    """The delivery id of a Standard Webhooks delivery whose signature (over id, timestamp and
+    body) matches and whose timestamp is within :data:`SIGNATURE_TOLERANCE_S` of ``now``.
+
+    Raises:
+        HookError: 401 naming what is missing, stale or wrong.
+    """
+    delivery, stamp = headers.get(WEBHOOK_ID), headers.get(WEBHOOK_TIMESTAMP)
+    if not delivery or not stamp or not stamp.strip().isdigit():
+        raise HookError(401, f"a {WEBHOOK_SIGNATURE} needs {WEBHOOK_ID} and a numeric "
+                             f"{WEBHOOK_TIMESTAMP}")
+    if abs((time.time() if now is None else now) - int(stamp)) > SIGNATURE_TOLERANCE_S:
+        raise HookError(401, f"{WEBHOOK_TIMESTAMP} is more than {SIGNATURE_TOLERANCE_S} s "
+                             "away from now (a replay, or a clock to fix)")
+    expected = sign_delivery(delivery, int(stamp), body, secret.get_secret_value())
+    offered = (headers.get(WEBHOOK_SIGNATURE) or "").split()
+    if not any(hmac.compare_digest(o.encode(), expected.encode()) for o in offered):
+        raise HookError(401, f"invalid {WEBHOOK_SIGNATURE}")
+    return delivery
+
+
 def check_secret(header: str | None, secret: SecretStr) -> None:
     """401 unless ``header`` equals the shared secret (constant-time compare)."""
     if not header or not hmac.compare_digest(header.encode(), secret.get_secret_value().encode()):
@@ -225,11 +261,14 @@ def check_spec(fields: dict[str, Any]) -> None:
 
 def training_request(payload: TrainingPayload, body: bytes,
                      delivery: str | None) -> tuple[dict[str, Any], str]:
-    """(spec fields, idempotency key) of a training-completion call."""
+    """(spec fields, idempotency key) of a training-completion call. The key comes only from
+    what the signature covers: the signed ``webhook-id`` (``delivery``), else the body's
+    ``delivery_id``, else the body's sha256; so a signed body sent again under another
+    unsigned header is the same delivery."""
     fields = payload.spec_fields()
     check_spec(fields)
     check_route(payload.target, fields.get("device"))
-    delivery_id = payload.delivery_id or delivery or hashlib.sha256(body).hexdigest()
+    delivery_id = delivery or payload.delivery_id or hashlib.sha256(body).hexdigest()
     return fields, f"mergeflow-webhook:training:{delivery_id}"
 
 
@@ -359,9 +398,13 @@ def create_app(settings: WebhookSettings) -> FastAPI:
     async def training(request: Request) -> dict[str, Any]:
         secret = enabled(settings.training_secret, "training")
         body = await read_body(request, settings.max_body_bytes)
-        check_signature(body, request.headers.get(SIGNATURE_HEADER), secret)
+        delivery = None
+        if WEBHOOK_SIGNATURE in request.headers:  # Standard Webhooks: id and time are signed
+            delivery = check_delivery(request.headers, body, secret)
+        else:
+            check_signature(body, request.headers.get(SIGNATURE_HEADER), secret)
         payload = parse(TrainingPayload, body)
-        fields, key = training_request(payload, body, request.headers.get(DELIVERY_HEADER))
+        fields, key = training_request(payload, body, delivery)
         answer = await launch(settings, fields, key,
                               deployment_for(settings, payload.target, fields.get("device")))
         log.info("training hook: adapter %s -> flow run %s", fields["adapter"],
