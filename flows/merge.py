@@ -189,17 +189,18 @@ def merge_shards(prepared: PreparedMerge, device: str = "cpu",
 
 @flow(name="merge-adapter", flow_run_name=_run_name, persist_result=True,
       result_serializer="json")
-def merge_adapter(spec: MergeRequest, prepared: PreparedMerge | None = None) -> MergeReport:
+def merge_adapter(spec: MergeRequest) -> MergeReport:
     """Merge a LoRA adapter into its base and publish a verified SafeTensors checkpoint.
 
     ``spec``: the merge; from a deployment, only the fields to change - the rest come from the
-    deployment's default ``spec`` (:func:`run_spec`). ``prepared``: the merge already planned
-    by the caller (the CLI plans first, to fail fast on bad input); ``load`` then reuses it
-    instead of planning again. The report is the run's persisted result
-    (``run_deployment(...).state.result()``).
+    deployment's default ``spec`` (:func:`run_spec`). The report is the run's persisted result
+    (``run_deployment(...).state.result()``). A merge the CLI planned moments ago in this
+    process (:func:`run_from_cli`) is reused, not planned again; it is handed over beside the
+    parameters, so the run form shows ``spec`` alone.
     """
     found = _current_deployment()
     spec = run_spec(spec, found)
+    prepared = _planned_by_cli.pop(str(spec.out), None)
     with pipeline.output_lock(spec.out):  # one writer per output (re-entrant for the CLI's)
         return _merge_locked(spec, prepared, found)
 
@@ -281,6 +282,10 @@ class FlowSteps:
         _upload_published(spec)
 
 
+#: Merges the CLI planned in this process, by output, for the flow run it starts to reuse
+#: (:func:`run_from_cli`); kept off the flow's parameters, so the run form does not show them.
+_planned_by_cli: dict[str, PreparedMerge] = {}
+
 #: Flow runs this process started for the CLI (``run_from_cli``) and that are running now.
 _cli_runs: set[UUID] = set()
 
@@ -297,8 +302,11 @@ def run_from_cli(spec: MergeSpec, prepared: PreparedMerge) -> tuple[MergeReport,
     Raises:
         MergeError: the flow's own exception, when the run failed.
     """
-    state = merge_adapter.with_options(on_running=[_note_running])(
-        spec, prepared=prepared, return_state=True)
+    _planned_by_cli[str(spec.out)] = prepared
+    try:
+        state = merge_adapter.with_options(on_running=[_note_running])(spec, return_state=True)
+    finally:
+        _planned_by_cli.pop(str(spec.out), None)
     run_id = state.state_details.flow_run_id
     _cli_runs.discard(run_id)
     return state.result(), flow_run_name(run_id)

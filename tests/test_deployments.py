@@ -67,6 +67,15 @@ def test_merge_deployments_are_complete(prefect_yaml):
     assert pull["directory"] == "{{ checkout.stdout }}"
 
 
+def test_the_run_form_asks_for_the_spec_alone():
+    """The deployment's parameter schema (what the UI's run form renders) has ``spec`` and
+    nothing internal: the CLI hands its planned merge to the flow beside the parameters."""
+    from flows.merge import merge_adapter
+
+    schema = merge_adapter.parameters.model_dump()
+    assert set(schema["properties"]) == {"spec"}
+
+
 def test_event_triggers_route_and_template_the_spec(prefect_yaml):
     gpu = _deployment(prefect_yaml, "merge-adapter")["triggers"][0]
     cpu = _deployment(prefect_yaml, "merge-adapter-cpu")["triggers"][0]
