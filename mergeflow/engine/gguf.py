@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from mergeflow import faults
-from mergeflow.engine.gguf_quant import STREAMED, check_type, split_types
+from mergeflow.engine.gguf_quant import check_type, split_types
 from mergeflow.engine.ops import TensorMerger
 from mergeflow.engine.shards import ShardResult
 from mergeflow.errors import AdapterError, InputError
@@ -51,7 +51,6 @@ from mergeflow.plan import MergePlan, TensorPlan
 from mergeflow.storage.hashing import sha256_file
 from mergeflow.storage.staging import Staging, atomic_write, durable_rename
 
-GGUF_TYPES = STREAMED  # written here block by block; others: mergeflow.engine.gguf_quant
 MODELFILE = "Modelfile"
 # rope scaling types whose GGUF keys are written here (others need extra tensors or code)
 _ROPE_TYPES = {None, "default", "linear", "yarn"}

@@ -22,6 +22,8 @@ from mergeflow.errors import InputError, MergeError
 
 #: Types :mod:`mergeflow.engine.gguf` writes itself, block by block.
 STREAMED = ("f16", "bf16", "q8_0")
+#: The 16-bit types, which the quantizer's types are made from.
+SIXTEEN_BIT = ("f16", "bf16")
 # the types llama-quantize makes without an importance matrix (iq1/iq2/q2_k_s need one)
 _OFFERED = re.compile(r"^(q2_k|q[3-6]_k(_[sml])?|q[45]_[01]|iq4_(nl|xs))$")
 _PREFIX = "LLAMA_FTYPE_MOSTLY_"
@@ -60,7 +62,7 @@ def made_from(types: list[str], dtype: str) -> str | None:
     is all that is asked (it is written straight from the merge)."""
     if len(types) == 1 and types[0] in STREAMED:
         return None
-    return next((t for t in types if t in ("f16", "bf16")), source_type(dtype))
+    return next((t for t in types if t in SIXTEEN_BIT), source_type(dtype))
 
 
 def check_type(gguf_type: str) -> None:
@@ -75,11 +77,6 @@ def check_type(gguf_type: str) -> None:
     if gguf_type not in offered:
         raise InputError(f"`gguf_type={gguf_type}`: choose {', '.join(STREAMED)} or one of "
                          f"llama.cpp's quantizer types: {', '.join(sorted(offered))}")
-
-
-def is_quantized(gguf_type: str) -> bool:
-    """Whether ``gguf_type`` is made by llama.cpp's quantizer from a 16-bit file."""
-    return gguf_type not in STREAMED
 
 
 def source_type(dtype: str) -> str:

@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from mergeflow.engine.gguf_quant import made_from, split_types
+from mergeflow.engine.gguf_quant import SIXTEEN_BIT, made_from, split_types
 from mergeflow.errors import InputError, NotEnoughDiskSpace
 from mergeflow.model.adapter import Adapter, check_values
 from mergeflow.output.folder import MANIFEST, TOKENIZER_FILES, read_manifest
@@ -85,7 +85,7 @@ def quantized_gguf_bytes(plan: MergePlan) -> int:
         return 0
     types = split_types(str(plan.options.get("gguf_type") or ""))
     source = made_from(types, plan.dtype)
-    return sum(plan.total_size if t in ("f16", "bf16") else plan.total_size * 17 // 32
+    return sum(plan.total_size if t in SIXTEEN_BIT else plan.total_size * 17 // 32
                for t in types if source is not None and t != source)
 
 

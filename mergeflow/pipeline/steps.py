@@ -250,7 +250,8 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
     adapter = load_adapter(adapter_dir)
     dtype = _output_dtype(spec, config, base, quantized, original, original_config)
     tokenizer = _resolve_tokenizer(spec, adapter_dir, base_dir)
-    for folder, names in _input_files(base, adapter, tokenizer, original).values():
+    inputs = _input_files(base, adapter, tokenizer, original)
+    for folder, names in inputs.values():
         check_confined(folder, names)  # no input file is a link out of its folder
     check_confined(base_dir, PROCESSOR_FILES)
     if spec.save_method == "gguf":  # refused here, before a byte is written
@@ -269,7 +270,7 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                    vocab_size=text_config(config).get("vocab_size"),
                    save_method=spec.save_method, original=original,
                    quantized=quantized, wrapped=wrapped).plan()
-    plan.inputs = _input_identities(_input_files(base, adapter, tokenizer, original))
+    plan.inputs = _input_identities(inputs)
     plan.options = {"dtype": dtype, "max_shard_size": parse_size(spec.max_shard_size),
                     "pad_vocab_to_multiple_of": spec.pad_vocab_to_multiple_of,
                     "allow_vocab_shrink": spec.allow_vocab_shrink,
