@@ -78,7 +78,9 @@ def save_bpe_tokenizer(folder: Path | str, vocab_size: int, pre: str = "gpt-2") 
             pre_tokenizers.Split(Regex(BPE_SPLITS[pre]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    specials = ["<s>", "</s>", "<pad>", *CHAT_SPECIALS]
+    # Qwen2's tokenizer class (which transformers picks for a qwen2 config) adds <|endoftext|>
+    # unless the vocabulary has it, as every real Qwen2 tokenizer does
+    specials = ["<s>", "</s>", "<pad>", *CHAT_SPECIALS, *(["<|endoftext|>"] if pre == "qwen2" else [])]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
@@ -120,16 +122,18 @@ def model_config(arch: str, **overrides):
 def _mixtral(**overrides):
     from transformers import MixtralConfig
 
-    return MixtralConfig(**_small(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
-                                  tie_word_embeddings=False, **overrides))
+    return MixtralConfig(**_small(**{"intermediate_size": 96, "num_local_experts": 4,
+                                     "num_experts_per_tok": 2, "tie_word_embeddings": False,
+                                     **overrides}))
 
 
 def _qwen3_moe(**overrides):
     from transformers import Qwen3MoeConfig
 
-    return Qwen3MoeConfig(**_small(moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
-                                   decoder_sparse_step=1, mlp_only_layers=[],
-                                   tie_word_embeddings=False, **overrides))
+    return Qwen3MoeConfig(**_small(**{"moe_intermediate_size": 48, "num_experts": 4,
+                                      "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+                                      "mlp_only_layers": [], "tie_word_embeddings": False,
+                                      **overrides}))
 
 
 def _qwen2_moe(**overrides):
@@ -160,7 +164,29 @@ def _llava(**overrides):
                        vision_config=vision, image_token_index=127)
 
 
-MORE_ARCHS = {"mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "qwen2_moe": _qwen2_moe,
+def _llama3(**overrides):
+    """Llama 3.1's rope scaling (``rope_type: llama3``), on a tiny context."""
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    return LlamaConfig(**_small(**{"tie_word_embeddings": False, "rope_parameters": rope,
+                                   **overrides}))
+
+
+def _by_name(name: str, **fixed):
+    """A config class of transformers by name, with :func:`_small`'s sizes."""
+    def make(**overrides):
+        import transformers
+
+        return getattr(transformers, name)(**_small(**{**fixed, **overrides}))
+    return make
+
+
+MORE_ARCHS = {"llama3": _llama3, "mistral": _by_name("MistralConfig", tie_word_embeddings=False),
+              "qwen3": _by_name("Qwen3Config", head_dim=16, tie_word_embeddings=True),
+              "gemma2": _by_name("Gemma2Config", head_dim=16, tie_word_embeddings=True),
+              "gemma3": _by_name("Gemma3TextConfig", head_dim=16, query_pre_attn_scalar=16,
+                                   tie_word_embeddings=True),  # scaled as real Gemma 3s are
+              "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "qwen2_moe": _qwen2_moe,
               "gpt_neox": _gpt_neox, "llava": _llava}
 
 

@@ -75,7 +75,8 @@ def _print_lora(report: MergeReport) -> None:
 
 def _print_gguf(report: MergeReport) -> None:
     """A GGUF merge: what was written, and the command that imports it into Ollama."""
-    from mergeflow.engine.gguf import gguf_filename, ollama_command
+    from mergeflow.engine.gguf import gguf_filename
+    from mergeflow.output.modelfile import ollama_command
 
     files = ", ".join(gguf_filename(t) for t in report.dtype.split(","))
     out.print(f"[bold green]merged[/] {report.lora_modules} {report.variant} modules into "

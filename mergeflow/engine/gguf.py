@@ -1,42 +1,43 @@
-"""GGUF straight from the merge: merged row blocks stream into a ``.gguf`` that llama.cpp runs.
+"""GGUF straight from the merge, written by llama.cpp's own converter fed the merged tensors.
 
-``--save-method gguf`` plans the merge as for ``merged_16bit``, then, instead of SafeTensors
-shards, writes one GGUF file with the ``gguf`` package's :class:`gguf.GGUFWriter`: the header,
-the metadata (hyperparameters, tokenizer) and every tensor's info first - the plan knows every
-name, shape and type - then each tensor's data in the same order, produced block by block by
-:meth:`mergeflow.engine.ops.TensorMerger.merged_rows` and encoded as it comes (f16, bf16, or q8_0 by
-``gguf.quants``). No 16-bit checkpoint is written first, and memory stays at a few row blocks.
+What each architecture needs in GGUF - hyperparameter keys, tensor names, the q/k row
+permutation, Llama 3's ``rope_freqs``, stacked MoE experts, Gemma's norm offset, Phi-3's fused
+projections, the vocabulary and its pre-tokenizer - is llama.cpp's knowledge, kept in its
+converter (``convert_hf_to_gguf.py`` and its ``conversion/`` package). ``scripts/setup --gguf``
+installs that converter, with the ``gguf`` package it was written with, from the same pinned
+llama-cpp-python sdist as the quantizer and the client, so all three are one llama.cpp version.
+Mergeflow keeps no table of architectures: whatever that converter registers is covered, and
+anything else is refused while planning, naming the architecture.
 
-What llama.cpp's own converter (``convert_hf_to_gguf.py``) changes per tensor is applied to each
-block, otherwise llama.cpp would compute something else:
+How the converter is driven: its model class for the architecture is subclassed, and its one
+tensor iteration point (``index_tensors``) returns, for every planned output tensor, a lazy
+tensor the merge produces when the converter asks for it. The converter reads everything else
+from a folder holding no weights: the merged model's ``config.json`` and the tokenizer.
 
-* Llama/Mistral: q and k rows go from the Hugging Face rotary layout (two halves per head) back
-  to llama.cpp's interleaved one (a permutation inside each head, so whole heads per block);
-* Gemma: norm weights are stored as ``w - 1`` by transformers; llama.cpp wants ``w``
-  (``+ 1``), and reads the output head from the embedding (``lm_head`` is dropped);
-* a tied head is simply absent: llama.cpp uses ``token_embd`` when there is no ``output``.
+Memory: a tensor the converter passes through unchanged (a rename, at most a cast: embeddings,
+heads, most projections) is written as it is merged, in row blocks
+(:class:`gguf.LazyChunkedTensor`), never whole. A tensor the converter transforms (Llama's q/k
+permutation, Gemma's ``+1`` on norms, experts stacked into one tensor) is evaluated whole, one at
+a time, as the converter does: the bound is the largest such tensor, about three float32 copies
+of it (q_proj at 70B width: 3 x 256 MiB; a Mixtral layer's stacked experts: 3 x 1.8 GiB).
 
-Tensor names come from :func:`gguf.get_tensor_name_map`, keys from :class:`gguf.GGUFWriter`'s
-``add_*`` methods, the vocabulary from ``gguf``'s vocab helpers (:class:`gguf.BpeVocab`,
-:class:`gguf.SentencePieceVocab`, :class:`gguf.SpecialVocab`: merges, special ids, add_bos/eos,
-the chat template). An architecture, rope scaling or tokenizer not covered is refused while
-planning, naming it: never a file that loads but computes something else.
-
-The file is written under a ``.partial`` name in the staging folder, fsynced and renamed; the
-staging folder itself becomes the output with one durable rename (see :mod:`mergeflow.storage.staging`),
-so a crash never leaves a finished-looking ``.gguf``.
+A BPE tokenizer whose pre-tokenizer llama.cpp does not know by its hash (the converter refuses
+those) is named from its ``tokenizer.json`` split regex when that regex is one llama.cpp
+implements (:func:`bpe_pre_tokenizer`). The file is written under a ``.partial`` name in the
+staging folder, fsynced and renamed, so a crash never leaves a finished-looking ``.gguf``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
+import logging
 import os
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mergeflow import faults
@@ -45,43 +46,15 @@ from mergeflow.engine.ops import TensorMerger
 from mergeflow.engine.shards import ShardResult
 from mergeflow.errors import AdapterError, InputError
 from mergeflow.math.numerics import all_finite, fits
-from mergeflow.model.config import base_config, text_config
-from mergeflow.model.vocab import set_config_field
+from mergeflow.model.config import base_config
 from mergeflow.plan import MergePlan, TensorPlan
 from mergeflow.storage.hashing import sha256_file
-from mergeflow.storage.staging import Staging, atomic_write, durable_rename
+from mergeflow.storage.staging import Staging, durable_rename
 
-MODELFILE = "Modelfile"
-# rope scaling types whose GGUF keys are written here (others need extra tensors or code)
-_ROPE_TYPES = {None, "default", "linear", "yarn"}
-
-
-@dataclass(frozen=True)
-class ArchRule:
-    """How one Hugging Face ``model_type`` goes into GGUF: its llama.cpp architecture and the
-    per-tensor changes llama.cpp's converter makes for it."""
-
-    arch: str  # a gguf.MODEL_ARCH member name
-    permute_qk: bool = False  # undo the HF rotary layout of q_proj/k_proj (Llama's converter)
-    norm_offset: float = 0.0  # added to every "*norm.weight" (Gemma stores w - 1)
-    drop_head: bool = False  # the head is the embedding in llama.cpp (Gemma)
-    llama_keys: bool = False  # vocab_size and rope_dimension_count (Llama's converter)
-
-
-# The architectures covered, by config.json model_type. Everything else is refused.
-ARCHITECTURES = {
-    "llama": ArchRule("LLAMA", permute_qk=True, llama_keys=True),
-    "mistral": ArchRule("LLAMA", permute_qk=True, llama_keys=True),
-    "qwen2": ArchRule("QWEN2"),
-    "qwen3": ArchRule("QWEN3"),
-    "gemma": ArchRule("GEMMA", norm_offset=1.0, drop_head=True),
-}
-
-
-def _gguf():
-    import gguf
-
-    return gguf
+_INSTALL = ("run scripts/setup --gguf (it installs llama-cpp-python and llama.cpp's converter "
+            "from one pinned sdist)")
+_FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+_RANGE = {"f16": torch.float16, "bf16": torch.bfloat16, "q8_0": torch.float16}
 
 
 def gguf_filename(gguf_type: str) -> str:
@@ -89,65 +62,70 @@ def gguf_filename(gguf_type: str) -> str:
     return f"model-{gguf_type}.gguf"
 
 
-def model_config(plan: MergePlan) -> dict:
-    """The merged model's text config: the base's config.json with the plan's updates."""
-    config = base_config(plan.base)
-    for key, value in plan.config_updates.items():
-        set_config_field(config, key, value)
-    return text_config(config)
+# -- llama.cpp's converter -------------------------------------------------------------------
 
 
-def arch_rule(config: dict, where: Path) -> ArchRule:
-    """The rule for the config's ``model_type``.
+def _conversion():
+    """llama.cpp's ``conversion`` package (and ``gguf``), or a refusal naming the fix."""
+    try:
+        import conversion
+        import gguf
+        from conversion import base
+    except ImportError as exc:
+        raise InputError(f"`save_method=gguf` is written by llama.cpp's converter, which is not "
+                         f"installed ({exc}): {_INSTALL}") from None
+    return conversion, base, gguf
+
+
+@contextlib.contextmanager
+def _quiet_converter() -> Iterator[None]:
+    """The converter logs every tensor at INFO and a banner before its own refusals; Mergeflow
+    reports progress and errors itself."""
+    logs = [logging.getLogger(name) for name in ("hf-to-gguf", "gguf.gguf_writer")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
+
+
+def converter_class(config: dict, where: Path):
+    """llama.cpp's converter class for this config's architecture (its ``architectures[0]``, or
+    the text model's).
 
     Raises:
-        InputError: the architecture is not covered, naming it.
+        InputError: the converter is not installed, or does not know the architecture.
     """
-    model_type = config.get("model_type")
-    rule = ARCHITECTURES.get(str(model_type))
-    if rule is None:
-        names = ", ".join(config.get("architectures") or []) or "no architectures listed"
+    conversion, base, _ = _conversion()
+    arch = None
+    try:
+        arch = base.get_model_architecture(config, base.ModelType.TEXT)
+        return conversion.get_model_class(arch)
+    except (NotImplementedError, KeyError, TypeError) as exc:
         raise InputError(
-            f"{where / 'config.json'}: model_type {model_type!r} ({names}) is not covered by "
-            f"`save_method=gguf` (covered: {', '.join(sorted(ARCHITECTURES))}); merge with "
-            "`save_method=merged_16bit` and convert the result with llama.cpp's "
-            "convert_hf_to_gguf.py")
-    return rule
-
-
-def rope_parameters(config: dict) -> dict:
-    """rope_theta and scaling, from ``rope_parameters`` (transformers 5) or the older keys."""
-    params = dict(config.get("rope_scaling") or {})
-    params.update(config.get("rope_parameters") or {})
-    if "rope_theta" not in params and config.get("rope_theta") is not None:
-        params["rope_theta"] = config["rope_theta"]
-    if "type" in params and "rope_type" not in params:
-        params["rope_type"] = params["type"]
-    return params
+            f"{where / 'config.json'}: architecture {arch!r} is not one llama.cpp's converter "
+            f"converts ({exc}); merge with `save_method=merged_16bit` instead") from None
 
 
 def check_supported(base: Path, tokenizer: Path | None, gguf_type: str) -> None:
-    """Refuse, before anything is written, what this GGUF writer does not cover.
+    """Refuse, before anything is written, what cannot become GGUF: a type llama.cpp does not
+    make, an architecture its converter does not know, no tokenizer.
 
     Raises:
-        InputError: naming the architecture, rope scaling, tokenizer or type.
+        InputError: naming the type, the architecture or the missing tokenizer.
     """
     for one in split_types(gguf_type):
-        check_type(one)  # streamed here, or made by llama.cpp's quantizer
-    config = text_config(base_config(base))
-    arch_rule(config, base)
-    rope_type = rope_parameters(config).get("rope_type")
-    if rope_type not in _ROPE_TYPES:
-        raise InputError(f"{base / 'config.json'}: rope scaling {rope_type!r} is not covered by "
-                         "`save_method=gguf` (covered: none, linear, yarn); merge with "
-                         "merged_16bit and convert with llama.cpp's convert_hf_to_gguf.py")
+        check_type(one)  # written by the converter, or made by llama.cpp's quantizer
+    converter_class(base_config(base), base)
     if tokenizer is None:
         raise InputError("`save_method=gguf` needs a tokenizer (llama.cpp reads the vocabulary "
                          "from the GGUF file): drop `no_tokenizer=True`, or pass `tokenizer=PATH`")
-    open_vocab(tokenizer)
 
 
-# -- the vocabulary --------------------------------------------------------------------------
+# -- the pre-tokenizer, when llama.cpp does not know the tokenizer by its hash -----------------
 
 # llama.cpp's pre-tokenizer names for the split regexes of Hugging Face byte-level BPE
 # tokenizers (tokenizer.json "pre_tokenizer"); llama.cpp implements each by this name.
@@ -175,466 +153,256 @@ def bpe_pre_tokenizer(tokenizer_json: dict, where: Path) -> str:
         name = _PRE_TOKENIZER_REGEX.get((steps[0].get("pattern") or {}).get("Regex", ""))
         if name is not None:
             return name
-    raise InputError(f"{where}: its pre_tokenizer is not one llama.cpp reproduces here (covered: "
-                     f"GPT-2 ByteLevel, {', '.join(sorted(set(_PRE_TOKENIZER_REGEX.values())))}); "
-                     "the GGUF would tokenize differently. Convert with llama.cpp's "
-                     "convert_hf_to_gguf.py, which knows more tokenizers by their hash")
+    raise InputError(f"{where}: its pre-tokenizer is neither known to llama.cpp by its hash nor "
+                     f"one of the split regexes it implements (GPT-2 ByteLevel, "
+                     f"{', '.join(sorted(set(_PRE_TOKENIZER_REGEX.values())))}); the GGUF would "
+                     "tokenize differently. Use the base model's own tokenizer")
 
 
-@dataclass
-class VocabInfo:
-    """The vocabulary as GGUF stores it."""
-
-    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
-    pre: str | None
-    tokens: list[bytes]
-    scores: list[float]
-    types: list[int]
-    folder: Path
+# -- the merged tensors as the converter's source ----------------------------------------------
 
 
-def open_vocab(folder: Path) -> VocabInfo:
-    """Read a tokenizer folder with ``gguf``'s vocab helpers: ``tokenizer.model`` as
-    SentencePiece, else ``tokenizer.json`` as byte-level BPE.
+class _RowBlocks:
+    """A merged tensor as float32 row blocks, for :class:`gguf.LazyChunkedTensor`: iterating
+    gives one loader per block, each merging its rows when the writer reaches it."""
 
-    Raises:
-        InputError: neither form (or ``sentencepiece`` missing for a tokenizer.model), or a
-            file the ``gguf`` package's readers fail on in any way (naming the file).
-    """
-    try:
-        return _read_vocab(folder)
-    except InputError:
-        raise
-    except Exception as exc:  # the gguf package's readers raise whatever the file trips
-        name = "tokenizer.model" if (folder / "tokenizer.model").is_file() else "tokenizer.json"
-        raise InputError(f"{folder / name}: the gguf package cannot read this tokenizer "
-                         f"({type(exc).__name__}: {exc}); `save_method=gguf` needs a tokenizer "
-                         "llama.cpp's converter reads (re-save it with transformers)") from None
+    def __init__(self, source: TensorMerger, plan: TensorPlan, range_dtype: torch.dtype):
+        self.source, self.plan, self.range_dtype = source, plan, range_dtype
+
+    def __iter__(self) -> Iterator[Callable[[], object]]:
+        for block in float_blocks(self.source, self.plan):
+            _check_range(block, self.plan, self.range_dtype)
+            yield lambda b=block: b.numpy()
 
 
-def _read_vocab(folder: Path) -> VocabInfo:
-    """:func:`open_vocab`'s reading, with the ``gguf`` package's own errors as they come."""
-    gguf = _gguf()
-    if (folder / "tokenizer.model").is_file():
-        try:
-            vocab = gguf.SentencePieceVocab(folder)
-        except ImportError as exc:
-            raise InputError(f"{folder / 'tokenizer.model'}: reading a SentencePiece tokenizer "
-                             f"needs the sentencepiece package ({exc}); pip install "
-                             "sentencepiece") from None
-        pre = None
-    else:
-        path = folder / "tokenizer.json"
-        try:
-            vocab = gguf.BpeVocab(folder)
-        except (FileNotFoundError, KeyError, ValueError) as exc:
-            raise InputError(f"{path}: not a byte-level BPE tokenizer.json nor a SentencePiece "
-                             f"tokenizer.model ({exc}); `save_method=gguf` covers those two") \
-                from None
-        pre = bpe_pre_tokenizer(json.loads(path.read_text()), path)
-    tokens, scores, types = [], [], []
-    for text, score, kind in vocab.all_tokens():
-        tokens.append(text.encode() if isinstance(text, str) else text)
-        scores.append(float(score))
-        types.append(int(kind))
-    for index, special in _added_tokens(folder).items():  # as llama.cpp's converter types them
-        if index < len(types):
-            types[index] = int(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
-    return VocabInfo(vocab.tokenizer_model, pre, tokens, scores, types, folder)
+def float_blocks(source: TensorMerger, plan: TensorPlan) -> Iterator[torch.Tensor]:
+    """The merged tensor as consecutive float32 row blocks (CPU), one block alive at a time:
+    merged in place by :meth:`TensorMerger.merged_rows`, read and widened when unchanged, or a
+    quantized unit decoded whole."""
+    shape = plan.shape or [1]
+    rows, row_elems = shape[0], (torch.Size(shape[1:]).numel() if len(shape) > 1 else 1)
+    if source.is_unit(plan):  # a bitsandbytes unit whose rows do not decode on their own
+        yield source.produce_all(plan)[0][1].float().reshape(shape)
+        return
+    step = source.rows_per_block(plan, row_elems)
+    if plan.computes:
+        for _, _, work in source.merged_rows(plan, rows, row_elems, step):
+            yield work.cpu().reshape(-1, *shape[1:])
+        return
+    for i in range(0, rows, step):
+        yield source.read_rows(plan, i, min(i + step, rows)).float().reshape(-1, *shape[1:])
 
 
-def _added_tokens(folder: Path) -> dict[int, bool]:
-    """tokenizer.json's added tokens: id -> special. llama.cpp splits the text on these before
-    tokenizing (CONTROL for special ones, USER_DEFINED for the others), as transformers does,
-    also when they are in the model's own vocabulary (gguf's BpeVocab types those NORMAL)."""
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        return {}
-    added = json.loads(path.read_text()).get("added_tokens") or []
-    return {int(t["id"]): bool(t.get("special")) for t in added}
-
-
-def add_vocab(writer, vocab: VocabInfo, n_vocab: int) -> None:
-    """Tokenizer keys: the token list padded to the embedding's rows (``[PAD<i>]``, unused),
-    merges, special ids, add_bos/add_eos and the chat template (:class:`gguf.SpecialVocab`)."""
-    gguf = _gguf()
-    if len(vocab.tokens) > n_vocab:
-        raise InputError(f"{vocab.folder}: the tokenizer has {len(vocab.tokens)} tokens but the "
-                         f"merged embedding only {n_vocab} rows; pass `pad_vocab_to_multiple_of` "
-                         "or a matching `tokenizer=PATH`")
-    pad = n_vocab - len(vocab.tokens)
-    tokens = vocab.tokens + [f"[PAD{i}]".encode() for i in range(len(vocab.tokens), n_vocab)]
-    writer.add_tokenizer_model(vocab.model)
-    if vocab.pre is not None:
-        writer.add_tokenizer_pre(vocab.pre)
-    writer.add_token_list(tokens)
-    writer.add_token_scores(vocab.scores + [-1000.0] * pad)
-    writer.add_token_types(vocab.types + [int(gguf.TokenType.UNUSED)] * pad)
-    if vocab.model == "llama":
-        writer.add_add_space_prefix(_spm_adds_space(vocab.folder))
-    special = gguf.SpecialVocab(vocab.folder, load_merges=vocab.model == "gpt2", n_vocab=n_vocab)
-    # transformers adds no bos/eos unless the tokenizer says so; llama.cpp's default may differ
-    special.add_special_token.setdefault("bos", False)
-    special.add_special_token.setdefault("eos", False)
-    special.add_to_gguf(writer, quiet=True)
-
-
-def _spm_adds_space(folder: Path) -> bool:
-    config = folder / "tokenizer_config.json"
-    if config.is_file():
-        value = json.loads(config.read_text()).get("add_prefix_space")
-        if value is not None:
-            return bool(value)
-    return True
-
-
-# -- hyperparameters -------------------------------------------------------------------------
-
-
-def add_hparams(writer, config: dict, rule: ArchRule, n_vocab: int, file_type: int) -> None:
-    """The architecture's hyperparameters under gguf's key names (as llama.cpp's converter
-    writes them for these architectures)."""
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    if config.get("head_dim") is not None:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    rope = rope_parameters(config)
-    if rope.get("rope_theta") is not None:
-        writer.add_rope_freq_base(float(rope["rope_theta"]))
-    _add_rope_scaling(writer, rope)
-    if rule.llama_keys:
-        writer.add_vocab_size(n_vocab)
-        writer.add_rope_dimension_count(head_dim)
-    writer.add_file_type(file_type)
-
-
-def _add_rope_scaling(writer, rope: dict) -> None:
-    gguf = _gguf()
-    kind, factor = rope.get("rope_type"), rope.get("factor")
-    if kind == "linear" and factor is not None:
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(factor)
-    elif kind == "yarn" and factor is not None:
-        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(factor)
-        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
-
-
-# -- tensors ---------------------------------------------------------------------------------
-
-
-@dataclass
-class GgufTensor:
-    """One planned tensor as GGUF stores it."""
-
-    plan: TensorPlan
-    name: str  # the GGUF name (blk.0.attn_q.weight, ...)
-    qtype: object  # gguf.GGMLQuantizationType
-    nbytes: int
-    head_rows: int | None = None  # rows per head, when the rows are permuted per head
-    offset: float = 0.0  # added to every value (Gemma's norms)
-
-
-def tensor_type(name: str, shape: list[int], gguf_type: str):
-    """The GGML type of one tensor, as llama.cpp's converter chooses it: 1-D tensors and norms
-    in F32; the rest in the requested type (q8_0 falling back to F16 for a row not a whole number
-    of 32-value blocks)."""
-    gguf = _gguf()
-    q = gguf.GGMLQuantizationType
-    if len(shape) <= 1 or name.endswith("_norm.weight"):
-        return q.F32
-    if gguf_type == "q8_0":
-        block, _ = gguf.GGML_QUANT_SIZES[q.Q8_0]
-        return q.Q8_0 if shape[-1] % block == 0 else q.F16
-    return q.BF16 if gguf_type == "bf16" else q.F16
-
-
-def plan_tensors(plan: MergePlan, config: dict, rule: ArchRule, gguf_type: str) -> list[GgufTensor]:
-    """Every output tensor of the plan with its GGUF name, type and size, in file order.
-
-    Raises:
-        InputError: a tensor gguf's name map does not know for this architecture.
-    """
-    gguf = _gguf()
-    arch = getattr(gguf.MODEL_ARCH, rule.arch)
-    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    out = []
-    for shard in plan.shards:
-        for tp in shard.tensors:
-            if tp.name.endswith(".rotary_emb.inv_freq") or (rule.drop_head and tp.name ==
-                                                            "lm_head.weight"):
-                continue
-            name = names.get_name(tp.name, try_suffixes=(".weight", ".bias"))
-            if name is None:
-                raise InputError(f"{plan.base}: tensor '{tp.name}' has no GGUF name for "
-                                 f"{rule.arch.lower()} in the gguf package's name map")
-            qtype = tensor_type(name, tp.shape, gguf_type)
-            block, size = gguf.GGML_QUANT_SIZES[qtype]
-            head_rows = None
-            if rule.permute_qk and tp.name.endswith(("q_proj.weight", "k_proj.weight")):
-                head_rows = tp.shape[0] // (heads if tp.name.endswith("q_proj.weight") else kv_heads)
-            offset = rule.norm_offset if tp.name.endswith("norm.weight") else 0.0
-            out.append(GgufTensor(tp, name, qtype, math.prod(tp.shape) // block * size,
-                                  head_rows, offset))
+def whole_tensor(source: TensorMerger, plan: TensorPlan, range_dtype: torch.dtype
+                 ) -> torch.Tensor:
+    """The merged tensor whole, float32 (CPU), filled block by block into one buffer."""
+    out = torch.empty(plan.shape, dtype=torch.float32)  # (rows, ...)
+    row = 0
+    for block in float_blocks(source, plan):
+        _check_range(block, plan, range_dtype)
+        out[row:row + block.shape[0]] = block
+        row += block.shape[0]
     return out
 
 
-def float_blocks(source: TensorMerger, plan: TensorPlan, head_rows: int | None
-                 ) -> Iterator[torch.Tensor]:
-    """The merged tensor as consecutive float32 row blocks (CPU), one block alive at a time:
-    merged in place by :meth:`TensorMerger.merged_rows`, read and widened when unchanged, or a
-    quantized unit decoded whole. With ``head_rows``, every block holds whole heads."""
-    rows = plan.shape[0] if plan.shape else 1
-    row_elems = math.prod(plan.shape[1:]) if plan.shape else 1
-    if source.is_unit(plan):  # a bitsandbytes unit whose rows do not decode on their own
-        yield source.produce_all(plan)[0][1].float().reshape(rows, *plan.shape[1:])
+def _check_range(block: torch.Tensor, plan: TensorPlan, dtype: torch.dtype) -> None:
+    """Refuse a merged block that is not finite in the file's type (2-D weights only: 1-D
+    tensors and norms are stored as float32)."""
+    if block.dim() < 2 or fits(block, dtype) or all_finite(block.to(dtype)):
         return
-    step = source.rows_per_block(plan, row_elems)
-    if head_rows:
-        step = -(-step // head_rows) * head_rows  # whole heads, starting at a head boundary
-    if plan.computes:
-        for _, _, work in source.merged_rows(plan, rows, row_elems, step):
-            yield work.cpu()
-        return
-    for i in range(0, rows, step):
-        yield source.read_rows(plan, i, min(i + step, rows)).float()
+    raise AdapterError(
+        f"merged tensor '{plan.name}' holds NaN or Inf as {dtype}: the merged values exceed the "
+        "type's range, or the adapter weights are not finite; check the training run, or "
+        "choose `gguf_type=bf16`")
 
 
-def unpermute_heads(block: torch.Tensor, head_rows: int) -> torch.Tensor:
-    """Llama's q/k rows from the HF rotary layout (per head: the first halves of all pairs,
-    then the second halves) to llama.cpp's interleaved pairs; (k, in) -> (k, in)."""
-    k = block.shape[0]
-    return (block.reshape(k // head_rows, 2, head_rows // 2, *block.shape[1:])
-            .swapaxes(1, 2).reshape(block.shape))
+def _merged_model(cls, plan: MergePlan, source: TensorMerger | None, range_dtype: torch.dtype):
+    """``cls`` (a converter model class) reading the merge's output tensors, not files.
+
+    Each planned tensor is a lazy tensor of its planned shape, evaluated whole by the merge when
+    the converter needs its values; a tensor the converter passes through unchanged is replaced
+    by a row-block stream. With ``source=None`` (a dry run) evaluating a tensor raises
+    :class:`_NoData`.
+    """
+    _, base, gguf = _conversion()
+    lazy_tensor = base.LazyTorchTensor
+    planned = [t for shard in plan.shards for t in shard.tensors]
+    tokenizer_folder = Path(str(plan.options.get("tokenizer")))  # named in refusals
+    sources: dict[str, TensorPlan] = {}  # the converter's tensor name -> its plan
+
+    def produce(tensor: TensorPlan) -> Callable[[], torch.Tensor]:
+        def evaluate(_: object) -> torch.Tensor:
+            if source is None:
+                raise _NoData(tensor.name)
+            return whole_tensor(source, tensor, range_dtype)
+
+        def lazy() -> torch.Tensor:
+            meta = lazy_tensor.meta_with_dtype_and_shape(torch.float32, tuple(tensor.shape))
+            return lazy_tensor(meta=meta, args=(tensor,), func=evaluate)
+        return lazy
+
+    class MergedModel(cls):
+        model_arch = cls.model_arch  # the converter checks each subclass names its architecture
+
+        def index_tensors(self, remote_hf_model_id=None):
+            index = {}
+            for tensor in planned:
+                if item := self.filter_tensors((tensor.name, produce(tensor))):
+                    index[item[0]] = item[1]
+                    sources[item[0]] = tensor
+            return index
+
+        def modify_tensors(self, data_torch, name, bid):
+            for new_name, data in super().modify_tensors(data_torch, name, bid):
+                tensor = sources.get(name)
+                if data is data_torch and source is not None and tensor is not None \
+                        and tuple(data.shape) == tuple(tensor.shape):
+                    data = gguf.LazyChunkedTensor(_RowBlocks(source, tensor, range_dtype),
+                                                  shape=tuple(tensor.shape), dtype="float32")
+                yield new_name, data
+
+        def get_vocab_base_pre(self, tokenizer) -> str:
+            try:
+                return super().get_vocab_base_pre(tokenizer)
+            except NotImplementedError:  # not known by its hash: by its split regex, or refused
+                text = (self.dir_model / "tokenizer.json").read_text()
+                return bpe_pre_tokenizer(json.loads(text), tokenizer_folder / "tokenizer.json")
+
+    MergedModel.__name__ = MergedModel.__qualname__ = f"Merged{cls.__name__}"
+    return MergedModel
 
 
-def encode(block: torch.Tensor, tensor: GgufTensor, out_dtype: torch.dtype) -> np.ndarray:
-    """One float32 block, transformed as llama.cpp's converter does and encoded in the tensor's
-    GGML type (``gguf.quants``; q8_0 blocks run along a row, so whole rows encode alone)."""
-    gguf = _gguf()
-    if not fits(block, out_dtype) and not all_finite(block.to(out_dtype)):  # one pass if fine
-        raise AdapterError(
-            f"merged tensor '{tensor.plan.name}' holds NaN or Inf as {tensor.qtype.name}: "
-            "the merged values exceed the type's range, or the adapter weights are not "
-            "finite; check the training run, or choose `gguf_type=bf16`")
-    if tensor.head_rows:
-        block = unpermute_heads(block, tensor.head_rows)
-    if tensor.offset:
-        block = block + tensor.offset
-    return gguf.quants.quantize(np.ascontiguousarray(block.numpy()), tensor.qtype)
+class _NoData(Exception):
+    """A dry run's converter asked for a tensor's values."""
 
 
-def _range_dtype(qtype) -> torch.dtype:
-    name = getattr(qtype, "name", "")
-    return torch.float16 if name in ("F16", "Q8_0") else (
-        torch.bfloat16 if name == "BF16" else torch.float32)
+@dataclass(frozen=True)
+class GgufWritten:
+    """A GGUF file the converter wrote: its result for the manifest, and the tensors the
+    converter planned (name -> [shape], type name), which the file is checked against."""
+
+    result: ShardResult
+    tensors: dict[str, tuple[list[int], str]]
 
 
-def write_gguf(plan: MergePlan, source: TensorMerger, staging: Staging, gguf_type: str,
-               model_name: str) -> ShardResult:
-    """Write the merged model as one GGUF file into the staging folder, streaming.
+def _open_model(folder: Path, plan: MergePlan, source: TensorMerger | None, gguf_type: str,
+                out: Path, model_name: str):
+    """The converter's model for the merged model described by ``folder`` (config.json and the
+    tokenizer, no weights), reading its tensors from ``source``."""
+    _, _, gguf = _conversion()
+    config = json.loads((folder / "config.json").read_text())
+    cls = converter_class(config, Path(plan.base))
+    merged = _merged_model(cls, plan, source, _RANGE[gguf_type])
+    file_type = getattr(gguf.LlamaFileType, _FILE_TYPES[gguf_type])
+    return merged(folder, file_type, out, model_name=model_name, hparams=config)
+
+
+def _converter_error(exc: Exception, folder: Path, plan: MergePlan) -> InputError:
+    """A converter failure as one line naming the model (the converter raises ValueError,
+    NotImplementedError, FileNotFoundError, KeyError or AssertionError on inputs it does not
+    take), with the scratch folder's paths shown as the tokenizer folder they were copied from."""
+    what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    what = what.replace(str(folder), str(plan.options.get("tokenizer")))
+    return InputError(f"{Path(plan.base) / 'config.json'}: llama.cpp's converter cannot convert "
+                      f"this model ({what}). Merge with `save_method=merged_16bit` instead")
+
+
+def _set_vocab(model, folder: Path, tokenizer: Path) -> None:
+    """The converter's vocabulary keys; its bare assertion on token ids beyond the model's
+    ``vocab_size`` becomes the refusal that says so."""
+    try:
+        model.set_vocab()
+    except AssertionError:
+        from transformers import AutoTokenizer  # as the converter loads it
+
+        size = int(model.hparams.get("vocab_size") or 0)
+        top = max(AutoTokenizer.from_pretrained(folder).get_vocab().values())
+        if top < size:
+            raise
+        raise InputError(f"{tokenizer}: the tokenizer (as transformers loads it for this "
+                         f"model) has token id {top}, but the merged model has {size} embedding "
+                         "rows; pass `pad_vocab_to_multiple_of`, or the tokenizer the adapter "
+                         "was trained with (`tokenizer=PATH`)") from None
+
+
+def check_convertible(folder: Path, plan: MergePlan, gguf_type: str) -> None:
+    """A dry run of the converter, before anything is written: hyperparameters, vocabulary and
+    every tensor's GGUF name, from ``folder`` (the merged model's config.json and tokenizer) and
+    the plan's tensor shapes, evaluating no tensor.
+
+    Raises:
+        InputError: what the converter refuses (an architecture, a tokenizer, a tensor it cannot
+            name), in one line naming the file.
+    """
+    with tempfile.TemporaryDirectory() as scratch, _quiet_converter(), torch.inference_mode():
+        try:
+            model = _open_model(folder, plan, None, gguf_type, Path(scratch) / "dry.gguf", "dry")
+            model.set_gguf_parameters()
+            _set_vocab(model, folder, Path(str(plan.options.get("tokenizer"))))
+            with contextlib.suppress(_NoData):  # a converter that needs values: checked on writing
+                model.prepare_tensors()
+        except InputError:
+            raise
+        except Exception as exc:  # whatever the converter trips on: one line, not a traceback
+            raise _converter_error(exc, folder, plan) from None
+
+
+def write_gguf(plan: MergePlan, source: TensorMerger, staging: Staging, folder: Path,
+               gguf_type: str, model_name: str) -> GgufWritten:
+    """Write the merged model as one GGUF file into the staging folder, by llama.cpp's converter
+    fed from ``source``; ``folder`` holds the merged model's config.json and tokenizer.
 
     The file is written as ``.<name>.partial``, fsynced and renamed to ``model-<type>.gguf``.
-    Returns its name, size and sha256 (for the manifest).
     """
-    gguf = _gguf()
-    config = model_config(plan)
-    rule = arch_rule(config, Path(plan.base))
-    tensors = plan_tensors(plan, config, rule, gguf_type)
-    embed = next((t for t in tensors if t.name == "token_embd.weight"), None)
-    n_vocab = embed.plan.shape[0] if embed is not None else int(config["vocab_size"])
-    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
     filename = gguf_filename(gguf_type)
-    final = staging.folder / filename
-    partial = staging.partial(filename)
-    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, rule.arch)])
-    writer.add_name(model_name)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_hparams(writer, config, rule, n_vocab, int(file_type))
-    tokenizer = plan.options.get("tokenizer")
-    add_vocab(writer, open_vocab(Path(str(tokenizer))), n_vocab)
-    for t in tensors:
-        writer.add_tensor_info(t.name, t.plan.shape, np.dtype(np.float32), t.nbytes,
-                               raw_dtype=t.qtype)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        fout = writer.fout[0]
-        for t in tensors:
-            _write_tensor_data(writer, fout, t, source)
+    final, partial = staging.folder / filename, staging.partial(filename)
+    with _quiet_converter(), torch.inference_mode():
+        try:
+            model = _open_model(folder, plan, source, gguf_type, partial, model_name)
+            model.prepare_tensors()
+            model.prepare_metadata(vocab_only=False)
+        except (InputError, AdapterError):
+            raise
+        except Exception as exc:
+            raise _converter_error(exc, folder, plan) from None
+        writer = model.gguf_writer
+        planned = {name: ([int(d) for d in info.shape], info.dtype.name)
+                   for name, info in writer.tensors[0].items()}
+        try:
+            writer.write_header_to_file(path=partial)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=False)
+            fout = writer.fout[0]
+            fout.flush()
+            os.fsync(fout.fileno())
             faults.checkpoint("tensor-written")
-        fout.flush()
-        os.fsync(fout.fileno())
-    except BaseException:
+        except BaseException:
+            writer.close()
+            partial.unlink(missing_ok=True)
+            raise
         writer.close()
-        partial.unlink(missing_ok=True)
-        raise
-    writer.close()
     faults.checkpoint("gguf-before-rename")
     durable_rename(partial, final)
-    return ShardResult(filename=filename, size=final.stat().st_size, sha256=sha256_file(final))
+    result = ShardResult(filename=filename, size=final.stat().st_size, sha256=sha256_file(final))
+    return GgufWritten(result, planned)
 
 
-def _write_tensor_data(writer, fout, tensor: GgufTensor, source: TensorMerger) -> None:
-    """One tensor's data, aligned as GGUFWriter aligns it, block by block."""
-    writer.write_padding(fout, fout.tell())
-    written = 0
-    out_dtype = _range_dtype(tensor.qtype)
-    for block in float_blocks(source, tensor.plan, tensor.head_rows):
-        data = encode(block, tensor, out_dtype)
-        data.tofile(fout)
-        written += data.nbytes
-    if written != tensor.nbytes:
-        raise AdapterError(f"'{tensor.plan.name}': wrote {written} bytes of GGUF data, planned "
-                           f"{tensor.nbytes} (a planning bug; please report it)")
-    writer.write_padding(fout, written)
-
-
-def check_gguf(path: Path, plan: MergePlan, gguf_type: str) -> list[str]:
-    """Read the file back with :class:`gguf.GGUFReader`: every planned tensor is there with its
-    shape and type. Returns the problems found (empty: fine)."""
-    gguf = _gguf()
-    config = model_config(plan)
-    rule = arch_rule(config, Path(plan.base))
-    expected = {t.name: t for t in plan_tensors(plan, config, rule, gguf_type)}
-    reader = gguf.GGUFReader(path)
-    problems = []
-    found = {t.name: t for t in reader.tensors}
-    for name, want in expected.items():
-        got = found.get(name)
-        if got is None:
-            problems.append(f"{path.name}: tensor {name} is missing")
-        elif got.tensor_type != want.qtype or (list(reversed([int(d) for d in got.shape])) \
-                != list(want.plan.shape) and len(want.plan.shape) > 1):
-            problems.append(f"{path.name}: tensor {name} is {got.tensor_type.name} "
-                            f"{list(got.shape)}, planned {want.qtype.name} {want.plan.shape}")
-    problems.extend(f"{path.name}: unplanned tensor {n}" for n in found if n not in expected)
-    return problems
-
-
-def check_quantized(path: Path, plan: MergePlan, source_type: str) -> list[str]:
-    """Read a file llama.cpp's quantizer made back: the tensors of the 16-bit file it was made
-    from (``source_type``), with their shapes (their types are the quantizer's choice).
-    Returns the problems found (empty: fine)."""
-    gguf = _gguf()
-    config = model_config(plan)
-    rule = arch_rule(config, Path(plan.base))
-    expected = {t.name: list(t.plan.shape) for t in plan_tensors(plan, config, rule, source_type)}
-    found = {t.name: list(reversed([int(d) for d in t.shape]))
+def check_gguf(path: Path, planned: dict[str, tuple[list[int], str]],
+               types_too: bool = True) -> list[str]:
+    """Read the file back with :class:`gguf.GGUFReader`: every tensor the converter planned is
+    there with its shape (and type, ``types_too``; a file llama.cpp's quantizer made has types
+    of its choosing), and no other. Returns the problems found (empty: fine)."""
+    _, _, gguf = _conversion()
+    found = {t.name: ([int(d) for d in reversed(t.shape)], t.tensor_type.name)
              for t in gguf.GGUFReader(path).tensors}
-    problems = [f"{path.name}: tensor {n} is missing" for n in expected if n not in found]
-    problems += [f"{path.name}: tensor {n} is {found[n]}, planned {shape}"
-                 for n, shape in expected.items() if n in found and len(shape) > 1
-                 and found[n] != shape]
-    problems += [f"{path.name}: unplanned tensor {n}" for n in found if n not in expected]
+    problems = [f"{path.name}: tensor {n} is missing" for n in planned if n not in found]
+    for name, (shape, kind) in planned.items():
+        if name not in found:
+            continue
+        got_shape, got_kind = found[name]
+        if got_shape != shape or (types_too and got_kind != kind):
+            problems.append(f"{path.name}: tensor {name} is {got_kind} {got_shape}, planned "
+                            f"{kind} {shape}")
+    problems += [f"{path.name}: unplanned tensor {n}" for n in found if n not in planned]
     return problems
 
-
-# -- the Ollama Modelfile --------------------------------------------------------------------
-
-_ROLES = ("system", "user", "assistant")
-_MARK = "\x00{}\x00"
-
-
-def go_template(chat_template: str, bos: str = "", eos: str = "") -> str | None:
-    """The chat template as an Ollama (Go) template, for templates that wrap each message in a
-    role-dependent prefix and suffix: the Jinja template is rendered with marker messages and
-    cut at the markers. None when it is not of that shape (Ollama then reads the GGUF's own
-    ``tokenizer.chat_template``)."""
-    try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        template = env.from_string(chat_template)
-
-        def render(messages, prompt):
-            return template.render(messages=messages, add_generation_prompt=prompt,
-                                   bos_token=bos, eos_token=eos)
-        messages = [{"role": r, "content": _MARK.format(r)} for r in _ROLES]
-        full = render(messages, False)
-        with_prompt = render(messages, True)
-    except Exception:
-        return None
-    if not with_prompt.startswith(full):
-        return None
-    # each role's prefix and suffix, from that role's message rendered alone
-    parts = {}
-    for role in _ROLES:
-        single = render([{"role": role, "content": _MARK.format(role)}], False)
-        if bos and single.startswith(bos):
-            single = single[len(bos):]
-        prefix, sep, suffix = single.partition(_MARK.format(role))
-        if not sep:
-            return None
-        parts[role] = (prefix, suffix)
-    start = bos if full.startswith(bos) and bos else ""
-    if start + "".join(p + _MARK.format(r) + s for r, (p, s) in parts.items()) != full:
-        return None
-    branches = "".join(
-        f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{r}" }}}}{_go(p)}{{{{ .Content }}}}{_go(s)}'
-        for i, (r, (p, s)) in enumerate(parts.items()))
-    return (f"{_go(start)}{{{{- range .Messages }}}}{branches}{{{{ end }}}}{{{{ end }}}}"
-            f"{_go(with_prompt[len(full):])}")
-
-
-def _go(text: str) -> str:
-    """Literal text inside a Go template (only ``{{`` needs escaping)."""
-    return text.replace("{{", '{{ "{{" }}')
-
-
-def modelfile(gguf_name: str, tokenizer: Path) -> str:
-    """An Ollama Modelfile for the GGUF: FROM, the translated chat template (when it translates)
-    and the stop tokens (eos and the template's end-of-turn special tokens)."""
-    config_path = tokenizer / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    template = config.get("chat_template")
-    if template is None and (tokenizer / "chat_template.jinja").is_file():
-        template = (tokenizer / "chat_template.jinja").read_text()
-    bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
-    lines = [f"FROM ./{gguf_name}"]
-    go = go_template(template, bos, eos) if isinstance(template, str) else None
-    if go is not None:
-        lines.append(f'TEMPLATE """{go}"""')
-    stops = [eos] if eos else []
-    for token in _special_tokens(tokenizer):
-        if isinstance(template, str) and token in template and token not in stops \
-                and token != bos and "end" in token.lower():
-            stops.append(token)
-    lines.extend(f'PARAMETER stop "{s}"' for s in stops)
-    return "\n".join(lines) + "\n"
-
-
-def _token_text(value) -> str:
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else ""
-
-
-def _special_tokens(tokenizer: Path) -> list[str]:
-    path = tokenizer / "tokenizer.json"
-    if not path.is_file():
-        return []
-    added = json.loads(path.read_text()).get("added_tokens") or []
-    return [t["content"] for t in added if t.get("special")]
-
-
-def write_modelfile(staging: Staging, gguf_name: str, tokenizer: Path) -> None:
-    """The Modelfile beside the GGUF, written durably."""
-    atomic_write(staging.folder / MODELFILE, modelfile(gguf_name, tokenizer))
-
-
-def ollama_command(out: str | Path, name: str) -> str:
-    """The command that imports the published GGUF into Ollama."""
-    return f"ollama create {name} -f {Path(out) / MODELFILE}"

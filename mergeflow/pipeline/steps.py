@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ from mergeflow.output.folder import (
     read_manifest,
     write_json,
 )
+from mergeflow.output.modelfile import MODELFILE, write_modelfile
 from mergeflow.pipeline import preflight, resources
 from mergeflow.pipeline.results import MergeReport, PreparedMerge, ShardResult, VerifyReport
 from mergeflow.pipeline.verification import verify_output, verify_shard
@@ -280,6 +282,8 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                     "mergeflow": __version__,
                     **({"gguf_type": spec.gguf_type} if spec.save_method == "gguf" else {})}
     plan.runtime = {"block_bytes": resources.for_spec(spec).block_bytes}  # within the budget
+    if spec.save_method == "gguf":
+        _check_convertible(plan, base_dir)
     warnings = preflight.check(plan, adapter, out, low_disk=spec.low_disk)  # values, free disk
     plan.notes.extend(w for w in warnings if w not in plan.notes)  # before the fingerprint
     fingerprint = plan.fingerprint()
@@ -529,22 +533,24 @@ def write_gguf_output(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
     adapter_config = read_adapter_config(adapter)
     types = gguf_quant.split_types(str(plan.options["gguf_type"]))
     source = gguf_quant.made_from(types, plan.dtype) or types[0]
+    folder = _converter_folder(plan, staging.state_dir / "gguf-source")
     streamed = gguf_export.write_gguf(plan, open_merger(plan, device=spec.device), staging,
-                                      source, adapter.name)
+                                      folder, source, adapter.name)
     if spec.verify:
-        _check_gguf(prepared, gguf_export.check_gguf(staging.folder / streamed.filename, plan,
-                                                     source), plan)
-    results = {source: streamed}
+        _check_gguf(prepared, gguf_export.check_gguf(
+            staging.folder / streamed.result.filename, streamed.tensors), plan)
+    results = {source: streamed.result}
     for gguf_type in types:
         if gguf_type not in results:
-            results[gguf_type] = _quantize_gguf(staging, streamed, gguf_type)
+            results[gguf_type] = _quantize_gguf(staging, streamed.result, gguf_type)
             if spec.verify:
-                _check_gguf(prepared, gguf_export.check_quantized(
-                    staging.folder / results[gguf_type].filename, plan, source), plan)
+                _check_gguf(prepared, gguf_export.check_gguf(
+                    staging.folder / results[gguf_type].filename, streamed.tensors,
+                    types_too=False), plan)
     if source not in types:
-        (staging.folder / streamed.filename).unlink()
+        (staging.folder / streamed.result.filename).unlink()
     written = [results[t] for t in types]
-    gguf_export.write_modelfile(staging, written[0].filename, Path(str(plan.options["tokenizer"])))
+    write_modelfile(staging, written[0].filename, Path(str(plan.options["tokenizer"])))
     report = _report(plan, adapter_config, prepared.out, "merged").model_copy(
         update={"dtype": ",".join(types), "shards": len(written),
                 "total_size": sum(r.size for r in written)})
@@ -552,8 +558,31 @@ def write_gguf_output(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
     (staging.folder / "README.md").write_text(model_card(base_name, adapter.name,
                                                          report.durable()))
     _write_manifest(staging.folder, plan, prepared.fingerprint, report, written,
-                    {*(r.filename for r in written), gguf_export.MODELFILE, "README.md"})
+                    {*(r.filename for r in written), MODELFILE, "README.md"})
     return report
+
+
+def _converter_folder(plan: MergePlan, folder: Path) -> Path:
+    """The folder llama.cpp's converter reads the merged model from, weights aside: its
+    config.json (the plan's vocab and tie updates) and the tokenizer."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    _write_model_config(plan, Path(plan.base), folder, keep_quantization=False)
+    copy_tokenizer(Path(str(plan.options["tokenizer"])), folder)
+    return folder
+
+
+def _check_convertible(plan: MergePlan, base_dir: Path) -> None:
+    """Refuse, before anything is written, what llama.cpp's converter will not convert (a dry
+    run on the plan's shapes, in a scratch folder)."""
+    from mergeflow.engine import gguf as gguf_export
+    from mergeflow.engine import gguf_quant
+
+    types = gguf_quant.split_types(str(plan.options["gguf_type"]))
+    with tempfile.TemporaryDirectory(prefix="mergeflow-gguf-") as scratch:
+        folder = _converter_folder(plan, Path(scratch) / "model")
+        gguf_export.check_convertible(folder, plan, gguf_quant.made_from(types, plan.dtype)
+                                      or types[0])
 
 
 def _check_gguf(prepared: PreparedMerge, problems: list[str], plan: MergePlan) -> None:
