@@ -143,3 +143,25 @@ def test_several_types_come_from_one_merge(models, tmp_path):
     mergeflow.merge(base, adapter, only_quantized, save_method="gguf", gguf_type="q4_k_m,q6_k")
     assert sorted(p.name for p in only_quantized.glob("*.gguf")) == [
         "model-q4_k_m.gguf", "model-q6_k.gguf"]  # the 16-bit file it came from is gone
+
+
+def test_each_quantized_file_is_scored_by_llama_cpp_and_fewer_bits_score_worse(models, tmp_path):
+    from mergeflow.engine.gguf_score import score_files
+
+    base, adapter = models("llama")
+    out = tmp_path / "scored"
+    report = mergeflow.merge(base, adapter, out, save_method="gguf",
+                             gguf_type="q8_0,q4_k_m,q2_k")
+    scores = report.gguf_scores
+    assert sorted(scores) == ["model-q2_k.gguf", "model-q4_k_m.gguf", "model-q8_0.gguf"]
+    kl = {name.split("-")[1].split(".")[0]: score["mean_kl"] for name, score in scores.items()}
+    assert 0 < kl["q8_0"] < kl["q4_k_m"] < kl["q2_k"], kl  # the fewer bits, the further off
+    assert all(0 <= score["top1"] <= 1 and score["tokens"] > 100 for score in scores.values())
+    assert any(note.startswith("model-q4_k_m.gguf: mean KL") for note in report.notes)
+    assert "model-q4_k_m.gguf: mean KL" in (out / "README.md").read_text()
+    # a file against itself: nothing lost
+    same = score_files(out / "model-q8_0.gguf", [out / "model-q8_0.gguf"])[0]
+    assert same.mean_kl == pytest.approx(0, abs=1e-9) and same.top1 == 1
+    unscored = mergeflow.merge(base, adapter, tmp_path / "unscored", save_method="gguf",
+                               gguf_type="q4_k_m", gguf_check=False)
+    assert unscored.gguf_scores == {}

@@ -350,7 +350,8 @@ def test_cli_flags(quantized, original, make_adapter, tmp_path):
                                   "--merge-onto", "original"],
         "only read with --merge-onto": ["--base", str(base), "--adapter", str(adapter),
                                         "--original-base", str(original)],
-        "save-method": ["--base", str(base), "--adapter", str(adapter), "--save-method", "gguf"],
+        # a word-level tokenizer: llama.cpp has no pre-tokenizer for it
+        "pre-tokenizer": ["--base", str(base), "--adapter", str(adapter), "--save-method", "gguf"],
     }
     for i, (message, args) in enumerate(runs.items()):
         out = tmp_path / f"out{i}"

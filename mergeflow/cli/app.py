@@ -151,6 +151,8 @@ def merge(
     save_method: Annotated[str, typer.Option(
         help=_help("save_method"))] = _default("save_method"),
     gguf_type: Annotated[str, typer.Option(help=_help("gguf_type"))] = _default("gguf_type"),
+    gguf_check: Annotated[bool, typer.Option(
+        "--gguf-check/--no-gguf-check", help=_help("gguf_check"))] = _default("gguf_check"),
     merge_onto: Annotated[str, typer.Option(help=_help("merge_onto"))] = _default("merge_onto"),
     original_base: Annotated[str | None, typer.Option(
         help=_help("original_base"))] = _default("original_base"),

@@ -87,9 +87,9 @@ def source_type(dtype: str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet():
-    """llama.cpp logs every tensor it quantizes (through llama-cpp-python's logger); keep all
-    but its errors out of the user's terminal."""
+def quiet_llama():
+    """llama.cpp logs every tensor it quantizes and every model it loads (through
+    llama-cpp-python's logger); keep all but its errors out of the user's terminal."""
     from llama_cpp import _logger
 
     level = _logger.logger.level
@@ -111,7 +111,7 @@ def quantize(source: Path, dest: Path, gguf_type: str, threads: int) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = _file_types(gguf_type)[gguf_type]
     params.nthread = max(1, threads)
-    with _quiet():
+    with quiet_llama():
         code = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(),
                                               ctypes.byref(params))
     if code != 0:

@@ -547,13 +547,19 @@ def write_gguf_output(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
                 _check_gguf(prepared, gguf_export.check_gguf(
                     staging.folder / results[gguf_type].filename, streamed.tensors,
                     types_too=False), plan)
+    scores = _score_gguf(staging, streamed.result, [results[t] for t in types if t != source]) \
+        if spec.gguf_check else []
     if source not in types:
         (staging.folder / streamed.result.filename).unlink()
     written = [results[t] for t in types]
     write_modelfile(staging, written[0].filename, Path(str(plan.options["tokenizer"])))
-    report = _report(plan, adapter_config, prepared.out, "merged").model_copy(
+    report = _report(plan, adapter_config, prepared.out, "merged")
+    report = report.model_copy(
         update={"dtype": ",".join(types), "shards": len(written),
-                "total_size": sum(r.size for r in written)})
+                "total_size": sum(r.size for r in written),
+                "notes": [*report.notes, *(score.words() for score in scores)],
+                "gguf_scores": {score.file: {"mean_kl": score.mean_kl, "top1": score.top1,
+                                             "tokens": score.tokens} for score in scores}})
     base_name = adapter_config.get("base_model_name_or_path") or Path(plan.base).name
     (staging.folder / "README.md").write_text(model_card(base_name, adapter.name,
                                                          report.durable()))
@@ -588,6 +594,17 @@ def _check_convertible(plan: MergePlan, base_dir: Path) -> None:
 def _check_gguf(prepared: PreparedMerge, problems: list[str], plan: MergePlan) -> None:
     check_verified(prepared, VerifyReport(ok=not problems, files=1, tensors=plan.tensor_count,
                                           problems=problems))
+
+
+def _score_gguf(staging: Staging, reference: ShardResult, quantized: list[ShardResult]) -> list:
+    """llama.cpp's score of each quantized file against the 16-bit one it was made from
+    (:mod:`mergeflow.engine.gguf_score`); none when no file was quantized from a 16-bit one."""
+    if not quantized:
+        return []
+    from mergeflow.engine.gguf_score import score_files
+
+    return score_files(staging.folder / reference.filename,
+                       [staging.folder / r.filename for r in quantized], resources.usable_cpus())
 
 
 def _quantize_gguf(staging: Staging, streamed: ShardResult, gguf_type: str) -> ShardResult:
