@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--gguf-type", default="f16",
                         help="f16, bf16, q8_0 (converter) or a llama.cpp quantizer type")
+    parser.add_argument("--no-gguf-check", action="store_true",
+                        help="leave out llama.cpp's score of the quantized file (one step)")
     parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build:
@@ -101,7 +103,8 @@ def main() -> None:
         cli = [sys.executable, "-m", "mergeflow.cli.app", "merge", "--base", str(base),
                "--adapter", str(adapter)]
         one = run([*cli, "--out", str(work / "one"), "--save-method", "gguf",
-                   "--gguf-type", args.gguf_type], env)
+                   "--gguf-type", args.gguf_type,
+                   *(["--no-gguf-check"] if args.no_gguf_check else [])], env)
         one_size = size(work / "one" / f"model-{args.gguf_type}.gguf")
         shutil.rmtree(work / "one")
         merged = work / "merged"

@@ -348,11 +348,13 @@ def check_convertible(folder: Path, plan: MergePlan, gguf_type: str) -> None:
 
 
 def write_gguf(plan: MergePlan, source: TensorMerger, staging: Staging, folder: Path,
-               gguf_type: str, model_name: str) -> GgufWritten:
+               gguf_type: str, model_name: str, digest: bool = True) -> GgufWritten:
     """Write the merged model as one GGUF file into the staging folder, by llama.cpp's converter
     fed from ``source``; ``folder`` holds the merged model's config.json and tokenizer.
 
     The file is written as ``.<name>.partial``, fsynced and renamed to ``model-<type>.gguf``.
+    Its sha256 is computed for the manifest unless ``digest`` is False (an intermediate file,
+    deleted once quantized: its result's sha256 is then empty).
     """
     filename = gguf_filename(gguf_type)
     final, partial = staging.folder / filename, staging.partial(filename)
@@ -383,7 +385,8 @@ def write_gguf(plan: MergePlan, source: TensorMerger, staging: Staging, folder: 
         writer.close()
     faults.checkpoint("gguf-before-rename")
     durable_rename(partial, final)
-    result = ShardResult(filename=filename, size=final.stat().st_size, sha256=sha256_file(final))
+    result = ShardResult(filename=filename, size=final.stat().st_size,
+                         sha256=sha256_file(final) if digest else "")
     return GgufWritten(result, planned)
 
 

@@ -535,7 +535,7 @@ def write_gguf_output(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
     source = gguf_quant.made_from(types, plan.dtype) or types[0]
     folder = _converter_folder(plan, staging.state_dir / "gguf-source")
     streamed = gguf_export.write_gguf(plan, open_merger(plan, device=spec.device), staging,
-                                      folder, source, adapter.name)
+                                      folder, source, adapter.name, digest=source in types)
     if spec.verify:
         _check_gguf(prepared, gguf_export.check_gguf(
             staging.folder / streamed.result.filename, streamed.tensors), plan)
