@@ -186,9 +186,6 @@ class MergeSpec(BaseModel):
         if self.save_method == "gguf" and self.low_disk:
             problems.append("`save_method=gguf` writes one file, which `low_disk=True` cannot ship "
                             "in pieces; drop `low_disk`")
-        if self.save_method == "gguf" and self.merge_onto == "original":
-            problems.append("`save_method=gguf`: `merge_onto=original` is not covered yet; "
-                            "merge onto the dequantized weights")
         if self.low_disk and not self.push_to:
             problems.append("`low_disk=True` needs `push_to`: shards are shipped and deleted as they go")
         return problems

@@ -105,3 +105,25 @@ def test_each_family_is_the_two_step_route_byte_for_byte_and_runs_as_merged(tmp_
         got = np.array(llm.scores[:len(ids)], dtype=np.float32)  # (n, vocab)
         assert np.abs(got - want).max() <= TOLERANCE.get(case, 5e-3) * float(np.abs(want).max())
         assert (got.argmax(-1) == want.argmax(-1)).mean() >= TOP1.get(case, 1.0), text
+
+
+@pytest.mark.parametrize("merge_onto", ["dequantized", "original"])
+def test_a_4bit_base_to_gguf_is_the_two_step_route_onto_either_weights(tmp_path, merge_onto):
+    """A bitsandbytes nf4 base (made here from a 16-bit one): GGUF onto its dequantized weights,
+    or onto the original 16-bit ones, holds the two-step route's tensors byte for byte."""
+    from builders import build_quantized_base
+
+    original = build_base(tmp_path / "original", "llama3", tokenizer=False, **SIZES)
+    save_bpe_tokenizer(original, VOCAB)
+    base = build_quantized_base(original, tmp_path / "nf4")
+    save_bpe_tokenizer(base, VOCAB)
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=TARGETS)
+    onto = {"merge_onto": merge_onto,
+            **({"original_base": str(original)} if merge_onto == "original" else {})}
+    merged = tmp_path / "merged"
+    mergeflow.merge(base, adapter, merged, **onto)
+    out = tmp_path / "out"
+    mergeflow.merge(base, adapter, out, save_method="gguf", gguf_type="f16", **onto)
+    ours, theirs = tensors(out / "model-f16.gguf"), tensors(two_step(merged, tmp_path, "gpt-2")["f16"])
+    assert sorted(ours) == sorted(theirs)
+    assert [name for name in ours if ours[name] != theirs[name]] == []
