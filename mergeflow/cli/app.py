@@ -220,11 +220,12 @@ def _invalid_options(exc: ValueError) -> str:
 
 def _fail(code: int, message: str) -> NoReturn:
     """Print ``message`` (a core message: its option names become flags, :func:`cli_words`)
-    as the error on stderr and exit with ``code``."""
+    as the error on stderr, on one line whatever text a library put in it, and exit with
+    ``code``."""
     from rich.markup import escape
 
-    err.print(f"[bold red]error:[/] {escape(cli_words(message))}", highlight=False,
-              soft_wrap=True)
+    line = " ".join(cli_words(message).split())
+    err.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
