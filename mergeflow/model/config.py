@@ -26,7 +26,7 @@ def _parsed(path: str, mtime_ns: int, size: int) -> dict | InputError:
         return InputError(f"{path}: unreadable JSON ({exc})")
     if not isinstance(config, dict):
         return InputError(f"{path}: expected a JSON object")
-    problem = _shape_problem(config) or _transformers_problem(config)
+    problem = _shape_problem(config)
     if problem is not None:
         return InputError(f"{path}: {problem}; use the base model's own config.json")
     return config
@@ -50,27 +50,6 @@ def _shape_problem(config: dict) -> str | None:
             value = part.get(key, 1)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 return f"'{key}' must be a positive integer, not {value!r}"
-    return None
-
-
-def _transformers_problem(config: dict) -> str | None:
-    """transformers' own refusal of this config (its config class for ``model_type`` checks
-    each field's type), or None; configs of a model type transformers does not ship are left
-    to the model's own code."""
-    from transformers import CONFIG_MAPPING
-    from transformers.utils import logging as hf_logging
-
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        return None
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its warnings about odd but usable values
-    try:
-        CONFIG_MAPPING[model_type](**{k: v for k, v in config.items() if k != "model_type"})
-    except Exception as exc:  # transformers raises TypeError, ValueError or its own errors
-        return f"transformers cannot read it ({type(exc).__name__}: {exc})"
-    finally:
-        hf_logging.set_verbosity(level)
     return None
 
 
