@@ -10,6 +10,7 @@ import contextlib
 import http.client
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -61,15 +62,17 @@ def new_bucket(client, prefix: str = "mf") -> str:
 
 
 class FlakyProxy:
-    """An HTTP proxy to ``upstream`` that answers ``503 SlowDown`` to the next ``fail`` requests.
+    """An HTTP proxy to ``upstream`` that answers ``503 SlowDown`` to the next ``fail`` requests,
+    and holds every forwarded request ``delay`` seconds first (a slow server).
 
     Use as a context manager; ``url`` is the endpoint to give boto3, ``failed`` counts the 503s
     sent and ``forwarded`` the requests passed through.
     """
 
-    def __init__(self, upstream: str, fail: int = 0) -> None:
-        self.upstream = upstream.removeprefix("http://")
+    def __init__(self, upstream: str, fail: int = 0, delay: float = 0.0) -> None:
+        self.upstream = upstream.removeprefix("http://").split("/", 1)[0]
         self.fail = fail
+        self.delay = delay
         self.failed = 0
         self.forwarded = 0
         self._lock = threading.Lock()
@@ -110,6 +113,7 @@ class FlakyProxy:
                                  b"<Error><Code>SlowDown</Code><Message>Please reduce your request "
                                  b"rate.</Message></Error>")
                     return
+                time.sleep(proxy.delay)
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
                 conn.request(self.command, self.path, body=body or None, headers=headers)
@@ -132,7 +136,7 @@ class FlakyProxy:
                 if self.command != "HEAD":
                     self.wfile.write(data)
 
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+            do_GET = do_PUT = do_POST = do_PATCH = do_DELETE = do_HEAD = _relay
 
         return Handler
 

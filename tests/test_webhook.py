@@ -267,13 +267,23 @@ def test_spec_refused_with_the_deployment_defaults_is_422(prefect_server):
 # --------------------------------------------------------------------------- 503 and health
 
 
-def test_unreachable_prefect_api_is_503(deployment):
-    with TestClient(create_app(_settings(_dead_url(), deployment, api_timeout=5))) as dead:
-        answer = _post(dead, _payload())
-        assert answer.status_code == 503
-        assert "unreachable" in answer.json()["detail"]
+def test_an_unreachable_prefect_api_queues_the_delivery_and_health_is_503(deployment, tmp_path):
+    """The delivery is accepted (recorded in the outbox, 202 QUEUED) for the drainer to launch
+    when the API answers again (tests/test_webhook_outbox.py); health says the API is down."""
+    from triggers.outbox import PENDING, Outbox
+
+    outbox = str(tmp_path / "outbox.sqlite")
+    settings = _settings(_dead_url(), deployment, api_timeout=1, outbox=outbox)
+    payload = _payload()
+    with TestClient(create_app(settings)) as dead:
+        answer = _post(dead, payload)
+        assert answer.status_code == 202, answer.text
+        assert answer.json()["state"] == "QUEUED" and answer.json()["flow_run_id"] is None
         health = dead.get("/healthz")
         assert health.status_code == 503 and health.json()["prefect_api"] is False
+    queued = Outbox(outbox).get(answer.json()["idempotency_key"])
+    assert queued.state == PENDING and queued.fields["adapter"] == payload["adapter"]
+    assert "unreachable" in queued.detail
 
 
 def test_missing_deployment_is_503(prefect_server):

@@ -43,6 +43,10 @@ class PrefectUnavailable(LaunchError):
     """The Prefect API did not answer, or has no such deployment (worth retrying later)."""
 
 
+class DeploymentMissing(PrefectUnavailable):
+    """The Prefect server answers but has no such deployment."""
+
+
 class RunRefused(LaunchError):
     """The Prefect server refused the run's parameters (the deployment's schema)."""
 
@@ -80,7 +84,7 @@ async def start_merge(fields: Mapping[str, Any], key: str, *,
     try:
         return await asyncio.wait_for(_create(fields, key, deployment, api_url), timeout)
     except ObjectNotFound as exc:
-        raise PrefectUnavailable(f"deployment {deployment!r} not found on the Prefect server; "
+        raise DeploymentMissing(f"deployment {deployment!r} not found on the Prefect server; "
                                  "deploy it (deployments/deploy.sh)") from exc
     except PrefectHTTPStatusError as exc:
         status = exc.response.status_code

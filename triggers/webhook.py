@@ -14,25 +14,33 @@ Endpoints:
   ``<hf_push_root>/<name>`` when that is set.
 * ``GET /healthz``: 200 when the Prefect API answers, else 503.
 
-Each accepted request creates a run of the merge deployment with an idempotency key (the
-delivery id, else the body's sha256; for the Hub, repo and commit), so a redelivery answers the
-same run: ``202 {"flow_run_id": ..., "state": ...}`` (after a failed run: the next attempt).
-Errors: 401 bad or missing signature, 404 hook not
-enabled, 413 body too large, 422 invalid payload (with the field errors), 503 Prefect API
-unreachable or deployment missing. Secrets are compared in constant time and never logged.
+Each accepted request is recorded durably first, in the receiver's outbox
+(:mod:`triggers.outbox`, SQLite), under an idempotency key (the delivery id, else the body's
+sha256; for the Hub, repo and commit). Then a run of the merge deployment is created with that
+key, so a redelivery answers the same run: ``202 {"flow_run_id": ..., "state": ...}`` (after a
+failed run: the next attempt). When the Prefect API is slow or down, or a few launches are
+already in flight (a burst), the answer is ``202 {"state": "QUEUED", "flow_run_id": null, ...}``
+at once, and the receiver's drainer creates the run at the pace the API allows, retrying with
+back-off; a restarted receiver launches what is still queued. Errors: 401 bad or missing
+signature, 403 a location outside the allowed roots, 404 hook not enabled, 413 body too large,
+422 invalid payload (with the field errors), 503 deployment missing. Secrets are compared in
+constant time and never logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -44,11 +52,13 @@ from triggers.events import route_for, route_problem
 from triggers.launch import (
     CPU_DEPLOYMENT,
     DEFAULT_DEPLOYMENT,
+    DeploymentMissing,
     PrefectUnavailable,
     RunRefused,
     api_healthy,
     ensure_merge,
 )
+from triggers.outbox import LAUNCHED, Delivery, Outbox
 
 log = logging.getLogger("mergeflow.webhook")
 
@@ -81,6 +91,10 @@ class WebhookSettings(BaseModel):
         "folders (absolute) and s3:// or hf:// prefixes; any other location is refused (403).")
     allow_overwrite: bool = Field(False, description="Accept deliveries asking to overwrite a "
                                   "finished output (refused with 403 otherwise).")
+    outbox: str | None = Field(None, description="The SQLite file accepted deliveries are "
+                               "recorded in before they are answered (default for `webhook "
+                               "serve`: $XDG_STATE_HOME/mergeflow/webhook-outbox.sqlite; none "
+                               "given here: a fresh temporary file, not kept across restarts).")
 
 
 class HookError(Exception):
@@ -348,33 +362,101 @@ def check_confined(settings: WebhookSettings, fields: dict[str, Any]) -> None:
                              "(start it with --allow-overwrite to allow it)")
 
 
-async def launch(settings: WebhookSettings, fields: dict[str, Any], key: str,
-                 deployment: str | None = None) -> dict[str, Any]:
-    """Start the run; the 202 answer body, or a HookError (403 / 422 / 503).
+#: Launches tried while answering a request at once; a burst beyond these is queued at once.
+INLINE_LAUNCHES = 4
+#: The drainer's back-off while the Prefect API does not answer (seconds, doubling up to).
+RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0
+#: How long the drainer waits for one launch (nobody is waiting on the answer).
+DRAIN_TIMEOUT_S = 120.0
 
-    Locations outside the allowed roots, and ``overwrite`` where it is not allowed, are refused
-    (403) before any run exists (:func:`check_confined`).
 
-    A redelivery answers the run its key made, unless that run failed, crashed or was
-    cancelled: then it starts the next attempt (``<key>#2``, ``#3``; see
-    :func:`triggers.launch.ensure_merge`), so a delivery resent after a failure is retried, a
-    bounded number of times.
-    """
-    check_confined(settings, fields)
-    deployment = deployment or settings.deployment
-    try:
+class Launcher:
+    """Turns accepted deliveries into runs: at once while answering when the API is quick and
+    few launches are in flight, else from the outbox by the drainer (:meth:`drain`)."""
+
+    def __init__(self, settings: WebhookSettings, outbox: Outbox) -> None:
+        self.settings, self.outbox = settings, outbox
+        self.inline = asyncio.Semaphore(INLINE_LAUNCHES)
+        self.wake = asyncio.Event()
+
+    async def accept(self, fields: dict[str, Any], key: str,
+                     deployment: str | None = None) -> dict[str, Any]:
+        """Record the delivery, then start its run or queue it; the 202 answer body, or a
+        HookError (403 / 422 / 503).
+
+        Locations outside the allowed roots, and ``overwrite`` where it is not allowed, are
+        refused (403) before anything is recorded (:func:`check_confined`).
+
+        A redelivery answers the run its key made, unless that run failed, crashed or was
+        cancelled: then it starts the next attempt (``<key>#2``, ``#3``; see
+        :func:`triggers.launch.ensure_merge`), so a delivery resent after a failure is retried,
+        a bounded number of times.
+        """
+        check_confined(self.settings, fields)
+        delivery, _ = self.outbox.add(key, deployment or self.settings.deployment, fields)
+        if self.inline.locked():  # a burst: answer now, launch from the outbox
+            self.wake.set()
+            return _answer(delivery)
+        async with self.inline:
+            return await self._launch_now(delivery)
+
+    async def _launch_now(self, delivery: Delivery) -> dict[str, Any]:
+        try:
+            run = await self._start(delivery, 3 * self.settings.api_timeout)
+        except (ValidationError, RunRefused, DeploymentMissing) as exc:
+            self.outbox.forget(delivery.key)  # not accepted: the sender corrects and resends
+            if isinstance(exc, ValidationError):
+                raise HookError(422, field_errors(exc, ("spec",))) from None
+            raise HookError(503 if isinstance(exc, DeploymentMissing) else 422,
+                            str(exc)) from None
+        except (PrefectUnavailable, asyncio.TimeoutError) as exc:
+            self.outbox.retry_later(delivery.key, str(exc) or "the Prefect API timed out")
+            self.wake.set()
+            return _answer(self.outbox.get(delivery.key) or delivery)
+        return {"flow_run_id": str(run.id), "flow_run_name": run.name,
+                "deployment": delivery.deployment,
+                "idempotency_key": run.idempotency_key or delivery.key,
+                "state": run.state.type.value if run.state else None}
+
+    async def _start(self, delivery: Delivery, timeout: float):
+        """Create (or find) the delivery's run within ``timeout`` seconds and record it in the
+        outbox (a run created after the wait gave up is found again under its key)."""
         run = await asyncio.wait_for(ensure_merge(
-            fields, key, deployment=deployment, api_url=settings.api_url),
-            3 * settings.api_timeout)
-    except ValidationError as exc:
-        raise HookError(422, field_errors(exc, ("spec",))) from None
-    except RunRefused as exc:
-        raise HookError(422, str(exc)) from None
-    except (PrefectUnavailable, asyncio.TimeoutError) as exc:
-        raise HookError(503, str(exc) or "the Prefect API is unreachable (timeout)") from None
-    return {"flow_run_id": str(run.id), "flow_run_name": run.name,
-            "deployment": deployment, "idempotency_key": run.idempotency_key or key,
-            "state": run.state.type.value if run.state else None}
+            delivery.fields, delivery.key, deployment=delivery.deployment,
+            api_url=self.settings.api_url), timeout)
+        self.outbox.launched(delivery.key, str(run.id), run.name)
+        return run
+
+    async def drain(self) -> None:
+        """Launch every queued delivery, oldest first, at the pace the API allows: on an
+        unreachable API, wait (doubling, up to RETRY_MAX_S) and try again; a delivery the
+        server refuses is marked refused, with the reason logged."""
+        delay = RETRY_MIN_S
+        while True:
+            waiting = False
+            for delivery in self.outbox.pending():
+                try:
+                    await self._start(delivery, DRAIN_TIMEOUT_S)
+                except (ValidationError, RunRefused) as exc:
+                    detail = " ".join(str(exc).split())
+                    self.outbox.refused(delivery.key, detail)
+                    log.warning("queued delivery %s refused: %s", delivery.key, detail)
+                except (PrefectUnavailable, asyncio.TimeoutError) as exc:
+                    self.outbox.retry_later(delivery.key, str(exc) or "timeout")
+                    waiting = True
+                    break
+            delay = min(delay * 2, RETRY_MAX_S) if waiting else RETRY_MIN_S
+            self.wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), delay if waiting else RETRY_MAX_S)
+
+
+def _answer(delivery: Delivery) -> dict[str, Any]:
+    """The 202 body for a delivery answered from the outbox (queued, or launched earlier)."""
+    launched = delivery.state == LAUNCHED
+    return {"flow_run_id": delivery.flow_run_id, "flow_run_name": delivery.flow_run_name,
+            "deployment": delivery.deployment, "idempotency_key": delivery.key,
+            "state": "LAUNCHED" if launched else "QUEUED"}
 
 
 def enabled(secret: SecretStr | None, hook: str) -> SecretStr:
@@ -386,8 +468,23 @@ def enabled(secret: SecretStr | None, hook: str) -> SecretStr:
 
 def create_app(settings: WebhookSettings) -> FastAPI:
     """The receiver as a FastAPI app (serve it with uvicorn, or test it in-process)."""
+    outbox = Outbox(settings.outbox or Path(tempfile.mkdtemp(prefix="mergeflow-webhook-"))
+                    / "outbox.sqlite")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        drainer = asyncio.create_task(app.state.launcher.drain())
+        try:
+            yield
+        finally:
+            drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drainer
+
     app = FastAPI(title="Mergeflow webhook receiver", docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url=None, lifespan=lifespan)
+    app.state.launcher = Launcher(settings, outbox)
+    app.state.outbox = outbox
 
     @app.exception_handler(HookError)
     async def hook_error(request: Request, exc: HookError) -> JSONResponse:
@@ -405,8 +502,8 @@ def create_app(settings: WebhookSettings) -> FastAPI:
             check_signature(body, request.headers.get(SIGNATURE_HEADER), secret)
         payload = parse(TrainingPayload, body)
         fields, key = training_request(payload, body, delivery)
-        answer = await launch(settings, fields, key,
-                              deployment_for(settings, payload.target, fields.get("device")))
+        answer = await app.state.launcher.accept(
+            fields, key, deployment_for(settings, payload.target, fields.get("device")))
         log.info("training hook: adapter %s -> flow run %s", fields["adapter"],
                  answer["flow_run_id"])
         return answer
@@ -420,7 +517,7 @@ def create_app(settings: WebhookSettings) -> FastAPI:
         if reason := hf_ignored(payload):
             return JSONResponse({"ignored": reason}, status_code=200)
         fields, key = hf_request(payload, settings)
-        answer = await launch(settings, fields, key)
+        answer = await app.state.launcher.accept(fields, key)
         log.info("huggingface hook: %s -> flow run %s", fields["adapter"], answer["flow_run_id"])
         return answer
 
@@ -459,11 +556,13 @@ def load_settings(*, deployment: str = DEFAULT_DEPLOYMENT, max_body_bytes: int =
                   api_url: str | None = None, secret_block: str | None = None,
                   hf_secret_block: str | None = None, hf_out_root: str | None = None,
                   hf_push_root: str | None = None, allowed_roots: list[str] | None = None,
-                  allow_overwrite: bool = False) -> WebhookSettings:
+                  allow_overwrite: bool = False, outbox: str | None = None) -> WebhookSettings:
     """Settings from options, the environment and Prefect Secret blocks.
 
     Secrets: a named block wins over ``MERGEFLOW_WEBHOOK_SECRET`` / ``MERGEFLOW_HF_WEBHOOK_SECRET``.
     Allowed roots: ``allowed_roots``, else ``MERGEFLOW_WEBHOOK_ROOTS`` (comma-separated).
+    Outbox: ``outbox``, else ``$XDG_STATE_HOME/mergeflow/webhook-outbox.sqlite`` (XDG's
+    default state folder ``~/.local/state`` when unset).
 
     Raises:
         ValueError: no Prefect API URL, no secret at all, or a Hub secret without an output root.
@@ -486,9 +585,15 @@ def load_settings(*, deployment: str = DEFAULT_DEPLOYMENT, max_body_bytes: int =
         hf_push_root=hf_push_root or os.environ.get("MERGEFLOW_HF_PUSH_ROOT") or None,
         allowed_roots=allowed_roots or [r.strip() for r in os.environ.get(ROOTS_ENV, "").split(",")
                                         if r.strip()],
-        allow_overwrite=allow_overwrite)
+        allow_overwrite=allow_overwrite, outbox=outbox or str(default_outbox()))
     check_settings(settings)
     return settings
+
+
+def default_outbox() -> Path:
+    """Where ``webhook serve`` keeps its outbox unless told otherwise."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "mergeflow" / "webhook-outbox.sqlite"
 
 
 def check_settings(settings: WebhookSettings) -> None:

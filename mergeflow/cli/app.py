@@ -253,6 +253,10 @@ def webhook_serve(
         help="Hugging Face hook: publish to <root>/<name> (hf://org or s3://bucket/prefix).")] = None,
     api_url: Annotated[str | None, typer.Option(
         help="Prefect API URL (default: $PREFECT_API_URL).")] = None,
+    outbox: Annotated[str | None, typer.Option(
+        help="The SQLite file accepted deliveries are recorded in before they are answered, "
+             "so none is lost to a restart (default: "
+             "$XDG_STATE_HOME/mergeflow/webhook-outbox.sqlite).")] = None,
     allow_root: Annotated[list[str] | None, typer.Option(
         help="A folder (absolute) or s3:// / hf:// prefix deliveries may read and write; "
              "repeat for several (default: $MERGEFLOW_WEBHOOK_ROOTS, comma-separated). Every "
@@ -269,7 +273,7 @@ def webhook_serve(
                                  api_url=api_url, secret_block=secret_block,
                                  hf_secret_block=hf_secret_block, hf_out_root=hf_out_root,
                                  hf_push_root=hf_push_root, allowed_roots=allow_root,
-                                 allow_overwrite=allow_overwrite)
+                                 allow_overwrite=allow_overwrite, outbox=outbox)
     except ValueError as exc:
         _fail(2, str(exc))
     serve(settings, host=host, port=port, log_level=log_level)

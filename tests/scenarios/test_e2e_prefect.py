@@ -178,7 +178,8 @@ def _start_stack(root: Path, procs: Processes) -> Stack:
     deploy = procs.start("deploy", [str(REPO / "deployments" / "deploy.sh")], env)
     procs.start("worker", [PREFECT, "worker", "start", "--pool", "gpu", "--type", "process"], env)
     procs.start("webhook", cli_command("webhook", "serve", "--host", "127.0.0.1", "--port",
-                                       str(hook_port)), env)
+                                       str(hook_port), "--outbox", str(root / "outbox.sqlite")),
+                env)
     wait_until(lambda: deploy.poll() is not None, "deployments/deploy.sh", STARTUP_TIMEOUT, procs)
     assert deploy.returncode == 0, procs.log("deploy")
     timings["deployed"] = time.monotonic() - start
