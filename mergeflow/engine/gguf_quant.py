@@ -5,8 +5,8 @@ The types are llama.cpp's own (``llama_cpp.LLAMA_FTYPE_MOSTLY_*``), quantized by
 (``llama_cpp.llama_model_quantize``, every core): the bytes are what ``llama-quantize`` makes of
 the same 16-bit file. Offered: the types that need no importance matrix
 (``q2_k``, ``q3_k`` ... ``q6_k`` with their ``_s``/``_m``/``_l`` mixes,
-``q4_0``/``q4_1``/``q5_0``/``q5_1``, ``iq4_nl``, ``iq4_xs``). llama-cpp-python is the optional
-dependency ``mergeflow[gguf]``; without it these types are refused while planning, naming the fix.
+``q4_0``/``q4_1``/``q5_0``/``q5_1``, ``iq4_nl``, ``iq4_xs``). llama-cpp-python comes with
+``scripts/setup --gguf``; without it these types are refused while planning, naming the fix.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _llama_cpp(gguf_type: str):
         import llama_cpp
     except ImportError:
         raise InputError(f"`gguf_type={gguf_type}` is made by llama.cpp's quantizer, which is not "
-                         "installed: pip install 'mergeflow[gguf]' (llama-cpp-python)") from None
+                         "installed: run scripts/setup --gguf (llama-cpp-python and llama.cpp's converter)") from None
     return llama_cpp
 
 
