@@ -96,6 +96,11 @@ class MergeSpec(BaseModel):
     adapter: str = Field(description="PEFT LoRA adapter: a folder (adapter_config.json + "
                          "weights), hf://org/name[@revision] or s3://bucket/prefix.")
     out: str = Field(description="Output folder; it appears only once the merge is complete.")
+    stack: list[str] = Field(
+        [], description="Adapters stacked on `adapter`, in order (SFT, then "
+        "DPO on top): the output is the base with all of them active together, as PEFT runs "
+        "several LoRA adapters at once; the base is read once. Plain LoRA and rsLoRA; DoRA, "
+        "modules_to_save and trainable tokens are refused.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Output dtype; 'auto' keeps the base's own float dtype (for a "
         "4-bit base merged to 16 bits: its bnb_4bit_compute_dtype; an 8-bit one: bfloat16; "

@@ -134,6 +134,7 @@ def merge(
     adapter: Annotated[str, typer.Option(help=_help("adapter"))],
     out: Annotated[Path, typer.Option(help=_help("out"))],
     base: Annotated[str | None, typer.Option(help=_help("base"))] = _default("base"),
+    stack: Annotated[list[str], typer.Option(help=_help("stack"))] = _default("stack"),
     dtype: Annotated[str, typer.Option(help=_help("dtype"))] = _default("dtype"),
     max_shard_size: Annotated[str, typer.Option(
         help=_help("max_shard_size"))] = _default("max_shard_size"),

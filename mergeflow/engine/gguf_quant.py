@@ -34,7 +34,8 @@ def _llama_cpp(gguf_type: str):
         import llama_cpp
     except ImportError:
         raise InputError(f"`gguf_type={gguf_type}` is made by llama.cpp's quantizer, which is not "
-                         "installed: run scripts/setup --gguf (llama-cpp-python and llama.cpp's converter)") from None
+                         "installed: run scripts/setup --gguf (llama-cpp-python and llama.cpp's "
+                         "converter)") from None
     return llama_cpp
 
 

@@ -32,11 +32,14 @@ from mergeflow.errors import (
     disk_full_error,
     staging_kept,
 )
+from mergeflow.model.adapter import CONFIG_FILE as ADAPTER_CONFIG
 from mergeflow.model.adapter import Adapter, load_adapter, read_adapter_config
 from mergeflow.model.checkpoint import INDEX_FILES, Checkpoint
 from mergeflow.model.config import base_config, read_base_config, text_config
 from mergeflow.model.layout import read_layout, read_param_wrappers
 from mergeflow.model.quant import QuantizedBase, detect
+from mergeflow.model.stack import WEIGHTS as STACK_WEIGHTS
+from mergeflow.model.stack import stack_adapters
 from mergeflow.model.vocab import set_config_field
 from mergeflow.output.folder import (
     INDEX_FILE,
@@ -156,6 +159,11 @@ def resolve_inputs(spec: MergeSpec) -> tuple[Path, Path]:
     if not base_ref:
         raise InputError(f"{adapter_dir / 'adapter_config.json'}: base_model_name_or_path is "
                          "empty; pass `base=PATH` (or hf://org/name, s3://bucket/prefix)")
+    if spec.stack:  # the adapters' sum, written once as one adapter (mergeflow.model.stack)
+        folders = [adapter_dir, *(resolve_source(ref) for ref in spec.stack)]
+        for folder in folders:
+            check_confined(folder, [ADAPTER_CONFIG, STACK_WEIGHTS])
+        adapter_dir = stack_adapters(folders)
     return resolve_source(base_ref), adapter_dir
 
 
