@@ -13,6 +13,7 @@ from mergeflow.version import __version__
 
 _LAZY = {
     "merge": "mergeflow.pipeline.local",
+    "merge_many": "mergeflow.pipeline.many",
     "MergeReport": "mergeflow.pipeline.results",
     "InputError": "mergeflow.errors",
     "MergeError": "mergeflow.errors",
@@ -25,7 +26,7 @@ _LAZY = {
 }
 
 __all__ = ["InputError", "MergeError", "MergeOnTrainEnd", "MergeReport", "MergeSpec",
-           "TransientError", "__version__", "merge", "patch", "push_to_hub_merged",
+           "TransientError", "__version__", "merge", "merge_many", "patch", "push_to_hub_merged",
            "save_pretrained_merged"]
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from mergeflow.live.callback import MergeOnTrainEnd
     from mergeflow.live.save import patch, push_to_hub_merged, save_pretrained_merged
     from mergeflow.pipeline.local import merge
+    from mergeflow.pipeline.many import merge_many
     from mergeflow.pipeline.results import MergeReport
     from mergeflow.spec import MergeSpec
 

@@ -94,7 +94,9 @@ class MergeSpec(BaseModel):
         "hf://org/name[@revision] or s3://bucket/prefix. Default: the base the adapter's "
         "config names.")
     adapter: str = Field(description="PEFT LoRA adapter: a folder (adapter_config.json + "
-                         "weights), hf://org/name[@revision] or s3://bucket/prefix.")
+                         "weights), hf://org/name[@revision] or s3://bucket/prefix. The CLI "
+                         "takes several (repeat the flag): each is merged into its own folder "
+                         "under `out`, in one sweep over the base.")
     out: str = Field(description="Output folder; it appears only once the merge is complete.")
     stack: list[str] = Field(
         [], description="Adapters stacked on `adapter`, in order (SFT, then "

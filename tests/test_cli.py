@@ -193,7 +193,7 @@ def test_no_tokenizer_flag_merges_without_tokenizer(runs):
 # --------------------------------------------------------------------------- flags = MergeSpec
 
 
-CLI_ONLY = {"prefect"}  # how to run, not what to merge
+CLI_ONLY = {"prefect", "out_name"}  # how to run or name a batch, not what to merge
 
 
 def _merge_params() -> dict:

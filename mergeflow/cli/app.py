@@ -131,7 +131,7 @@ def _verify_step_runs(spec: MergeSpec) -> bool:
 
 @app.command()
 def merge(
-    adapter: Annotated[str, typer.Option(help=_help("adapter"))],
+    adapter: Annotated[list[str], typer.Option(help=_help("adapter"))],
     out: Annotated[Path, typer.Option(help=_help("out"))],
     base: Annotated[str | None, typer.Option(help=_help("base"))] = _default("base"),
     stack: Annotated[list[str], typer.Option(help=_help("stack"))] = _default("stack"),
@@ -182,10 +182,17 @@ def merge(
         help=_help("s3_kms_key_id"))] = _default("s3_kms_key_id"),
     low_disk: Annotated[bool, typer.Option(
         "--low-disk", help=_help("low_disk"))] = _default("low_disk"),
+    out_name: Annotated[list[str] | None, typer.Option(
+        help="With several --adapter: each output's folder name under --out, in order "
+             "(default: the adapter folder's name).")] = None,
 ) -> None:
     """Merge ADAPTER into BASE and write a SafeTensors checkpoint to OUT."""
     fields = {name: str(value) if isinstance(value, Path) else value
               for name, value in locals().items() if name in MergeSpec.model_fields}
+    if len(adapter) > 1 or out_name:  # a batch: one output per adapter under --out
+        _merge_batch(fields, adapter, out_name)
+        return
+    fields["adapter"] = adapter[0]
     try:
         spec = MergeSpec(**fields)
     except ValueError as exc:
@@ -206,6 +213,32 @@ def merge(
     if spec.push_to:
         print_published(spec.push_to)
     print_line(ran)
+
+
+def _merge_batch(fields: dict, adapters: list[str], names: list[str] | None) -> None:
+    """Several adapters of one base, in one sweep over the base (in this process), each into
+    ``--out/<name>``: exit 2 when any is refused (nothing written), 1 when some failed (the
+    finished ones are printed and kept)."""
+    from mergeflow.pipeline.many import PartialMergeError, merge_many, output_folders
+
+    options = {k: v for k, v in fields.items() if k not in ("adapter", "out", "base")}
+    try:
+        MergeSpec(**{**fields, "adapter": adapters[0]})  # the shared options, checked once
+    except ValueError as exc:
+        _fail(2, _invalid_options(exc))
+    try:
+        outputs = output_folders(fields["out"], adapters, names)
+        reports = merge_many(fields.get("base"), outputs, **options)
+    except InputError as exc:
+        _fail(2, str(exc))
+    except PartialMergeError as exc:
+        for report in exc.reports.values():
+            print_report(report)
+        _fail(1, str(exc))
+    except MergeError as exc:
+        _fail(1, str(exc))
+    for report in reports.values():
+        print_report(report)
 
 
 def _invalid_options(exc: ValueError) -> str:

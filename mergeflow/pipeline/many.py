@@ -1,0 +1,130 @@
+"""Several adapters of one base, one sweep over the base: :func:`merge_many`.
+
+Every output is planned first, so every bad input shows up in one run and nothing is written
+when any is refused. Then the shards are written in one sweep over the base: shard ``k`` of
+every output before shard ``k + 1`` of any, so each base shard is read from the disk once and
+its blocks are found in the page cache by the other outputs (each merge's own memory stays
+within its budget; the cache is the kernel's, reclaimable). Then each output is finished on its
+own (finalize, verify, publish, upload), exactly as a single merge of that adapter finishes it:
+its write steps find their shards done, as a resumed merge does, so every output is the folder
+a single merge writes, byte for byte. One output failing does not stop or unpublish the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from pathlib import Path
+
+from mergeflow.engine.shards import Progress
+from mergeflow.errors import InputError, MergeError
+from mergeflow.pipeline import steps
+from mergeflow.pipeline.local import run_local
+from mergeflow.pipeline.results import MergeReport, PreparedMerge
+from mergeflow.spec import MergeSpec
+from mergeflow.storage.lock import output_lock
+from mergeflow.storage.staging import Staging
+
+
+class PartialMergeError(MergeError):
+    """Some outputs of :func:`merge_many` failed; ``reports`` holds the finished ones and
+    ``failed`` each failed output's one-line error."""
+
+    def __init__(self, reports: dict[str, MergeReport], failed: dict[str, str]) -> None:
+        self.reports, self.failed = reports, failed
+        done = ", ".join(reports) or "none"
+        errors = "; ".join(f"{out}: {error}" for out, error in failed.items())
+        super().__init__(f"{len(failed)} of {len(reports) + len(failed)} outputs failed "
+                         f"({errors}); finished: {done}")
+
+
+def output_folders(out: str | Path, adapters: list[str], names: list[str] | None = None
+                   ) -> dict[str, str]:
+    """``out/<name>`` per adapter, named after the adapter folder (or ``names``, in order).
+
+    Raises:
+        InputError: two outputs would share a name, or ``names`` does not name every adapter.
+    """
+    if names is not None and len(names) != len(adapters):
+        raise InputError(f"{len(names)} output names for {len(adapters)} adapters; give one "
+                         "`out_name` per adapter, in order")
+    chosen = names or [Path(adapter.rstrip("/").split("@")[0]).name for adapter in adapters]
+    seen: dict[str, str] = {}
+    for name, adapter in zip(chosen, adapters, strict=True):
+        if name in seen:
+            raise InputError(f"{seen[name]} and {adapter} would both be written to "
+                             f"{Path(out) / name}; name the outputs with `out_name`")
+        seen[name] = adapter
+    return {str(Path(out) / name): adapter for name, adapter in zip(chosen, adapters, strict=True)}
+
+
+def _prepare_all(specs: list[MergeSpec]) -> dict[str, PreparedMerge]:
+    """Plan every output; refuse them all (removing what planning staged) if any is refused."""
+    prepared, refusals = {}, []
+    for spec in specs:
+        try:
+            prepared[spec.out] = steps.prepare(spec)
+        except InputError as exc:
+            refusals.append(f"{spec.adapter}: {exc}")
+    if refusals:
+        for plan in prepared.values():
+            if not plan.up_to_date:
+                Staging.for_output(plan.out).remove()
+        raise InputError(f"{len(refusals)} of {len(specs)} adapters refused, nothing written: "
+                         + " | ".join(refusals))
+    return prepared
+
+
+def _sweep(specs: list[MergeSpec], prepared: dict[str, PreparedMerge],
+           progress: Progress | None) -> dict[str, str]:
+    """Write shard ``k`` of every output before shard ``k + 1`` of any; returns the outputs
+    that failed, with their errors (their other shards are not written)."""
+    failed: dict[str, str] = {}
+    sweeping = [s for s in specs if not prepared[s.out].up_to_date
+                and s.save_method != "gguf" and not s.low_disk]
+    for index in range(max((prepared[s.out].shard_count for s in sweeping), default=0)):
+        for spec in sweeping:
+            plan = prepared[spec.out]
+            if spec.out in failed or index >= plan.shard_count:
+                continue
+            try:
+                steps.run_shard(plan.plan_path, index, spec.device, None, progress)
+            except MergeError as exc:
+                failed[spec.out] = str(exc)
+    return failed
+
+
+def merge_many(base: str | Path | None, outputs: Mapping[str | Path, str | Path], *,
+               progress: Progress | None = None, **options) -> dict[str, MergeReport]:
+    """Merge several adapters of one base, each into its own output, in one sweep over the base
+    (see the module's text). ``outputs``: output folder -> adapter; ``**options``: any other
+    :class:`~mergeflow.spec.MergeSpec` field, the same for every output.
+
+    Returns:
+        One report per output, by output folder.
+
+    Raises:
+        InputError: any adapter or output refused while planning (all are named; nothing is
+            written).
+        PartialMergeError: some outputs failed after planning; the others are finished and
+            published (the error holds their reports).
+    """
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    specs = [MergeSpec(base=str(base) if base is not None else None, adapter=str(adapter),
+                       out=str(out), **options) for out, adapter in outputs.items()]
+    with contextlib.ExitStack() as held:
+        for spec in specs:
+            held.enter_context(output_lock(spec.out))  # one writer per output
+        prepared = _prepare_all(specs)
+        failed = _sweep(specs, prepared, progress)
+        reports = {}
+        for spec in specs:
+            if spec.out in failed:
+                continue
+            try:
+                reports[spec.out] = run_local(prepared[spec.out], spec)
+            except MergeError as exc:
+                failed[spec.out] = str(exc)
+    if failed:
+        raise PartialMergeError(reports, failed)
+    return reports
