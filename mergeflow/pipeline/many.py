@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mergeflow.engine.shards import Progress
 from mergeflow.errors import InputError, MergeError
-from mergeflow.pipeline import steps
-from mergeflow.pipeline.local import run_local
-from mergeflow.pipeline.results import MergeReport, PreparedMerge
+from mergeflow.pipeline import resources, steps
+from mergeflow.pipeline.local import LocalSteps
+from mergeflow.pipeline.order import Carried, run_steps
+from mergeflow.pipeline.results import MergeReport, PreparedMerge, ShardResult
 from mergeflow.spec import MergeSpec
 from mergeflow.storage.lock import output_lock
 from mergeflow.storage.staging import Staging
@@ -76,22 +78,48 @@ def _prepare_all(specs: list[MergeSpec]) -> dict[str, PreparedMerge]:
 
 
 def _sweep(specs: list[MergeSpec], prepared: dict[str, PreparedMerge],
-           progress: Progress | None) -> dict[str, str]:
-    """Write shard ``k`` of every output before shard ``k + 1`` of any; returns the outputs
-    that failed, with their errors (their other shards are not written)."""
+           progress: Progress | None) -> tuple[dict[str, list[ShardResult]], dict[str, str]]:
+    """Write shard ``k`` of every output before shard ``k + 1`` of any, the outputs' shards
+    ``k`` side by side on as many threads as one merge would use (they read the same base
+    blocks at about the same time); returns each output's shard results, and the outputs that
+    failed with their errors (their other shards are not written)."""
     failed: dict[str, str] = {}
+    written: dict[str, list[ShardResult]] = {spec.out: [] for spec in specs}
     sweeping = [s for s in specs if not prepared[s.out].up_to_date
                 and s.save_method != "gguf" and not s.low_disk]
-    for index in range(max((prepared[s.out].shard_count for s in sweeping), default=0)):
-        for spec in sweeping:
-            plan = prepared[spec.out]
-            if spec.out in failed or index >= plan.shard_count:
-                continue
-            try:
-                steps.run_shard(plan.plan_path, index, spec.device, None, progress)
-            except MergeError as exc:
-                failed[spec.out] = str(exc)
-    return failed
+    if not sweeping:
+        return written, failed
+    decided = resources.for_spec(sweeping[0])
+    resources.apply_threads(decided)
+    with ThreadPoolExecutor(max_workers=max(1, min(decided.workers, len(sweeping))),
+                            thread_name_prefix="mergeflow-sweep") as pool:
+        for index in range(max(prepared[s.out].shard_count for s in sweeping)):
+            jobs = {spec.out: pool.submit(steps.run_shard, prepared[spec.out].plan_path, index,
+                                          spec.device, None, progress)
+                    for spec in sweeping
+                    if spec.out not in failed and index < prepared[spec.out].shard_count}
+            for out, job in jobs.items():
+                try:
+                    written[out].append(job.result())
+                except MergeError as exc:
+                    failed[out] = str(exc)
+    return written, failed
+
+
+class _SweptSteps(LocalSteps):
+    """The local steps of one output whose shards the sweep wrote: its write step hands on
+    the sweep's results (with their sha256) instead of reading each shard again to confirm
+    it, as a resume would."""
+
+    def __init__(self, results: list[ShardResult]) -> None:
+        super().__init__()
+        self.results = results
+
+    def write_shards(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
+        if len(self.results) == prepared.shard_count:
+            carried.results = list(self.results)
+        else:  # not swept (GGUF, low disk) or incomplete: the ordinary step
+            super().write_shards(prepared, spec, carried)
 
 
 def merge_many(base: str | Path | None, outputs: Mapping[str | Path, str | Path], *,
@@ -116,13 +144,15 @@ def merge_many(base: str | Path | None, outputs: Mapping[str | Path, str | Path]
         for spec in specs:
             held.enter_context(output_lock(spec.out))  # one writer per output
         prepared = _prepare_all(specs)
-        failed = _sweep(specs, prepared, progress)
+        written, failed = _sweep(specs, prepared, progress)
         reports = {}
         for spec in specs:
             if spec.out in failed:
                 continue
             try:
-                reports[spec.out] = run_local(prepared[spec.out], spec)
+                carried = run_steps(prepared[spec.out], spec, _SweptSteps(written[spec.out]))
+                assert carried.report is not None  # every route's first step makes it
+                reports[spec.out] = carried.report
             except MergeError as exc:
                 failed[spec.out] = str(exc)
     if failed:
