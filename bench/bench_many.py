@@ -20,16 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def run(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (MiB) of one process."""
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} ... failed: {proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss // 1024
+from bench_gguf import run  # one process: wall seconds and peak RSS (MiB)
 
 
 def drop_cache(cold: bool) -> None:
