@@ -103,3 +103,23 @@ def test_the_cli_batch_resumes_every_output_after_a_crash(batch, tmp_path):
         mergeflow.merge(base, folder, single, max_shard_size=SHARD)
         assert _shards(out / name) == _shards(single), name
     assert "resumed" in done.stdout or "shards" in done.stdout
+
+
+def test_push_to_is_a_template_with_the_output_name(batch, tmp_path, monkeypatch):
+    """Each output is published to the template's place for its name (moto's S3 server)."""
+    from s3_server import aws_test_env, moto_s3, new_bucket
+
+    from mergeflow.remote.fetch import s3_client
+
+    _, base, adapters = batch
+    outputs = {tmp_path / "pub" / name: adapters[name] for name in ("plain", "embed")}
+    with aws_test_env(), moto_s3() as url:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        client = s3_client(url)
+        bucket = new_bucket(client)
+        with pytest.raises(InputError, match=r"put \{name\} where each output's name goes"):
+            mergeflow.merge_many(base, outputs, push_to=f"s3://{bucket}/merged")
+        mergeflow.merge_many(base, outputs, push_to=f"s3://{bucket}/merged/{{name}}")
+        keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    for name in ("plain", "embed"):
+        assert f"merged/{name}/merge-manifest.json" in keys, sorted(keys)

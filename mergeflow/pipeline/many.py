@@ -126,20 +126,27 @@ def merge_many(base: str | Path | None, outputs: Mapping[str | Path, str | Path]
                progress: Progress | None = None, **options) -> dict[str, MergeReport]:
     """Merge several adapters of one base, each into its own output, in one sweep over the base
     (see the module's text). ``outputs``: output folder -> adapter; ``**options``: any other
-    :class:`~mergeflow.spec.MergeSpec` field, the same for every output.
+    :class:`~mergeflow.spec.MergeSpec` field, the same for every output, except ``push_to``: a
+    template in which ``{name}`` becomes each output folder's name.
 
     Returns:
         One report per output, by output folder.
 
     Raises:
         InputError: any adapter or output refused while planning (all are named; nothing is
-            written).
+            written), or one ``push_to`` without ``{name}`` for several outputs.
         PartialMergeError: some outputs failed after planning; the others are finished and
             published (the error holds their reports).
     """
     options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    push_to = options.pop("push_to", None)
+    if push_to and len(outputs) > 1 and "{name}" not in push_to:
+        raise InputError(f"push_to={push_to}: with several adapters, every output would be "
+                         "published there; put {name} where each output's name goes "
+                         "(e.g. s3://bucket/merged/{name})")
     specs = [MergeSpec(base=str(base) if base is not None else None, adapter=str(adapter),
-                       out=str(out), **options) for out, adapter in outputs.items()]
+                       out=str(out), push_to=push_to.replace("{name}", Path(out).name)
+                       if push_to else None, **options) for out, adapter in outputs.items()]
     with contextlib.ExitStack() as held:
         for spec in specs:
             held.enter_context(output_lock(spec.out))  # one writer per output
