@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mergeflow.errors import InputError, MergeError
 
-#: Types :mod:`mergeflow.engine.gguf` writes itself, block by block.
+#: Types :mod:`mergeflow.engine.gguf` writes as the merge streams (through llama.cpp's converter).
 STREAMED = ("f16", "bf16", "q8_0")
 #: The 16-bit types, which the quantizer's types are made from.
 SIXTEEN_BIT = ("f16", "bf16")
