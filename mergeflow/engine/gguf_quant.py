@@ -66,6 +66,12 @@ def made_from(types: list[str], dtype: str) -> str | None:
     return next((t for t in types if t in SIXTEEN_BIT), source_type(dtype))
 
 
+def converted_type(types: list[str], dtype: str) -> str:
+    """The type llama.cpp's converter writes from the merge: the 16-bit one the others are
+    quantized from (:func:`made_from`), else the one streamed type asked for."""
+    return made_from(types, dtype) or types[0]
+
+
 def check_type(gguf_type: str) -> None:
     """Refuse a type neither streamed here nor made by llama.cpp's quantizer.
 

@@ -540,7 +540,7 @@ def write_gguf_output(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
     adapter = Path(plan.adapter)
     adapter_config = read_adapter_config(adapter)
     types = gguf_quant.split_types(str(plan.options["gguf_type"]))
-    source = gguf_quant.made_from(types, plan.dtype) or types[0]
+    source = gguf_quant.converted_type(types, plan.dtype)
     folder = _converter_folder(plan, staging.state_dir / "gguf-source")
     streamed = gguf_export.write_gguf(plan, open_merger(plan, device=spec.device), staging,
                                       folder, source, adapter.name, digest=source in types)
@@ -595,8 +595,7 @@ def _check_convertible(plan: MergePlan, base_dir: Path) -> None:
     types = gguf_quant.split_types(str(plan.options["gguf_type"]))
     with tempfile.TemporaryDirectory(prefix="mergeflow-gguf-") as scratch:
         folder = _converter_folder(plan, Path(scratch) / "model")
-        gguf_export.check_convertible(folder, plan, gguf_quant.made_from(types, plan.dtype)
-                                      or types[0])
+        gguf_export.check_convertible(folder, plan, gguf_quant.converted_type(types, plan.dtype))
 
 
 def _check_gguf(prepared: PreparedMerge, problems: list[str], plan: MergePlan) -> None:
