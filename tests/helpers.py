@@ -6,8 +6,11 @@ import hashlib
 import json
 import multiprocessing
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,3 +293,33 @@ def vlm_logits(folder: Path, inputs: dict[str, torch.Tensor], *,
     model.eval()
     with torch.no_grad():
         return model(**inputs).logits.float()
+
+
+class ServedReceiver:
+    """``mergeflow webhook serve``'s app (``triggers.webhook.create_app(settings)``) under uvicorn
+    in a thread, on a free local port; ``url`` is its base URL. A context manager."""
+
+    def __init__(self, settings) -> None:
+        import uvicorn
+
+        from triggers.webhook import create_app
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1",
+                                                    port=port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServedReceiver:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.server.started, "the receiver did not start"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

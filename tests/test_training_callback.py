@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -161,10 +159,10 @@ def stand_in_merge_adapter(spec: mergeflow.MergeSpec) -> None:
 def receiver(prefect_server):
     """``mergeflow webhook serve``'s app on a real port, starting runs of a deployment with the
     merge flow's enforced parameter schema (no worker runs them)."""
-    import uvicorn
+    from helpers import ServedReceiver
     from prefect import flow
 
-    from triggers.webhook import WebhookSettings, create_app
+    from triggers.webhook import WebhookSettings
 
     name = f"callback-test-{uuid.uuid4().hex[:8]}"
     flow(stand_in_merge_adapter, name="merge-adapter").to_deployment(
@@ -174,20 +172,8 @@ def receiver(prefect_server):
                                cpu_deployment=f"merge-adapter/{name}", api_url=prefect_server,
                                training_secret=SecretStr(SECRET),
                                allowed_roots=[tempfile.gettempdir()])  # where pytest's folders are
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "the receiver did not start"
-    yield f"http://127.0.0.1:{port}/hooks/training"
-    server.should_exit = True
-    thread.join(10)
+    with ServedReceiver(settings) as served:
+        yield f"{served.url}/hooks/training"
 
 
 def _flow_run(run_id: str):

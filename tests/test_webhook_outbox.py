@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
+from helpers import ServedReceiver
 from s3_server import FlakyProxy
 from test_webhook import (  # the receiver's settings, payloads and Prefect lookups
     SECRET,
@@ -28,32 +26,7 @@ from test_webhook import (  # the receiver's settings, payloads and Prefect look
     deployment,  # noqa: F401 (the module's deployment fixture)
 )
 
-from triggers.webhook import SIGNATURE_HEADER, WebhookSettings, create_app, sign
-
-
-class Receiver:
-    """``mergeflow webhook serve``'s app under uvicorn in a thread, on a free local port."""
-
-    def __init__(self, settings: WebhookSettings) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1",
-                                                    port=port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Receiver:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert self.server.started
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+from triggers.webhook import SIGNATURE_HEADER, sign
 
 
 def _signed(payload: dict) -> tuple[bytes, dict[str, str]]:
@@ -78,7 +51,7 @@ def _wait_for_runs(keys: list[str], seconds: float) -> dict[str, int]:
 def test_a_burst_of_200_requests_over_4_deliveries_is_accepted_and_makes_4_runs(
         prefect_server, deployment, tmp_path):  # noqa: F811
     payloads = [_payload() for _ in range(4)]
-    with FlakyProxy(prefect_server, delay=1.0) as proxy, Receiver(_settings(
+    with FlakyProxy(prefect_server, delay=1.0) as proxy, ServedReceiver(_settings(
             f"{proxy.url}/api", deployment, api_timeout=0.5,
             outbox=str(tmp_path / "outbox.sqlite"))) as receiver:
 
@@ -105,14 +78,14 @@ def test_a_restarted_receiver_launches_what_it_accepted_while_the_api_was_down(
         prefect_server, deployment, tmp_path):  # noqa: F811
     outbox = str(Path(tmp_path) / "outbox.sqlite")
     payloads = [_payload() for _ in range(3)]
-    with Receiver(_settings(_dead_url(), deployment, api_timeout=0.5, outbox=outbox)) as down:
+    with ServedReceiver(_settings(_dead_url(), deployment, api_timeout=0.5, outbox=outbox)) as down:
         answers = [httpx.post(f"{down.url}/hooks/training", content=body, headers=headers,
                               timeout=30) for body, headers in map(_signed, payloads)]
     assert [a.status_code for a in answers] == [202, 202, 202]
     assert all(a.json()["state"] == "QUEUED" and a.json()["flow_run_id"] is None
                for a in answers)
     assert all(not _runs_with_key(_key(p)) for p in payloads)
-    with Receiver(_settings(prefect_server, deployment, outbox=outbox)):
+    with ServedReceiver(_settings(prefect_server, deployment, outbox=outbox)):
         counts = _wait_for_runs([_key(p) for p in payloads], 60)
     assert counts == {_key(p): 1 for p in payloads}
 
@@ -125,7 +98,7 @@ def test_a_refused_delivery_is_not_kept(prefect_server, deployment, tmp_path, ho
 
     outbox = str(tmp_path / "outbox.sqlite")
     payload = _payload(options={"dtype": "float64"})  # not a dtype a merge writes
-    with Receiver(_settings(prefect_server, deployment, outbox=outbox)) as receiver:
+    with ServedReceiver(_settings(prefect_server, deployment, outbox=outbox)) as receiver:
         body, headers = _signed(payload)
         answer = httpx.post(f"{receiver.url}/hooks/{hook}", content=body, headers=headers,
                             timeout=30)
