@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from mergeflow.errors import InputError
 from mergeflow.model.adapter import CONFIG_FILE, Adapter, LoraModule, load_adapter
+from mergeflow.storage.hashing import sha256_file
 from mergeflow.storage.staging import atomic_write
 
 WEIGHTS = "adapter_model.safetensors"
@@ -86,7 +87,7 @@ def stacked_folder(folders: list[Path]) -> Path:
     for folder in folders:
         for name in (CONFIG_FILE, WEIGHTS):
             path = folder / name
-            digest.update(name.encode() + (path.read_bytes() if path.is_file() else b""))
+            digest.update(f"{name}:{sha256_file(path) if path.is_file() else ''};".encode())
     return Path(tempfile.gettempdir()) / "mergeflow-stacked" / digest.hexdigest()[:24]
 
 
