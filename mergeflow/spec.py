@@ -121,12 +121,17 @@ class MergeSpec(BaseModel):
         False, description="Replace a finished output made from other inputs or options.")
     device: Literal["cpu", "cuda"] = Field(
         "cpu", description="Where dequantizing, the merge math and re-quantizing run.")
-    save_method: Literal["merged_16bit", "merged_4bit", "lora", "gguf"] = Field(
+    save_method: Literal["merged_16bit", "merged_4bit", "lora", "gguf", "fp8"] = Field(
         "merged_16bit", description="merged_16bit: a plain checkpoint in `dtype`. merged_4bit: "
         "merge, then re-quantize the changed weights with the quantized base's own bitsandbytes "
         "settings (an 8-bit base stays 8-bit). lora: no merge; export the adapter as "
         "adapter_model.safetensors, checked against the base. gguf: merge straight into one "
-        "GGUF file for llama.cpp and Ollama (`gguf_type`), with an Ollama Modelfile.")
+        "GGUF file for llama.cpp and Ollama (`gguf_type`), with an Ollama Modelfile. fp8: the "
+        "compressed-tensors FP8 checkpoint vLLM serves (`fp8_scheme`; lm_head stays 16-bit).")
+    fp8_scheme: Literal["channel", "block"] = Field(
+        "channel", description="With `save_method=fp8`: channel is FP8_DYNAMIC (one scale per "
+        "output row, dynamic per-token activations); block is FP8_BLOCK (one scale per 128x128 "
+        "block, the layout DeepSeek and Qwen ship).")
     gguf_type: str = Field(
         "f16", pattern=r"^[a-z0-9_]+(,[a-z0-9_]+)*$", description="With `save_method=gguf`: the "
         "GGUF type, or several separated by commas (one merge makes them all). "
@@ -193,6 +198,9 @@ class MergeSpec(BaseModel):
         if self.save_method == "gguf" and self.low_disk:
             problems.append("`save_method=gguf` writes one file, which `low_disk=True` cannot ship "
                             "in pieces; drop `low_disk`")
+        if self.fp8_scheme != "channel" and self.save_method != "fp8":
+            problems.append(f"`fp8_scheme={self.fp8_scheme}` is only read with `save_method=fp8`; "
+                            "add that, or drop `fp8_scheme`")
         if self.low_disk and not self.push_to:
             problems.append("`low_disk=True` needs `push_to`: shards are shipped and deleted as they go")
         return problems

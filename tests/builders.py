@@ -296,3 +296,93 @@ def build_adapter(base: Path | str, folder: Path | str, *, seed: int = 0,
             if name.name.startswith(("tokenizer", "special_tokens", "chat_template")):
                 (folder / name.name).write_bytes(name.read_bytes())
     return folder
+
+
+def _block_fp8(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight in DeepSeek's block-wise FP8: float8_e4m3fn values and a float32 scale per
+    ``block`` (``max|w| / 448``; the ``weight_scale_inv`` that decoding multiplies by)."""
+    rows, cols = weight.shape
+    grid = (-(-rows // block[0]), -(-cols // block[1]))
+    padded = torch.zeros(grid[0] * block[0], grid[1] * block[1])
+    padded[:rows, :cols] = weight.float()
+    blocks = padded.reshape(grid[0], block[0], grid[1], block[1])
+    scale = (blocks.abs().amax(dim=(1, 3)) / 448.0).clamp(min=1e-12)  # (R, C)
+    values = (blocks / scale[:, None, :, None]).reshape(padded.shape)[:rows, :cols]
+    return values.to(torch.float8_e4m3fn), scale
+
+
+def build_fp8_base(original: Path | str, folder: Path | str, *, layout: str = "block") -> Path:
+    """An FP8 checkpoint of a saved 16-bit model, as FP8 bases ship (tokenizer files copied).
+
+    ``layout="block"``: ``quant_method: fp8`` with a ``weight_scale_inv`` per 128x128 block of
+    every Linear weight in the layers (DeepSeek's and Qwen's layout, transformers'
+    FineGrainedFP8Config). ``layout="channel"``: compressed-tensors FP8_DYNAMIC made by
+    compressed-tensors' own compressor (llm-compressor's output format).
+    """
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    original, folder = Path(original), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if layout == "channel":
+        _compressed_tensors_fp8(original, folder)
+    else:
+        tensors = {}
+        for name, tensor in load_file(original / "model.safetensors").items():
+            if tensor.ndim == 2 and ".layers." in name and name.endswith("proj.weight"):
+                tensors[name], tensors[f"{name}_scale_inv"] = _block_fp8(tensor, (128, 128))
+            else:
+                tensors[name] = tensor
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        config = json.loads((original / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                         "weight_block_size": [128, 128]}
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for path in original.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation")):
+            (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def _compressed_tensors_fp8(original: Path, folder: Path, scheme: str = "FP8_DYNAMIC") -> None:
+    """compressed-tensors' own FP8 of a saved model, as llm-compressor's data-free oneshot writes
+    it: the scheme applied to every Linear but lm_head, weight scales from each weight's min/max
+    (compressed-tensors' ``calculate_qparams``), compressed and saved with its config."""
+    save_compressed_tensors(AutoModelForCausalLM.from_pretrained(original), folder, scheme)
+
+
+def save_compressed_tensors(model, folder: Path | str, scheme: str = "FP8_DYNAMIC") -> None:
+    """Quantize ``model`` in place with compressed-tensors' preset ``scheme`` (Linear, lm_head
+    ignored), weight scales from the weights' own ranges, and save it compressed."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    preset = preset_name_to_scheme(scheme, ["Linear"])
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": preset},
+                                                        ignore=["lm_head"]))
+    for module in model.modules():
+        if not hasattr(module, "weight_scale"):
+            continue
+        weight = module.weight.data
+        if preset.weights.strategy == "block":
+            bh, bw = preset.weights.block_structure
+            rows, cols = weight.shape
+            padded = torch.zeros(-(-rows // bh) * bh, -(-cols // bw) * bw, dtype=weight.dtype)
+            padded[:rows, :cols] = weight
+            blocks = padded.reshape(padded.shape[0] // bh, bh, padded.shape[1] // bw, bw)
+            low, high = blocks.amin(dim=(1, 3)), blocks.amax(dim=(1, 3))
+        else:
+            low, high = torch.aminmax(weight, dim=1, keepdim=True)
+        scale, zero = calculate_qparams(low, high, preset.weights)
+        module.weight_scale.data = scale
+        module.weight_zero_point.data = zero.to(module.weight_zero_point.dtype)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="float-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(folder)
+    compressor.update_config(str(folder))

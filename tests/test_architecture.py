@@ -33,7 +33,7 @@ def documented_rows() -> list[tuple[int, str, set[str]]]:
     for line in (REPO / "docs" / "architecture.md").read_text().splitlines():
         match = ROW.match(line)
         if match:
-            modules = set(re.findall(r"`([a-z_]+)`", match.group(3)))
+            modules = set(re.findall(r"`([a-z_0-9]+)`", match.group(3)))
             rows.append((int(match.group(1)), match.group(2), modules))
     return rows
 

@@ -154,6 +154,7 @@ def merge(
     gguf_type: Annotated[str, typer.Option(help=_help("gguf_type"))] = _default("gguf_type"),
     gguf_check: Annotated[bool, typer.Option(
         "--gguf-check/--no-gguf-check", help=_help("gguf_check"))] = _default("gguf_check"),
+    fp8_scheme: Annotated[str, typer.Option(help=_help("fp8_scheme"))] = _default("fp8_scheme"),
     merge_onto: Annotated[str, typer.Option(help=_help("merge_onto"))] = _default("merge_onto"),
     original_base: Annotated[str | None, typer.Option(
         help=_help("original_base"))] = _default("original_base"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from mergeflow.engine.fp8 import Fp8Decoder, decode_whole
 from mergeflow.errors import MergeError
 from mergeflow.model.checkpoint import DTYPES, Checkpoint, row_runs
 from mergeflow.model.quant import ROW_FORMAT, QuantSpec, output_keys
@@ -37,9 +38,11 @@ def dequantize(spec: QuantSpec, tensors: dict[str, torch.Tensor],
     Returns:
         The weight, float32, shape ``spec.shape`` (e.g. (out, in)).
     """
+    device = torch.device(device)
+    if spec.method == "fp8":
+        return decode_whole(spec, tensors, device)
     import bitsandbytes.functional as bnbf
 
-    device = torch.device(device)
     stored = tensors[spec.weight].to(device)
     if spec.method == "bnb4":
         state = bnbf.QuantState.from_dict(_unit_tensors(spec, tensors, device), device)
@@ -57,13 +60,17 @@ class RowDequantizer:
     bytes ``[i*in/2, j*in/2)`` and the absmax entries ``[i*in/bs, j*in/bs)`` decode on their own,
     with bitsandbytes' own kernel, to exactly the values of a whole-weight decode. A
     double-quantized absmax (a few MB even for a 70B layer) is decoded once, as bitsandbytes does.
-    8-bit: each row is ``int8 * SCB[row] / 127``.
+    8-bit: each row is ``int8 * SCB[row] / 127``. FP8: each row is ``q * S`` with the scale rows
+    that cover it (:class:`mergeflow.engine.fp8.Fp8Decoder`).
     """
 
     def __init__(self, spec: QuantSpec, base: Checkpoint, device: torch.device | str = "cpu") -> None:
         self.spec = spec
         self.base = base
         self.device = torch.device(device)
+        if spec.method == "fp8":
+            self.fp8 = Fp8Decoder(spec, base, self.device)
+            return
         siblings = base.read_many(sorted(spec.siblings.values()))
         if spec.method == "bnb8":
             self.scb = siblings[spec.siblings["SCB"]].to(self.device).float()  # (out,)
@@ -84,7 +91,7 @@ class RowDequantizer:
     def streams(spec: QuantSpec) -> bool:
         """True when the unit's rows decode independently (always for 8-bit; for 4-bit when a
         row is whole quantization blocks)."""
-        if spec.method == "bnb8":
+        if spec.method in ("bnb8", "fp8"):
             return True
         return len(spec.shape) == 2 and spec.shape[1] % (spec.blocksize or 1) == 0 \
             and spec.shape[1] % 2 == 0
@@ -94,6 +101,8 @@ class RowDequantizer:
         """Rows ``[start, stop)`` of the decoded weight, float32 (k, in), on the device."""
         spec = self.spec
         cols = spec.shape[1]
+        if spec.method == "fp8":
+            return self.fp8.read_rows(start, stop)  # float32 (k, in)
         if spec.method == "bnb8":
             stored = self.base.read_rows(spec.weight, start, stop).to(self.device)  # int8 (k, in)
             return stored.float() * self.scb[start:stop, None] / 127  # (k, in) * (k, 1)

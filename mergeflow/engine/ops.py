@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel
 
 from mergeflow.engine.codecs import requantize
+from mergeflow.engine.fp8 import Fp8Encoder
 from mergeflow.engine.readers import (
     DEFAULT_BLOCK_BYTES,
     ROW_TILE,
@@ -38,8 +39,10 @@ from mergeflow.model.adapter import Adapter
 from mergeflow.model.checkpoint import DTYPES, Checkpoint, TensorInfo
 from mergeflow.model.vocab import resize_rows
 from mergeflow.plan import (
+    Cast,
     EmbeddingLora,
     Experts,
+    Fp8,
     Lora,
     LoraBias,
     LoraPart,
@@ -432,6 +435,8 @@ class TensorMerger:
             merged = self._compute_whole(plan)  # float32, on the device
             require_finite(plan, merged)
             return list(requantize(plan.encoding.unit, merged).items())
+        if isinstance(plan.encoding, Fp8):
+            return self._fp8_whole(plan)
         if isinstance(plan.encoding, Stored):  # an unchanged quantized unit, copied as stored
             return list(self.base.read_many([name for name, _, _ in plan.outputs()]).items())
         if isinstance(plan.source, QuantizedUnit):
@@ -445,6 +450,16 @@ class TensorMerger:
                 release()
         tensor = torch.cat(blocks) if plan.shape else blocks[0]
         return [(plan.name, tensor.reshape(plan.shape))]
+
+    def _fp8_whole(self, plan: TensorPlan) -> list[tuple[str, torch.Tensor]]:
+        """An FP8-encoded entry, whole: its float8 values, then its scale (CPU)."""
+        encoder = Fp8Encoder(plan.name, plan.shape, plan.encoding.scheme, plan.encoding.dtype,
+                             self.device)
+        logical = plan.model_copy(update={"dtype": "F32", "parts": [], "encoding": Cast()})
+        rows, cols = plan.shape
+        blocks = [encoder.encode(i, j, work.clone()) for i, j, work in
+                  self.merged_rows(logical, rows, cols, rows)]
+        return [(plan.name, torch.cat(blocks)), *encoder.siblings().items()]
 
     def _compute_whole(self, plan: TensorPlan) -> torch.Tensor:
         """A quantized unit, whole: its input, then each op in order (:data:`_WHOLE_OPS`);

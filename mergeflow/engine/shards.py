@@ -10,8 +10,11 @@ No code path here holds a whole tensor of a dense base. Each planned tensor is o
   holding several experts, streamed as its experts' rows, each expert's own LoRA), checked for
   NaN/Inf, cast to the output dtype and handed to the shard writer, whose thread writes and
   hashes it while the next block is merged;
-* **a quantized unit** - a bitsandbytes weight and its siblings, dequantized, merged and
-  re-quantized whole (4-bit storage is a quarter of the 16-bit size; see ``docs/benchmarks.md``).
+* **an encoded weight** - merged_4bit's re-quantized bitsandbytes unit or save_method fp8's
+  float8 weight: merged by row blocks (whole scale blocks of rows) and encoded as they come; the
+  small siblings (absmax, scales) follow it. A unit whose rows do not decode on their own is
+  dequantized, merged and re-quantized whole (4-bit storage is a quarter of the 16-bit size;
+  see ``docs/benchmarks.md``).
 
 Memory per worker is therefore about ``block_bytes`` of float32 work plus the writer's queue of
 encoded blocks, whatever the model's width. On CUDA the blocks go host-to-device from pinned
@@ -32,13 +35,14 @@ import torch
 from pydantic import BaseModel
 
 from mergeflow.engine.codecs import RowDequantizer, RowRequantizer
+from mergeflow.engine.fp8 import Fp8Encoder
 from mergeflow.engine.ops import TensorMerger, require_finite
 from mergeflow.engine.readers import DEFAULT_BLOCK_BYTES
 from mergeflow.engine.writer import ShardWriter
 from mergeflow.math.numerics import fits
 from mergeflow.model.adapter import Adapter
 from mergeflow.model.checkpoint import Checkpoint
-from mergeflow.plan import MergePlan, Requantize, Resize, ShardPlan, TensorPlan
+from mergeflow.plan import Cast, Fp8, MergePlan, Requantize, Resize, ShardPlan, TensorPlan
 
 Progress = Callable[[TensorPlan], None]
 
@@ -54,16 +58,34 @@ class ShardResult(BaseModel):
     resumed: bool = False  # found finished by an earlier run, not written by this one
 
 
-def write_requantized(writer: ShardWriter, plan: TensorPlan, merger: TensorMerger) -> None:
-    """merged_4bit, streamed: merge row blocks, encode each in the unit's layout as it comes,
-    then write the (small) siblings."""
-    spec = plan.encoding.unit
-    logical = plan.model_copy(update={"shape": list(spec.shape), "dtype": "F32", "parts": []})
-    encoder = RowRequantizer(spec, merger.device)
+def row_encoder(plan: TensorPlan, device: torch.device) -> RowRequantizer | Fp8Encoder:
+    """The encoder of an entry written in another layout than its dtype's values: merged_4bit's
+    bitsandbytes re-quantizer, or save_method fp8's compressed-tensors encoder."""
+    if isinstance(plan.encoding, Fp8):
+        return Fp8Encoder(plan.name, plan.shape, plan.encoding.scheme, plan.encoding.dtype, device)
+    return RowRequantizer(plan.encoding.unit, device)
+
+
+def streams_encoded(plan: TensorPlan) -> bool:
+    """True when an encoded entry can be merged and encoded row block by row block."""
+    if isinstance(plan.encoding, Fp8):
+        return True
+    return isinstance(plan.encoding, Requantize) and plan.find(Resize) is None \
+        and RowDequantizer.streams(plan.encoding.unit)
+
+
+def write_encoded(writer: ShardWriter, plan: TensorPlan, merger: TensorMerger) -> None:
+    """merged_4bit or fp8, streamed: merge row blocks (whole scale blocks of rows), encode each
+    as it comes, then write the (small) siblings."""
+    encoder = row_encoder(plan, merger.device)
+    shape = plan.encoding.unit.shape if isinstance(plan.encoding, Requantize) else plan.shape
+    logical = plan.model_copy(update={"shape": list(shape), "dtype": "F32", "parts": [],
+                                      "encoding": Cast()})
     writer.begin(*plan.outputs()[0])
-    row_elems = spec.shape[1]
-    step = merger.rows_per_block(logical, row_elems)
-    for i, j, work in merger.merged_rows(logical, spec.shape[0], row_elems, step):
+    row_elems = shape[1]
+    multiple = getattr(encoder, "row_multiple", 1)
+    step = -(-merger.rows_per_block(logical, row_elems) // multiple) * multiple
+    for i, j, work in merger.merged_rows(logical, shape[0], row_elems, step):
         if not fits(work, torch.float32):
             require_finite(plan, work)
         writer.append(encoder.encode(i, j, work))
@@ -74,9 +96,8 @@ def write_requantized(writer: ShardWriter, plan: TensorPlan, merger: TensorMerge
 
 def write_tensor(writer: ShardWriter, plan: TensorPlan, merger: TensorMerger) -> None:
     """Stream one plan entry (and, for a quantized unit, its siblings) into ``writer``."""
-    if isinstance(plan.encoding, Requantize) and plan.find(Resize) is None \
-            and RowDequantizer.streams(plan.encoding.unit):
-        write_requantized(writer, plan, merger)
+    if streams_encoded(plan):
+        write_encoded(writer, plan, merger)
         return
     if merger.is_unit(plan):
         for name, tensor in merger.produce_all(plan):

@@ -64,7 +64,7 @@ log = logging.getLogger("mergeflow.live.save")
 #: insisting on a 4-bit save past its warning; Mergeflow's merged_4bit re-quantizes only the
 #: changed weights with the base's own bitsandbytes settings, so there is nothing to force.
 SAVE_METHODS = {"merged_16bit": "merged_16bit", "merged_4bit": "merged_4bit",
-                "merged_4bit_forced": "merged_4bit", "lora": "lora"}
+                "merged_4bit_forced": "merged_4bit", "lora": "lora", "fp8": "fp8"}
 SPILL_FILE = "model.safetensors"
 SPILL_BLOCK = 24 * 2**20  # bytes of one spilled row block
 MEMORY = "memory"  # base="memory": always merge from the live weights

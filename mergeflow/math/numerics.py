@@ -19,6 +19,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
     if mask is not None:
         bits = tensor.contiguous().view(torch.int16) & mask  # sign bit cleared: values >= 0
         return int(bits.max()) != mask
+    if tensor.dtype == torch.float8_e4m3fn:  # no Inf; NaN is every exponent and mantissa bit
+        return int((tensor.contiguous().view(torch.uint8) & 0x7F).max()) != 0x7F
     if tensor.dtype in (torch.float32, torch.float64):
         # NaN and Inf propagate through a sum, so a finite sum proves every element finite;
         # a non-finite sum may be an overflow of finite values, so then ask exactly.

@@ -25,7 +25,7 @@ from mergeflow.model.config import read_base_config
 from mergeflow.model.modelmap import ModelMap, WrappedParam, read_model_map
 from mergeflow.storage.memo import installed_version, memo_path, read_memo, write_memo
 
-CACHE_FORMAT = 3  # 3: the model map records tensors held under two names
+CACHE_FORMAT = 4  # 3: the model map records tensors held under two names; 4: linear modules
 
 
 @dataclass
@@ -33,13 +33,15 @@ class ModelLayout:
     """Embedding/head names (disk tensor names, ``.weight`` included), transposed modules, and
     the in-memory -> disk map.
 
-    ``conv1d`` holds disk module names (the weight's name less ``.weight``).
+    ``conv1d`` and ``linear`` hold disk module names (the weight's name less ``.weight``):
+    ``linear`` is every ``torch.nn.Linear`` of the model (what FP8 export quantizes).
     """
 
     embed: str | None
     head: str | None
     tied: bool
     conv1d: set[str] = field(default_factory=set)  # module names whose weight is (in, out)
+    linear: set[str] = field(default_factory=set)  # torch.nn.Linear module names
     model_map: ModelMap = field(default_factory=ModelMap)
 
     def disk_module(self, module: str) -> str:
@@ -135,6 +137,9 @@ def _model_layout(config_dir: Path, shapes: dict[str, tuple[int, ...]],
     model_map = read_model_map(model, shapes)
     disk = ModelLayout(None, None, False, model_map=model_map)
     conv1d = {disk.disk_module(n) for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    import torch
+
+    linear = {disk.disk_module(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     embed_module = model.get_input_embeddings()
     head_module = model.get_output_embeddings()
     embed = f"{names[id(embed_module)]}.weight" if embed_module is not None else None
@@ -148,7 +153,7 @@ def _model_layout(config_dir: Path, shapes: dict[str, tuple[int, ...]],
             f"no '{head}'; the base checkpoint is incomplete"
         )
     return ModelLayout(embed=embed, head=head, tied=tied and head is not None, conv1d=conv1d,
-                       model_map=model_map)
+                       linear=linear, model_map=model_map)
 
 
 # -- the cache ------------------------------------------------------------------------------
@@ -177,20 +182,24 @@ def _load_cached(path: Path) -> ModelLayout | None:
     data = read_memo(path)
     if data is None or data.get("format") != CACHE_FORMAT:
         return None
-    embed, head, tied, conv1d = (data.get(k) for k in ("embed", "head", "tied", "conv1d"))
+    embed, head, tied, conv1d, linear = (data.get(k) for k in
+                                         ("embed", "head", "tied", "conv1d", "linear"))
     if not (all(v is None or isinstance(v, str) for v in (embed, head)) and isinstance(tied, bool)
-            and isinstance(conv1d, list) and all(isinstance(n, str) for n in conv1d)):
+            and all(isinstance(names, list) and all(isinstance(n, str) for n in names)
+                    for names in (conv1d, linear))):
         return None
     try:
         model_map = ModelMap.from_json(data["model_map"])
     except (KeyError, TypeError, ValueError):
         return None
-    return ModelLayout(embed=embed, head=head, tied=tied, conv1d=set(conv1d), model_map=model_map)
+    return ModelLayout(embed=embed, head=head, tied=tied, conv1d=set(conv1d), linear=set(linear),
+                       model_map=model_map)
 
 
 def _store(path: Path, layout: ModelLayout) -> None:
     write_memo(path, {"format": CACHE_FORMAT, "embed": layout.embed, "head": layout.head,
                       "tied": layout.tied, "conv1d": sorted(layout.conv1d),
+                      "linear": sorted(layout.linear),
                       "model_map": layout.model_map.to_json()})
 
 

@@ -1,5 +1,8 @@
 """bitsandbytes 4-bit / 8-bit bases: find each quantized weight's siblings and plan its output.
 
+(:func:`detect` is also the one entry for FP8 bases, whose layouts :mod:`mergeflow.model.fp8`
+reads into the same :class:`QuantSpec` units.)
+
 A checkpoint that ``transformers`` saved from a bitsandbytes-quantized model stores each
 quantized weight as a *unit*: the stored weight plus sibling tensors that describe how to decode
 it. 4-bit (nf4 / fp4), ``X.weight`` is the packed uint8 tensor ``((n + 1) // 2, 1)`` and::
@@ -75,7 +78,7 @@ class QuantSpec(BaseModel):
     ``dtype`` is the dequantized weight's dtype (the one bitsandbytes recorded when quantizing).
     """
 
-    method: Literal["bnb4", "bnb8"]
+    method: Literal["bnb4", "bnb8", "fp8"]
     weight: str
     siblings: dict[str, str]
     shape: list[int]
@@ -84,6 +87,7 @@ class QuantSpec(BaseModel):
     blocksize: int | None = None
     nested: bool = False
     quant_state_size: int = 0  # bytes planned for a requantized quant-state JSON (4-bit)
+    block: list[int] | None = None  # FP8: the [rows, cols] of the weight each scale covers
 
     @property
     def quant_state_key(self) -> str | None:
@@ -95,7 +99,7 @@ class QuantSpec(BaseModel):
 class QuantizedBase:
     """A bitsandbytes checkpoint: its ``quantization_config`` and its quantized units."""
 
-    method: Literal["bnb4", "bnb8"]
+    method: Literal["bnb4", "bnb8", "fp8"]
     config: dict
     units: dict[str, QuantSpec] = field(default_factory=dict)  # stored weight key -> unit
     siblings: set[str] = field(default_factory=set)  # every sibling key of every unit
@@ -104,10 +108,20 @@ class QuantizedBase:
     def bits(self) -> int:
         return 4 if self.method == "bnb4" else 8
 
+    @property
+    def library(self) -> str:
+        """Who quantized it, for messages: bitsandbytes, or the FP8 format's name."""
+        if self.method != "fp8":
+            return "bitsandbytes"
+        return "compressed-tensors" if self.config.get("quant_method") != "fp8" else "FP8"
+
     def describe(self) -> str:
         """A short human description, e.g. ``4-bit nf4 (double quant, blocksize 64)``."""
         if self.method == "bnb8":
             return "8-bit LLM.int8"
+        if self.method == "fp8":
+            blocks = sorted({"x".join(map(str, u.block or [])) for u in self.units.values()})
+            return f"8-bit float e4m3, scale blocks {'/'.join(blocks)}"
         first = next(iter(self.units.values()))
         types = sorted({u.quant_type for u in self.units.values() if u.quant_type})
         blocks = sorted({u.blocksize for u in self.units.values() if u.blocksize})
@@ -165,8 +179,8 @@ def _config_method(qc: dict, path: str) -> str:
     if method != "bitsandbytes":
         raise _config_error(path, (
             f"quantization_config.quant_method is {method!r}; Mergeflow reads bitsandbytes 4-bit "
-            "and 8-bit checkpoints only. Merge onto the 16-bit model it was made from instead "
-            "(pass that as `base`)"))
+            "and 8-bit, FP8 and compressed-tensors FP8 checkpoints only. Merge onto the 16-bit "
+            "model it was made from instead (pass that as `base`)"))
     if qc.get("load_in_4bit") or qc.get("_load_in_4bit"):
         return "bnb4"
     if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
@@ -188,8 +202,18 @@ def detect(config: dict, base: Checkpoint) -> QuantizedBase | None:
     """
     path = str(base.folder / "config.json")
     qc = config.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") in ("fp8", "compressed-tensors"):
+        from mergeflow.model.fp8 import detect_fp8  # it builds on this module's QuantSpec
+
+        return detect_fp8(config, base)
     methods, qs_keys = _find_units(base)
     if qc is None:
+        scaled = next((k for k in base.tensors if k.endswith((".weight_scale_inv", ".weight_scale"))),
+                      None)
+        if scaled is not None:
+            raise _config_error(path, (
+                f"has no quantization_config, but '{scaled}' is an FP8 scale; config.json and "
+                "the weights come from different saves"))
         if methods:
             raise _config_error(path, (
                 f"has no quantization_config, but '{next(iter(methods))}' is stored quantized by "

@@ -279,7 +279,7 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                    allow_vocab_shrink=spec.allow_vocab_shrink,
                    vocab_size=text_config(config).get("vocab_size"),
                    save_method=spec.save_method, original=original,
-                   quantized=quantized, wrapped=wrapped).plan()
+                   quantized=quantized, wrapped=wrapped, fp8_scheme=spec.fp8_scheme).plan()
     plan.inputs = _input_identities(inputs)
     plan.options = {"dtype": dtype, "max_shard_size": parse_size(spec.max_shard_size),
                     "pad_vocab_to_multiple_of": spec.pad_vocab_to_multiple_of,
@@ -288,7 +288,8 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                     "save_method": spec.save_method, "merge_onto": spec.merge_onto,
                     "original_base": str(original_dir) if original_dir else None,
                     "mergeflow": __version__,
-                    **({"gguf_type": spec.gguf_type} if spec.save_method == "gguf" else {})}
+                    **({"gguf_type": spec.gguf_type} if spec.save_method == "gguf" else {}),
+                    **({"fp8_scheme": spec.fp8_scheme} if spec.save_method == "fp8" else {})}
     plan.runtime = {"block_bytes": resources.for_spec(spec).block_bytes}  # within the budget
     if spec.save_method == "gguf":
         _check_convertible(plan, base_dir)
@@ -317,6 +318,10 @@ def _check_method_options(spec: MergeSpec) -> None:
 
 
 def _check_quantized_options(spec: MergeSpec, quantized: QuantizedBase | None) -> None:
+    if quantized is not None and quantized.method == "fp8" and spec.save_method == "merged_4bit":
+        raise InputError(f"`save_method=merged_4bit` re-quantizes with bitsandbytes, but the base "
+                         f"{spec.base} is FP8 ({quantized.library}); use `save_method=fp8` to "
+                         "write FP8 again, or `merged_16bit`")
     if quantized is not None:
         return
     if spec.merge_onto == "original":
@@ -345,12 +350,12 @@ def _output_dtype(spec: MergeSpec, config: dict, base: Checkpoint,
                   original_config: dict) -> str:
     """``dtype``, or for "auto": the base's own float dtype; merged onto an original, the
     original's; a quantized base merged to 16 bits, its ``bnb_4bit_compute_dtype`` (bfloat16 for
-    an 8-bit base); merged_4bit keeps the base's unquantized tensors' dtype."""
+    an 8-bit base); merged_4bit, and an FP8 base, keep the base's unquantized tensors' dtype."""
     if spec.dtype != "auto" or quantized is None:
         return resolve_dtype(spec.dtype, config, base)
     if original is not None:
         return resolve_dtype("auto", original_config, original)
-    if spec.save_method == "merged_4bit":
+    if spec.save_method == "merged_4bit" or quantized.method == "fp8":
         return resolve_dtype("auto", config, quantized.logical_view(base))
     return quantized.compute_dtype() or "BF16"
 
@@ -482,7 +487,10 @@ def _write_model_config(plan: MergePlan, base: Path, staging: Path, keep_quantiz
     and generation_config.json of a merged model; returns the names written."""
     config = output_config(base_config(base), DTYPE_LABELS[plan.dtype], keep_quantization)
     for key, value in plan.config_updates.items():
-        set_config_field(config, key, value)
+        if key == "quantization_config":  # the output's own (save_method fp8): top level only
+            config[key] = value
+        else:
+            set_config_field(config, key, value)
     write_json(staging / "config.json", config)
     if not (base / "generation_config.json").is_file():
         return ["config.json"]

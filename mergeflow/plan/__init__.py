@@ -13,6 +13,7 @@ The package follows planning's jobs:
 * :mod:`~mergeflow.plan.experts`: parameters adapted whole (MoE experts), and their count check;
 * :mod:`~mergeflow.plan.quantized`: quantized units, the original checkpoint, merged_4bit;
 * :mod:`~mergeflow.plan.export`: save_method lora;
+* :mod:`~mergeflow.plan.fp8`: save_method fp8 (which weights become float8, and the config);
 * :mod:`~mergeflow.plan.complete`: every adapter weight used, every target present;
 * :mod:`~mergeflow.plan.sharding`: cutting shards;
 * :mod:`~mergeflow.plan.planner`: :class:`Planner`, running the jobs in order.
@@ -31,6 +32,7 @@ from mergeflow.plan.model import (
     EmbeddingLora,
     Encoding,
     Experts,
+    Fp8,
     Lora,
     LoraBias,
     LoraPart,
@@ -52,7 +54,7 @@ from mergeflow.plan.sharding import shard
 
 __all__ = [
     "ADAPTER_FILE", "DTYPE_CHOICES", "DTYPE_NAMES", "PLAN_VERSION", "SAVE_METHODS",
-    "AdapterTensor", "BaseTensor", "Cast", "EmbeddingLora", "Encoding", "Experts", "Lora",
+    "AdapterTensor", "BaseTensor", "Cast", "EmbeddingLora", "Encoding", "Experts", "Fp8", "Lora",
     "LoraBias", "LoraPart", "MergePlan", "Op", "OriginalTensor", "PlanInputs", "Planner",
     "QuantizedUnit", "Requantize", "Resize", "ShardPlan", "Source", "Stored", "TensorPart",
     "TensorPlan", "TokenRows", "natural_key", "parse_size", "resolve_dtype", "shard",

@@ -7,7 +7,8 @@ A :class:`TensorPlan` is a small, explicit union of three parts:
 * its **ops**, in order: :class:`Resize`, :class:`Lora`, :class:`EmbeddingLora`,
   :class:`LoraBias`, :class:`TokenRows`, :class:`Experts`;
 * its **encoding**: :class:`Cast` to the entry's dtype, :class:`Requantize` with the base's
-  bitsandbytes settings, or :class:`Stored` (the unit's stored bytes, copied).
+  bitsandbytes settings, :class:`Stored` (the unit's stored bytes, copied), or :class:`Fp8`
+  (compressed-tensors FP8 values and scales).
 
 Execution (:mod:`mergeflow.engine.ops`) and verification
 (:mod:`mergeflow.pipeline.verification`) each look an op up once by its type; nothing re-tests optional flags.
@@ -27,11 +28,11 @@ from mergeflow.math.lora import expert_factors
 from mergeflow.model.checkpoint import DTYPES
 from mergeflow.model.quant import QuantSpec
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3  # 3: the Fp8 encoding, QuantSpec.block
 DTYPE_CHOICES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 # "gguf" is planned as a 16-bit merge (the same tensors, in the same order), then written by
 # mergeflow.engine.gguf instead of as shards.
-SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora", "gguf")
+SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora", "gguf", "fp8")
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
@@ -212,7 +213,18 @@ class Stored(BaseModel):
     kind: Literal["stored"] = "stored"
 
 
-Encoding = Annotated[Cast | Requantize | Stored, Field(discriminator="kind")]
+class Fp8(BaseModel):
+    """Encode the merged weight as compressed-tensors FP8 (``save_method=fp8``): float8_e4m3fn
+    values, and their scale (the entry's one part) per output row (``channel``) or per 128x128
+    block (``block``). The merged values are rounded to ``dtype`` first, as a merged 16-bit
+    checkpoint holds them; the scales are stored in ``dtype``."""
+
+    kind: Literal["fp8"] = "fp8"
+    scheme: Literal["channel", "block"]
+    dtype: str
+
+
+Encoding = Annotated[Cast | Requantize | Stored | Fp8, Field(discriminator="kind")]
 
 
 class TensorPlan(BaseModel):
@@ -239,7 +251,7 @@ class TensorPlan(BaseModel):
     def computes(self) -> bool:
         """True when the tensor is more than a (possibly cast) copy of its source."""
         return bool(self.ops) or isinstance(self.source, QuantizedUnit) \
-            or isinstance(self.encoding, Requantize)
+            or isinstance(self.encoding, (Requantize, Fp8))
 
     @property
     def row_shape(self) -> list[int]:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from mergeflow.errors import InputError
 from mergeflow.model.adapter import Adapter
 from mergeflow.model.checkpoint import Checkpoint
@@ -17,6 +19,7 @@ from mergeflow.plan.complete import (
 )
 from mergeflow.plan.experts import check_wrapped, plan_piece, wrapped_ops
 from mergeflow.plan.export import adapter_shards
+from mergeflow.plan.fp8 import fp8_config, fp8_note, fp8_output, fp8_targets
 from mergeflow.plan.inputs import PlanInputs, natural_key
 from mergeflow.plan.model import SAVE_METHODS, MergePlan, TensorPlan
 from mergeflow.plan.quantized import Placement, check_original, quant_notes
@@ -40,7 +43,8 @@ class Planner:
         vocab_size: the base config's ``vocab_size``, if it declares one.
         save_method: "merged_16bit", "merged_4bit" (re-quantize changed weights with the base's
             own bitsandbytes settings), "lora" (export the adapter unmerged, after validating
-            it against the base) or "gguf" (planned as merged_16bit; written as one GGUF file).
+            it against the base), "gguf" (planned as merged_16bit; written as one GGUF file) or
+            "fp8" (every Linear but the head as compressed-tensors FP8, ``fp8_scheme``).
         original: the 16-bit checkpoint a quantized base was made from, to merge onto instead
             of the dequantized weights (``merge_onto=original``).
         quantized: what :func:`mergeflow.model.quant.detect` found in the base (None: not quantized).
@@ -59,10 +63,12 @@ class Planner:
                  vocab_size: int | None = None, *, save_method: str = "merged_16bit",
                  original: Checkpoint | None = None,
                  quantized: QuantizedBase | None = None,
-                 wrapped: dict[str, WrappedParam] | None = None) -> None:
+                 wrapped: dict[str, WrappedParam] | None = None,
+                 fp8_scheme: Literal["channel", "block"] = "channel") -> None:
         if save_method not in SAVE_METHODS:
             raise InputError(f"`save_method={save_method}`: choose {', '.join(SAVE_METHODS)}")
         self.save_method = save_method
+        self.fp8_scheme = fp8_scheme
         self.original = original
         self.quantized = quantized
         view = quantized.logical_view(base) if quantized is not None else base
@@ -96,6 +102,11 @@ class Planner:
             placement = Placement(inputs.stored, self.quantized, self.original,
                                   self.save_method == "merged_4bit", inputs.adapter_file)
             tensors = [placement.place(t) for t in tensors]
+            if self.save_method == "fp8":
+                targets = fp8_targets(inputs.layout, inputs.layout.head)
+                tensors = [fp8_output(t, targets, self.fp8_scheme) for t in tensors]
+                vocab.config_updates["quantization_config"] = fp8_config(self.fp8_scheme)
+                notes.append(fp8_note(tensors, self.fp8_scheme))
             shards = shard(tensors, self.max_shard_size)
         notes += quant_notes(self.quantized, self.original, self.save_method, tensors)
         return MergePlan(base=str(inputs.base.folder), adapter=str(inputs.adapter.folder),

@@ -111,7 +111,7 @@ def quant_notes(quantized: QuantizedBase | None, original: Checkpoint | None, sa
         return []
     notes = []
     if original is None:
-        notes.append(f"base quantized by bitsandbytes ({q.describe()}): merged onto its "
+        notes.append(f"base quantized by {q.library} ({q.describe()}): merged onto its "
                      "dequantized weights, the weights the adapter was trained against "
                      "(`merge_onto=dequantized`)")
     else:

@@ -1,0 +1,168 @@
+"""FP8 weights, row block by row block: decode a float8 unit of the base, and encode a merged
+weight as the compressed-tensors FP8 that vLLM serves.
+
+Decoding is one rule for every layout :mod:`mergeflow.model.fp8` reads,
+``W[i, j] = q[i, j] * S[i // bh, j // bw]``, computed in float32 and rounded to the model's
+dtype, as transformers' FP8 dequantizer (and compressed-tensors', in the scale's bf16) hands the
+weights to the model the adapter was trained on; rows ``[i, j)`` need only the scale rows that
+cover them.
+
+Encoding runs compressed-tensors' own arithmetic (``calculate_qparams`` for the scales,
+``quantize`` for the values) on the merged weight as a 16-bit checkpoint holds it, which is what
+llm-compressor's data-free ``FP8_DYNAMIC`` / ``FP8_BLOCK`` schemes see when they run on a merged
+model. A per-channel scale is a per-row maximum, and a 128x128 block scale needs only its 128
+rows, so both stream: the encoder takes row blocks (whole scale blocks of rows) and keeps only
+the scales, a ``1/in`` (or ``1/(128*128)``) of the weight.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from mergeflow.model.checkpoint import DTYPES, Checkpoint
+from mergeflow.model.quant import QuantSpec
+from mergeflow.plan.fp8 import BLOCK, PRESETS, scale_name
+
+FP8 = torch.float8_e4m3fn
+
+
+def scale_grid(shape: list[int], block: list[int]) -> list[int]:
+    """The scale tensor's 2-D shape for a ``shape`` weight in ``block`` blocks."""
+    return [-(-shape[0] // block[0]), -(-shape[1] // block[1])]
+
+
+def scale_rows(scale: torch.Tensor, block: list[int], start: int, stop: int,
+               cols: int) -> torch.Tensor:
+    """The scale of each element of rows ``[start, stop)``: float32, ``(k, cols)``, or ``(k, 1)``
+    when one scale covers a whole row (broadcasts the same)."""
+    bh, bw = block
+    first = start // bh
+    rows = scale[first:(stop - 1) // bh + 1]  # (m, C): the scale rows covering [start, stop)
+    rows = rows.repeat_interleave(bh, 0)[start - first * bh:stop - first * bh]  # (k, C)
+    return rows if rows.shape[1] == 1 else rows.repeat_interleave(bw, 1)[:, :cols]
+
+
+class Fp8Decoder:
+    """Decodes one float8 unit of the base by rows: ``q * S`` in float32, rounded to the unit's
+    dtype (the model's), as transformers dequantizes it.
+
+    Args:
+        spec: the unit (``spec.block``: the rows and columns each scale covers).
+        base: the base checkpoint.
+        device: where to decode.
+    """
+
+    def __init__(self, spec: QuantSpec, base: Checkpoint, device: torch.device) -> None:
+        self.spec = spec
+        self.base = base
+        self.device = device
+        key = next(iter(spec.siblings.values()))
+        grid = scale_grid(spec.shape, spec.block or spec.shape)
+        self.scale = base.read_many([key])[key].to(device).float().reshape(grid)  # (R, C)
+
+    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of the decoded weight, float32 ``(k, in)``, on the device."""
+        stored = self.base.read_rows(self.spec.weight, start, stop).to(self.device)  # fp8 (k, in)
+        values = stored.float() * scale_rows(self.scale, self.spec.block or self.spec.shape,
+                                             start, stop, self.spec.shape[1])
+        return values.to(DTYPES[self.spec.dtype]).float()
+
+
+def decode_whole(spec: QuantSpec, tensors: dict[str, torch.Tensor],
+                 device: torch.device) -> torch.Tensor:
+    """A whole float8 unit decoded (rounded to ``spec.dtype``), float32 ``spec.shape``, from its
+    stored tensors by key."""
+    block = spec.block or spec.shape
+    scale = tensors[next(iter(spec.siblings.values()))].to(device).float()
+    scale = scale.reshape(scale_grid(spec.shape, block))  # (R, C)
+    stored = tensors[spec.weight].to(device)  # fp8 (out, in)
+    values = stored.float() * scale_rows(scale, block, 0, spec.shape[0], spec.shape[1])
+    return values.to(DTYPES[spec.dtype]).float()
+
+
+def decode_row_set(values: torch.Tensor, scale: torch.Tensor, scheme: Literal["channel", "block"],
+                   rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of a written FP8 weight as a server decodes them: float8 ``values``
+    ``(k, in)`` times their scales (``scale``: the whole ``(out, 1)`` or block-grid tensor),
+    float32 ``(k, in)``."""
+    block = list(BLOCK) if scheme == "block" else [1, values.shape[1]]
+    per_row = scale.float()[torch.div(rows, block[0], rounding_mode="floor")]  # (k, C)
+    if per_row.shape[1] > 1:
+        per_row = per_row.repeat_interleave(block[1], 1)[:, :values.shape[1]]  # (k, in)
+    return values.float() * per_row
+
+
+def weight_args(scheme: Literal["channel", "block"]):
+    """compressed-tensors' ``QuantizationArgs`` of the scheme's weights (its own preset)."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    return preset_name_to_scheme(PRESETS[scheme], ["Linear"]).weights
+
+
+class Fp8Encoder:
+    """Encodes a merged weight row block by row block as compressed-tensors FP8.
+
+    Rows arrive float32 and are first rounded to ``dtype`` (the checkpoint's 16-bit dtype, as a
+    merged model holds them); then per row (``channel``) or per 128x128 block (``block``) the
+    scale is ``max|w| / 448`` and the values ``clamp(w / scale)`` in float8_e4m3fn, both computed
+    by compressed-tensors itself. Blocks must start on a multiple of :attr:`row_multiple`.
+
+    Args:
+        weight: the weight's name (its scale is written as ``<weight>_scale``).
+        shape: the weight's ``(out, in)``.
+        scheme: ``channel`` (FP8_DYNAMIC) or ``block`` (FP8_BLOCK).
+        dtype: the 16-bit dtype (safetensors name) the scales are stored in.
+        device: where to encode.
+    """
+
+    def __init__(self, weight: str, shape: list[int], scheme: Literal["channel", "block"],
+                 dtype: str, device: torch.device) -> None:
+        self.weight = weight
+        self.shape = shape
+        self.args = weight_args(scheme)
+        self.block = list(BLOCK) if scheme == "block" else [1, shape[1]]
+        self.dtype = DTYPES[dtype]
+        self.device = device
+        self.scales = torch.empty(scale_grid(shape, self.block), dtype=self.dtype, device=device)
+
+    @property
+    def row_multiple(self) -> int:
+        """Row blocks start on multiples of this (one scale block of rows)."""
+        return self.block[0]
+
+    def encode(self, start: int, stop: int, rows: torch.Tensor) -> torch.Tensor:
+        """The float8 values of merged rows ``[start, stop)`` (float32 ``(k, in)``), on the CPU."""
+        from compressed_tensors.quantization.lifecycle.forward import quantize
+        from compressed_tensors.quantization.utils import calculate_qparams
+
+        x = rows.to(self.dtype)  # (k, in), as the merged 16-bit checkpoint holds it
+        low, high = self._block_range(x)  # (k / bh, C) each
+        scale, zero = calculate_qparams(low, high, self.args)
+        self.scales[start // self.block[0]:start // self.block[0] + scale.shape[0]] = scale
+        # per channel the (k, 1) scale broadcasts over each row; per block compressed-tensors
+        # pads and reshapes the rows into (k / bh, C) blocks itself
+        return quantize(x, scale, zero, self.args, dtype=FP8).cpu()  # fp8 (k, in)
+
+    def _block_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each scale block's min and max over rows ``x`` (zero-padded to whole blocks, as
+        compressed-tensors pads; a zero never changes a symmetric scale)."""
+        bh, bw = self.block
+        k, cols = x.shape
+        grid = scale_grid([k, cols], self.block)
+        if self.block[0] == 1:
+            return torch.aminmax(x, dim=1, keepdim=True)  # (k, 1) each
+        padded = torch.zeros(grid[0] * bh, grid[1] * bw, dtype=x.dtype, device=x.device)
+        padded[:k, :cols] = x
+        blocks = padded.reshape(grid[0], bh, grid[1], bw)  # (R, bh, C, bw)
+        return blocks.amin(dim=(1, 3)), blocks.amax(dim=(1, 3))
+
+    def siblings(self) -> dict[str, torch.Tensor]:
+        """The weight's scale tensor by name, ``(out, 1)`` or ``(ceil(out/128), ceil(in/128))``,
+        on the CPU."""
+        return {scale_name(self.weight): self.scales.cpu()}
+
+
+__all__ = ["Fp8Decoder", "Fp8Encoder", "decode_row_set", "decode_whole", "scale_grid",
+           "scale_rows", "weight_args"]
