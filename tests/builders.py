@@ -50,6 +50,8 @@ def save_tokenizer(folder: Path | str, vocab_size: int, extra_tokens: int = 0) -
 
 #: Split regexes of byte-level BPE pre-tokenizers (as Hugging Face tokenizer.json stores them).
 BPE_SPLITS = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+                 r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",  # Llama 3's
     "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
              r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
@@ -64,11 +66,14 @@ def _corpus() -> list[str]:
     return [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(200)]
 
 
-def save_bpe_tokenizer(folder: Path | str, vocab_size: int, pre: str = "gpt-2") -> Path:
+def save_bpe_tokenizer(folder: Path | str, vocab_size: int, pre: str = "gpt-2",
+                       add_bos: bool = False) -> Path:
     """A real byte-level BPE tokenizer (trained here on a fixed text, offline) with ``<s>``,
     ``</s>``, ``<pad>``, chat special tokens and a chat template, saved with
-    ``save_pretrained``. ``pre``: "gpt-2" (ByteLevel's own regex) or a :data:`BPE_SPLITS` key."""
-    from tokenizers import Regex, decoders, trainers
+    ``save_pretrained``. ``pre``: "gpt-2" (ByteLevel's own regex) or a :data:`BPE_SPLITS` key.
+    ``add_bos``: encoding adds ``<s>`` first (a TemplateProcessing post-processor, as Llama 3's
+    tokenizer.json adds ``<|begin_of_text|>``)."""
+    from tokenizers import Regex, decoders, processors, trainers
 
     folder = Path(folder)
     tok = Tokenizer(models.BPE())
@@ -86,6 +91,10 @@ def save_bpe_tokenizer(folder: Path | str, vocab_size: int, pre: str = "gpt-2") 
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(_corpus(), trainer)
+    if add_bos:
+        bos = ("<s>", tok.token_to_id("<s>"))
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[bos])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
