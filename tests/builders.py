@@ -7,6 +7,7 @@ Used by the demo, the tests and the benchmarks: nothing here downloads anything.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -49,6 +50,8 @@ def save_tokenizer(folder: Path | str, vocab_size: int, extra_tokens: int = 0) -
 
 #: Split regexes of byte-level BPE pre-tokenizers (as Hugging Face tokenizer.json stores them).
 BPE_SPLITS = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+                 r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",  # Llama 3's
     "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
              r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
@@ -63,11 +66,14 @@ def _corpus() -> list[str]:
     return [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(200)]
 
 
-def save_bpe_tokenizer(folder: Path | str, vocab_size: int, pre: str = "gpt-2") -> Path:
+def save_bpe_tokenizer(folder: Path | str, vocab_size: int, pre: str = "gpt-2",
+                       add_bos: bool = False) -> Path:
     """A real byte-level BPE tokenizer (trained here on a fixed text, offline) with ``<s>``,
     ``</s>``, ``<pad>``, chat special tokens and a chat template, saved with
-    ``save_pretrained``. ``pre``: "gpt-2" (ByteLevel's own regex) or a :data:`BPE_SPLITS` key."""
-    from tokenizers import Regex, decoders, trainers
+    ``save_pretrained``. ``pre``: "gpt-2" (ByteLevel's own regex) or a :data:`BPE_SPLITS` key.
+    ``add_bos``: encoding adds ``<s>`` first (a TemplateProcessing post-processor, as Llama 3's
+    tokenizer.json adds ``<|begin_of_text|>``)."""
+    from tokenizers import Regex, decoders, processors, trainers
 
     folder = Path(folder)
     tok = Tokenizer(models.BPE())
@@ -85,11 +91,99 @@ def save_bpe_tokenizer(folder: Path | str, vocab_size: int, pre: str = "gpt-2") 
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(_corpus(), trainer)
+    if add_bos:
+        bos = ("<s>", tok.token_to_id("<s>"))
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[bos])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
     return folder
+
+
+#: SentencePiece tokenizers as the families ship them: special pieces with their ids, the
+#: pieces the model holds as user-defined (Gemma's turn markers), whether SentencePiece adds a
+#: leading space, transformers' tokenizer class, the chat tokens marked special in tokenizer.json
+#: (Gemma's turn markers, Phi-3's <|user|> and the like, added after the model's pieces), and
+#: how many ids are left after the pieces (transformers adds Gemma's <mask> there).
+SENTENCEPIECE = {
+    "gemma": {"ids": {"pad": (0, "<pad>"), "eos": (1, "<eos>"), "bos": (2, "<bos>"),
+                      "unk": (3, "<unk>")},
+              "pieces": ["<start_of_turn>", "<end_of_turn>"], "prefix_space": False,
+              "class": "GemmaTokenizer", "added": ["<start_of_turn>", "<end_of_turn>"],
+              "reserved": 1},
+    "phi3": {"ids": {"unk": (0, "<unk>"), "bos": (1, "<s>"), "eos": (2, "</s>"),
+                     "pad": (-1, "<pad>")},
+             "pieces": [], "prefix_space": True, "class": "LlamaTokenizer",
+             "added": ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"],
+             "reserved": 16},
+}
+
+
+def _train_sentencepiece(path: Path, vocab_size: int, kind: str) -> None:
+    """Train a BPE SentencePiece model on :func:`_corpus` (offline, byte fallback, digits split,
+    no normalization, as Gemma's and Llama's models are) and write it to ``path``."""
+    import io
+
+    import sentencepiece as spm
+
+    spec = SENTENCEPIECE[kind]
+    ids = {f"{role}_id": i for role, (i, _) in spec["ids"].items()}
+    pieces = {f"{role}_piece": p for role, (_, p) in spec["ids"].items()}
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()), model_writer=model, model_type="bpe",
+        vocab_size=vocab_size, byte_fallback=True, character_coverage=1.0, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=spec["prefix_space"], user_defined_symbols=spec["pieces"],
+        allow_whitespace_only_pieces=True, minloglevel=2, num_threads=1, **ids, **pieces)
+    path.write_bytes(model.getvalue())
+
+
+def save_sentencepiece_tokenizer(folder: Path | str, vocab_size: int, kind: str = "gemma",
+                                 chat_template: str = CHAT_TEMPLATE) -> Path:
+    """A real SentencePiece tokenizer (``tokenizer.model``, trained here offline) and the
+    transformers tokenizer converted from it (``tokenizer.json``, ``tokenizer_config.json``),
+    as Gemma 2 ("gemma") and Phi-3 ("phi3") ship them.
+
+    Gemma's model holds ``<start_of_turn>``/``<end_of_turn>`` as pieces; Phi-3's chat tokens are
+    added after its pieces (the config's ``vocab_size`` is larger than the tokenizer, as
+    Phi-3's 32064 rows over 32011 tokens). The added tokens are also listed in
+    ``tokenizer_config.json``'s ``added_tokens_decoder``, as the published files list them (the
+    place llama.cpp's converter reads them from for a SentencePiece vocabulary).
+    """
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    spec = SENTENCEPIECE[kind]
+    config = {"tokenizer_class": spec["class"], "add_bos_token": True, "add_eos_token": False}
+    roles = {f"{role}_token": p for role, (i, p) in spec["ids"].items() if i >= 0}
+    with tempfile.TemporaryDirectory() as scratch:  # the model alone: converted, not reloaded
+        model = Path(scratch) / "tokenizer.model"
+        _train_sentencepiece(model, vocab_size - spec["reserved"], kind)
+        (Path(scratch) / "tokenizer_config.json").write_text(json.dumps(config))
+        tokenizer = AutoTokenizer.from_pretrained(scratch, **roles, **config)
+        if spec["added"]:
+            tokenizer.add_special_tokens({"additional_special_tokens": spec["added"]})
+        tokenizer.chat_template = chat_template
+        tokenizer.save_pretrained(folder)  # tokenizer.json and tokenizer_config.json
+        (folder / "tokenizer.model").write_bytes(model.read_bytes())
+    _list_added_tokens(folder)
+    return folder
+
+
+def _list_added_tokens(folder: Path) -> None:
+    """Write tokenizer.json's added tokens into tokenizer_config.json's ``added_tokens_decoder``
+    (transformers 5 no longer writes it there)."""
+    added = json.loads((folder / "tokenizer.json").read_text())["added_tokens"]
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {
+        str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip",
+                                          "single_word", "special")} for t in added}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
 def _small(**overrides) -> dict:

@@ -6,12 +6,16 @@ peer is the two-step route a user would otherwise run: Mergeflow's SafeTensors m
 llama.cpp's own converter (``tests/gguf_two_step.py``, in a subprocess), then llama.cpp's
 quantizer (``llama_cpp.llama_model_quantize``). Mergeflow's files must hold the very tensors
 of the two-step route's, byte for byte, in f16 and in q4_k_m, and llama.cpp running Mergeflow's
-f16 file must agree with transformers running the merged model.
+f16 file must agree with transformers running the merged model. Gemma 2 and Phi-3/3.5 carry a
+SentencePiece ``tokenizer.model`` trained here (``builders.save_sentencepiece_tokenizer``), as
+llama.cpp's converter reads their vocabulary from it; Phi-4 is Phi-3's architecture with a BPE
+tokenizer whose ``tokenizer_config.json`` names ``GPT2Tokenizer``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import subprocess
 import sys
@@ -20,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import build_adapter, build_base, save_bpe_tokenizer
+from builders import build_adapter, build_base, save_bpe_tokenizer, save_sentencepiece_tokenizer
 
 import mergeflow
 
@@ -30,7 +34,13 @@ pytest.importorskip("conversion", reason="llama.cpp's converter (scripts/setup -
 
 VOCAB = 384
 SIZES = {"hidden_size": 256, "intermediate_size": 512, "vocab_size": VOCAB}
-FAMILIES = {  # case -> (builders architecture, config overrides, pre-tokenizer)
+# Phi-3.5's long-context rope (``longrope``): llama.cpp's converter writes its factors as tensors
+_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
+             "long_factor": [1.0 + i / 32 for i in range(32)],
+             "short_factor": [1.0 + i / 64 for i in range(32)]}
+# the config's special ids are its tokenizer's (Phi3Config's defaults are Phi-3's 32000-sized ones)
+_SPM_IDS, _BPE_IDS = {"bos_token_id": 1, "eos_token_id": 2}, {"bos_token_id": 0, "eos_token_id": 1}
+FAMILIES = {  # case -> (builders architecture, config overrides, tokenizer)
     "llama3.1": ("llama3", {}, "gpt-2"),
     "llama3.2-tied": ("llama3", {"tie_word_embeddings": True}, "gpt-2"),
     "mistral": ("mistral", {}, "gpt-2"),
@@ -39,6 +49,13 @@ FAMILIES = {  # case -> (builders architecture, config overrides, pre-tokenizer)
     "mixtral": ("mixtral", {}, "gpt-2"),
     "qwen3-moe": ("qwen3_moe", {"moe_intermediate_size": 256}, "qwen2"),
     "gemma3": ("gemma3", {}, "gpt-2"),
+    # Gemma 2 and Phi-3 read a SentencePiece tokenizer.model; Gemma 2 scaled as its 2B/9B are
+    "gemma2": ("gemma2", {"query_pre_attn_scalar": 16}, "spm-gemma"),
+    "phi3": ("phi3", _SPM_IDS, "spm-phi3"),
+    "phi3.5-longrope": ("phi3", {**_SPM_IDS, "rope_parameters": _LONGROPE,
+                                 "original_max_position_embeddings": 32}, "spm-phi3"),
+    # Phi-4 is Phi3ForCausalLM with a GPT-2 class BPE tokenizer and no sliding window
+    "phi4": ("phi3", {**_BPE_IDS, "sliding_window": None}, "gpt2-class"),
 }
 # tiny Gemma 3 configs run differently in llama.cpp and transformers whichever route made the
 # file (the two-step route's file included); its exactness is the byte comparison alone
@@ -49,6 +66,22 @@ TOLERANCE = {"mixtral": 3e-2, "qwen3-moe": 3e-2}
 TOP1 = {"mixtral": 0.75, "qwen3-moe": 0.75}  # and a near-tie in routing or logits may flip
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PROMPTS = ["hello world 2024!", "the model merges a small adapter"]
+
+
+def save_tokenizer_of(base: Path, kind: str) -> str:
+    """The case's tokenizer into ``base``; returns the pre-tokenizer the two-step route names
+    for a BPE tokenizer (unused by a SentencePiece one)."""
+    if kind.startswith("spm-"):
+        save_sentencepiece_tokenizer(base, VOCAB, kind.removeprefix("spm-"))
+        return "gpt-2"
+    if kind == "gpt2-class":  # Phi-4's tokenizer_config names GPT2Tokenizer
+        save_bpe_tokenizer(base, VOCAB, "gpt-2")
+        config = json.loads((base / "tokenizer_config.json").read_text())
+        (base / "tokenizer_config.json").write_text(
+            json.dumps({**config, "tokenizer_class": "GPT2Tokenizer"}))
+        return "gpt-2"
+    save_bpe_tokenizer(base, VOCAB, kind)
+    return kind
 
 
 def two_step(merged: Path, folder: Path, pre: str) -> dict[str, Path]:
@@ -75,9 +108,9 @@ def tensors(path: Path) -> dict[str, tuple[str, list[int], bytes]]:
 def test_each_family_is_the_two_step_route_byte_for_byte_and_runs_as_merged(tmp_path, case):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    arch, overrides, pre = FAMILIES[case]
+    arch, overrides, kind = FAMILIES[case]
     base = build_base(tmp_path / "base", arch, tokenizer=False, **{**SIZES, **overrides})
-    save_bpe_tokenizer(base, VOCAB, pre)
+    pre = save_tokenizer_of(base, kind)
     adapter = build_adapter(base, tmp_path / "adapter", target_modules=TARGETS)
     merged = tmp_path / "merged"
     mergeflow.merge(base, adapter, merged)
