@@ -392,3 +392,25 @@ def test_changed_expert_is_noticed_on_its_disk_tensor(arch, make_base, make_adap
     else:  # gate_up_proj[e]'s last row is the last row of up_proj (gate first, then up)
         assert problem == (f"model.layers.1.mlp.experts.{expert}.up_proj.weight row "
                            f"{rows // 2 - 1} differs between disk and the live model")
+
+
+def test_fp8_method_writes_compressed_tensors_fp8_from_the_live_model(trained, base_dir, tokenizer,
+                                                                      tmp_path, input_ids):
+    """Unsloth-style ``save_method="fp8"``: the CLI's compressed-tensors FP8 of the same merge."""
+    pytest.importorskip("compressed_tensors")
+    out = tmp_path / "fp8"
+    report = mergeflow.save_pretrained_merged(trained, out, tokenizer, save_method="fp8")
+    assert report.save_method == "fp8"
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    tensors = read_tensors(out)
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert tensors[q_proj].dtype == torch.float8_e4m3fn and f"{q_proj}_scale" in tensors
+    # the same merge through the CLI's route, from the adapter the live model saves
+    trained.save_pretrained(tmp_path / "adapter")
+    mergeflow.merge(base_dir, tmp_path / "adapter", tmp_path / "cli", save_method="fp8")
+    assert read_tensors(tmp_path / "cli").keys() == tensors.keys()
+    for name, tensor in read_tensors(tmp_path / "cli").items():
+        assert torch.equal(tensor.view(torch.uint8) if tensor.dtype == torch.float8_e4m3fn
+                           else tensor, tensors[name].view(torch.uint8)
+                           if tensor.dtype == torch.float8_e4m3fn else tensors[name]), name
