@@ -211,3 +211,39 @@ def test_an_fp8_base_exports_to_fp8_again(tmp_path, bf16_base, adapter):
         same = (written[name].view(torch.uint8) == peer[name].view(torch.uint8)).float().mean()
         assert same.item() > 0.999, name
         assert torch.equal(written[f"{name}_scale"], peer[f"{name}_scale"]), name
+
+
+def test_verification_checks_fp8_weights_as_served_and_catches_a_wrong_scale(tmp_path, bf16_base,
+                                                                               adapter):
+    """The sampled-row check decodes the written float8 values with their scales: the output
+    passes, and the same file with one weight's scales off by 10% fails, naming it."""
+    from safetensors.torch import load_file, save_file
+
+    from mergeflow.engine.shards import open_merger
+    from mergeflow.model.checkpoint import Checkpoint
+    from mergeflow.pipeline.steps import prepare
+    from mergeflow.pipeline.verification import NumericChecker, check_values
+    from mergeflow.plan import Fp8, MergePlan
+    from mergeflow.spec import MergeSpec
+
+    out = tmp_path / "out"
+    mergeflow.merge(bf16_base, adapter, out, save_method="fp8")
+    prepared = prepare(MergeSpec(base=str(bf16_base), adapter=str(adapter),
+                                 out=str(tmp_path / "again"), save_method="fp8"))
+    plan = MergePlan.load(prepared.plan_path)
+    entries = [t for s in plan.shards for t in s.tensors if isinstance(t.encoding, Fp8)]
+    assert len(entries) == 14
+    count, checks, problems = check_values(Checkpoint(out), entries, NumericChecker(open_merger(plan)))
+    assert count == 14 and not problems and len(checks) == 14
+    assert {c.kind for c in checks} == {"LoRA", "FP8 encoding"}  # adapted, and only re-encoded
+    assert max(c.relative_error for c in checks) < 0.05
+
+    tensors = load_file(out / "model.safetensors")
+    name = "model.layers.1.mlp.gate_proj.weight"
+    tensors[f"{name}_scale"] = tensors[f"{name}_scale"] * 1.1
+    (tmp_path / "bad").mkdir()
+    save_file(tensors, tmp_path / "bad" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "bad" / "config.json").write_bytes((out / "config.json").read_bytes())
+    _, _, problems = check_values(Checkpoint(tmp_path / "bad"), entries,
+                                  NumericChecker(open_merger(plan)))
+    assert len(problems) == 1 and name in problems[0], problems

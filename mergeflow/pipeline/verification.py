@@ -219,8 +219,9 @@ class NumericChecker:
             kind, error, delta = _CHECKS[type(main)](self, plan, main, base, merged, rows)
         elif tokens is not None:
             kind, error, delta = "trainable tokens", self._tokens(tokens, merged, rows), float("nan")
-        else:
-            kind, error = "resize", _relative(merged, base)
+        else:  # only resized, dequantized or FP8-encoded: against its input
+            kind = "FP8 encoding" if isinstance(plan.encoding, Fp8) else "resize"
+            error = _relative(merged, base)
             delta = error
         if tokens is not None and kind != "trainable tokens":
             error = max(error, self._tokens(tokens, merged, rows))
