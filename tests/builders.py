@@ -480,3 +480,40 @@ def save_compressed_tensors(model, folder: Path | str, scheme: str = "FP8_DYNAMI
     compressor.compress_model(model)
     model.save_pretrained(folder)
     compressor.update_config(str(folder))
+
+
+def build_mxfp4_base(original: Path | str, folder: Path | str) -> Path:
+    """gpt-oss's MXFP4 checkpoint of a saved 16-bit GptOss: each expert tensor ``X`` (E, in, out)
+    stored as ``X_blocks`` (E, out, in/32, 16), 32 e2m1 values per group (low nibble first), and
+    ``X_scales`` (E, out, in/32), one e8m0 exponent per group, as openai/gpt-oss ships it
+    (``quant_method: mxfp4``; attention, router, embeddings and head unquantized). Values round
+    to the nearest e2m1 of ``x / 2**e``, with ``e`` the smallest exponent that fits the group."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import FP4_VALUES
+
+    original, folder = Path(original), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    codes = torch.tensor(FP4_VALUES)
+    tensors = {}
+    for name, tensor in load_file(original / "model.safetensors").items():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[name] = tensor
+            continue
+        stored = tensor.float().transpose(1, 2)  # (E, in, out) -> (E, out, in)
+        groups = stored.reshape(*stored.shape[:2], -1, 32)  # (E, out, G, 32)
+        exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=1e-30) / 6.0))
+        scaled = groups / torch.exp2(exponent)[..., None]
+        index = (scaled[..., None] - codes).abs().argmin(-1).to(torch.uint8)  # (E, out, G, 32)
+        tensors[f"{name}_blocks"] = (index[..., 0::2] | (index[..., 1::2] << 4)).contiguous()
+        tensors[f"{name}_scales"] = (exponent + 127).to(torch.uint8).contiguous()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((original / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for path in original.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation")):
+            (folder / path.name).write_bytes(path.read_bytes())
+    return folder

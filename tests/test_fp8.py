@@ -186,7 +186,7 @@ def test_a_float8_weight_without_its_scale_is_refused_naming_it(tmp_path, bf16_b
 
 def test_merged_4bit_on_an_fp8_base_is_refused_naming_the_way_to_fp8(tmp_path, bf16_base, adapter):
     base = build_fp8_base(bf16_base, tmp_path / "fp8", layout="block")
-    with pytest.raises(InputError, match=r"use `save_method=fp8` to write FP8 again"):
+    with pytest.raises(InputError, match=r"use `save_method=fp8` to write FP8, or `merged_16bit`"):
         mergeflow.merge(base, adapter, tmp_path / "out", save_method="merged_4bit")
     assert not (tmp_path / "out").exists()
 
@@ -247,3 +247,89 @@ def test_verification_checks_fp8_weights_as_served_and_catches_a_wrong_scale(tmp
     _, _, problems = check_values(Checkpoint(tmp_path / "bad"), entries,
                                   NumericChecker(open_merger(plan)))
     assert len(problems) == 1 and name in problems[0], problems
+
+
+# -- MXFP4 (gpt-oss) ----------------------------------------------------------------------------
+
+GPT_OSS_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(bf16 gpt-oss, its MXFP4 checkpoint, an adapter on attention and both expert tensors)."""
+    from builders import build_mxfp4_base, save_tokenizer
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    root = tmp_path_factory.mktemp("gpt_oss")
+    config = GptOssConfig(hidden_size=96, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          vocab_size=128, num_local_experts=4, num_experts_per_tok=2,
+                          max_position_embeddings=64, sliding_window=16,
+                          layer_types=["sliding_attention", "full_attention"],
+                          tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".experts." in name:
+                param.normal_(0, 0.05)
+    model.save_pretrained(root / "bf16")
+    save_tokenizer(root / "bf16", config.vocab_size)
+    adapter = build_adapter(root / "bf16", root / "adapter", target_modules=["q_proj", "v_proj"],
+                            target_parameters=GPT_OSS_EXPERTS)
+    return root / "bf16", build_mxfp4_base(root / "bf16", root / "mxfp4"), adapter
+
+
+def _mxfp4_dequantized(base: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    return AutoModelForCausalLM.from_pretrained(
+        base, dtype=dtype, quantization_config=Mxfp4Config(dequantize=True)).eval()
+
+
+@pytest.mark.parametrize("block_size", ["24MiB", "3KiB"])  # whole tensors; 64-row blocks across 96-row experts
+def test_an_mxfp4_base_merges_onto_the_experts_transformers_decodes(tmp_path, gpt_oss, block_size):
+    _, base, adapter = gpt_oss
+    out = tmp_path / "merged"
+    report = mergeflow.merge(base, adapter, out, block_size=block_size)
+
+    merged = read_tensors(out)
+    assert not any(k.endswith(("_blocks", "_scales")) for k in merged)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert any("MXFP4" in n for n in report.notes)
+    dequantized = _mxfp4_dequantized(base, torch.bfloat16)
+    # the adapter's merge onto the experts transformers decodes (PEFT, float32, rounded once)
+    from peft import PeftModel
+
+    expected = PeftModel.from_pretrained(dequantized.float(), adapter).merge_and_unload()
+    expected = expected.state_dict()
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
+        assert merged[name].dtype == torch.bfloat16 and merged[name].shape == expected[name].shape
+        off = (merged[name] != expected[name].to(torch.bfloat16)).float().mean().item()
+        assert off < 1e-3, f"{name}: {off:.2%} of elements differ from PEFT's merge"
+    # and it runs as the adapter live on the dequantized MXFP4 base
+    live = PeftModel.from_pretrained(_mxfp4_dequantized(base, torch.bfloat16), adapter).eval()
+    with torch.no_grad():
+        want = live(input_ids=IDS[:, :6] % 128).logits.float()
+    from transformers import AutoModelForCausalLM
+
+    got_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        got = got_model(input_ids=IDS[:, :6] % 128).logits.float()
+    assert (got - want).abs().max().item() < 3e-2 * want.abs().max().item()
+
+
+def test_mxfp4_blocks_without_scales_are_refused_naming_them(tmp_path, gpt_oss):
+    from safetensors.torch import load_file, save_file
+
+    _, base, adapter = gpt_oss
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in base.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.down_proj_scales"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"down_proj_blocks' have no"):
+        mergeflow.merge(broken, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from mergeflow.engine.fp8 import Fp8Decoder, decode_whole
+from mergeflow.engine import fp8, mxfp4
 from mergeflow.errors import MergeError
 from mergeflow.model.checkpoint import DTYPES, Checkpoint, row_runs
 from mergeflow.model.quant import ROW_FORMAT, QuantSpec, output_keys
@@ -40,7 +40,9 @@ def dequantize(spec: QuantSpec, tensors: dict[str, torch.Tensor],
     """
     device = torch.device(device)
     if spec.method == "fp8":
-        return decode_whole(spec, tensors, device)
+        return fp8.decode_whole(spec, tensors, device)
+    if spec.method == "mxfp4":
+        return mxfp4.decode_whole(spec, tensors, device)
     import bitsandbytes.functional as bnbf
 
     stored = tensors[spec.weight].to(device)
@@ -61,15 +63,21 @@ class RowDequantizer:
     with bitsandbytes' own kernel, to exactly the values of a whole-weight decode. A
     double-quantized absmax (a few MB even for a 70B layer) is decoded once, as bitsandbytes does.
     8-bit: each row is ``int8 * SCB[row] / 127``. FP8: each row is ``q * S`` with the scale rows
-    that cover it (:class:`mergeflow.engine.fp8.Fp8Decoder`).
+    that cover it (:class:`mergeflow.engine.fp8.Fp8Decoder`). MXFP4: one expert at a time, by
+    transformers' own conversion (:class:`mergeflow.engine.mxfp4.Mxfp4Decoder`), in the row
+    shape the merge streams (``row_shape``: whole experts, or the experts' rows).
     """
 
-    def __init__(self, spec: QuantSpec, base: Checkpoint, device: torch.device | str = "cpu") -> None:
+    def __init__(self, spec: QuantSpec, base: Checkpoint, device: torch.device | str = "cpu",
+                 row_shape: list[int] | None = None) -> None:
         self.spec = spec
         self.base = base
         self.device = torch.device(device)
         if spec.method == "fp8":
-            self.fp8 = Fp8Decoder(spec, base, self.device)
+            self.decoder = fp8.Fp8Decoder(spec, base, self.device)
+            return
+        if spec.method == "mxfp4":
+            self.decoder = mxfp4.Mxfp4Decoder(spec, base, self.device, row_shape or spec.shape)
             return
         siblings = base.read_many(sorted(spec.siblings.values()))
         if spec.method == "bnb8":
@@ -91,7 +99,7 @@ class RowDequantizer:
     def streams(spec: QuantSpec) -> bool:
         """True when the unit's rows decode independently (always for 8-bit; for 4-bit when a
         row is whole quantization blocks)."""
-        if spec.method in ("bnb8", "fp8"):
+        if spec.method in ("bnb8", "fp8", "mxfp4"):
             return True
         return len(spec.shape) == 2 and spec.shape[1] % (spec.blocksize or 1) == 0 \
             and spec.shape[1] % 2 == 0
@@ -101,8 +109,8 @@ class RowDequantizer:
         """Rows ``[start, stop)`` of the decoded weight, float32 (k, in), on the device."""
         spec = self.spec
         cols = spec.shape[1]
-        if spec.method == "fp8":
-            return self.fp8.read_rows(start, stop)  # float32 (k, in)
+        if spec.method in ("fp8", "mxfp4"):
+            return self.decoder.read_rows(start, stop)  # float32 (k, ...)
         if spec.method == "bnb8":
             stored = self.base.read_rows(spec.weight, start, stop).to(self.device)  # int8 (k, in)
             return stored.float() * self.scb[start:stop, None] / 127  # (k, in) * (k, 1)
@@ -116,7 +124,7 @@ class RowDequantizer:
     def read_row_set(self, name: str, rows: list[int]) -> torch.Tensor:
         """The given rows of the decoded weight, stacked, float32 (CPU)."""
         parts = [self.read_rows(name, a, b).cpu() for a, b in row_runs(rows)]
-        return torch.cat(parts) if parts else torch.empty(0, self.spec.shape[1])
+        return torch.cat(parts) if parts else torch.empty(0, *self.spec.shape[1:])
 
 
 class RowRequantizer:

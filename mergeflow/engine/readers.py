@@ -202,8 +202,10 @@ class PlanInputs:
         """The reader holding a plan entry's input tensor, and that tensor's header, in the
         entry's row shape (:attr:`TensorPlan.row_shape`; for a quantized unit decoded by rows:
         its decoded float32 view)."""
-        reader, info = _SOURCE_READERS[type(plan.source)](self, plan.source)
         shape = plan.row_shape
+        if isinstance(plan.source, QuantizedUnit):  # decoded in the rows the merge streams
+            return self._quantized_input(plan.source, shape)
+        reader, info = _SOURCE_READERS[type(plan.source)](self, plan.source)
         if plan.find(Experts) is None or list(info.shape) == list(shape):
             return reader, info
         if isinstance(reader, Checkpoint):
@@ -226,11 +228,13 @@ class PlanInputs:
                              "none was opened (a planning bug; please report it)")
         return self.original, self.original.tensors[source.name]
 
-    def _quantized_input(self, source: QuantizedUnit) -> tuple[RowDequantizer, TensorInfo]:
+    def _quantized_input(self, source: QuantizedUnit, row_shape: list[int] | None = None
+                         ) -> tuple[RowDequantizer, TensorInfo]:
         spec = source.unit
         info = self.base.tensors[spec.weight]
-        return (RowDequantizer(spec, self.base, self.device),
-                TensorInfo(spec.weight, info.file, tuple(spec.shape), "F32"))
+        shape = tuple(row_shape or spec.shape)
+        return (RowDequantizer(spec, self.base, self.device, list(shape)),
+                TensorInfo(spec.weight, info.file, shape, "F32"))
 
     def stored_bytes(self, plan: TensorPlan) -> tuple[Checkpoint, TensorInfo] | None:
         """The input whose bytes are exactly this entry's output (copied, never decoded), or

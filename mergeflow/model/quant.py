@@ -1,7 +1,8 @@
 """bitsandbytes 4-bit / 8-bit bases: find each quantized weight's siblings and plan its output.
 
-(:func:`detect` is also the one entry for FP8 bases, whose layouts :mod:`mergeflow.model.fp8`
-reads into the same :class:`QuantSpec` units.)
+(:func:`detect` is also the one entry for FP8 and MXFP4 bases, whose layouts
+:mod:`mergeflow.model.fp8` and :mod:`mergeflow.model.mxfp4` read into the same :class:`QuantSpec`
+units.)
 
 A checkpoint that ``transformers`` saved from a bitsandbytes-quantized model stores each
 quantized weight as a *unit*: the stored weight plus sibling tensors that describe how to decode
@@ -78,7 +79,7 @@ class QuantSpec(BaseModel):
     ``dtype`` is the dequantized weight's dtype (the one bitsandbytes recorded when quantizing).
     """
 
-    method: Literal["bnb4", "bnb8", "fp8"]
+    method: Literal["bnb4", "bnb8", "fp8", "mxfp4"]
     weight: str
     siblings: dict[str, str]
     shape: list[int]
@@ -88,6 +89,12 @@ class QuantSpec(BaseModel):
     nested: bool = False
     quant_state_size: int = 0  # bytes planned for a requantized quant-state JSON (4-bit)
     block: list[int] | None = None  # FP8: the [rows, cols] of the weight each scale covers
+    name: str | None = None  # the tensor the model sees, when not the stored weight's key (MXFP4)
+
+    @property
+    def logical_name(self) -> str:
+        """The name the model (and the plan) knows this weight by."""
+        return self.name or self.weight
 
     @property
     def quant_state_key(self) -> str | None:
@@ -99,9 +106,9 @@ class QuantSpec(BaseModel):
 class QuantizedBase:
     """A bitsandbytes checkpoint: its ``quantization_config`` and its quantized units."""
 
-    method: Literal["bnb4", "bnb8", "fp8"]
+    method: Literal["bnb4", "bnb8", "fp8", "mxfp4"]
     config: dict
-    units: dict[str, QuantSpec] = field(default_factory=dict)  # stored weight key -> unit
+    units: dict[str, QuantSpec] = field(default_factory=dict)  # logical weight name -> unit
     siblings: set[str] = field(default_factory=set)  # every sibling key of every unit
 
     @property
@@ -111,6 +118,8 @@ class QuantizedBase:
     @property
     def library(self) -> str:
         """Who quantized it, for messages: bitsandbytes, or the FP8 format's name."""
+        if self.method == "mxfp4":
+            return "MXFP4"
         if self.method != "fp8":
             return "bitsandbytes"
         return "compressed-tensors" if self.config.get("quant_method") != "fp8" else "FP8"
@@ -122,6 +131,8 @@ class QuantizedBase:
         if self.method == "fp8":
             blocks = sorted({"x".join(map(str, u.block or [])) for u in self.units.values()})
             return f"8-bit float e4m3, scale blocks {'/'.join(blocks)}"
+        if self.method == "mxfp4":
+            return "MXFP4 experts (4-bit e2m1 in groups of 32, e8m0 scales)"
         first = next(iter(self.units.values()))
         types = sorted({u.quant_type for u in self.units.values() if u.quant_type})
         blocks = sorted({u.blocksize for u in self.units.values() if u.blocksize})
@@ -131,13 +142,17 @@ class QuantizedBase:
 
     def logical_tensors(self, base: Checkpoint) -> dict[str, TensorInfo]:
         """The base as the model sees it: units at their real shape and dtype, no siblings."""
+        stored = {u.weight: u for u in self.units.values()}
         view = {}
         for name, info in base.tensors.items():
             if name in self.siblings:
                 continue
-            unit = self.units.get(name)
-            view[name] = info if unit is None else TensorInfo(
-                name, info.file, tuple(unit.shape), unit.dtype)
+            unit = stored.get(name)
+            if unit is None:
+                view[name] = info
+            else:
+                view[unit.logical_name] = TensorInfo(unit.logical_name, info.file,
+                                                     tuple(unit.shape), unit.dtype)
         return view
 
     def logical_view(self, base: Checkpoint) -> Checkpoint:
@@ -179,7 +194,7 @@ def _config_method(qc: dict, path: str) -> str:
     if method != "bitsandbytes":
         raise _config_error(path, (
             f"quantization_config.quant_method is {method!r}; Mergeflow reads bitsandbytes 4-bit "
-            "and 8-bit, FP8 and compressed-tensors FP8 checkpoints only. Merge onto the 16-bit "
+            "and 8-bit, FP8, compressed-tensors FP8 and MXFP4 checkpoints only. Merge onto the 16-bit "
             "model it was made from instead (pass that as `base`)"))
     if qc.get("load_in_4bit") or qc.get("_load_in_4bit"):
         return "bnb4"
@@ -206,6 +221,10 @@ def detect(config: dict, base: Checkpoint) -> QuantizedBase | None:
         from mergeflow.model.fp8 import detect_fp8  # it builds on this module's QuantSpec
 
         return detect_fp8(config, base)
+    if isinstance(qc, dict) and qc.get("quant_method") == "mxfp4":
+        from mergeflow.model.mxfp4 import detect_mxfp4
+
+        return detect_mxfp4(config, base)
     methods, qs_keys = _find_units(base)
     if qc is None:
         scaled = next((k for k in base.tensors if k.endswith((".weight_scale_inv", ".weight_scale"))),

@@ -318,10 +318,11 @@ def _check_method_options(spec: MergeSpec) -> None:
 
 
 def _check_quantized_options(spec: MergeSpec, quantized: QuantizedBase | None) -> None:
-    if quantized is not None and quantized.method == "fp8" and spec.save_method == "merged_4bit":
+    if quantized is not None and quantized.method in ("fp8", "mxfp4") \
+            and spec.save_method == "merged_4bit":
         raise InputError(f"`save_method=merged_4bit` re-quantizes with bitsandbytes, but the base "
-                         f"{spec.base} is FP8 ({quantized.library}); use `save_method=fp8` to "
-                         "write FP8 again, or `merged_16bit`")
+                         f"{spec.base} is {quantized.library}; use `save_method=fp8` to write "
+                         "FP8, or `merged_16bit`")
     if quantized is not None:
         return
     if spec.merge_onto == "original":

@@ -101,14 +101,16 @@ class OriginalTensor(BaseModel):
 
 
 class QuantizedUnit(BaseModel):
-    """A bitsandbytes unit of the base (weight and siblings), dequantized to float32."""
+    """A quantized unit of the base (bitsandbytes, FP8 or MXFP4: the stored weight and its
+    siblings), dequantized to float32."""
 
     kind: Literal["quantized"] = "quantized"
     unit: QuantSpec
 
     @property
     def name(self) -> str:
-        return self.unit.weight
+        """The tensor the unit decodes to, as the model names it."""
+        return self.unit.logical_name
 
 
 Source = Annotated[BaseTensor | AdapterTensor | OriginalTensor | QuantizedUnit,
