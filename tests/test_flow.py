@@ -230,3 +230,19 @@ def test_sigkill_mid_merge_then_rerun_is_byte_identical(make_base, make_adapter,
     resumed_files = {k: v[2] for k, v in snapshot(out).items()}
     clean_files = {k: v[2] for k, v in snapshot(tmp_path / "clean").items()}
     assert resumed_files == clean_files
+
+
+def test_fp8_through_the_flow_is_the_core_route_byte_for_byte(sharded_inputs, tmp_path):
+    """``save_method=fp8`` run as the Prefect flow writes the in-process route's files."""
+    pytest.importorskip("compressed_tensors")
+    from flows.merge import merge_adapter
+
+    base, adapter = sharded_inputs
+    state = merge_adapter(_spec(base, adapter, tmp_path / "flow", save_method="fp8"),
+                          return_state=True)
+    assert state.is_completed() and state.result().save_method == "fp8"
+    mergeflow.merge(base, adapter, tmp_path / "core", save_method="fp8")
+    flow_files, core_files = snapshot(tmp_path / "flow"), snapshot(tmp_path / "core")
+    assert {k: v[2] for k, v in flow_files.items()} == {k: v[2] for k, v in core_files.items()}
+    config = load_json(tmp_path / "flow" / "config.json")
+    assert config["quantization_config"]["format"] == "float-quantized"
