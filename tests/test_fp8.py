@@ -287,7 +287,8 @@ def _mxfp4_dequantized(base: Path, dtype: torch.dtype):
         base, dtype=dtype, quantization_config=Mxfp4Config(dequantize=True)).eval()
 
 
-@pytest.mark.parametrize("block_size", ["24MiB", "3KiB"])  # whole tensors; 64-row blocks across 96-row experts
+# whole tensors, then 64-row blocks across 96-row experts
+@pytest.mark.parametrize("block_size", ["24MiB", "3KiB"])
 def test_an_mxfp4_base_merges_onto_the_experts_transformers_decodes(tmp_path, gpt_oss, block_size):
     _, base, adapter = gpt_oss
     out = tmp_path / "merged"
