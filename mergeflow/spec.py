@@ -123,8 +123,8 @@ class MergeSpec(BaseModel):
         "cpu", description="Where dequantizing, the merge math and re-quantizing run.")
     save_method: Literal["merged_16bit", "merged_4bit", "lora", "gguf", "fp8"] = Field(
         "merged_16bit", description="merged_16bit: a plain checkpoint in `dtype`. merged_4bit: "
-        "merge, then re-quantize the changed weights with the quantized base's own bitsandbytes "
-        "settings (an 8-bit base stays 8-bit). lora: no merge; export the adapter as "
+        "merge, then re-quantize the changed weights in the quantized base's own format and "
+        "settings (bitsandbytes 4-bit or 8-bit, or FP8). lora: no merge; export the adapter as "
         "adapter_model.safetensors, checked against the base. gguf: merge straight into one "
         "GGUF file for llama.cpp and Ollama (`gguf_type`), with an Ollama Modelfile. fp8: the "
         "compressed-tensors FP8 checkpoint vLLM serves (`fp8_scheme`; lm_head stays 16-bit).")

@@ -184,11 +184,60 @@ def test_a_float8_weight_without_its_scale_is_refused_naming_it(tmp_path, bf16_b
     assert not (tmp_path / "out").exists()
 
 
-def test_merged_4bit_on_an_fp8_base_is_refused_naming_the_way_to_fp8(tmp_path, bf16_base, adapter):
-    base = build_fp8_base(bf16_base, tmp_path / "fp8", layout="block")
-    with pytest.raises(InputError, match=r"use `save_method=fp8` to write FP8, or `merged_16bit`"):
-        mergeflow.merge(base, adapter, tmp_path / "out", save_method="merged_4bit")
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("layout", ["block", "channel"])
+def test_merged_4bit_keeps_an_fp8_base_in_its_own_format(tmp_path, bf16_base, adapter, layout):
+    """merged_4bit (re-quantize in the base's own format): changed weights re-encoded as the
+    base's own tool encodes them (transformers' FP8 quantizer for block-wise FP8,
+    compressed-tensors for its format) from PEFT's merge; unchanged ones copied as stored."""
+    from safetensors.torch import load_file
+
+    base = build_fp8_base(bf16_base, tmp_path / "fp8", layout=layout)
+    out = tmp_path / "out"
+    report = mergeflow.merge(base, adapter, out, save_method="merged_4bit")
+    written, stored = read_tensors(out), load_file(base / "model.safetensors")
+    assert set(written) == set(stored)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == json.loads(
+        (base / "config.json").read_text())["quantization_config"]
+    assert any("re-quantized" in n and "quantization_config kept" in n for n in report.notes)
+    role = "weight_scale_inv" if layout == "block" else "weight_scale"
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj"):  # unadapted
+        for key in (f"{name}.weight", f"{name}.{role}"):
+            assert written[key].view(torch.uint8).equal(stored[key].view(torch.uint8)), key
+    # the peer: PEFT's merge on the dequantized weights, encoded by the base's own tool
+    from peft import PeftModel
+
+    model = _dequantized_model(base, torch.bfloat16).float()
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload().to(torch.bfloat16)
+    weights = merged.state_dict()
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):  # adapted
+        if layout == "block":
+            from types import SimpleNamespace
+
+            from transformers import FineGrainedFP8Config
+            from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+            quantizer = Fp8Quantize(SimpleNamespace(quantization_config=FineGrainedFP8Config()))
+            peer = quantizer._quantize_one(f"{name}.weight", weights[f"{name}.weight"])
+        else:  # the merged weights in a plain model, as llm-compressor would be given them
+            from transformers import AutoModelForCausalLM
+
+            plain = AutoModelForCausalLM.from_pretrained(bf16_base, dtype=torch.bfloat16)
+            plain.load_state_dict({k: weights[k] for k in plain.state_dict()})
+            save_compressed_tensors(plain, tmp_path / "peer")
+            peer = read_tensors(tmp_path / "peer")
+        same = (written[f"{name}.weight"].view(torch.uint8)
+                == peer[f"{name}.weight"].view(torch.uint8)).float().mean().item()
+        assert same > 0.999, name
+        assert torch.equal(written[f"{name}.{role}"], peer[f"{name}.{role}"]), name
+    # transformers loads it as an FP8 model again, and it runs like the live adapter
+    live, got = _live_logits(base, adapter), _dequantized_logits(out)
+    assert (got - live).abs().max().item() < 0.25 * live.abs().max().item()
+
+
+def _dequantized_logits(folder: Path) -> torch.Tensor:
+    with torch.no_grad():
+        return _dequantized_model(folder, torch.bfloat16)(input_ids=IDS).logits.float()
 
 
 def test_an_fp8_base_exports_to_fp8_again(tmp_path, bf16_base, adapter):
@@ -333,4 +382,11 @@ def test_mxfp4_blocks_without_scales_are_refused_naming_them(tmp_path, gpt_oss):
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(InputError, match=r"down_proj_blocks' have no"):
         mergeflow.merge(broken, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_merged_4bit_on_an_mxfp4_base_is_refused_naming_what_to_use(tmp_path, gpt_oss):
+    _, base, adapter = gpt_oss
+    with pytest.raises(InputError, match=r"does not write MXFP4.*use `save_method=merged_16bit`"):
+        mergeflow.merge(base, adapter, tmp_path / "out", save_method="merged_4bit")
     assert not (tmp_path / "out").exists()

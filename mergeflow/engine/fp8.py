@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from mergeflow.errors import MergeError
 from mergeflow.model.checkpoint import DTYPES, Checkpoint
 from mergeflow.model.quant import QuantSpec
 from mergeflow.plan.fp8 import BLOCK, PRESETS, scale_name
@@ -82,6 +83,95 @@ def decode_whole(spec: QuantSpec, tensors: dict[str, torch.Tensor],
     return values.to(DTYPES[spec.dtype]).float()
 
 
+class Fp8Requantizer:
+    """merged_4bit on an FP8 base: the merged weight re-encoded in the base's own scheme, row
+    block by row block (rows rounded to the model's dtype first, as the model holds them).
+
+    Block-wise FP8 (``weight_scale_inv``) is encoded by transformers' own FP8 quantizer
+    (``Fp8Quantize``, what ``FineGrainedFP8Config`` runs); compressed-tensors FP8 by
+    compressed-tensors' own ``calculate_qparams`` and ``quantize`` with the base's strategy.
+    Blocks must start on a multiple of :attr:`row_multiple` (one scale block of rows).
+
+    Args:
+        spec: the base unit (its scale role, block and dtype).
+        scale_dtype: the stored scale's dtype (safetensors name).
+        device: where to encode.
+    """
+
+    def __init__(self, spec: QuantSpec, scale_dtype: str, device: torch.device) -> None:
+        self.spec = spec
+        self.role, self.scale_key = next(iter(spec.siblings.items()))
+        self.block = spec.block or spec.shape
+        self.dtype = DTYPES[spec.dtype]
+        self.scales = torch.empty(scale_grid(spec.shape, self.block), dtype=DTYPES[scale_dtype],
+                                  device=device)
+        self.row_multiple = self.block[0]
+        if self.role == "weight_scale_inv":
+            self._quantizer = _transformers_quantizer(self.block)
+        else:
+            self._args = _compressed_tensors_args(self.block)
+
+    def encode(self, start: int, stop: int, rows: torch.Tensor) -> torch.Tensor:
+        """The float8 values of merged rows ``[start, stop)`` (float32 ``(k, in)``), on the CPU."""
+        x = rows.to(self.dtype)  # (k, in), as the merged model holds it
+        first = start // self.block[0]
+        if self.role == "weight_scale_inv":
+            out = self._quantizer._quantize_one(self.spec.weight, x)
+            values, scale = out[self.spec.weight], out[self.scale_key]
+            if values.dtype != FP8:
+                raise MergeError(f"transformers left '{self.spec.weight}' rows {start}-{stop} "
+                                 "unquantized (a planning bug; please report it)")
+        else:
+            from compressed_tensors.quantization.lifecycle.forward import quantize
+            from compressed_tensors.quantization.utils import calculate_qparams
+
+            low, high = _block_range(x, self.block)
+            scale, zero = calculate_qparams(low, high, self._args)
+            values = quantize(x, scale, zero, self._args, dtype=FP8)
+        self.scales[first:first + scale.shape[0]] = scale.reshape(-1, self.scales.shape[1])
+        return values.cpu()
+
+    def siblings(self) -> dict[str, torch.Tensor]:
+        """The scale tensor by its base key, in its stored shape, on the CPU."""
+        return {self.scale_key: self.scales.cpu()}
+
+
+def _transformers_quantizer(block: list[int]):
+    """transformers' FP8 quantizer for ``block``-sized tiles (the one it runs for
+    ``FineGrainedFP8Config(weight_block_size=block)``)."""
+    from types import SimpleNamespace
+
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    config = FineGrainedFP8Config(weight_block_size=tuple(block))
+    return Fp8Quantize(SimpleNamespace(quantization_config=config))
+
+
+def _compressed_tensors_args(block: list[int]):
+    """compressed-tensors' weight args for a base's per-channel or per-block FP8 scales."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    if block[0] == 1:
+        return weight_args("channel")
+    return QuantizationArgs(num_bits=8, type="float", strategy="block", symmetric=True,
+                            dynamic=False, block_structure=list(block))
+
+
+def _block_range(x: torch.Tensor, block: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each scale block's min and max over rows ``x`` (zero-padded to whole blocks; a zero never
+    changes a symmetric scale): ``(k / bh, C)`` each."""
+    bh, bw = block
+    k, cols = x.shape
+    if bh == 1:
+        return torch.aminmax(x, dim=1, keepdim=True)  # (k, 1) each
+    grid = scale_grid([k, cols], block)
+    padded = torch.zeros(grid[0] * bh, grid[1] * bw, dtype=x.dtype, device=x.device)
+    padded[:k, :cols] = x
+    blocks = padded.reshape(grid[0], bh, grid[1], bw)  # (R, bh, C, bw)
+    return blocks.amin(dim=(1, 3)), blocks.amax(dim=(1, 3))
+
+
 def decode_row_set(values: torch.Tensor, scale: torch.Tensor, scheme: Literal["channel", "block"],
                    rows: torch.Tensor) -> torch.Tensor:
     """Rows ``rows`` of a written FP8 weight as a server decodes them: float8 ``values``
@@ -138,25 +228,12 @@ class Fp8Encoder:
         from compressed_tensors.quantization.utils import calculate_qparams
 
         x = rows.to(self.dtype)  # (k, in), as the merged 16-bit checkpoint holds it
-        low, high = self._block_range(x)  # (k / bh, C) each
+        low, high = _block_range(x, self.block)  # (k / bh, C) each
         scale, zero = calculate_qparams(low, high, self.args)
         self.scales[start // self.block[0]:start // self.block[0] + scale.shape[0]] = scale
         # per channel the (k, 1) scale broadcasts over each row; per block compressed-tensors
         # pads and reshapes the rows into (k / bh, C) blocks itself
         return quantize(x, scale, zero, self.args, dtype=FP8).cpu()  # fp8 (k, in)
-
-    def _block_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each scale block's min and max over rows ``x`` (zero-padded to whole blocks, as
-        compressed-tensors pads; a zero never changes a symmetric scale)."""
-        bh, bw = self.block
-        k, cols = x.shape
-        grid = scale_grid([k, cols], self.block)
-        if self.block[0] == 1:
-            return torch.aminmax(x, dim=1, keepdim=True)  # (k, 1) each
-        padded = torch.zeros(grid[0] * bh, grid[1] * bw, dtype=x.dtype, device=x.device)
-        padded[:k, :cols] = x
-        blocks = padded.reshape(grid[0], bh, grid[1], bw)  # (R, bh, C, bw)
-        return blocks.amin(dim=(1, 3)), blocks.amax(dim=(1, 3))
 
     def siblings(self) -> dict[str, torch.Tensor]:
         """The weight's scale tensor by name, ``(out, 1)`` or ``(ceil(out/128), ceil(in/128))``,
@@ -164,5 +241,5 @@ class Fp8Encoder:
         return {scale_name(self.weight): self.scales.cpu()}
 
 
-__all__ = ["Fp8Decoder", "Fp8Encoder", "decode_row_set", "decode_whole", "scale_grid",
+__all__ = ["Fp8Decoder", "Fp8Encoder", "Fp8Requantizer", "decode_row_set", "decode_whole", "scale_grid",
            "scale_rows", "weight_args"]

@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel
 
 from mergeflow.engine.codecs import requantize
-from mergeflow.engine.fp8 import Fp8Encoder
+from mergeflow.engine.fp8 import Fp8Encoder, Fp8Requantizer
 from mergeflow.engine.readers import (
     DEFAULT_BLOCK_BYTES,
     ROW_TILE,
@@ -431,6 +431,8 @@ class TensorMerger:
         """Every ``(name, tensor)`` one plan entry writes, in :meth:`TensorPlan.outputs` order,
         whole (CPU). The writer streams :meth:`blocks` instead; this is for quantized units,
         small tensors and tests."""
+        if isinstance(plan.encoding, Requantize) and plan.encoding.unit.method == "fp8":
+            return self._fp8_whole(plan)
         if isinstance(plan.encoding, Requantize):
             merged = self._compute_whole(plan)  # float32, on the device
             require_finite(plan, merged)
@@ -452,9 +454,13 @@ class TensorMerger:
         return [(plan.name, tensor.reshape(plan.shape))]
 
     def _fp8_whole(self, plan: TensorPlan) -> list[tuple[str, torch.Tensor]]:
-        """An FP8-encoded entry, whole: its float8 values, then its scale (CPU)."""
-        encoder = Fp8Encoder(plan.name, plan.shape, plan.encoding.scheme, plan.encoding.dtype,
-                             self.device)
+        """An FP8-encoded entry (save_method fp8, or merged_4bit on an FP8 base), whole: its
+        float8 values, then its scale (CPU)."""
+        if isinstance(plan.encoding, Fp8):
+            encoder = Fp8Encoder(plan.name, plan.shape, plan.encoding.scheme, plan.encoding.dtype,
+                                 self.device)
+        else:
+            encoder = Fp8Requantizer(plan.encoding.unit, plan.parts[0].dtype, self.device)
         logical = plan.model_copy(update={"dtype": "F32", "parts": [], "encoding": Cast()})
         rows, cols = plan.shape
         blocks = [encoder.encode(i, j, work.clone()) for i, j, work in

@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel
 
 from mergeflow.engine.codecs import RowDequantizer, RowRequantizer
-from mergeflow.engine.fp8 import Fp8Encoder
+from mergeflow.engine.fp8 import Fp8Encoder, Fp8Requantizer
 from mergeflow.engine.ops import TensorMerger, require_finite
 from mergeflow.engine.readers import DEFAULT_BLOCK_BYTES
 from mergeflow.engine.writer import ShardWriter
@@ -58,11 +58,15 @@ class ShardResult(BaseModel):
     resumed: bool = False  # found finished by an earlier run, not written by this one
 
 
-def row_encoder(plan: TensorPlan, device: torch.device) -> RowRequantizer | Fp8Encoder:
+def row_encoder(plan: TensorPlan, device: torch.device
+                ) -> RowRequantizer | Fp8Encoder | Fp8Requantizer:
     """The encoder of an entry written in another layout than its dtype's values: merged_4bit's
-    bitsandbytes re-quantizer, or save_method fp8's compressed-tensors encoder."""
+    re-quantizer in the base's own format (bitsandbytes or FP8), or save_method fp8's
+    compressed-tensors encoder."""
     if isinstance(plan.encoding, Fp8):
         return Fp8Encoder(plan.name, plan.shape, plan.encoding.scheme, plan.encoding.dtype, device)
+    if plan.encoding.unit.method == "fp8":
+        return Fp8Requantizer(plan.encoding.unit, plan.parts[0].dtype, device)
     return RowRequantizer(plan.encoding.unit, device)
 
 

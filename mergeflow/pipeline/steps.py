@@ -318,11 +318,10 @@ def _check_method_options(spec: MergeSpec) -> None:
 
 
 def _check_quantized_options(spec: MergeSpec, quantized: QuantizedBase | None) -> None:
-    if quantized is not None and quantized.method in ("fp8", "mxfp4") \
-            and spec.save_method == "merged_4bit":
-        raise InputError(f"`save_method=merged_4bit` re-quantizes with bitsandbytes, but the base "
-                         f"{spec.base} is {quantized.library}; use `save_method=fp8` to write "
-                         "FP8, or `merged_16bit`")
+    if quantized is not None and quantized.method == "mxfp4" and spec.save_method == "merged_4bit":
+        raise InputError(f"`save_method=merged_4bit` re-quantizes in the base's own format, but "
+                         f"Mergeflow does not write MXFP4 (the base {spec.base}); use "
+                         "`save_method=merged_16bit`, or `fp8`")
     if quantized is not None:
         return
     if spec.merge_onto == "original":

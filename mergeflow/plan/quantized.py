@@ -86,6 +86,8 @@ class Placement:
             raise PlanError(
                 f"{self.adapter_file}: the adapter resizes or changes rows of '{plan.name}', which "
                 "the base stores quantized; use `save_method=merged_16bit`")
+        if unit.method == "fp8":
+            _check_fp8_requantizable(unit, self.stored)
         unchanged = not plan.ops and not isinstance(plan.source, AdapterTensor) \
             and plan.source.name == plan.name
         if unchanged:
@@ -98,6 +100,23 @@ class Placement:
             "source": source, "encoding": encoding, "dtype": infos[0].dtype,
             "shape": list(infos[0].shape),
             "parts": [TensorPart(name=i.name, dtype=i.dtype, shape=list(i.shape)) for i in infos[1:]]})
+
+
+def _check_fp8_requantizable(unit: QuantSpec, stored: Checkpoint) -> None:
+    """merged_4bit re-encodes an FP8 weight by row blocks of whole scale blocks: a per-tensor
+    scale, or blocks that do not tile the weight (which transformers' own FP8 quantizer leaves
+    unquantized), cannot be."""
+    rows, cols = unit.shape
+    block = unit.block or unit.shape
+    where = stored.folder / stored.tensors[unit.weight].file
+    if block == [rows, cols] and rows > 1:
+        raise PlanError(f"{where}: '{unit.weight}' has one scale for the whole tensor, which "
+                        "`save_method=merged_4bit` cannot re-encode by row blocks; use "
+                        "`save_method=fp8` (per-channel scales) or `merged_16bit`")
+    if block[0] > 1 and (rows % block[0] or cols % block[1]):
+        raise PlanError(f"{where}: '{unit.weight}' {unit.shape} is not whole {block} blocks, so "
+                        "FP8 quantizers leave it unquantized; use `save_method=fp8` or "
+                        "`merged_16bit`")
 
 
 def quant_notes(quantized: QuantizedBase | None, original: Checkpoint | None, save_method: str,
