@@ -155,15 +155,16 @@ class MergeSpec(BaseModel):
         "output row, dynamic per-token activations); block is FP8_BLOCK (one scale per 128x128 "
         "block, the layout DeepSeek and Qwen ship).")
     gguf_type: str = Field(
-        "f16", pattern=r"^[a-z0-9_]+(,[a-z0-9_]+)*$", description="With `save_method=gguf`: the "
-        "GGUF type, or several separated by commas (one merge makes them all). "
+        "f16", pattern=r"^[a-z0-9_]+(,[a-z0-9_]+)*$", description="With `save_method=gguf` (or "
+        "merged_16bit,gguf): the GGUF type, or several separated by commas (one merge makes them all). "
         "f16, bf16 and q8_0 are written by llama.cpp's converter as the merge streams (norms and "
         "1-D tensors stay f32); llama.cpp's quantizer types (q4_k_m, q5_k_m, q6_k, "
         "q4_0, q5_0, q3_k_m, iq4_xs, ...) are made by llama.cpp itself from the streamed 16-bit "
         "file, which is then deleted unless it was asked for too. All need llama.cpp's converter "
         "and quantizer (scripts/setup --gguf).")
     gguf_check: bool = Field(
-        True, description="With `save_method=gguf`: llama.cpp scores every quantized file "
+        True, description="With `save_method=gguf` (or merged_16bit,gguf): llama.cpp scores "
+        "every quantized file "
         "against the 16-bit GGUF of the same merge on fixed token sequences (mean KL "
         "divergence, top-1 agreement), in the report and the model card.")
     merge_onto: Literal["dequantized", "original"] = Field(

@@ -121,6 +121,30 @@ def test_one_read_writes_the_checkpoint_and_the_gguf_of_the_separate_runs(
     assert "model-q4_k_m.gguf: mean KL" in card
 
 
+def test_gguf_alone_on_a_bf16_base_holds_the_two_step_routes_f16_tensors(separate, tmp_path):
+    """The gguf route rounds the merge to the base's bf16 before the converter writes f16, as
+    llama.cpp's own converter run on the merged_16bit folder does (streamed straight from the
+    float32 merge, the f16 values differed)."""
+    import subprocess
+    import sys
+
+    import gguf
+    import numpy as np
+
+    peer = tmp_path / "two-step-f16.gguf"
+    script = Path(__file__).with_name("gguf_two_step.py")
+    subprocess.run([sys.executable, str(script), str(separate["st"]), str(peer), "f16"],
+                   check=True, capture_output=True)
+
+    def tensors(path: Path) -> dict[str, tuple[str, bytes]]:
+        return {t.name: (t.tensor_type.name, bytes(np.asarray(t.data)))
+                for t in gguf.GGUFReader(path).tensors}
+
+    ours, theirs = tensors(separate["gguf"] / "model-f16.gguf"), tensors(peer)
+    assert sorted(ours) == sorted(theirs)
+    assert [name for name in ours if ours[name] != theirs[name]] == []
+
+
 def test_the_spelling_and_order_of_the_pair_do_not_matter():
     spec = MergeSpec(adapter="a", out="o", save_method=" gguf , merged_16bit")
     assert spec.save_method == BOTH and spec.writes_gguf and spec.writes_safetensors
@@ -203,6 +227,27 @@ def test_the_flow_runs_the_same_steps_to_the_same_bytes(inputs, tmp_path, prefec
     local = mergeflow.merge(base, adapter, tmp_path / "local", save_method=BOTH, gguf_type=TYPES)
     assert files(tmp_path / "flow") == files(tmp_path / "local")
     assert report.gguf_files == local.gguf_files
+
+
+def test_push_to_publishes_both_outputs_with_the_manifest(inputs, tmp_path, monkeypatch):
+    """To moto's S3 server: the destination holds the folder's every file, GGUF included."""
+    from s3_server import aws_test_env, moto_s3, new_bucket
+
+    from mergeflow.remote.fetch import s3_client
+
+    base, adapter = inputs
+    out = tmp_path / "both"
+    with aws_test_env(), moto_s3() as url:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        client = s3_client(url)
+        bucket = new_bucket(client)
+        mergeflow.merge(base, adapter, out, save_method=BOTH, gguf_type="q8_0",
+                        push_to=f"s3://{bucket}/m", verify=False)
+        stored = {o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+                  for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert "m/model-q8_0.gguf" in stored and "m/model.safetensors" in stored
+    assert {k: hashlib.sha256(v).hexdigest() for k, v in stored.items()} == {
+        f"m/{name}": digest for name, digest in files(out).items()}
 
 
 class _SpyPublisher:
