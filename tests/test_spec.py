@@ -166,7 +166,7 @@ def test_the_run_form_offers_the_save_methods_as_a_dropdown_with_the_pair():
     schema = merge_adapter.parameters.model_dump()
     field = schema["definitions"]["MergeRequest"]["properties"]["save_method"]
     [choices] = [option["enum"] for option in field["anyOf"] if "enum" in option]
-    assert choices == ["merged_16bit", "merged_4bit", "lora", "gguf", "merged_16bit,gguf"]
+    assert choices == ["merged_16bit", "merged_4bit", "lora", "gguf", "fp8", "merged_16bit,gguf"]
     pair = {"spec": {"adapter": "a", "out": "o", "save_method": "merged_16bit,gguf"}}
     assert validate(pair, schema, preprocess=True) == []
     assert validate({"spec": {"adapter": "a", "out": "o", "save_method": "lora,gguf"}}, schema,

@@ -553,8 +553,9 @@ def write_gguf_output(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
     staging = Staging.for_output(prepared.out)
     plan = MergePlan.load(Path(prepared.plan_path))
     made = _make_gguf(prepared, spec, plan, staging)
+    _write_gguf_modelfile(staging, plan, made.written[0].filename)
     report = _gguf_report(plan, prepared.out, made)
-    _write_gguf_small_files(staging, plan, report, made)
+    _write_gguf_card(staging, plan, report)
     _write_manifest(staging.folder, plan, prepared.fingerprint, report, made.written,
                     {*(r.filename for r in made.written), MODELFILE, "README.md"})
     return report
@@ -583,7 +584,7 @@ def convert_gguf_output(prepared: PreparedMerge, spec: MergeSpec, results: list[
         "notes": [*report.notes, *(score.words() for score in made.scores)],
         "gguf_files": {r.filename: r.size for r in made.written},
         "gguf_scores": _scores(made)})
-    write_modelfile(staging, made.written[0].filename, Path(str(plan.options["tokenizer"])))
+    _write_gguf_modelfile(staging, plan, made.written[0].filename)
     _write_card(staging.folder, plan, report)
     listed = set((read_manifest(staging.folder) or {}).get("files", {}))  # finalize's files
     _write_manifest(staging.folder, plan, prepared.fingerprint, report, [*results, *made.written],
@@ -604,29 +605,34 @@ def gguf_low_disk(prepared: PreparedMerge, spec: MergeSpec) -> tuple[MergeReport
         VerificationError: a file failed its checks (it is not shipped).
         SinkError, TransientError, UploadError, TransientUploadError: as :func:`merge_low_disk`.
     """
+    from mergeflow.engine.gguf import gguf_filename
+
     staging = Staging.for_output(prepared.out)
     plan = MergePlan.load(Path(prepared.plan_path))
     publisher = open_publisher(spec.push_to, **publish_options(spec))
     shipped: list[ShardResult] = []
-    total = len(gguf_types(plan))
+    types = gguf_types(plan)
+    first = gguf_filename(types[0])
 
     def ship(result: ShardResult) -> None:
+        if result.filename == first:  # the Modelfile reads it: written before it is deleted
+            _write_gguf_modelfile(staging, plan, first)
         try:
             publisher.put(staging.folder / result.filename, result.sha256, result.size)
         except MergeError as exc:
-            raise _shipping_error(spec, exc, shipped, total, "GGUF files") from exc
+            raise _shipping_error(spec, exc, shipped, len(types), "GGUF files") from exc
         shipped.append(result)
 
     made = _make_gguf(prepared, spec, plan, staging, ship=ship)
     report = _gguf_report(plan, prepared.out, made)
-    _write_gguf_small_files(staging, plan, report, made)
+    _write_gguf_card(staging, plan, report)
     _write_manifest(staging.folder, plan, prepared.fingerprint, report, made.written,
                     {MODELFILE, "README.md"})
     small = [staging.folder / name for name in sorted((MODELFILE, "README.md"))]
     try:
         published = publisher.finish(small, staging.folder / MANIFEST)
     except MergeError as exc:
-        raise _shipping_error(spec, exc, shipped, total, "GGUF files") from exc
+        raise _shipping_error(spec, exc, shipped, len(types), "GGUF files") from exc
     staging.remove()
     report.out = spec.push_to
     return report, published
@@ -716,10 +722,14 @@ def _gguf_report(plan: MergePlan, out: str, made: _GgufMade) -> MergeReport:
                 "gguf_scores": _scores(made)})
 
 
-def _write_gguf_small_files(staging: Staging, plan: MergePlan, report: MergeReport,
-                            made: _GgufMade) -> None:
-    """``save_method=gguf``'s Modelfile (for the first type asked) and model card."""
-    write_modelfile(staging, made.written[0].filename, Path(str(plan.options["tokenizer"])))
+def _write_gguf_modelfile(staging: Staging, plan: MergePlan, filename: str) -> None:
+    """The Ollama Modelfile for the GGUF file ``filename`` (the first type asked), which must
+    still be in staging (the Modelfile reads its metadata)."""
+    write_modelfile(staging, filename, Path(str(plan.options["tokenizer"])))
+
+
+def _write_gguf_card(staging: Staging, plan: MergePlan, report: MergeReport) -> None:
+    """``save_method=gguf``'s model card."""
     adapter = Path(plan.adapter)
     base_name = read_adapter_config(adapter).get("base_model_name_or_path") or Path(plan.base).name
     (staging.folder / "README.md").write_text(model_card(base_name, adapter.name,
