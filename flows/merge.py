@@ -47,7 +47,9 @@ from mergeflow.pipeline import (
 )
 from mergeflow.spec import MergeSpec, format_size
 from tasks import (
+    convert_gguf,
     finalize,
+    gguf_low_disk,
     load,
     merge_low_disk,
     merge_shard,
@@ -254,6 +256,9 @@ class FlowSteps:
     def merge_low_disk(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
         carried.report = merge_low_disk(prepared, spec)
 
+    def gguf_low_disk(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
+        carried.report = gguf_low_disk(prepared, spec)
+
     def write_gguf(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
         carried.report = write_gguf(prepared, spec)
 
@@ -271,6 +276,12 @@ class FlowSteps:
         self.last = verify.submit(prepared, spec.device, carried.results, wait_for=[self.last])
         carried.verification = self.last.result()
         log_verification(carried.verification)
+
+    def convert_gguf(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
+        self.last = convert_gguf.submit(prepared, spec, carried.results, carried.report,
+                                        wait_for=[self.last])
+        carried.report = self.last.result()
+        get_run_logger().info("converted the shards into %s", ", ".join(carried.report.gguf_files))
 
     def publish(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
         if spec.save_method != "gguf" and not spec.verify:
@@ -419,6 +430,9 @@ def report_markdown(spec: MergeSpec, prepared: PreparedMerge, report: MergeRepor
              f"{format_size(report.total_size)} in {report.shards} shard(s).", "",
              "| shard | bytes | sha256 |", "| --- | ---: | --- |"]
     lines += [f"| {r.filename} | {r.size} | `{r.sha256[:16]}…` |" for r in results]
+    if report.gguf_files and results:  # merged_16bit,gguf: converted from those shards
+        lines += ["", "GGUF, converted from those shards: " + ", ".join(
+            f"`{name}` ({size} bytes)" for name, size in report.gguf_files.items()) + "."]
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {stage} | {seconds:.2f} |" for stage, seconds in timings.items()]
     lines += ["", "## Verification", ""]

@@ -84,6 +84,24 @@ Size = Annotated[str, BeforeValidator(_size_text), AfterValidator(_check_size),
                  Field(json_schema_extra={"pattern": SIZE_PATTERN})]
 
 
+#: The one pair of save methods that go together: the GGUF is converted from the 16-bit shards.
+SAFETENSORS_AND_GGUF = "merged_16bit,gguf"
+
+
+def _save_methods(value: Any) -> Any:
+    """``save_method`` as given, or several joined by commas: ``gguf,merged_16bit`` (any order,
+    spaces) is :data:`SAFETENSORS_AND_GGUF`; any other pair is refused in one line."""
+    if not isinstance(value, str) or "," not in value:
+        return value
+    methods = [m.strip() for m in value.split(",") if m.strip()]
+    if sorted(methods) == sorted(SAFETENSORS_AND_GGUF.split(",")):
+        return SAFETENSORS_AND_GGUF
+    raise PydanticCustomError(
+        "save_methods", "{value}: only merged_16bit,gguf combines save methods (one "
+        "SafeTensors checkpoint, and GGUF files converted from its 16-bit shards); write the "
+        "others in separate runs", {"value": value})
+
+
 class MergeSpec(BaseModel):
     """Everything that defines one merge."""
 
@@ -121,27 +139,32 @@ class MergeSpec(BaseModel):
         False, description="Replace a finished output made from other inputs or options.")
     device: Literal["cpu", "cuda"] = Field(
         "cpu", description="Where dequantizing, the merge math and re-quantizing run.")
-    save_method: Literal["merged_16bit", "merged_4bit", "lora", "gguf", "fp8"] = Field(
+    save_method: Annotated[Literal["merged_16bit", "merged_4bit", "lora", "gguf", "fp8",
+                                   "merged_16bit,gguf"],
+                           BeforeValidator(_save_methods)] = Field(
         "merged_16bit", description="merged_16bit: a plain checkpoint in `dtype`. merged_4bit: "
         "merge, then re-quantize the changed weights in the quantized base's own format and "
         "settings (bitsandbytes 4-bit or 8-bit, or FP8). lora: no merge; export the adapter as "
         "adapter_model.safetensors, checked against the base. gguf: merge straight into one "
         "GGUF file for llama.cpp and Ollama (`gguf_type`), with an Ollama Modelfile. fp8: the "
-        "compressed-tensors FP8 checkpoint vLLM serves (`fp8_scheme`; lm_head stays 16-bit).")
+        "compressed-tensors FP8 checkpoint vLLM serves (`fp8_scheme`; lm_head stays 16-bit). "
+        "merged_16bit,gguf: both in one folder from one read of the base (the GGUF files are "
+        "converted from the merged shards).")
     fp8_scheme: Literal["channel", "block"] = Field(
         "channel", description="With `save_method=fp8`: channel is FP8_DYNAMIC (one scale per "
         "output row, dynamic per-token activations); block is FP8_BLOCK (one scale per 128x128 "
         "block, the layout DeepSeek and Qwen ship).")
     gguf_type: str = Field(
-        "f16", pattern=r"^[a-z0-9_]+(,[a-z0-9_]+)*$", description="With `save_method=gguf`: the "
-        "GGUF type, or several separated by commas (one merge makes them all). "
+        "f16", pattern=r"^[a-z0-9_]+(,[a-z0-9_]+)*$", description="With `save_method=gguf` (or "
+        "merged_16bit,gguf): the GGUF type, or several separated by commas (one merge makes them all). "
         "f16, bf16 and q8_0 are written by llama.cpp's converter as the merge streams (norms and "
         "1-D tensors stay f32); llama.cpp's quantizer types (q4_k_m, q5_k_m, q6_k, "
         "q4_0, q5_0, q3_k_m, iq4_xs, ...) are made by llama.cpp itself from the streamed 16-bit "
         "file, which is then deleted unless it was asked for too. All need llama.cpp's converter "
         "and quantizer (scripts/setup --gguf).")
     gguf_check: bool = Field(
-        True, description="With `save_method=gguf`: llama.cpp scores every quantized file "
+        True, description="With `save_method=gguf` (or merged_16bit,gguf): llama.cpp scores "
+        "every quantized file "
         "against the 16-bit GGUF of the same merge on fixed token sequences (mean KL "
         "divergence, top-1 agreement), in the report and the model card.")
     merge_onto: Literal["dequantized", "original"] = Field(
@@ -178,7 +201,9 @@ class MergeSpec(BaseModel):
     s3_kms_key_id: str | None = Field(None, description="s3:// only: KMS key for aws:kms.")
     low_disk: bool = Field(
         False, description="With push_to: publish each shard as soon as it is written and "
-        "verified, then delete it locally (local disk stays near one shard).")
+        "verified, then delete it locally (local disk stays near one shard; with "
+        "`save_method=gguf`, each GGUF file once written and checked: the 16-bit file and one "
+        "quantized file at most).")
 
     def option_problems(self) -> list[str]:
         """The combinations of options that cannot mean anything, one line each (options named
@@ -195,15 +220,32 @@ class MergeSpec(BaseModel):
         if self.save_method == "lora" and self.merge_onto == "original":
             problems.append("`save_method=lora` exports the adapter unmerged, so `merge_onto=original` "
                             "has nothing to do; drop one of them")
-        if self.save_method == "gguf" and self.low_disk:
-            problems.append("`save_method=gguf` writes one file, which `low_disk=True` cannot ship "
-                            "in pieces; drop `low_disk`")
+        if self.save_method == SAFETENSORS_AND_GGUF and self.low_disk:
+            problems.append(f"`save_method={SAFETENSORS_AND_GGUF}` converts the GGUF from the "
+                            "shards on disk, which `low_disk=True` ships and deletes one by one; "
+                            "drop `low_disk`, or write `save_method=gguf` alone")
         if self.fp8_scheme != "channel" and self.save_method != "fp8":
             problems.append(f"`fp8_scheme={self.fp8_scheme}` is only read with `save_method=fp8`; "
                             "add that, or drop `fp8_scheme`")
         if self.low_disk and not self.push_to:
             problems.append("`low_disk=True` needs `push_to`: shards are shipped and deleted as they go")
         return problems
+
+    @property
+    def writes_gguf(self) -> bool:
+        """GGUF files are among the outputs (``gguf``, or with the SafeTensors checkpoint)."""
+        return "gguf" in self.save_method.split(",")
+
+    @property
+    def writes_safetensors(self) -> bool:
+        """A SafeTensors checkpoint or adapter is among the outputs (anything but ``gguf``)."""
+        return self.save_method != "gguf"
+
+    @property
+    def planned_method(self) -> str:
+        """The save method the tensors are planned for: ``merged_16bit`` when the GGUF comes
+        from the 16-bit shards, else ``save_method`` itself."""
+        return self.save_method.split(",")[0]
 
     @model_validator(mode="after")
     def _check_combinations(self) -> MergeSpec:

@@ -4,7 +4,9 @@ Tasks take and return paths and small pydantic models, never tensors.
 """
 
 from tasks.merge import (
+    convert_gguf,
     finalize,
+    gguf_low_disk,
     load,
     merge_low_disk,
     merge_shard,
@@ -16,5 +18,6 @@ from tasks.merge import (
 )
 from tasks.policy import IO_RETRIES, retry_transient
 
-__all__ = ["IO_RETRIES", "finalize", "load", "merge_shard", "merge_low_disk", "publish",
-           "resize_vocab_and_untie", "retry_transient", "upload", "verify", "write_gguf"]
+__all__ = ["IO_RETRIES", "convert_gguf", "finalize", "gguf_low_disk", "load", "merge_shard",
+           "merge_low_disk", "publish", "resize_vocab_and_untie", "retry_transient", "upload",
+           "verify", "write_gguf"]

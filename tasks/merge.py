@@ -115,6 +115,23 @@ def merge_low_disk(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
     return pipeline.merge_low_disk(prepared, spec)[0]
 
 
+@task(name="gguf-low-disk", **_TASK)
+def gguf_low_disk(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
+    """--save-method gguf --low-disk: write, check, publish and delete one GGUF file at a time,
+    then the Modelfile, card and - last - the manifest."""
+    pipeline.limit_threads()
+    return pipeline.gguf_low_disk(prepared, spec)[0]
+
+
+@task(name="convert-gguf", **_TASK)
+def convert_gguf(prepared: PreparedMerge, spec: MergeSpec, results: list[ShardResult],
+                 report: MergeReport) -> MergeReport:
+    """--save-method merged_16bit,gguf: the GGUF file(s) converted from the finished shards in
+    staging (the base is not read again), checked; card and manifest written again."""
+    pipeline.limit_threads()
+    return pipeline.convert_gguf_output(prepared, spec, results, report)
+
+
 @task(name="write-gguf", **_TASK)
 def write_gguf(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
     """--save-method gguf: stream the merge into one GGUF file (written under a partial name,

@@ -153,3 +153,26 @@ def test_valid_combinations_pass():
     MergeSpec(adapter="a", out="o", merge_onto="original", original_base="/orig")
     MergeSpec(adapter="a", out="o", save_method="lora")
     MergeSpec(adapter="a", out="o", low_disk=True, push_to="s3://b/p")
+
+
+def test_the_run_form_offers_the_save_methods_as_a_dropdown_with_the_pair():
+    """``save_method`` stays an enum in the Prefect form (a dropdown), the one pair included;
+    the flow's partial spec normalizes and refuses pairs as MergeSpec does."""
+    from prefect.utilities.schema_tools.validation import validate
+
+    from flows.merge import merge_adapter
+    from flows.parameters import layered
+
+    schema = merge_adapter.parameters.model_dump()
+    field = schema["definitions"]["MergeRequest"]["properties"]["save_method"]
+    [choices] = [option["enum"] for option in field["anyOf"] if "enum" in option]
+    assert choices == ["merged_16bit", "merged_4bit", "lora", "gguf", "fp8", "merged_16bit,gguf"]
+    pair = {"spec": {"adapter": "a", "out": "o", "save_method": "merged_16bit,gguf"}}
+    assert validate(pair, schema, preprocess=True) == []
+    assert validate({"spec": {"adapter": "a", "out": "o", "save_method": "lora,gguf"}}, schema,
+                    preprocess=True)
+    defaults = {"adapter": "a", "out": "o", "save_method": "gguf"}
+    assert layered(defaults, {"save_method": "gguf,merged_16bit"}).save_method == \
+        "merged_16bit,gguf"
+    with pytest.raises(ValidationError, match="only merged_16bit,gguf combines save methods"):
+        layered({}, {"adapter": "a", "out": "o", "save_method": "lora,gguf"})

@@ -140,12 +140,18 @@ class StagingProgress:
         return self._recorded[filename]
 
     def phase(self, name: str) -> None:
-        """The merge entered step ``name`` ("verify", "publish"; called from the thread that
-        runs the merge): the writing is over, so say what was written; a verify phase gets
-        its own line on stderr."""
+        """The merge entered step ``name`` ("verify", "gguf", "publish"; called from the thread
+        that runs the merge): the writing is over, so say what was written; a verify phase and
+        a GGUF conversion (``merged_16bit,gguf``) get their own line on stderr."""
         if not self.enabled:
             return
         self._say_written()
+        if name == "gguf":
+            with self._lock:
+                self._phase = "converting"
+            err.print(f"converting the shards of {self.out} into GGUF ...", highlight=False,
+                      soft_wrap=True, markup=False)
+            return
         if name != "verify":
             return
         with self._lock:  # the change and its line at once: whoever comes second sees both

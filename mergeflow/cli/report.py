@@ -60,8 +60,13 @@ def print_report(report: MergeReport) -> None:
               f"({report.replaced_tensors} tensors replaced, {report.lora_biases} LoRA biases) "
               f"into {report.tensors} tensors, {format_size(report.total_size)} {report.dtype} "
               f"in {report.shards} shard(s)")
+    if report.gguf_files:  # merged_16bit,gguf: converted from those shards
+        out.print(f"[bold green]converted[/] the shards into {', '.join(report.gguf_files)} "
+                  f"({format_size(sum(report.gguf_files.values()))}) with an Ollama Modelfile")
     _print_notes(report.notes)
     out.print(f"output: {report.out}")
+    if report.gguf_files:
+        _print_ollama(report)
 
 
 def _print_lora(report: MergeReport) -> None:
@@ -76,7 +81,6 @@ def _print_lora(report: MergeReport) -> None:
 def _print_gguf(report: MergeReport) -> None:
     """A GGUF merge: what was written, and the command that imports it into Ollama."""
     from mergeflow.engine.gguf import gguf_filename
-    from mergeflow.output.modelfile import ollama_command
 
     files = ", ".join(gguf_filename(t) for t in report.dtype.split(","))
     out.print(f"[bold green]merged[/] {report.lora_modules} {report.variant} modules into "
@@ -84,4 +88,11 @@ def _print_gguf(report: MergeReport) -> None:
               f"{format_size(report.total_size)} {report.dtype}) with an Ollama Modelfile")
     _print_notes(report.notes)
     out.print(f"output: {report.out}")
+    _print_ollama(report)
+
+
+def _print_ollama(report: MergeReport) -> None:
+    """The command that imports the output's GGUF (its Modelfile) into Ollama."""
+    from mergeflow.output.modelfile import ollama_command
+
     print_line(f"to run it in Ollama: {ollama_command(report.out, Path(report.out).name.lower())}")

@@ -42,10 +42,11 @@ import torch
 
 from mergeflow import faults
 from mergeflow.engine.gguf_quant import check_type, split_types
-from mergeflow.engine.ops import TensorMerger
+from mergeflow.engine.ops import TensorMerger, require_finite
 from mergeflow.engine.shards import ShardResult
 from mergeflow.errors import AdapterError, InputError
 from mergeflow.math.numerics import all_finite, fits
+from mergeflow.model.checkpoint import DTYPES
 from mergeflow.model.config import base_config
 from mergeflow.plan import MergePlan, TensorPlan
 from mergeflow.storage.hashing import sha256_file
@@ -178,19 +179,39 @@ class _RowBlocks:
 def float_blocks(source: TensorMerger, plan: TensorPlan) -> Iterator[torch.Tensor]:
     """The merged tensor as consecutive float32 row blocks (CPU), one block alive at a time:
     merged in place by :meth:`TensorMerger.merged_rows`, read and widened when unchanged, or a
-    quantized unit decoded whole."""
+    quantized unit decoded whole.
+
+    Every value is first rounded to the tensor's planned dtype (the merge's ``dtype``), as the
+    SafeTensors shards of the same merge hold it: the converter then sees the merged model in
+    ``dtype``, exactly as llama.cpp's converter sees the shards of a ``merged_16bit`` merge, so
+    a GGUF converted from those shards (``save_method=merged_16bit,gguf``) is byte for byte
+    the one streamed from the merge."""
     shape = plan.shape or [1]
     rows, row_elems = shape[0], (torch.Size(shape[1:]).numel() if len(shape) > 1 else 1)
     if source.is_unit(plan):  # a bitsandbytes unit whose rows do not decode on their own
-        yield source.produce_all(plan)[0][1].float().reshape(shape)
+        yield source.produce_all(plan)[0][1].float().reshape(shape)  # already in plan.dtype
         return
     step = source.rows_per_block(plan, row_elems)
     if plan.computes:
         for _, _, work in source.merged_rows(plan, rows, row_elems, step):
-            yield work.cpu().reshape(-1, *shape[1:])
+            yield _as_planned(work.cpu(), plan).reshape(-1, *shape[1:])
         return
     for i in range(0, rows, step):
-        yield source.read_rows(plan, i, min(i + step, rows)).float().reshape(-1, *shape[1:])
+        block = source.read_rows(plan, i, min(i + step, rows))
+        yield _as_planned(block, plan).reshape(-1, *shape[1:])
+
+
+def _as_planned(block: torch.Tensor, plan: TensorPlan) -> torch.Tensor:
+    """``block`` rounded to the tensor's planned dtype, as float32 (the shard writer's cast,
+    with its refusal of values that overflow that dtype)."""
+    dtype = DTYPES[plan.dtype]
+    if block.dtype == dtype:
+        return block.float()
+    if fits(block, dtype):
+        return block.to(dtype).float()
+    rounded = block.to(dtype)
+    require_finite(plan, rounded)
+    return rounded.float()
 
 
 def whole_tensor(source: TensorMerger, plan: TensorPlan, range_dtype: torch.dtype

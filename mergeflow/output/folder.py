@@ -153,7 +153,8 @@ def output_config(base_config: dict, dtype_name: str, keep_quantization: bool = 
 #: "Merges". A LoRA merged into its one base is a fine-tune of that base ("finetune", also for
 #: merged_4bit: re-quantized trained weights, not a quantization of the base's own), and an
 #: unmerged export is an "adapter".
-BASE_MODEL_RELATION = {"merged_16bit": "finetune", "merged_4bit": "finetune", "lora": "adapter"}
+BASE_MODEL_RELATION = {"merged_16bit": "finetune", "merged_4bit": "finetune", "lora": "adapter",
+                       "merged_16bit,gguf": "finetune"}
 #: A ``config.json`` architecture's class-name suffix -> the Hub's ``pipeline_tag``.
 PIPELINE_TAGS = {"ForCausalLM": "text-generation"}
 _HF_CACHE_REPO = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
@@ -282,6 +283,9 @@ def model_card(base_model: str | None, adapter_name: str | None, report: dict,
         ]
     lines = ["---", data.to_yaml(), "---", "", *intro, "## Merge", ""]
     lines += [f"- **{k}**: {v}" for k, v in report.items() if not isinstance(v, (list, dict))]
+    if report.get("gguf_files"):
+        lines.append(f"- **gguf**: {', '.join(report['gguf_files'])} (llama.cpp; an Ollama "
+                     "`Modelfile` beside them)")
     for note in report.get("notes", []):
         lines.append(f"- {note}")
     lines += ["", f"Every file's sha256 is listed in `{MANIFEST}`.", ""]

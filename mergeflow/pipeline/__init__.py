@@ -22,7 +22,8 @@ _PUBLIC = {
     "prepare": "steps", "run_shard": "steps", "finalize": "steps", "verify": "steps",
     "check_verified": "steps", "publish_output": "steps", "upload": "steps",
     "upload_error": "steps", "upload_published": "steps", "merge_low_disk": "steps",
-    "write_gguf_output": "steps", "up_to_date_report": "steps", "finished_shard": "steps",
+    "write_gguf_output": "steps", "convert_gguf_output": "steps", "gguf_low_disk": "steps",
+    "up_to_date_report": "steps", "finished_shard": "steps",
     "shard_states": "steps", "resolved_base": "steps",
     # the results
     "MergeReport": "results", "PreparedMerge": "results", "ShardResult": "results",
@@ -40,8 +41,9 @@ _PUBLIC = {
 
 __all__ = ["Carried", "HF_SCHEME", "HashCache", "MANIFEST", "MergeReport", "PreparedMerge",
            "PublishResult", "S3_SCHEME", "STEP_LABELS", "ShardResult", "Steps", "VerifyReport",
-           "apply_threads", "check_verified", "finalize", "finished_shard", "for_spec",
-           "limit_threads", "list_s3_prefix", "merge", "merge_low_disk", "output_lock",
+           "apply_threads", "check_verified", "convert_gguf_output", "finalize", "finished_shard",
+           "for_spec", "gguf_low_disk", "limit_threads", "list_s3_prefix", "merge",
+           "merge_low_disk", "output_lock",
            "parse_hf_ref", "parse_s3_ref", "prepare", "publish_output", "raise_s3", "read_manifest",
            "resolved_base", "run_local", "run_shard", "run_shards", "run_steps", "s3_client",
            "s3_key", "sha256_file", "shard_states", "steps_for", "up_to_date_report", "upload",
@@ -60,8 +62,10 @@ if TYPE_CHECKING:
     )
     from mergeflow.pipeline.steps import (
         check_verified,
+        convert_gguf_output,
         finalize,
         finished_shard,
+        gguf_low_disk,
         merge_low_disk,
         prepare,
         publish_output,

@@ -50,7 +50,8 @@ def merge(base: str | Path | None, adapter: str | Path, out: str | Path, *,
         progress: called after each output tensor is written.
         **options: any other :class:`~mergeflow.spec.MergeSpec` field (``dtype``,
             ``max_shard_size``, ``tokenizer``, ``overwrite``, ``device``, ``save_method``
-            ("merged_16bit" | "merged_4bit" | "lora"), ``merge_onto`` ("dequantized" |
+            ("merged_16bit" | "merged_4bit" | "lora" | "gguf" | "merged_16bit,gguf"),
+            ``gguf_type``, ``merge_onto`` ("dequantized" |
             "original"), ``original_base``, ...).
 
     Returns:
@@ -116,6 +117,9 @@ class LocalSteps:
     def merge_low_disk(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
         carried.report = steps.merge_low_disk(prepared, spec, self.progress)[0]
 
+    def gguf_low_disk(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
+        carried.report = steps.gguf_low_disk(prepared, spec)[0]
+
     def write_gguf(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
         carried.report = steps.write_gguf_output(prepared, spec)
 
@@ -129,6 +133,12 @@ class LocalSteps:
         self.phase("verify")
         carried.verification = steps.verify(prepared, spec.device, carried.results)
         steps.check_verified(prepared, carried.verification)
+
+    def convert_gguf(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
+        assert carried.report is not None  # finalize's
+        self.phase("gguf")
+        carried.report = steps.convert_gguf_output(prepared, spec, carried.results,
+                                                   carried.report)
 
     def publish(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
         if spec.save_method != "gguf":  # a GGUF file is one rename; no phase line for it

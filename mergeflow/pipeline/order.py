@@ -10,11 +10,17 @@ The steps, by name:
 * ``up_to_date``: ``out`` already holds this merge; nothing is written.
 * ``merge_low_disk``: write, verify, ship and delete one shard at a time, then the small files
   and the manifest (``low_disk``; it publishes to ``push_to`` itself).
-* ``write_gguf``: stream the merge into one GGUF file, check it, write the Modelfile, card and
-  manifest in staging (``save_method=gguf``).
+* ``gguf_low_disk``: ``write_gguf``, shipping and deleting each GGUF file as soon as it is
+  written and checked, then the small files and the manifest (``save_method=gguf`` with
+  ``low_disk``; it publishes to ``push_to`` itself).
+* ``write_gguf``: stream the merge into the GGUF file(s), check them, write the Modelfile, card
+  and manifest in staging (``save_method=gguf``).
 * ``write_shards``: write every shard not already written and verified.
 * ``finalize``: config, tokenizer, index, card and - last - the manifest, in staging.
 * ``verify``: checksums, completeness and the numerics of every merged tensor (``verify``).
+* ``convert_gguf``: the GGUF file(s) converted from the finished shards in staging (no second
+  read of the base), checked, beside them with the Modelfile; card and manifest written again
+  (``save_method=merged_16bit,gguf``).
 * ``publish``: the staging folder becomes ``out`` with one durable rename.
 * ``upload``: publish ``out`` to ``push_to`` (manifest last).
 """
@@ -46,17 +52,20 @@ class Steps(Protocol):
 
     def up_to_date(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None: ...
     def merge_low_disk(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None: ...
+    def gguf_low_disk(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None: ...
     def write_gguf(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None: ...
     def write_shards(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None: ...
     def finalize(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None: ...
     def verify(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None: ...
+    def convert_gguf(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None: ...
     def publish(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None: ...
     def upload(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None: ...
 
 
 #: How each step is labelled in the flow's timings and logs.
 STEP_LABELS = {"write_shards": "merge", "merge_low_disk": "merge, verify and upload",
-               "write_gguf": "merge into gguf", "up_to_date": "up to date"}
+               "write_gguf": "merge into gguf", "gguf_low_disk": "merge into gguf and upload",
+               "convert_gguf": "convert to gguf", "up_to_date": "up to date"}
 
 
 def steps_for(spec: MergeSpec, prepared: PreparedMerge) -> list[str]:
@@ -64,12 +73,13 @@ def steps_for(spec: MergeSpec, prepared: PreparedMerge) -> list[str]:
     upload = ["upload"] if spec.push_to else []
     if prepared.up_to_date:
         return ["up_to_date", *upload]
-    if spec.low_disk:  # it ships each shard itself
-        return ["merge_low_disk"]
-    if spec.save_method == "gguf":
+    if spec.low_disk:  # it ships each shard or GGUF file itself
+        return ["gguf_low_disk" if spec.writes_gguf else "merge_low_disk"]
+    if not spec.writes_safetensors:
         written = ["write_gguf"]  # checked and finalized as it is written
-    else:
-        written = ["write_shards", "finalize", *(["verify"] if spec.verify else [])]
+    else:  # the GGUF from the verified shards: the base is read once
+        written = ["write_shards", "finalize", *(["verify"] if spec.verify else []),
+                   *(["convert_gguf"] if spec.writes_gguf else [])]
     return [*written, "publish", *upload]
 
 

@@ -16,12 +16,12 @@ import os
 import shutil
 from pathlib import Path
 
-from mergeflow.engine.gguf_quant import SIXTEEN_BIT, made_from, split_types
+from mergeflow.engine.gguf_quant import SIXTEEN_BIT, converted_type, made_from, split_types
 from mergeflow.errors import InputError, NotEnoughDiskSpace
 from mergeflow.model.adapter import Adapter, check_values
 from mergeflow.output.folder import MANIFEST, TOKENIZER_FILES, read_manifest
 from mergeflow.plan import MergePlan, parse_size
-from mergeflow.spec import format_size
+from mergeflow.spec import SAFETENSORS_AND_GGUF, format_size
 from mergeflow.storage.staging import Staging
 
 MIN_FREE_ENV = "MERGEFLOW_MIN_FREE_BYTES"
@@ -64,29 +64,39 @@ def check_disk_space(plan: MergePlan, out: Path, *, low_disk: bool = False) -> N
 
 def required_bytes(plan: MergePlan, out: Path, *, low_disk: bool = False) -> int:
     """Bytes the merge still needs on disk: the shards not already finished by an interrupted
-    run of the same plan (``low_disk``: the largest shard), the tokenizer and the small files."""
-    if low_disk:
+    run of the same plan (``low_disk``: the largest shard), the GGUF files (:func:`gguf_bytes`),
+    the tokenizer and the small files."""
+    gguf_alone = plan.options.get("save_method") == "gguf"  # the streamed 16-bit file: total_size
+    if low_disk and not gguf_alone:
         total = max((s.nbytes for s in plan.shards), default=0)
     else:
         total = plan.total_size - _resumable_bytes(plan, Staging.for_output(out))
-    total += quantized_gguf_bytes(plan)
+    total += gguf_bytes(plan, low_disk=low_disk)
     tokenizer = plan.options.get("tokenizer")
     if tokenizer:
         total += sum(_file_size(Path(str(tokenizer)) / name) for name in TOKENIZER_FILES)
     return total + SMALL_FILES
 
 
-def quantized_gguf_bytes(plan: MergePlan) -> int:
-    """GGUF types llama.cpp's quantizer makes are written from the streamed 16-bit file (which
-    ``plan.total_size`` counts), so all are on disk together for a moment: each quantized
-    file's bound at q8_0's 8.5 bits a weight (every offered type takes fewer) against the plan's
-    16, a second 16-bit type at the full size; 0 for any other output."""
-    if plan.options.get("save_method") != "gguf":
+def gguf_bytes(plan: MergePlan, *, low_disk: bool = False) -> int:
+    """GGUF bytes beyond ``plan.total_size``. ``save_method=gguf``: the 16-bit file streamed
+    from the merge is what ``plan.total_size`` counts; the types llama.cpp's quantizer makes
+    from it are on disk beside it for a moment: each quantized file's bound at q8_0's 8.5 bits a
+    weight (every offered type takes fewer) against the plan's 16, a second 16-bit type at the
+    full size; with ``low_disk`` one of them at a time (each is shipped and deleted before the
+    next). ``merged_16bit,gguf``: the converted file beside the shards, plus those. 0 for any
+    other output."""
+    if plan.options.get("save_method") not in ("gguf", SAFETENSORS_AND_GGUF):
         return 0
     types = split_types(str(plan.options.get("gguf_type") or ""))
     source = made_from(types, plan.dtype)
-    return sum(plan.total_size if t in SIXTEEN_BIT else plan.total_size * 17 // 32
-               for t in types if source is not None and t != source)
+    made = [plan.total_size if t in SIXTEEN_BIT else plan.total_size * 17 // 32
+            for t in types if source is not None and t != source]
+    quantized = max(made, default=0) if low_disk else sum(made)
+    if plan.options.get("save_method") == "gguf":
+        return quantized
+    converted = converted_type(types, plan.dtype)
+    return quantized + (plan.total_size if converted in SIXTEEN_BIT else plan.total_size * 17 // 32)
 
 
 def min_free_bytes() -> int:

@@ -41,6 +41,8 @@ class MergeReport(BaseModel):
     notes: list[str] = []
     save_method: str = "merged_16bit"
     shards_resumed: int = 0  # shards an interrupted earlier run had already written
+    # save_method gguf (alone or with merged_16bit): each GGUF file written, name -> bytes
+    gguf_files: dict[str, int] = {}
     # save_method gguf: llama.cpp's score of each quantized file against the 16-bit one
     gguf_scores: dict[str, dict[str, float]] = {}
     # this run, as the Prefect flow records it in its persisted result:

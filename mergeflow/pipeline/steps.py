@@ -63,8 +63,11 @@ from mergeflow.pipeline.results import MergeReport, PreparedMerge, ShardResult, 
 from mergeflow.pipeline.verification import verify_output, verify_shard
 from mergeflow.plan import (
     DTYPE_CHOICES,
+    BaseTensor,
     MergePlan,
     Planner,
+    ShardPlan,
+    TensorPlan,
     parse_size,
     resolve_dtype,
 )
@@ -264,7 +267,7 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
     for folder, names in inputs.values():
         check_confined(folder, names)  # no input file is a link out of its folder
     check_confined(base_dir, PROCESSOR_FILES)
-    if spec.save_method == "gguf":  # refused here, before a byte is written
+    if spec.writes_gguf:  # refused here, before a byte is written
         from mergeflow.engine.gguf import check_supported
 
         check_supported(base_dir, tokenizer, spec.gguf_type)
@@ -278,7 +281,7 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                    pad_to_multiple_of=spec.pad_vocab_to_multiple_of,
                    allow_vocab_shrink=spec.allow_vocab_shrink,
                    vocab_size=text_config(config).get("vocab_size"),
-                   save_method=spec.save_method, original=original,
+                   save_method=spec.planned_method, original=original,
                    quantized=quantized, wrapped=wrapped, fp8_scheme=spec.fp8_scheme).plan()
     plan.inputs = _input_identities(inputs)
     plan.options = {"dtype": dtype, "max_shard_size": parse_size(spec.max_shard_size),
@@ -288,10 +291,10 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                     "save_method": spec.save_method, "merge_onto": spec.merge_onto,
                     "original_base": str(original_dir) if original_dir else None,
                     "mergeflow": __version__,
-                    **({"gguf_type": spec.gguf_type} if spec.save_method == "gguf" else {}),
+                    **({"gguf_type": spec.gguf_type} if spec.writes_gguf else {}),
                     **({"fp8_scheme": spec.fp8_scheme} if spec.save_method == "fp8" else {})}
     plan.runtime = {"block_bytes": resources.for_spec(spec).block_bytes}  # within the budget
-    if spec.save_method == "gguf":
+    if spec.writes_gguf:
         _check_convertible(plan, base_dir)
     warnings = preflight.check(plan, adapter, out, low_disk=spec.low_disk)  # values, free disk
     plan.notes.extend(w for w in warnings if w not in plan.notes)  # before the fingerprint
@@ -453,15 +456,22 @@ def finalize(prepared: PreparedMerge, results: list[ShardResult]) -> MergeReport
                            for name, _, _ in t.outputs()},
         })
         written.append(INDEX_FILE)
+    _write_card(staging, plan, report)
+    planned = {*written, *(s.filename for s in plan.shards)}
+    _write_manifest(staging, plan, prepared.fingerprint, report, results, planned)
+    report.shards_resumed = sum(r.resumed for r in results)
+    return report
+
+
+def _write_card(staging: Path, plan: MergePlan, report: MergeReport) -> None:
+    """The model card (README.md) of a checkpoint or adapter export, with ``report``."""
+    base, adapter = Path(plan.base), Path(plan.adapter)
+    adapter_config = read_adapter_config(adapter)
     base_model = hub_base_model(base, adapter_config.get("base_model_name_or_path"), adapter)
     (staging / "README.md").write_text(model_card(base_model, adapter.name, report.durable(),
                                                   adapter_only=report.save_method == "lora",
                                                   base_folder=base,
                                                   base_config=read_base_config(base)))
-    planned = {*written, *(s.filename for s in plan.shards)}
-    _write_manifest(staging, plan, prepared.fingerprint, report, results, planned)
-    report.shards_resumed = sum(r.resumed for r in results)
-    return report
 
 
 def verify(prepared: PreparedMerge, device: str = "cpu",
@@ -540,48 +550,190 @@ def write_gguf_output(prepared: PreparedMerge, spec: MergeSpec) -> MergeReport:
     Raises:
         VerificationError: a file read back does not hold the planned tensors.
     """
-    from mergeflow.engine import gguf as gguf_export
-    from mergeflow.engine import gguf_quant
+    staging = Staging.for_output(prepared.out)
+    plan = MergePlan.load(Path(prepared.plan_path))
+    made = _make_gguf(prepared, spec, plan, staging)
+    _write_gguf_modelfile(staging, plan, made.written[0].filename)
+    report = _gguf_report(plan, prepared.out, made)
+    _write_gguf_card(staging, plan, report)
+    _write_manifest(staging.folder, plan, prepared.fingerprint, report, made.written,
+                    {*(r.filename for r in made.written), MODELFILE, "README.md"})
+    return report
+
+
+@_disk_full_is_disk_space_error(_staging_of_prepared)
+def convert_gguf_output(prepared: PreparedMerge, spec: MergeSpec, results: list[ShardResult],
+                        report: MergeReport) -> MergeReport:
+    """``save_method="merged_16bit,gguf"``: the GGUF files asked for (``gguf_type``), made as
+    :func:`write_gguf_output` makes them, but converted from the finalized (and verified) shards
+    in staging instead of from the base: the base is read and merged once, by the shards.
+    Each tensor is read back as written, with no LoRA math, so each file is byte for byte the
+    one ``save_method="gguf"`` writes for the same inputs (both round the merge to ``dtype``
+    first, :func:`mergeflow.engine.gguf.float_blocks`). The files go beside the shards, the
+    Ollama Modelfile with them; the model card and - last - the manifest are written again,
+    listing every file. ``results``: the shards' write results (not hashed again);
+    ``report``: finalize's, returned with the GGUF files and their scores added.
+
+    Raises:
+        VerificationError: a GGUF file read back does not hold the planned tensors.
+    """
+    staging = Staging.for_output(prepared.out)
+    plan = MergePlan.load(Path(prepared.plan_path))
+    made = _make_gguf(prepared, spec, plan, staging, read_from=_staged_plan(plan, staging.folder))
+    report = report.model_copy(update={
+        "notes": [*report.notes, *(score.words() for score in made.scores)],
+        "gguf_files": {r.filename: r.size for r in made.written},
+        "gguf_scores": _scores(made)})
+    _write_gguf_modelfile(staging, plan, made.written[0].filename)
+    _write_card(staging.folder, plan, report)
+    listed = set((read_manifest(staging.folder) or {}).get("files", {}))  # finalize's files
+    _write_manifest(staging.folder, plan, prepared.fingerprint, report, [*results, *made.written],
+                    {*listed, *(r.filename for r in made.written), MODELFILE})
+    return report
+
+
+@_disk_full_is_disk_space_error(_staging_of_prepared)
+def gguf_low_disk(prepared: PreparedMerge, spec: MergeSpec) -> tuple[MergeReport, PublishResult]:
+    """``save_method="gguf"`` with ``low_disk``: as :func:`write_gguf_output`, but each GGUF
+    file asked for is shipped to ``spec.push_to`` and deleted as soon as it is written and
+    checked (and scored), so local disk holds the 16-bit file and one quantized file at most.
+    Then the Modelfile, the model card and - last - the manifest are shipped, and the staging
+    folder is removed (as :func:`merge_low_disk` does for shards; a rerun makes the files
+    again, byte for byte, and the publisher skips those already there).
+
+    Raises:
+        VerificationError: a file failed its checks (it is not shipped).
+        SinkError, TransientError, UploadError, TransientUploadError: as :func:`merge_low_disk`.
+    """
+    from mergeflow.engine.gguf import gguf_filename
 
     staging = Staging.for_output(prepared.out)
     plan = MergePlan.load(Path(prepared.plan_path))
-    adapter = Path(plan.adapter)
-    adapter_config = read_adapter_config(adapter)
-    types = gguf_quant.split_types(str(plan.options["gguf_type"]))
-    source = gguf_quant.converted_type(types, plan.dtype)
+    publisher = open_publisher(spec.push_to, **publish_options(spec))
+    shipped: list[ShardResult] = []
+    types = gguf_types(plan)
+    first = gguf_filename(types[0])
+
+    def ship(result: ShardResult) -> None:
+        if result.filename == first:  # the Modelfile reads it: written before it is deleted
+            _write_gguf_modelfile(staging, plan, first)
+        try:
+            publisher.put(staging.folder / result.filename, result.sha256, result.size)
+        except MergeError as exc:
+            raise _shipping_error(spec, exc, shipped, len(types), "GGUF files") from exc
+        shipped.append(result)
+
+    made = _make_gguf(prepared, spec, plan, staging, ship=ship)
+    report = _gguf_report(plan, prepared.out, made)
+    _write_gguf_card(staging, plan, report)
+    _write_manifest(staging.folder, plan, prepared.fingerprint, report, made.written,
+                    {MODELFILE, "README.md"})
+    small = [staging.folder / name for name in sorted((MODELFILE, "README.md"))]
+    try:
+        published = publisher.finish(small, staging.folder / MANIFEST)
+    except MergeError as exc:
+        raise _shipping_error(spec, exc, shipped, len(types), "GGUF files") from exc
+    staging.remove()
+    report.out = spec.push_to
+    return report, published
+
+
+@dataclass(frozen=True)
+class _GgufMade:
+    """The GGUF files a merge asked for, in the order asked (written and checked in staging,
+    or already shipped), and llama.cpp's score of each quantized one."""
+
+    written: list[ShardResult]
+    scores: list
+
+
+def gguf_types(plan: MergePlan) -> list[str]:
+    """The GGUF types a plan asks for (``gguf_type``), in order."""
+    from mergeflow.engine import gguf_quant
+
+    return gguf_quant.split_types(str(plan.options["gguf_type"]))
+
+
+def _make_gguf(prepared: PreparedMerge, spec: MergeSpec, plan: MergePlan, staging: Staging, *,
+               read_from: MergePlan | None = None,
+               ship: Callable[[ShardResult], None] | None = None) -> _GgufMade:
+    """Every GGUF type ``plan`` asks for, in staging: the type llama.cpp's converter writes
+    (:func:`mergeflow.engine.gguf_quant.converted_type`) streamed from the merge, or from
+    ``read_from`` (a plan reading the merged tensors back from finished shards), and checked;
+    each type llama.cpp's quantizer makes quantized from it, checked and scored against it;
+    the 16-bit file deleted unless it was asked for. ``ship``: given each finished, checked
+    file asked for, which is then deleted (the 16-bit one once nothing more is made from it)."""
+    from mergeflow.engine import gguf as gguf_export
+    from mergeflow.engine import gguf_quant
+
+    types = gguf_types(plan)
+    converted = gguf_quant.converted_type(types, plan.dtype)
+    tensors = read_from or plan
     folder = _converter_folder(plan, staging.state_dir / "gguf-source")
-    streamed = gguf_export.write_gguf(plan, open_merger(plan, device=spec.device), staging,
-                                      folder, source, adapter.name, digest=source in types)
+    streamed = gguf_export.write_gguf(tensors, open_merger(tensors, device=spec.device), staging,
+                                      folder, converted, Path(plan.adapter).name,
+                                      digest=converted in types)
     if spec.verify:
         _check_gguf(prepared, gguf_export.check_gguf(
             staging.folder / streamed.result.filename, streamed.tensors), plan)
-    results = {source: streamed.result}
+    if ship is not None and converted in types:
+        ship(streamed.result)
+    results, scores = {converted: streamed.result}, []
     for gguf_type in types:
-        if gguf_type not in results:
-            results[gguf_type] = _quantize_gguf(staging, streamed.result, gguf_type)
-            if spec.verify:
-                _check_gguf(prepared, gguf_export.check_gguf(
-                    staging.folder / results[gguf_type].filename, streamed.tensors,
-                    types_too=False), plan)
-    scores = _score_gguf(staging, streamed.result, [results[t] for t in types if t != source]) \
-        if spec.gguf_check else []
-    if source not in types:
+        if gguf_type in results:
+            continue
+        made = results[gguf_type] = _quantize_gguf(staging, streamed.result, gguf_type)
+        if spec.verify:
+            _check_gguf(prepared, gguf_export.check_gguf(
+                staging.folder / made.filename, streamed.tensors, types_too=False), plan)
+        if spec.gguf_check:
+            scores += _score_gguf(staging, streamed.result, [made])
+        if ship is not None:
+            ship(made)
+            (staging.folder / made.filename).unlink()
+    if ship is not None or converted not in types:
         (staging.folder / streamed.result.filename).unlink()
-    written = [results[t] for t in types]
-    write_modelfile(staging, written[0].filename, Path(str(plan.options["tokenizer"])))
-    report = _report(plan, adapter_config, prepared.out, "merged")
-    report = report.model_copy(
-        update={"dtype": ",".join(types), "shards": len(written),
-                "total_size": sum(r.size for r in written),
-                "notes": [*report.notes, *(score.words() for score in scores)],
-                "gguf_scores": {score.file: {"mean_kl": score.mean_kl, "top1": score.top1,
-                                             "tokens": score.tokens} for score in scores}})
-    base_name = adapter_config.get("base_model_name_or_path") or Path(plan.base).name
+    return _GgufMade([results[t] for t in types], scores)
+
+
+def _staged_plan(plan: MergePlan, folder: Path) -> MergePlan:
+    """``plan`` with every tensor read back as written from the finished checkpoint in
+    ``folder`` (its shards and index), with no ops: a pass-through of the merged values."""
+    shards = [ShardPlan(filename=shard.filename, tensors=[
+        TensorPlan(name=t.name, dtype=t.dtype, shape=t.shape, source=BaseTensor(name=t.name))
+        for t in shard.tensors]) for shard in plan.shards]
+    return plan.model_copy(update={"base": str(folder), "original": None, "shards": shards})
+
+
+def _scores(made: _GgufMade) -> dict[str, dict[str, float]]:
+    """The report's ``gguf_scores``: each scored file's mean KL, top-1 agreement and tokens."""
+    return {score.file: {"mean_kl": score.mean_kl, "top1": score.top1, "tokens": score.tokens}
+            for score in made.scores}
+
+
+def _gguf_report(plan: MergePlan, out: str, made: _GgufMade) -> MergeReport:
+    """The report of ``save_method=gguf``: the files as its "shards", the types as its dtype."""
+    report = _report(plan, read_adapter_config(Path(plan.adapter)), out, "merged")
+    return report.model_copy(
+        update={"dtype": ",".join(gguf_types(plan)), "shards": len(made.written),
+                "total_size": sum(r.size for r in made.written),
+                "notes": [*report.notes, *(score.words() for score in made.scores)],
+                "gguf_files": {r.filename: r.size for r in made.written},
+                "gguf_scores": _scores(made)})
+
+
+def _write_gguf_modelfile(staging: Staging, plan: MergePlan, filename: str) -> None:
+    """The Ollama Modelfile for the GGUF file ``filename`` (the first type asked), which must
+    still be in staging (the Modelfile reads its metadata)."""
+    write_modelfile(staging, filename, Path(str(plan.options["tokenizer"])))
+
+
+def _write_gguf_card(staging: Staging, plan: MergePlan, report: MergeReport) -> None:
+    """``save_method=gguf``'s model card."""
+    adapter = Path(plan.adapter)
+    base_name = read_adapter_config(adapter).get("base_model_name_or_path") or Path(plan.base).name
     (staging.folder / "README.md").write_text(model_card(base_name, adapter.name,
                                                          report.durable()))
-    _write_manifest(staging.folder, plan, prepared.fingerprint, report, written,
-                    {*(r.filename for r in written), MODELFILE, "README.md"})
-    return report
 
 
 def _converter_folder(plan: MergePlan, folder: Path) -> Path:
@@ -686,14 +838,15 @@ def merge_low_disk(prepared: PreparedMerge, spec: MergeSpec,
 
 
 def _shipping_error(spec: MergeSpec, exc: MergeError, shipped: list[ShardResult],
-                    total: int) -> MergeError:
+                    total: int, what: str = "shards") -> MergeError:
     """A low-disk publish that failed: as it is when nothing was shipped yet, else an
-    UploadError saying which shards are at the destination and that its manifest is not."""
+    UploadError saying which ``what`` (shards, GGUF files) are at the destination and that its
+    manifest is not."""
     if not shipped:
         return exc
     kind = TransientUploadError if isinstance(exc, TransientError) else UploadError
     names = ", ".join(r.filename for r in shipped)
-    return kind(f"publishing to {spec.push_to} failed after {len(shipped)} of {total} shards "
+    return kind(f"publishing to {spec.push_to} failed after {len(shipped)} of {total} {what} "
                 f"were shipped ({names}); the rest and the manifest are not there, so "
                 f"{spec.push_to} is not a finished model and nothing is published locally: {exc}. "
                 "Rerun the same command to go on (shards already there are skipped)")
