@@ -35,10 +35,13 @@ import torch
 from mergeflow import faults
 from mergeflow.errors import DISK_FULL, DiskSpaceError, MergeError, disk_full_message
 from mergeflow.model.checkpoint import DTYPE_NAMES, DTYPES
-from mergeflow.storage.durable import fsync_dir
+from mergeflow.storage.durable import fsync_dir, start_writeback
 from mergeflow.storage.staging import partial_path
 
 ALIGNMENT = 8  # safetensors pads the header so tensor data starts 8-byte aligned
+# Dirty bytes after which the writer starts the disk writing them (not waiting): the fsync that
+# finishes a shard then flushes at most this much, instead of the whole shard at once.
+WRITEBACK_BYTES = 64 * 2**20
 
 
 def build_header(specs: Sequence[tuple[str, str, Sequence[int]]]) -> tuple[bytes, list[int]]:
@@ -115,8 +118,9 @@ class ShardWriter:
     # -- the writer thread ------------------------------------------------------------------
 
     def _drain(self) -> None:
-        """Write and hash queued blocks in order; after an error, only consume the queue."""
-        written = 0
+        """Write and hash queued blocks in order, starting the disk's writeback every
+        :data:`WRITEBACK_BYTES`; after an error, only consume the queue."""
+        written = flushed = 0
         while True:
             item = self._queue.get()
             if item is None:
@@ -133,6 +137,9 @@ class ShardWriter:
                 self._write_all(view)
                 self._hash.update(view)
                 written += len(view)
+                if written - flushed >= WRITEBACK_BYTES:  # the disk writes while we merge on
+                    start_writeback(self._file.fileno(), flushed, written - flushed)
+                    flushed = written
             except BaseException as exc:  # handed to the producer at its next call
                 self._error = self._disk_error(exc, self.total - written) \
                     if isinstance(exc, OSError) and exc.errno in DISK_FULL else exc
