@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create Mergeflow's work pools and tag concurrency limit, then deploy every deployment of
-# deployments/prefect.yaml. Idempotent: rerun it after changing the YAML or the code's location.
+# deployments/prefect.yaml (merge-adapter and merge-adapters, each on gpu and cpu, and the
+# watcher). Idempotent: rerun it after changing the YAML or the code's location.
 #
 #   PREFECT_API_URL=http://127.0.0.1:4200/api deployments/deploy.sh
 #
@@ -46,4 +47,7 @@ cat <<'USAGE'
 Start a merge (the deployment's default spec fills in the rest: device, workers, ...):
   prefect deployment run merge-adapter/merge-adapter-cpu --param spec='{"adapter": "/path/to/adapter", "out": "/path/to/merged"}'
   prefect deployment run merge-adapter/merge-adapter --param spec='{"adapter": "/path/to/adapter", "out": "/path/to/merged"}'
+
+Several adapters of one base in one sweep over it, each into <out>/<name>:
+  prefect deployment run merge-adapters/merge-adapters --param adapters='["/path/to/ckpt-1", "/path/to/ckpt-2"]' --param spec='{"out": "/path/to/merged"}'
 USAGE

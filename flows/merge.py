@@ -63,7 +63,7 @@ from tasks import (
 failures.install()  # a MergeError is one line in the run's log, not a traceback
 
 
-def _tail(ref: str, parts: int) -> str:
+def ref_tail(ref: str, parts: int) -> str:
     """The last ``parts`` parts of a path or ``s3://`` / ``hf://`` reference."""
     return "/".join(Path(ref).parts[-parts:]) if ref else "?"
 
@@ -71,7 +71,7 @@ def _tail(ref: str, parts: int) -> str:
 def run_name(adapter: str, out: str) -> str:
     """A run's name, saying what is merged and where: ``<adapter> -> <out>`` (the adapter by its
     last two path parts, since its own folder is often just "adapter")."""
-    return f"{_tail(adapter, 2)} -> {_tail(out, 1)}"
+    return f"{ref_tail(adapter, 2)} -> {ref_tail(out, 1)}"
 
 
 def _run_name() -> str:
@@ -83,10 +83,10 @@ def _run_name() -> str:
 def _shards_run_name() -> str:
     prepared = flow_run.parameters.get("prepared")
     out = prepared.get("out") if isinstance(prepared, dict) else getattr(prepared, "out", "")
-    return f"write shards -> {_tail(str(out or ''), 1)}"
+    return f"write shards -> {ref_tail(str(out or ''), 1)}"
 
 
-def _current_deployment() -> Any | None:
+def current_deployment() -> Any | None:
     """The deployment this flow run was started from (None: a direct call, e.g. the CLI's)."""
     deployment_id = deployment.id
     if not deployment_id:
@@ -112,17 +112,26 @@ def run_spec(request: Any, found: Any | None) -> MergeSpec:
     Raises:
         OptionsError: the layered spec is incomplete or invalid; the message names the fields.
     """
-    defaults = ((found.parameters or {}).get("spec") if found is not None else None) or {}
     try:
-        return layered(defaults, request)
+        return layered(default_spec(found), request)
     except ValidationError as exc:
-        problems = "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"]
-                             else e["msg"] for e in exc.errors(include_url=False))
+        problems = spec_problems(exc)
         where = run_origin(found)
         hint = (f" (the run's spec is layered over the defaults of {where}; give the missing "
                 "fields in the run's spec, e.g. --param spec='{\"adapter\": ..., \"out\": ...}')"
                 if where else "")
         raise OptionsError(f"invalid merge spec: {problems}{hint}") from None
+
+
+def default_spec(found: Any | None) -> dict[str, Any]:
+    """The deployment's default ``spec`` parameter (empty for a direct call)."""
+    return ((found.parameters or {}).get("spec") if found is not None else None) or {}
+
+
+def spec_problems(exc: ValidationError) -> str:
+    """A layered spec's validation errors on one line: ``spec.<field>: <problem>; ...``."""
+    return "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"]
+                     else e["msg"] for e in exc.errors(include_url=False))
 
 
 def artifact_key(kind: str, out: str) -> str:
@@ -200,7 +209,7 @@ def merge_adapter(spec: MergeRequest) -> MergeReport:
     process (:func:`run_from_cli`) is reused, not planned again; it is handed over beside the
     parameters, so the run form shows ``spec`` alone.
     """
-    found = _current_deployment()
+    found = current_deployment()
     spec = run_spec(spec, found)
     prepared = _planned_by_cli.pop(str(spec.out), None)
     with pipeline.output_lock(spec.out):  # one writer per output (re-entrant for the CLI's)
@@ -223,11 +232,7 @@ def _merge_locked(spec: MergeSpec, prepared: PreparedMerge | None, found: Any | 
         "verification": verification_line(carried.verification) if carried.verification
         else None})
     if prepared.up_to_date:
-        create_markdown_artifact(
-            key=artifact_key("merge-report", spec.out), description=f"Merge report: {spec.out}",
-            markdown=f"# Merge report: `{Path(spec.adapter).name}`\n\n`{spec.out}` already holds "
-                     f"this merge (manifest sha256 `{report.manifest_sha256}`); nothing was "
-                     "written.\n")
+        up_to_date_artifact(spec, report)
     else:
         report_artifacts(spec, prepared, report, carried.results, carried.verification,
                          timings, base)
@@ -315,9 +320,20 @@ def run_from_cli(spec: MergeSpec, prepared: PreparedMerge) -> tuple[MergeReport,
     """
     _planned_by_cli[str(spec.out)] = prepared
     try:
-        state = merge_adapter.with_options(on_running=[_note_running])(spec, return_state=True)
+        return run_for_cli(merge_adapter, spec)
     finally:
         _planned_by_cli.pop(str(spec.out), None)
+
+
+def run_for_cli(flow_to_run: Any, *args: Any) -> tuple[Any, str]:
+    """Run ``flow_to_run(*args)`` here for the CLI, remembered while it runs (so that an
+    interrupt marks it crashed, :func:`abandon_cli_runs`); returns its result and the run's
+    name as the UI shows it.
+
+    Raises:
+        MergeError: the flow's own exception, when the run failed.
+    """
+    state = flow_to_run.with_options(on_running=[_note_running])(*args, return_state=True)
     run_id = state.state_details.flow_run_id
     _cli_runs.discard(run_id)
     return state.result(), flow_run_name(run_id)
@@ -394,6 +410,15 @@ def _upload_published(spec: MergeSpec) -> None:
         upload(spec)
     except MergeError as exc:
         raise pipeline.upload_error(spec, exc) from exc
+
+
+def up_to_date_artifact(spec: MergeSpec, report: MergeReport) -> None:
+    """The short merge report of an output that already held this merge (nothing written)."""
+    create_markdown_artifact(
+        key=artifact_key("merge-report", spec.out), description=f"Merge report: {spec.out}",
+        markdown=f"# Merge report: `{Path(spec.adapter).name}`\n\n`{spec.out}` already holds "
+                 f"this merge (manifest sha256 `{report.manifest_sha256}`); nothing was "
+                 "written.\n")
 
 
 def report_artifacts(spec: MergeSpec, prepared: PreparedMerge, report: MergeReport,

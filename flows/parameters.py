@@ -7,6 +7,10 @@ The flow's parameter is therefore :class:`MergeRequest`, MergeSpec with every fi
 (the same names, types, checks and descriptions, so the UI form and the server's schema check
 still know them), and the flow layers it over the deployment's default ``spec``
 (:func:`layered`). A field left out or null keeps the default.
+
+The batch flow (``flows/batch.py``) takes :class:`BatchRequest` the same way: MergeRequest without
+``adapter``, since its adapters are a list of their own, and with ``out`` the folder the outputs
+go under.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ class _Request(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _from_spec(cls, data: Any) -> Any:
-        """A whole MergeSpec (the CLI's, a test's) is a request that sets every field."""
-        return data.model_dump() if isinstance(data, MergeSpec) else data
+        """A whole MergeSpec (the CLI's, a test's) is a request that sets every field it has."""
+        return data.model_dump(include=set(cls.model_fields)) if isinstance(data, MergeSpec) \
+            else data
 
     def fields_set(self) -> dict[str, Any]:
         """The fields this request sets (None: left to the defaults)."""
@@ -47,6 +52,13 @@ MergeRequest = create_model(
     __doc__="A merge request: any MergeSpec fields; the rest come from the deployment's "
             "default spec. A run needs adapter and out, from the request or the defaults.",
     **{name: _optional(name) for name in MergeSpec.model_fields})
+
+BatchRequest = create_model(
+    "BatchRequest", __base__=_Request,
+    __doc__="The options every output of a batch shares: any MergeSpec field but adapter (the "
+            "run's adapters are a list of their own); out is the folder the outputs go under, "
+            "each at out/<name>. The rest come from the deployment's default spec.",
+    **{name: _optional(name) for name in MergeSpec.model_fields if name != "adapter"})
 
 
 def layered(defaults: Mapping[str, Any] | None, request: Mapping[str, Any] | BaseModel | None

@@ -8,6 +8,7 @@ import copy
 import json
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -65,6 +66,31 @@ def test_merge_deployments_are_complete(prefect_yaml):
     assert cpu["parameters"]["spec"]["device"] == "cpu"
     pull = prefect_yaml["pull"][0]["prefect.deployments.steps.set_working_directory"]
     assert pull["directory"] == "{{ checkout.stdout }}"
+
+
+def test_batch_deployments_mirror_the_merge_deployments(prefect_yaml):
+    """``merge-adapters`` (gpu) and ``merge-adapters-cpu`` run the batch flow with the
+    defaults of the single merge deployments on the same pools; the defaults layer under a
+    batch run's shared options as they do under a single run's spec."""
+    from flows.batch import merge_adapters
+    from flows.parameters import layered
+
+    for batch_name, single_name in (("merge-adapters", "merge-adapter"),
+                                    ("merge-adapters-cpu", "merge-adapter-cpu")):
+        batch, single = _deployment(prefect_yaml, batch_name), _deployment(prefect_yaml,
+                                                                           single_name)
+        assert batch["entrypoint"] == "flows/batch.py:merge_adapters"
+        assert batch["work_pool"] == single["work_pool"]
+        assert batch["parameters"]["spec"] == single["parameters"]["spec"]
+        assert batch["enforce_parameter_schema"] is True
+        assert batch["concurrency_limit"] == single["concurrency_limit"]
+        assert "mergeflow" in batch["tags"]
+        assert set(batch["parameters"]) <= set(merge_adapters.parameters.properties)
+        spec = layered(batch["parameters"]["spec"], {"adapter": "/a", "out": "/o"})
+        assert spec.device == single["parameters"]["spec"]["device"]
+    watch = _deployment(prefect_yaml, "watch-adapters")["parameters"]
+    assert watch["batch_deployment"] == "merge-adapters/merge-adapters"
+    assert watch["window_seconds"] == 0  # one run per adapter unless a window is chosen
 
 
 def test_the_run_form_asks_for_the_spec_alone():
@@ -143,6 +169,7 @@ def test_deploy_script_is_valid_bash():
     text = script.read_text()
     assert "work-pool create gpu" in text and "concurrency-limit create gpu" in text
     assert "deploy --no-prompt --all --prefect-file deployments/prefect.yaml" in text
+    assert "merge-adapters/merge-adapters" in text  # the batch deployment's usage line
 
 
 # --------------------------------------------------------------------------- Kubernetes pool
@@ -215,6 +242,10 @@ def test_scan_finds_only_finished_adapters(tiny_adapter, tmp_path):
     cache = HashCache(tmp_path / "hashes.json")
     found = find_local(root, cache=cache)
     assert [a.name for a in found] == ["done-marker", "done-trainer"]
+    marker = root / "done-marker" / "_COMPLETE"
+    assert found[0].finished_at == marker.stat().st_mtime  # the marker is its newest file
+    assert finished.adapter_base(found[0]) == str(json.loads(
+        (adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
     assert found[0].ref == str((root / "done-marker").resolve())
     assert found[0].key.startswith("mergeflow-watch:")
     # stable across scans; different per location; changed by new weights
@@ -258,6 +289,9 @@ def test_scan_and_manifest_check_on_s3(tiny_adapter):
                 client.put_object(Bucket=bucket, Key=f"inbox/{name}/{marker}", Body=b"")
         found = finished.find_finished(f"s3://{bucket}/inbox", client=client)
         assert [(a.name, a.ref) for a in found] == [("ready", f"s3://{bucket}/inbox/ready")]
+        assert abs(found[0].finished_at - time.time()) < 600  # LastModified of its files
+        assert finished.adapter_base(found[0], client=client) == json.loads(
+            (adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
         assert finished.find_s3(f"s3://{bucket}/inbox", client=client) == found
         client.put_object(Bucket=bucket, Key="inbox/ready/adapter_config.json", Body=b"{}")
         assert finished.find_s3(f"s3://{bucket}/inbox", client=client)[0].fingerprint != \
@@ -359,3 +393,140 @@ def test_watcher_retries_a_failed_merge_under_the_next_key(tiny_adapter, merge_d
     asyncio.run(fail(retry["flow_run_id"]))
     # attempts exhausted: the last attempt's run is reported, nothing new is started
     assert merge_new_adapters(**kwargs)[0]["flow_run_id"] == retry["flow_run_id"]
+
+
+# --------------------------------------------------------------------------- watcher window
+
+
+def test_groups_by_base_wait_for_the_newest_and_key_by_sorted_fingerprints():
+    from triggers.finished import AdapterGroup, FinishedAdapter, group_by_base
+
+    a, b, c, d = (FinishedAdapter(n, f"/in/{n}", f"fp-{n}", t)
+                  for n, t in (("b-ckpt", 100.0), ("a-ckpt", 130.0), ("other", 50.0),
+                               ("broken", 10.0)))
+    groups = group_by_base([a, b, c, d], ["/base", "/base", "/base-2", None])
+    assert [(g.base, [x.name for x in g.adapters]) for g in groups] == [
+        ("/base", ["a-ckpt", "b-ckpt"]), (None, ["broken"]), ("/base-2", ["other"])]
+    both = groups[0]
+    assert both.newest == 130.0
+    assert not both.ready(now=200.0, window_seconds=600) and both.ready(730.0, 600)
+    assert both.key.startswith("mergeflow-watch-batch:")
+    assert both.key == AdapterGroup("/base", (a, b)).key  # the order does not matter
+    assert both.key != AdapterGroup("/base", (a, b, c)).key
+    assert groups[2].key == c.key  # a group of one is that adapter's single merge
+
+
+@pytest.fixture(scope="module")
+def batch_deployment(prefect_server) -> str:
+    """A ``merge-adapters`` deployment of the real batch flow on the session server (its
+    parameter schema enforced) with a default spec; no worker serves it."""
+    from flows.batch import merge_adapters
+
+    name = f"watch-batch-{uuid.uuid4().hex[:8]}"
+    merge_adapters.to_deployment(name=name, parameters={"spec": {"workers": 3}},
+                                 enforce_parameter_schema=True).apply()
+    return f"merge-adapters/{name}"
+
+
+def _age(folder: Path, seconds: int) -> None:
+    """Every file of an adapter folder finished ``seconds`` ago."""
+    import os
+    import time
+
+    past = time.time() - seconds
+    for path in folder.iterdir():
+        os.utime(path, (past, past))
+
+
+def _other_base(folder: Path, base: str) -> None:
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config,
+                                                            "base_model_name_or_path": base}))
+
+
+def test_watcher_window_holds_a_fresh_group_then_starts_one_batch_run_once(
+        tiny_adapter, merge_deployment, batch_deployment, tmp_path):
+    from flows.watch import merge_new_adapters, start_batch
+    from triggers.finished import find_local, group_by_base
+
+    base, adapter = tiny_adapter
+    inbox, out_root = tmp_path / "inbox", tmp_path / "merged"
+    inbox.mkdir()
+    for name in ("ckpt-2", "ckpt-1"):
+        _finished_adapter(adapter, inbox, name)
+    _other_base(_finished_adapter(adapter, inbox, "elsewhere"), str(tmp_path / "base-2"))
+    kwargs = dict(location=str(inbox), out_root=str(out_root), deployment=merge_deployment,
+                  batch_deployment=batch_deployment, window_seconds=600,
+                  options={"device": "cpu"}, push_root=None)
+
+    assert merge_new_adapters(**kwargs) == []  # every group finished just now: held back
+    assert not _runs_in(batch_deployment, inbox) and not _runs_in(merge_deployment, inbox)
+
+    for name in ("ckpt-1", "ckpt-2"):
+        _age(inbox / name, 3600)  # the window has passed for base 1, not for "elsewhere"
+    first = merge_new_adapters(**kwargs)
+    refs = [str((inbox / n).resolve()) for n in ("ckpt-1", "ckpt-2")]
+    assert [r["adapters"] for r in first] == [refs]
+    again = merge_new_adapters(**kwargs)  # the run works on them: nothing new starts
+    assert again == []
+    runs = _runs_in(batch_deployment, inbox)
+    assert len(runs) == 1 and not _runs_in(merge_deployment, inbox)
+    run = runs[0]
+    assert str(run.id) == first[0]["flow_run_id"]
+    assert run.parameters["adapters"] == refs
+    assert run.parameters["out_names"] == ["ckpt-1", "ckpt-2"]
+    assert run.parameters["spec"]["out"] == str(out_root.resolve())
+    assert run.parameters["spec"]["device"] == "cpu" and run.parameters["spec"]["workers"] == 3
+    assert "adapter" not in run.parameters["spec"]
+    assert run.idempotency_key.startswith("mergeflow-watch-batch:")
+    # two watchers that both saw the group before either started it share the one run
+    ready = [g for g in group_by_base(find_local(inbox), [str(base)] * 2 + [None])
+             if len(g.adapters) == 2]
+    twin = start_batch.fn(ready[0], {"out": str(out_root.resolve()), "device": "cpu"},
+                          batch_deployment, 3)
+    assert twin["flow_run_id"] == first[0]["flow_run_id"]
+
+    _age(inbox / "elsewhere", 3600)  # its own base, a group of one: its single merge
+    last = merge_new_adapters(**kwargs)
+    assert [r["adapter"] for r in last] == [str((inbox / "elsewhere").resolve())]
+    assert len(_runs_in(merge_deployment, inbox)) == 1
+    assert len(_runs_in(batch_deployment, inbox)) == 1
+
+
+def test_watcher_window_retries_a_failed_batch_under_the_next_key(
+        tiny_adapter, merge_deployment, batch_deployment, tmp_path):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Failed
+
+    from flows.watch import merge_new_adapters
+
+    _, adapter = tiny_adapter
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name in ("one", "two"):
+        _age(_finished_adapter(adapter, inbox, name), 3600)
+    kwargs = dict(location=str(inbox), out_root=str(tmp_path / "merged"),
+                  deployment=merge_deployment, batch_deployment=batch_deployment,
+                  window_seconds=60, attempts=2)
+    first = merge_new_adapters(**kwargs)[0]
+
+    async def fail(run_id: str):
+        async with get_client() as client:
+            await client.set_flow_run_state(run_id, Failed(), force=True)
+
+    asyncio.run(fail(first["flow_run_id"]))
+    retry = merge_new_adapters(**kwargs)[0]  # no longer in flight: the group's next attempt
+    assert retry["flow_run_id"] != first["flow_run_id"]
+    keys = {str(r.id): r.idempotency_key for r in _runs_in(batch_deployment, inbox)}
+    assert keys[retry["flow_run_id"]] == f"{keys[first['flow_run_id']]}#2"
+
+
+def _runs_in(deployment: str, inbox: Path) -> list:
+    """The runs of ``deployment`` for adapters under ``inbox``."""
+    from triggers.launch import run_adapters
+
+    root = str(inbox.resolve())
+    return [r for r in _runs_of(deployment)
+            if any(a.startswith(root) for a in run_adapters(r.parameters))]

@@ -10,7 +10,12 @@ hidden folders and names starting with ``_`` are never merged.
 
 Each finished adapter gets a fingerprint: the sha256 of its location plus the sha256 (local) or
 ETag (S3) of its config and weights. A retrained adapter therefore gets a new fingerprint, and
-an unchanged one the same fingerprint on every scan.
+an unchanged one the same fingerprint on every scan. It also gets the time it finished: the
+newest modification time (local) or LastModified (S3) of its config, weights and marker.
+
+For the watcher's window (several adapters of one base in one run), :func:`adapter_base` reads
+the base an adapter's config names and :func:`group_by_base` groups the adapters by it
+(:class:`AdapterGroup`: when it is ready, and its run's idempotency key).
 """
 
 from __future__ import annotations
@@ -49,11 +54,38 @@ class FinishedAdapter:
     name: str  # its folder name: the name of its output
     ref: str  # a local path or s3://bucket/prefix
     fingerprint: str  # sha256 over the location and its files' sha256 / ETags
+    finished_at: float = 0.0  # seconds since the epoch: its newest config/weights/marker
 
     @property
     def key(self) -> str:
         """The idempotency key of its merge run."""
         return f"mergeflow-watch:{self.fingerprint}"
+
+
+@dataclass(frozen=True)
+class AdapterGroup:
+    """Finished adapters of one base, merged in one run once the newest is old enough."""
+
+    base: str | None  # what their configs (or the watcher's options) name; None: unknown
+    adapters: tuple[FinishedAdapter, ...]  # by name
+
+    @property
+    def newest(self) -> float:
+        """When the group's newest adapter finished (seconds since the epoch)."""
+        return max(a.finished_at for a in self.adapters)
+
+    def ready(self, now: float, window_seconds: float) -> bool:
+        """Whether no adapter of the group finished within the last ``window_seconds``."""
+        return now - self.newest >= window_seconds
+
+    @property
+    def key(self) -> str:
+        """The idempotency key of the group's run: one adapter's own key (a group of one is
+        its single merge), else the sha256 of the sorted fingerprints."""
+        if len(self.adapters) == 1:
+            return self.adapters[0].key
+        joined = ",".join(sorted(a.fingerprint for a in self.adapters))
+        return f"mergeflow-watch-batch:{hashlib.sha256(joined.encode()).hexdigest()}"
 
 
 def is_finished(names: set[str], markers: Sequence[str] = MARKERS) -> bool:
@@ -76,6 +108,11 @@ def _identity_files(names: set[str]) -> list[str]:
     return [CONFIG, *(w for w in WEIGHTS if w in names)]
 
 
+def _dated_files(names: set[str], markers: Sequence[str]) -> list[str]:
+    """The files whose times say when an adapter finished: config, weights, markers."""
+    return [*_identity_files(names), *(m for m in markers if m in names)]
+
+
 def find_local(root: Path, markers: Sequence[str] = MARKERS,
                cache: HashCache | None = None) -> list[FinishedAdapter]:
     """The finished adapters directly under a local folder, by name.
@@ -94,7 +131,8 @@ def find_local(root: Path, markers: Sequence[str] = MARKERS,
         if is_finished(names, markers):
             ref = str(child.resolve())
             hashes = {n: cache.sha256(child / n) for n in _identity_files(names)}
-            found.append(FinishedAdapter(child.name, ref, fingerprint(ref, hashes)))
+            done = max((child / n).stat().st_mtime for n in _dated_files(names, markers))
+            found.append(FinishedAdapter(child.name, ref, fingerprint(ref, hashes), done))
     cache.save()
     return found
 
@@ -131,7 +169,8 @@ def find_s3(ref: str, markers: Sequence[str] = MARKERS, client: Any | None = Non
         if is_finished(set(objects), markers):
             where = f"{S3_SCHEME}{bucket}/{folder}"
             etags = {n: objects[n].etag for n in _identity_files(set(objects))}
-            found.append(FinishedAdapter(name, where, fingerprint(where, etags)))
+            done = max(objects[n].modified for n in _dated_files(set(objects), markers))
+            found.append(FinishedAdapter(name, where, fingerprint(where, etags), done))
     return found
 
 
@@ -191,3 +230,47 @@ def _hf_manifest_exists(dest: str) -> bool:
         return HfApi().file_exists(repo_id, MANIFEST, revision=revision)
     except Exception:
         return False
+
+
+def adapter_base(adapter: FinishedAdapter, client: Any | None = None,
+                 endpoint_url: str | None = None) -> str | None:
+    """The base the adapter's ``adapter_config.json`` names (``base_model_name_or_path``);
+    None when it names none or the config cannot be read as JSON.
+
+    Raises:
+        TransientError: S3 failed in a way worth retrying.
+    """
+    try:
+        config = json.loads(_read_config(adapter.ref, client, endpoint_url))
+    except (OSError, ValueError, SourceError):
+        return None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return str(base) if base else None
+
+
+def _read_config(ref: str, client: Any | None, endpoint_url: str | None) -> bytes:
+    """The bytes of the adapter's config, from its folder or its S3 prefix."""
+    if not ref.startswith(S3_SCHEME):
+        return (Path(ref) / CONFIG).read_bytes()
+    bucket, prefix = parse_s3_ref(ref)
+    client = client or s3_client(endpoint_url)
+    try:
+        return client.get_object(Bucket=bucket, Key=s3_key(prefix, CONFIG))["Body"].read()
+    except Exception as exc:
+        raise_s3(exc, join_ref(ref, CONFIG), SourceError)
+
+
+def group_by_base(adapters: Sequence[FinishedAdapter], bases: Sequence[str | None]
+                  ) -> list[AdapterGroup]:
+    """The adapters grouped by their base (``bases``, in the adapters' order), each group by
+    name; an adapter whose base is unknown (None) is a group of its own."""
+    groups: dict[str, list[FinishedAdapter]] = {}
+    alone: list[AdapterGroup] = []
+    for adapter, base in zip(adapters, bases, strict=True):
+        if base is None:
+            alone.append(AdapterGroup(None, (adapter,)))
+        else:
+            groups.setdefault(base, []).append(adapter)
+    together = [AdapterGroup(base, tuple(sorted(members, key=lambda a: a.name)))
+                for base, members in groups.items()]
+    return sorted(together + alone, key=lambda g: g.adapters[0].name)

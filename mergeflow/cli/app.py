@@ -191,7 +191,7 @@ def merge(
     fields = {name: str(value) if isinstance(value, Path) else value
               for name, value in locals().items() if name in MergeSpec.model_fields}
     if len(adapter) > 1 or out_name:  # a batch: one output per adapter under --out
-        _merge_batch(fields, adapter, out_name)
+        _merge_batch(fields, adapter, out_name, prefect)
         return
     fields["adapter"] = adapter[0]
     try:
@@ -216,20 +216,26 @@ def merge(
     print_line(ran)
 
 
-def _merge_batch(fields: dict, adapters: list[str], names: list[str] | None) -> None:
-    """Several adapters of one base, in one sweep over the base (in this process), each into
-    ``--out/<name>``: exit 2 when any is refused (nothing written), 1 when some failed (the
-    finished ones are printed and kept)."""
+def _merge_batch(fields: dict, adapters: list[str], names: list[str] | None,
+                 prefect: bool = False) -> None:
+    """Several adapters of one base, in one sweep over the base, each into ``--out/<name>``:
+    in this process, or with ``--prefect`` as the Prefect flow ``merge-adapters``
+    (:func:`_run_batch_flow`). Exit 2 when any is refused (nothing written), 1 when some
+    failed (the finished ones are printed and kept)."""
     from mergeflow.pipeline.many import PartialMergeError, merge_many, output_folders
 
     options = {k: v for k, v in fields.items() if k not in ("adapter", "out", "base")}
     try:
-        MergeSpec(**{**fields, "adapter": adapters[0]})  # the shared options, checked once
+        shared = MergeSpec(**{**fields, "adapter": adapters[0]})  # the shared options, once
     except ValueError as exc:
         _fail(2, _invalid_options(exc))
+    ran = "ran in-process"
     try:
-        outputs = output_folders(fields["out"], adapters, names)
-        reports = merge_many(fields.get("base"), outputs, **options)
+        if prefect:
+            reports, ran = _run_batch_flow(shared, adapters, names)
+        else:
+            reports = merge_many(fields.get("base"), output_folders(fields["out"], adapters,
+                                                                    names), **options)
     except InputError as exc:
         _fail(2, str(exc))
     except PartialMergeError as exc:
@@ -240,6 +246,20 @@ def _merge_batch(fields: dict, adapters: list[str], names: list[str] | None) -> 
         _fail(1, str(exc))
     for report in reports.values():
         print_report(report)
+    print_line(ran)
+
+
+def _run_batch_flow(spec: MergeSpec, adapters: list[str], names: list[str] | None
+                    ) -> tuple[dict[str, MergeReport], str]:
+    """Run the batch as the ``merge-adapters`` flow here (``spec.out``: the folder the
+    outputs go under), against ``PREFECT_API_URL`` or Prefect's temporary local server."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.batch import run_batch_from_cli
+
+    reports, name = run_batch_from_cli(spec, adapters, names)
+    return reports, f"ran as Prefect flow run merge-adapters/{name} (--prefect)"
 
 
 def _invalid_options(exc: ValueError) -> str:

@@ -1,6 +1,7 @@
 """The merge pipeline: the one step order both routes follow (:mod:`.order`), the steps
 (:mod:`.steps`), the results passed between them (:mod:`.results`), the in-process route
-(:mod:`.local`) and the checks around them (:mod:`.preflight`, :mod:`.verify`, :mod:`.resources`).
+(:mod:`.local`), several adapters in one sweep over the base (:mod:`.many`) and the checks
+around them (:mod:`.preflight`, :mod:`.verify`, :mod:`.resources`).
 
 The names below are this package's public surface: ``flows/``, ``tasks/`` and ``triggers/``
 import these and nothing else of the core (besides ``spec`` and ``errors``; a contract in
@@ -18,6 +19,8 @@ _PUBLIC = {
     "steps_for": "order", "run_steps": "order", "Carried": "order", "Steps": "order",
     "STEP_LABELS": "order",
     "merge": "local", "run_local": "local", "run_shards": "local",
+    # several adapters of one base, one sweep over it
+    "merge_many": "many", "output_folders": "many", "PartialMergeError": "many",
     # the steps
     "prepare": "steps", "run_shard": "steps", "finalize": "steps", "verify": "steps",
     "check_verified": "steps", "publish_output": "steps", "upload": "steps",
@@ -39,11 +42,12 @@ _PUBLIC = {
     "s3_key": "watch",
 }
 
-__all__ = ["Carried", "HF_SCHEME", "HashCache", "MANIFEST", "MergeReport", "PreparedMerge",
-           "PublishResult", "S3_SCHEME", "STEP_LABELS", "ShardResult", "Steps", "VerifyReport",
+__all__ = ["Carried", "HF_SCHEME", "HashCache", "MANIFEST", "MergeReport", "PartialMergeError",
+           "PreparedMerge", "PublishResult", "S3_SCHEME", "STEP_LABELS", "ShardResult", "Steps",
+           "VerifyReport",
            "apply_threads", "check_verified", "convert_gguf_output", "finalize", "finished_shard",
            "for_spec", "gguf_low_disk", "limit_threads", "list_s3_prefix", "merge",
-           "merge_low_disk", "output_lock",
+           "merge_low_disk", "merge_many", "output_folders", "output_lock",
            "parse_hf_ref", "parse_s3_ref", "prepare", "publish_output", "raise_s3", "read_manifest",
            "resolved_base", "run_local", "run_shard", "run_shards", "run_steps", "s3_client",
            "s3_key", "sha256_file", "shard_states", "steps_for", "up_to_date_report", "upload",
@@ -51,6 +55,7 @@ __all__ = ["Carried", "HF_SCHEME", "HashCache", "MANIFEST", "MergeReport", "Prep
 
 if TYPE_CHECKING:
     from mergeflow.pipeline.local import merge, output_lock, run_local, run_shards
+    from mergeflow.pipeline.many import PartialMergeError, merge_many, output_folders
     from mergeflow.pipeline.order import STEP_LABELS, Carried, Steps, run_steps, steps_for
     from mergeflow.pipeline.resources import apply_threads, for_spec, limit_threads
     from mergeflow.pipeline.results import (

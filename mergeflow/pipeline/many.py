@@ -13,7 +13,7 @@ a single merge writes, byte for byte. One output failing does not stop or unpubl
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -122,12 +122,19 @@ class _SweptSteps(LocalSteps):
             super().write_shards(prepared, spec, carried)
 
 
+#: Called once per finished output with its spec, plan and what its steps carried (report,
+#: shard results, verification): what a caller such as the Prefect flow reports per output.
+OnFinished = Callable[[MergeSpec, PreparedMerge, Carried], None]
+
+
 def merge_many(base: str | Path | None, outputs: Mapping[str | Path, str | Path], *,
-               progress: Progress | None = None, **options) -> dict[str, MergeReport]:
+               progress: Progress | None = None, on_finished: OnFinished | None = None,
+               **options) -> dict[str, MergeReport]:
     """Merge several adapters of one base, each into its own output, in one sweep over the base
     (see the module's text). ``outputs``: output folder -> adapter; ``**options``: any other
     :class:`~mergeflow.spec.MergeSpec` field, the same for every output, except ``push_to``: a
-    template in which ``{name}`` becomes each output folder's name.
+    template in which ``{name}`` becomes each output folder's name. ``on_finished``: called as
+    each output is finished (see :data:`OnFinished`).
 
     Returns:
         One report per output, by output folder.
@@ -162,6 +169,9 @@ def merge_many(base: str | Path | None, outputs: Mapping[str | Path, str | Path]
                 reports[spec.out] = carried.report
             except MergeError as exc:
                 failed[spec.out] = str(exc)
+            else:
+                if on_finished is not None:
+                    on_finished(spec, prepared[spec.out], carried)
     if failed:
         raise PartialMergeError(reports, failed)
     return reports

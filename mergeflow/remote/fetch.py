@@ -406,6 +406,7 @@ class S3Object:
     key: str
     etag: str
     size: int
+    modified: float = 0.0  # LastModified, seconds since the epoch (0: not listed)
 
 
 def resolve_s3(ref: str, *, allow_patterns: Sequence[str] | None = MERGE_FILE_PATTERNS,
@@ -459,10 +460,15 @@ def list_s3_prefix(client: Any, bucket: str, prefix: str, *, ref: str | None = N
                 name = item["Key"][len(start):]
                 if name and name not in (".", ".."):
                     objects.append(S3Object(name, item["Key"], item.get("ETag", "").strip('"'),
-                                            int(item["Size"])))
+                                            int(item["Size"]), _epoch(item.get("LastModified"))))
     except Exception as exc:
         raise_s3(exc, where, SourceError)
     return objects
+
+
+def _epoch(when: Any) -> float:
+    """A listing's LastModified (a datetime) in seconds since the epoch; 0 when absent."""
+    return when.timestamp() if hasattr(when, "timestamp") else 0.0
 
 
 def raise_s3(exc: Exception, where: str, kind: type[InputError]) -> NoReturn:
