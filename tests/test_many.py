@@ -76,6 +76,9 @@ def test_a_bad_adapter_among_good_ones_is_named_and_nothing_is_written(batch, tm
 def test_output_names_collide_or_follow_the_adapters():
     assert output_folders("/o", ["/a/run-1", "hf://org/run-2@abc"]) == {
         "/o/run-1": "/a/run-1", "/o/run-2": "hf://org/run-2@abc"}
+    # only an hf:// reference has a revision to drop; a local folder may hold an @
+    assert output_folders("/o", ["/data/run@v2", "s3://b/sweep@3/"]) == {
+        "/o/run@v2": "/data/run@v2", "/o/sweep@3": "s3://b/sweep@3/"}
     with pytest.raises(InputError, match="would both be written to /o/ckpt"):
         output_folders("/o", ["/a/ckpt", "/b/ckpt"])
     assert output_folders("/o", ["/a/ckpt", "/b/ckpt"], ["one", "two"]) == {

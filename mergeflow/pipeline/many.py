@@ -50,7 +50,7 @@ def output_folders(out: str | Path, adapters: list[str], names: list[str] | None
     if names is not None and len(names) != len(adapters):
         raise InputError(f"{len(names)} output names for {len(adapters)} adapters; give one "
                          "`out_name` per adapter, in order")
-    chosen = names or [Path(adapter.rstrip("/").split("@")[0]).name for adapter in adapters]
+    chosen = names or [_folder_name(adapter) for adapter in adapters]
     seen: dict[str, str] = {}
     for name, adapter in zip(chosen, adapters, strict=True):
         if name in seen:
@@ -58,6 +58,15 @@ def output_folders(out: str | Path, adapters: list[str], names: list[str] | None
                              f"{Path(out) / name}; name the outputs with `out_name`")
         seen[name] = adapter
     return {str(Path(out) / name): adapter for name, adapter in zip(chosen, adapters, strict=True)}
+
+
+def _folder_name(adapter: str) -> str:
+    """The adapter folder's name: an ``hf://org/name@revision`` reference loses its revision; a
+    local path or ``s3://`` prefix keeps every character (``run@v2`` is a folder name)."""
+    ref = adapter.rstrip("/")
+    if ref.startswith("hf://"):
+        ref = ref.split("@")[0]
+    return Path(ref).name
 
 
 def _prepare_all(specs: list[MergeSpec]) -> dict[str, PreparedMerge]:
