@@ -60,13 +60,20 @@ def _wait_mid_write(proc: subprocess.Popen, staging: Staging, timeout: float = 2
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
-        partial = [p for p in staging.folder.glob(".*.partial") if p.stat().st_size > 0]
-        if partial:
+        if any(_size(p) > 0 for p in staging.folder.glob(".*.partial")):
             time.sleep(0.5)  # the pause point is reached right after the tensor is handed over
             return
         time.sleep(0.1)
     proc.kill()
     pytest.fail(f"no shard being written in {staging.folder} after {timeout} s")
+
+
+def _size(path: Path) -> int:
+    """A file's size, 0 once it is gone (a finished shard is renamed between glob and stat)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 @pytest.fixture
