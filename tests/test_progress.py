@@ -105,6 +105,24 @@ def test_a_cli_run_says_what_it_wrote_then_that_it_verifies(make_base, make_adap
     assert "0.00 GB" not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("route", ["in-process", "prefect"])
+def test_no_verify_says_nothing_of_verifying(make_base, make_adapter, tmp_path, route, request):
+    """With --no-verify neither route's display announces a verify step that never runs."""
+    base = make_base("llama")
+    adapter = make_adapter(base, target_modules=["q_proj", "v_proj"])
+    args = ["merge", "--base", str(base), "--adapter", str(adapter), "--out",
+            str(tmp_path / "out"), "--no-verify"]
+    if route == "prefect":
+        env = {**cli_env(), "PREFECT_API_URL": request.getfixturevalue("prefect_server")}
+        result = subprocess.run(cli_command(*args, "--prefect"), cwd=REPO, env=env, text=True,
+                                capture_output=True, timeout=600, check=False)
+    else:
+        result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wrote "), result.stderr
+
+
 def test_the_display_counts_finished_shipped_and_half_written_shards(make_base, make_adapter,
                                                                      tmp_path):
     """What the bar shows, from a real staging folder: a finished shard counts whole, one shipped

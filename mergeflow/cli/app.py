@@ -93,7 +93,8 @@ def _execute(spec: MergeSpec, prepared: PreparedMerge,
 
     reason = flow_reason(spec, prefect)
     if reason is None or (prepared.up_to_date and not spec.push_to):
-        with StagingProgress(prepared, enabled=not prepared.up_to_date) as progress:
+        with StagingProgress(prepared, enabled=not prepared.up_to_date,
+                             verifies=_verify_step_runs(spec)) as progress:
             report = in_thread(pipeline.run_local, prepared, spec, on_phase=progress.phase)
             progress.finish()
         if reason is not None:  # nothing to merge, so no flow run was started
@@ -114,7 +115,8 @@ def _run_flow(spec: MergeSpec, prepared: PreparedMerge, reason: str) -> tuple[Me
 
     on_interrupt.insert(0, abandon_cli_runs)  # after the progress display is stopped
     try:
-        with StagingProgress(prepared, enabled=not prepared.up_to_date) as progress:
+        with StagingProgress(prepared, enabled=not prepared.up_to_date,
+                             verifies=_verify_step_runs(spec)) as progress:
             report, name = in_thread(run_from_cli, spec, prepared)  # raises the flow's error
             progress.finish(verified=_verify_step_runs(spec))
     finally:

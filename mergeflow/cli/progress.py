@@ -92,7 +92,7 @@ class StagingProgress:
     lines on stderr."""
 
     def __init__(self, prepared: PreparedMerge, interval: float = 0.25,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, verifies: bool = True) -> None:
         from mergeflow.storage.staging import Staging
 
         self.staging = Staging.for_output(prepared.out)
@@ -101,6 +101,7 @@ class StagingProgress:
         self.tensors = prepared.tensor_count
         self.interval = interval
         self.enabled = enabled
+        self.verifies = verifies  # a verify step follows the writing (no --no-verify, ...)
         self._ends = _tensor_ends(prepared.plan_path) \
             if enabled and Path(prepared.plan_path).is_file() else {}
         self._recorded: dict[str, int] = {}
@@ -181,7 +182,7 @@ class StagingProgress:
         with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
             task = bar.add_task("merge", total=self.total, phase=self._phase, detail="")
             while not self._stop.wait(self.interval):
-                if self._phase == "merging" and self.staging.finalized():
+                if self.verifies and self._phase == "merging" and self.staging.finalized():
                     self.phase("verify")  # finalized: the flow route's verify step is next
                 if err.is_terminal:
                     size, tensors = self._written()
