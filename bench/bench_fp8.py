@@ -25,8 +25,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gguf import run  # one route timed: its seconds and peak RSS
 
 TESTS = str(Path(__file__).resolve().parent.parent / "tests")
 PEER_EXPORT = f"""
@@ -47,17 +49,6 @@ model = AutoModelForCausalLM.from_pretrained(
     sys.argv[1], dtype=torch.bfloat16, quantization_config=FineGrainedFP8Config(dequantize=True))
 PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload().save_pretrained(sys.argv[3])
 """
-
-
-def run(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Run one route; (seconds, peak RSS in MiB)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{cmd[:4]} failed: {proc.stderr.read().decode()[-2000:]}")
-    return seconds, usage.ru_maxrss // 1024
 
 
 def build(work: Path, hidden: int, layers: int, vocab: int, fp8_base: bool) -> None:

@@ -517,3 +517,27 @@ def build_mxfp4_base(original: Path | str, folder: Path | str) -> Path:
         if path.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation")):
             (folder / path.name).write_bytes(path.read_bytes())
     return folder
+
+
+def build_gpt_oss(folder: Path | str, max_shard_size: str | None = None, hidden: int = 64,
+                  intermediate: int = 48, dtype: torch.dtype = torch.float32) -> Path:
+    """A tiny GptOss (4 experts, gate/up interleaved in ``gate_up_proj`` (E, hidden, 2I)) saved
+    by ``save_pretrained``, with its tokenizer: its experts are stored fused, as in memory, and
+    random (not the zero/small init)."""
+    from transformers import GptOssConfig
+
+    config = GptOssConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          vocab_size=128, num_local_experts=4, num_experts_per_tok=2,
+                          max_position_embeddings=64, sliding_window=16,
+                          layer_types=["sliding_attention", "full_attention"],
+                          tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".experts." in name:
+                param.normal_(0, 0.05)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    save_tokenizer(folder, config.vocab_size)
+    return Path(folder)

@@ -306,24 +306,10 @@ GPT_OSS_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 @pytest.fixture(scope="module")
 def gpt_oss(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(bf16 gpt-oss, its MXFP4 checkpoint, an adapter on attention and both expert tensors)."""
-    from builders import build_mxfp4_base, save_tokenizer
-    from transformers import AutoModelForCausalLM, GptOssConfig
+    from builders import build_gpt_oss, build_mxfp4_base
 
     root = tmp_path_factory.mktemp("gpt_oss")
-    config = GptOssConfig(hidden_size=96, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                          vocab_size=128, num_local_experts=4, num_experts_per_tok=2,
-                          max_position_embeddings=64, sliding_window=16,
-                          layer_types=["sliding_attention", "full_attention"],
-                          tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".experts." in name:
-                param.normal_(0, 0.05)
-    model.save_pretrained(root / "bf16")
-    save_tokenizer(root / "bf16", config.vocab_size)
+    build_gpt_oss(root / "bf16", hidden=96, intermediate=64, dtype=torch.bfloat16)
     adapter = build_adapter(root / "bf16", root / "adapter", target_modules=["q_proj", "v_proj"],
                             target_parameters=GPT_OSS_EXPERTS)
     return root / "bf16", build_mxfp4_base(root / "bf16", root / "mxfp4"), adapter

@@ -127,15 +127,7 @@ def test_a_split_regex_llama_cpp_does_not_implement_is_refused_naming_the_file(t
     split = data["pre_tokenizer"]["pretokenizers"][0]["pattern"]
     split["Regex"] = split["Regex"].replace(r"\p{N}{1,3}", r"\p{N}{1,4}")  # digits in fours
     tokenizer_json.write_text(json.dumps(data))
-    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["o_proj"])
-    out = tmp_path / "out"
-    proc = run_cli("merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out),
-                   "--save-method", "gguf")
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
-    assert proc.stderr.startswith(f"error: {tokenizer_json}: its pre-tokenizer is neither known "
-                                  "to llama.cpp"), proc.stderr
-    assert not out.exists()
+    _assert_gguf_refused_naming(base, tokenizer_json, tmp_path)
 
 
 def test_a_gemma_style_bpe_tokenizer_json_without_tokenizer_model_is_refused(tmp_path):
@@ -146,12 +138,18 @@ def test_a_gemma_style_bpe_tokenizer_json_without_tokenizer_model_is_refused(tmp
     base = build_base(tmp_path / "base", "gemma3", tokenizer=False, vocab_size=VOCAB)
     save_sentencepiece_tokenizer(base, VOCAB, "gemma")
     (base / "tokenizer.model").unlink()
+    _assert_gguf_refused_naming(base, base / "tokenizer.json", tmp_path)
+
+
+def _assert_gguf_refused_naming(base: Path, tokenizer_json: Path, tmp_path: Path) -> None:
+    """``mergeflow merge --save-method gguf`` on ``base``: exit 2 while planning, one line naming
+    ``tokenizer_json`` and the pre-tokenizer, nothing written."""
     adapter = build_adapter(base, tmp_path / "adapter", target_modules=["o_proj"])
     out = tmp_path / "out"
     proc = run_cli("merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out),
                    "--save-method", "gguf")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
-    assert proc.stderr.startswith(f"error: {base / 'tokenizer.json'}: its pre-tokenizer is "
-                                  "neither known to llama.cpp"), proc.stderr
+    assert proc.stderr.startswith(f"error: {tokenizer_json}: its pre-tokenizer is neither known "
+                                  "to llama.cpp"), proc.stderr
     assert not out.exists()

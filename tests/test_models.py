@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from builders import model_class_of
+from builders import build_gpt_oss, model_class_of
 from helpers import (
     PREPROCESSOR_CONFIG,
     PROCESSOR_CONFIG,
@@ -325,29 +325,6 @@ GPT_OSS_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def _build_gpt_oss(folder, max_shard_size=None, hidden=64):
-    """A tiny GptOss (4 experts, gate/up interleaved in ``gate_up_proj`` (E, hidden, 2I)) saved
-    by ``save_pretrained``: its experts are stored fused, as in memory."""
-    from builders import save_tokenizer
-    from transformers import AutoModelForCausalLM, GptOssConfig
-
-    config = GptOssConfig(hidden_size=hidden, intermediate_size=48, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                          vocab_size=128, num_local_experts=4, num_experts_per_tok=2,
-                          max_position_embeddings=64, sliding_window=16,
-                          layer_types=["sliding_attention", "full_attention"],
-                          tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # experts and their biases random, not the zero/small init
-        for name, param in model.named_parameters():
-            if ".experts." in name:
-                param.normal_(0, 0.05)
-    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
-    save_tokenizer(folder, config.vocab_size)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def gpt_oss(tmp_path_factory):
     """(base, adapter): LoRA on the attention and, with target_parameters, on both fused expert
@@ -355,7 +332,7 @@ def gpt_oss(tmp_path_factory):
     from builders import build_adapter
 
     root = tmp_path_factory.mktemp("gpt_oss")
-    base = _build_gpt_oss(root / "base")
+    base = build_gpt_oss(root / "base")
     adapter = build_adapter(base, root / "adapter", target_modules=ATTENTION,
                             target_parameters=GPT_OSS_EXPERTS)
     return base, adapter
@@ -426,7 +403,7 @@ def test_fused_experts_across_shards(tmp_path_factory, input_ids, tmp_path):
     from mergeflow.plan import Experts
 
     root = tmp_path_factory.mktemp("gpt_oss_sharded")
-    base = _build_gpt_oss(root / "base", max_shard_size="120KB", hidden=128)
+    base = build_gpt_oss(root / "base", max_shard_size="120KB", hidden=128)
     homes = {k: f for f, keys in shard_keys(base).items() for k in keys}
     assert homes["model.layers.0.mlp.experts.gate_up_proj"] != \
         homes["model.layers.0.mlp.experts.down_proj"], homes

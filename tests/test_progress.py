@@ -76,6 +76,15 @@ def test_tensors_in_a_half_written_shard_count_from_its_header(tmp_path):
     assert _tensors_in(tmp_path / "missing", ends) == 0
 
 
+def _merge_on(route: str, request, *args: str) -> subprocess.CompletedProcess:
+    """``mergeflow merge ARGS`` in-process, or as the flow on the session's Prefect server."""
+    if route != "prefect":
+        return run_cli("merge", *args)
+    env = {**cli_env(), "PREFECT_API_URL": request.getfixturevalue("prefect_server")}
+    return subprocess.run(cli_command("merge", *args, "--prefect"), cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=600, check=False)
+
+
 @pytest.mark.parametrize("route", ["in-process", "prefect"])
 def test_a_cli_run_says_what_it_wrote_then_that_it_verifies(make_base, make_adapter, tmp_path,
                                                             route, request):
@@ -84,13 +93,8 @@ def test_a_cli_run_says_what_it_wrote_then_that_it_verifies(make_base, make_adap
     base = make_base("llama")
     adapter = make_adapter(base, target_modules=["q_proj", "v_proj"])
     out = tmp_path / "out"
-    args = ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)]
-    if route == "prefect":
-        env = {**cli_env(), "PREFECT_API_URL": request.getfixturevalue("prefect_server")}
-        result = subprocess.run(cli_command(*args, "--prefect"), cwd=REPO, env=env, text=True,
-                                capture_output=True, timeout=600, check=False)
-    else:
-        result = run_cli(*args)
+    result = _merge_on(route, request, "--base", str(base), "--adapter", str(adapter),
+                       "--out", str(out))
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
     report = json.loads((out / "merge-manifest.json").read_text())["report"]
@@ -110,14 +114,8 @@ def test_no_verify_says_nothing_of_verifying(make_base, make_adapter, tmp_path, 
     """With --no-verify neither route's display announces a verify step that never runs."""
     base = make_base("llama")
     adapter = make_adapter(base, target_modules=["q_proj", "v_proj"])
-    args = ["merge", "--base", str(base), "--adapter", str(adapter), "--out",
-            str(tmp_path / "out"), "--no-verify"]
-    if route == "prefect":
-        env = {**cli_env(), "PREFECT_API_URL": request.getfixturevalue("prefect_server")}
-        result = subprocess.run(cli_command(*args, "--prefect"), cwd=REPO, env=env, text=True,
-                                capture_output=True, timeout=600, check=False)
-    else:
-        result = run_cli(*args)
+    result = _merge_on(route, request, "--base", str(base), "--adapter", str(adapter),
+                       "--out", str(tmp_path / "out"), "--no-verify")
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wrote "), result.stderr
