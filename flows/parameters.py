@@ -8,6 +8,13 @@ The flow's parameter is therefore :class:`MergeRequest`, MergeSpec with every fi
 still know them), and the flow layers it over the deployment's default ``spec``
 (:func:`layered`). A field left out or null keeps the default.
 
+What the run form shows is the JSON schema (:func:`form_schema`): each field as MergeSpec types
+it (an enum as a dropdown, no ``null`` alternative, so no str/None toggle and no "(Optional)"
+label), no default (an empty field is left out, so the deployment's default stands; the
+description says MergeSpec's), and ``adapter`` and ``out`` marked required. Python callers and
+the flow still pass None for "not set"; the event triggers build ``spec`` from the payload's
+keys alone (``deployments/prefect.yaml``), so nothing sends a null the server would refuse.
+
 The batch flow (``flows/batch.py``) takes :class:`BatchRequest` the same way: MergeRequest without
 ``adapter``, since its adapters are a list of their own, and with ``out`` the folder the outputs
 go under.
@@ -32,8 +39,29 @@ def _optional(name: str) -> tuple[Any, Any]:
                                     json_schema_extra=field.json_schema_extra)
 
 
+REQUIRED = ("adapter", "out")  # a run cannot do without them; no deployment default gives them
+
+
+def form_schema(schema: dict[str, Any], model: type[BaseModel] | None = None) -> None:
+    """The request's JSON schema as the run form renders it (see the module docstring): each
+    ``anyOf [T, null]`` becomes ``T``, the ``null`` defaults go, and ``adapter``/``out`` are
+    required. Pydantic calls this when it builds the schema; validation is unchanged."""
+    for name, prop in schema.get("properties", {}).items():
+        kinds = [k for k in prop.pop("anyOf", []) if k.get("type") != "null"]
+        if len(kinds) == 1:
+            prop.update(kinds[0])
+        elif kinds:
+            prop["anyOf"] = kinds
+        if prop.get("default", 0) is None:
+            del prop["default"]
+        default = MergeSpec.model_fields[name].default if name in MergeSpec.model_fields else None
+        if default not in (None, [], "") and "Default" not in prop.get("description", ""):
+            prop["description"] = f"{prop.get('description', '')} Default: {default}.".strip()
+    schema["required"] = [n for n in REQUIRED if n in schema.get("properties", {})]
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=form_schema)
 
     @model_validator(mode="before")
     @classmethod

@@ -109,10 +109,10 @@ def test_event_triggers_route_and_template_the_spec(prefect_yaml):
     assert gpu["match"] == {"prefect.resource.id": "mergeflow.adapter.*"}
     assert cpu["match"] == {"prefect.resource.id": "mergeflow.cpu-adapter.*"}
 
-    minimal = _render_trigger(gpu, {"adapter": "/a", "out": "/o"})["spec"]
-    assert minimal == {"adapter": "/a", "out": "/o", "base": None, "push_to": None,
-                       "dtype": None, "save_method": None, "device": None}
-    # null fields keep the deployment's defaults (the flow layers the run's spec over them)
+    minimal = _render_trigger(gpu, {"adapter": "/a", "out": "/o", "dtype": None,
+                                    "note": "not a spec field"})["spec"]
+    assert minimal == {"adapter": "/a", "out": "/o"}  # no null, no key the spec does not have
+    # fields left out keep the deployment's defaults (the flow layers the run's spec over them)
     from flows.parameters import layered
 
     spec = layered(_deployment(prefect_yaml, "merge-adapter")["parameters"]["spec"], minimal)
@@ -142,9 +142,38 @@ def test_event_payload_uses_the_spec_names_and_still_reads_destination(prefect_y
     assert _render_trigger(gpu, old)["spec"]["push_to"] == "s3://old/m"
     both = {**old, "push_to": "s3://new/m"}
     assert _render_trigger(gpu, both)["spec"]["push_to"] == "s3://new/m"
-    templated = {k for k, v in gpu["parameters"]["spec"].items() if isinstance(v, str)
-                 and "event.payload" in v}
-    assert templated <= set(MergeSpec.model_fields)
+    every = {k: "x" for k in MergeSpec.model_fields}
+    assert set(_render_trigger(gpu, every)["spec"]) <= set(MergeSpec.model_fields)
+
+
+def test_the_run_form_shows_types_dropdowns_and_required_fields_not_null_toggles(prefect_yaml):
+    """What the UI renders for ``spec``: no field offers null (no str/None toggle, no
+    "(Optional)" label), an enum is a dropdown of its values, adapter and out are required, no
+    default overrides the deployment's; a rendered trigger's spec passes the server's own check
+    of the schema, and the deployments' default specs do too."""
+    from prefect.utilities.schema_tools.validation import validate
+
+    from flows.batch import merge_adapters
+    from flows.merge import merge_adapter
+
+    for flow, required in ((merge_adapter, ["adapter", "out"]), (merge_adapters, ["out"])):
+        schema = flow.parameters.model_dump()
+        definitions = schema.get("definitions") or schema["$defs"]
+        request = definitions[next(n for n in definitions if n.endswith("Request"))]
+        assert request["required"] == required
+        for name, prop in request["properties"].items():
+            assert "anyOf" not in prop and prop.get("type") != "null", name
+            assert "default" not in prop, name
+        assert request["properties"]["save_method"]["enum"][0] == "merged_16bit"
+        assert request["properties"]["device"] == {**request["properties"]["device"],
+                                                   "type": "string", "enum": ["cpu", "cuda"]}
+    schema = merge_adapter.parameters.model_dump()
+    for name in ("merge-adapter", "merge-adapter-cpu"):
+        dep = _deployment(prefect_yaml, name)
+        spec = _render_trigger(dep["triggers"][0], {"adapter": "/a", "out": "/o", "base": None})
+        assert validate(spec, schema, ignore_required=False) == []
+        assert validate(dep["parameters"], schema, ignore_required=True) == []
+    assert validate({"spec": {"adapter": "/a", "out": "/o", "device": None}}, schema) != []
 
 
 def test_watcher_deployment(prefect_yaml):

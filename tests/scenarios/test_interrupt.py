@@ -58,14 +58,17 @@ def _env(route: str, prefect_url: str | None, fault: str | None) -> dict[str, st
 def _wait_mid_write(proc: subprocess.Popen, staging: Staging, timeout: float = 240) -> None:
     """Until the merge is writing a shard (its ``.partial`` file has data) - or fail."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        if any(_size(p) > 0 for p in staging.folder.glob(".*.partial")):
-            time.sleep(0.5)  # the pause point is reached right after the tensor is handed over
-            return
-        time.sleep(0.1)
-    proc.kill()
-    pytest.fail(f"no shard being written in {staging.folder} after {timeout} s")
+    try:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            if any(_size(p) > 0 for p in staging.folder.glob(".*.partial")):
+                time.sleep(0.5)  # the pause point is reached right after the tensor is handed over
+                return
+            time.sleep(0.1)
+        pytest.fail(f"no shard being written in {staging.folder} after {timeout} s")
+    except BaseException:
+        proc.kill()  # a merge paused at its fault point would otherwise outlive the test
+        raise
 
 
 def _size(path: Path) -> int:
