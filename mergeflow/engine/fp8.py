@@ -83,57 +83,54 @@ def decode_whole(spec: QuantSpec, tensors: dict[str, torch.Tensor],
     return values.to(DTYPES[spec.dtype]).float()
 
 
-class Fp8Requantizer:
-    """merged_4bit on an FP8 base: the merged weight re-encoded in the base's own scheme, row
-    block by row block (rows rounded to the model's dtype first, as the model holds them).
-
-    Block-wise FP8 (``weight_scale_inv``) is encoded by transformers' own FP8 quantizer
-    (``Fp8Quantize``, what ``FineGrainedFP8Config`` runs); compressed-tensors FP8 by
-    compressed-tensors' own ``calculate_qparams`` and ``quantize`` with the base's strategy.
-    Blocks must start on a multiple of :attr:`row_multiple` (one scale block of rows).
+class TransformersFp8Encoder:
+    """merged_4bit on a block-wise FP8 base (``weight_scale_inv``): the merged weight re-encoded
+    by transformers' own FP8 quantizer (``Fp8Quantize``, what ``FineGrainedFP8Config`` runs), row
+    block by row block, rows rounded to the model's dtype first. Blocks start on multiples of
+    :attr:`row_multiple` (one scale block of rows).
 
     Args:
-        spec: the base unit (its scale role, block and dtype).
+        spec: the base unit (its weight, scale key, block and dtype).
         scale_dtype: the stored scale's dtype (safetensors name).
         device: where to encode.
     """
 
     def __init__(self, spec: QuantSpec, scale_dtype: str, device: torch.device) -> None:
-        self.spec = spec
-        self.role, self.scale_key = next(iter(spec.siblings.items()))
-        self.block = spec.block or spec.shape
+        self.weight = spec.weight
+        self.scale_key = next(iter(spec.siblings.values()))
         self.dtype = DTYPES[spec.dtype]
-        self.scales = torch.empty(scale_grid(spec.shape, self.block), dtype=DTYPES[scale_dtype],
+        block = spec.block or spec.shape
+        self.row_multiple = block[0]
+        self.scales = torch.empty(scale_grid(spec.shape, block), dtype=DTYPES[scale_dtype],
                                   device=device)
-        self.row_multiple = self.block[0]
-        if self.role == "weight_scale_inv":
-            self._quantizer = _transformers_quantizer(self.block)
-        else:
-            self._args = _compressed_tensors_args(self.block)
+        self._quantizer = _transformers_quantizer(block)
 
     def encode(self, start: int, stop: int, rows: torch.Tensor) -> torch.Tensor:
         """The float8 values of merged rows ``[start, stop)`` (float32 ``(k, in)``), on the CPU."""
-        x = rows.to(self.dtype)  # (k, in), as the merged model holds it
-        first = start // self.block[0]
-        if self.role == "weight_scale_inv":
-            out = self._quantizer._quantize_one(self.spec.weight, x)
-            values, scale = out[self.spec.weight], out[self.scale_key]
-            if values.dtype != FP8:
-                raise MergeError(f"transformers left '{self.spec.weight}' rows {start}-{stop} "
-                                 "unquantized (a planning bug; please report it)")
-        else:
-            from compressed_tensors.quantization.lifecycle.forward import quantize
-            from compressed_tensors.quantization.utils import calculate_qparams
-
-            low, high = _block_range(x, self.block)
-            scale, zero = calculate_qparams(low, high, self._args)
-            values = quantize(x, scale, zero, self._args, dtype=FP8)
-        self.scales[first:first + scale.shape[0]] = scale.reshape(-1, self.scales.shape[1])
+        out = self._quantizer._quantize_one(self.weight, rows.to(self.dtype))
+        values, scale = out[self.weight], out[self.scale_key]  # fp8 (k, in), (k / bh, C)
+        if values.dtype != FP8:
+            raise MergeError(f"transformers left '{self.weight}' rows {start}-{stop} unquantized "
+                             "(a planning bug; please report it)")
+        first = start // self.row_multiple
+        self.scales[first:first + scale.shape[0]] = scale
         return values.cpu()
 
     def siblings(self) -> dict[str, torch.Tensor]:
-        """The scale tensor by its base key, in its stored shape, on the CPU."""
+        """The scale tensor by its base key, on the CPU."""
         return {self.scale_key: self.scales.cpu()}
+
+
+def requantizer(spec: QuantSpec, scale_dtype: str, device: torch.device
+                ) -> TransformersFp8Encoder | Fp8Encoder:
+    """merged_4bit on an FP8 base: the encoder of the base's own format and tool (transformers'
+    for block-wise FP8, compressed-tensors' for its format, with the base's strategy)."""
+    role, key = next(iter(spec.siblings.items()))
+    if role == "weight_scale_inv":
+        return TransformersFp8Encoder(spec, scale_dtype, device)
+    block = spec.block or spec.shape
+    return Fp8Encoder(key, spec.shape, _compressed_tensors_args(block), block, spec.dtype,
+                      scale_dtype, device)
 
 
 def _transformers_quantizer(block: list[int]):
@@ -195,27 +192,37 @@ class Fp8Encoder:
     """Encodes a merged weight row block by row block as compressed-tensors FP8.
 
     Rows arrive float32 and are first rounded to ``dtype`` (the checkpoint's 16-bit dtype, as a
-    merged model holds them); then per row (``channel``) or per 128x128 block (``block``) the
-    scale is ``max|w| / 448`` and the values ``clamp(w / scale)`` in float8_e4m3fn, both computed
-    by compressed-tensors itself. Blocks must start on a multiple of :attr:`row_multiple`.
+    merged model holds them); then per ``block`` (a row: ``[1, in]``; or 128x128) the scale is
+    ``max|w| / 448`` and the values ``clamp(w / scale)`` in float8_e4m3fn, both computed by
+    compressed-tensors itself with ``args``. Blocks must start on a multiple of
+    :attr:`row_multiple`. :meth:`for_scheme` makes the ``--save-method fp8`` one.
 
     Args:
-        weight: the weight's name (its scale is written as ``<weight>_scale``).
+        scale_key: the name the scales are written as.
         shape: the weight's ``(out, in)``.
-        scheme: ``channel`` (FP8_DYNAMIC) or ``block`` (FP8_BLOCK).
-        dtype: the 16-bit dtype (safetensors name) the scales are stored in.
+        args: compressed-tensors' ``QuantizationArgs`` of the weights.
+        block: the ``[rows, cols]`` each scale covers.
+        dtype: the 16-bit dtype (safetensors name) the rows are rounded to.
+        scale_dtype: the scales' dtype (safetensors name).
         device: where to encode.
     """
 
-    def __init__(self, weight: str, shape: list[int], scheme: Literal["channel", "block"],
-                 dtype: str, device: torch.device) -> None:
-        self.weight = weight
-        self.shape = shape
-        self.args = weight_args(scheme)
-        self.block = list(BLOCK) if scheme == "block" else [1, shape[1]]
+    def __init__(self, scale_key: str, shape: list[int], args, block: list[int], dtype: str,
+                 scale_dtype: str, device: torch.device) -> None:
+        self.scale_key = scale_key
+        self.args = args
+        self.block = list(block)
         self.dtype = DTYPES[dtype]
-        self.device = device
-        self.scales = torch.empty(scale_grid(shape, self.block), dtype=self.dtype, device=device)
+        self.scales = torch.empty(scale_grid(shape, self.block), dtype=DTYPES[scale_dtype],
+                                  device=device)
+
+    @classmethod
+    def for_scheme(cls, weight: str, shape: list[int], scheme: Literal["channel", "block"],
+                   dtype: str, device: torch.device) -> Fp8Encoder:
+        """``--save-method fp8``'s encoder of ``weight``: the preset's args, scales in ``dtype``
+        written as ``<weight>_scale``."""
+        block = list(BLOCK) if scheme == "block" else [1, shape[1]]
+        return cls(scale_name(weight), shape, weight_args(scheme), block, dtype, dtype, device)
 
     @property
     def row_multiple(self) -> int:
@@ -236,10 +243,9 @@ class Fp8Encoder:
         return quantize(x, scale, zero, self.args, dtype=FP8).cpu()  # fp8 (k, in)
 
     def siblings(self) -> dict[str, torch.Tensor]:
-        """The weight's scale tensor by name, ``(out, 1)`` or ``(ceil(out/128), ceil(in/128))``,
-        on the CPU."""
-        return {scale_name(self.weight): self.scales.cpu()}
+        """The scale tensor by name (per row ``(out, 1)``; per block the grid), on the CPU."""
+        return {self.scale_key: self.scales.cpu()}
 
 
-__all__ = ["Fp8Decoder", "Fp8Encoder", "Fp8Requantizer", "decode_row_set", "decode_whole", "scale_grid",
-           "scale_rows", "weight_args"]
+__all__ = ["Fp8Decoder", "Fp8Encoder", "TransformersFp8Encoder", "decode_row_set",
+           "decode_whole", "requantizer", "scale_grid", "scale_rows", "weight_args"]

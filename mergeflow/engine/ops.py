@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel
 
 from mergeflow.engine.codecs import requantize
-from mergeflow.engine.fp8 import Fp8Encoder, Fp8Requantizer
+from mergeflow.engine.fp8 import Fp8Encoder, requantizer
 from mergeflow.engine.readers import (
     DEFAULT_BLOCK_BYTES,
     ROW_TILE,
@@ -457,10 +457,10 @@ class TensorMerger:
         """An FP8-encoded entry (save_method fp8, or merged_4bit on an FP8 base), whole: its
         float8 values, then its scale (CPU)."""
         if isinstance(plan.encoding, Fp8):
-            encoder = Fp8Encoder(plan.name, plan.shape, plan.encoding.scheme, plan.encoding.dtype,
-                                 self.device)
+            encoder = Fp8Encoder.for_scheme(plan.name, plan.shape, plan.encoding.scheme,
+                                            plan.encoding.dtype, self.device)
         else:
-            encoder = Fp8Requantizer(plan.encoding.unit, plan.parts[0].dtype, self.device)
+            encoder = requantizer(plan.encoding.unit, plan.parts[0].dtype, self.device)
         logical = plan.model_copy(update={"dtype": "F32", "parts": [], "encoding": Cast()})
         rows, cols = plan.shape
         blocks = [encoder.encode(i, j, work.clone()) for i, j, work in

@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel
 
 from mergeflow.engine.codecs import RowDequantizer, RowRequantizer
-from mergeflow.engine.fp8 import Fp8Encoder, Fp8Requantizer
+from mergeflow.engine.fp8 import Fp8Encoder, TransformersFp8Encoder, requantizer
 from mergeflow.engine.ops import TensorMerger, require_finite
 from mergeflow.engine.readers import DEFAULT_BLOCK_BYTES
 from mergeflow.engine.writer import ShardWriter
@@ -59,14 +59,15 @@ class ShardResult(BaseModel):
 
 
 def row_encoder(plan: TensorPlan, device: torch.device
-                ) -> RowRequantizer | Fp8Encoder | Fp8Requantizer:
+                ) -> RowRequantizer | Fp8Encoder | TransformersFp8Encoder:
     """The encoder of an entry written in another layout than its dtype's values: merged_4bit's
     re-quantizer in the base's own format (bitsandbytes or FP8), or save_method fp8's
     compressed-tensors encoder."""
     if isinstance(plan.encoding, Fp8):
-        return Fp8Encoder(plan.name, plan.shape, plan.encoding.scheme, plan.encoding.dtype, device)
+        return Fp8Encoder.for_scheme(plan.name, plan.shape, plan.encoding.scheme,
+                                     plan.encoding.dtype, device)
     if plan.encoding.unit.method == "fp8":
-        return Fp8Requantizer(plan.encoding.unit, plan.parts[0].dtype, device)
+        return requantizer(plan.encoding.unit, plan.parts[0].dtype, device)
     return RowRequantizer(plan.encoding.unit, device)
 
 
