@@ -138,18 +138,21 @@ def test_a_gemma_style_bpe_tokenizer_json_without_tokenizer_model_is_refused(tmp
     base = build_base(tmp_path / "base", "gemma3", tokenizer=False, vocab_size=VOCAB)
     save_sentencepiece_tokenizer(base, VOCAB, "gemma")
     (base / "tokenizer.model").unlink()
-    _assert_gguf_refused_naming(base, base / "tokenizer.json", tmp_path)
+    _assert_gguf_refused_naming(base, base / "tokenizer.json", tmp_path,
+                                "a SentencePiece-style tokenizer (byte fallback, '▁' for spaces) "
+                                "with no tokenizer.model beside it")
 
 
-def _assert_gguf_refused_naming(base: Path, tokenizer_json: Path, tmp_path: Path) -> None:
+def _assert_gguf_refused_naming(base: Path, tokenizer_json: Path, tmp_path: Path,
+                                why: str = "its pre-tokenizer is neither known to llama.cpp"
+                                ) -> None:
     """``mergeflow merge --save-method gguf`` on ``base``: exit 2 while planning, one line naming
-    ``tokenizer_json`` and the pre-tokenizer, nothing written."""
+    ``tokenizer_json`` and ``why``, nothing written."""
     adapter = build_adapter(base, tmp_path / "adapter", target_modules=["o_proj"])
     out = tmp_path / "out"
     proc = run_cli("merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out),
                    "--save-method", "gguf")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
-    assert proc.stderr.startswith(f"error: {tokenizer_json}: its pre-tokenizer is neither known "
-                                  "to llama.cpp"), proc.stderr
+    assert proc.stderr.startswith(f"error: {tokenizer_json}: {why}"), proc.stderr
     assert not out.exists()

@@ -143,10 +143,17 @@ def bpe_pre_tokenizer(tokenizer_json: dict, where: Path) -> str:
     ByteLevel pre-tokenizer with its own regex, else the name of its Split regex.
 
     Raises:
-        InputError: a pre-tokenizer llama.cpp would not reproduce (ids would differ).
+        InputError: a pre-tokenizer llama.cpp would not reproduce (ids would differ), or a
+            SentencePiece-style BPE tokenizer.json whose tokenizer.model is missing.
     """
     pre = tokenizer_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if (tokenizer_json.get("model") or {}).get("byte_fallback") \
+            or any(step.get("type") == "Metaspace" for step in steps):
+        raise InputError(f"{where}: a SentencePiece-style tokenizer (byte fallback, '▁' for "
+                         f"spaces) with no tokenizer.model beside it; llama.cpp reads this "
+                         f"vocabulary from tokenizer.model. Copy the base model's tokenizer.model "
+                         f"into {where.parent}")
     if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True) \
             and not steps[0].get("add_prefix_space", False):
         return "gpt-2"
