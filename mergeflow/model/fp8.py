@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from mergeflow.errors import CheckpointError
 from mergeflow.model.checkpoint import Checkpoint, TensorInfo
-from mergeflow.model.quant import QuantizedBase, QuantSpec
+from mergeflow.model.quant import QuantizedBase, QuantSpec, model_dtype
 
 FP8_WEIGHT = "F8_E4M3"
 SCALE_ROLES = ("weight_scale_inv", "weight_scale")  # block-wise FP8, compressed-tensors
@@ -44,7 +44,7 @@ def detect_fp8(config: dict, base: Checkpoint) -> QuantizedBase:
     path = str(base.folder / "config.json")
     qc = config["quantization_config"]
     block = _declared_block(qc, path)
-    dtype = _model_dtype(config)
+    dtype = model_dtype(config)
     units: dict[str, QuantSpec] = {}
     for name, info in base.tensors.items():
         if info.dtype.startswith("F8") and name.endswith(".weight"):
@@ -101,13 +101,6 @@ def _check_compressed_tensors(qc: dict, path: str) -> list[int] | None:
         raise _error(path, f"compressed-tensors groups use different weight blocks {blocks}; "
                            "Mergeflow reads one block shape per checkpoint")
     return blocks[0] if blocks else None
-
-
-def _model_dtype(config: dict) -> str:
-    """The dtype the model runs in (config.json's), which the decoded weights are rounded to as
-    transformers rounds them; bfloat16 when it says none."""
-    names = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-    return names.get(str(config.get("dtype") or config.get("torch_dtype")), "BF16")
 
 
 def _unit(base: Checkpoint, info: TensorInfo, block: list[int] | None, path: str,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from mergeflow.errors import CheckpointError
 from mergeflow.model.checkpoint import Checkpoint
-from mergeflow.model.quant import QuantizedBase, QuantSpec
+from mergeflow.model.quant import QuantizedBase, QuantSpec, model_dtype
 
 BLOCKS, SCALES = "_blocks", "_scales"
 GROUP = 32  # values per e8m0 scale
@@ -30,8 +30,7 @@ def detect_mxfp4(config: dict, base: Checkpoint) -> QuantizedBase:
             tensors of a layout other than transformers' ``(E, out, G, 16)`` and ``(E, out, G)``.
     """
     path = base.folder / "config.json"
-    dtype = {"float16": "F16", "float32": "F32"}.get(
-        str(config.get("dtype") or config.get("torch_dtype")), "BF16")
+    dtype = model_dtype(config)
     units = {}
     for key, info in base.tensors.items():
         if key.endswith(BLOCKS):

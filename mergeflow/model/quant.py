@@ -170,6 +170,12 @@ class QuantizedBase:
         return FLOAT_NAMES.get(name)
 
 
+def model_dtype(config: dict) -> str:
+    """The float dtype config.json says the model runs in, as a safetensors name (bfloat16 when
+    it says none): the dtype a quantized base's weights are decoded to, as transformers does."""
+    return FLOAT_NAMES.get(str(config.get("dtype") or config.get("torch_dtype")), "BF16")
+
+
 def _config_error(path: str, message: str) -> CheckpointError:
     return CheckpointError(f"{path}: {message}")
 
@@ -405,4 +411,5 @@ def output_infos(spec: QuantSpec, base: Checkpoint) -> list[TensorInfo]:
     return infos
 
 
-__all__ = ["QuantSpec", "QuantizedBase", "detect", "output_infos", "output_keys", "quant_state_size"]
+__all__ = ["QuantSpec", "QuantizedBase", "detect", "model_dtype", "output_infos", "output_keys",
+           "quant_state_size"]
