@@ -169,29 +169,51 @@ def _cli_child(args: list[str], stdout_path: str, stderr_path: str,
     os._exit(code)
 
 
-def run_cli_forked(argvs: list[list[str]], workdir: Path, timeout: float = 300) -> list[CliResult]:
-    """Run the CLI once per argv, each in its own process, all at once.
+#: Held while a forked child starts and while its exit status is read. ``Process.start()`` polls
+#: every live child of this process (multiprocessing's ``_cleanup``), so a start in one thread
+#: could read the status another thread is waiting on: that thread then finds the status pipe
+#: at EOF and reports exit 255 (a real kill seen as "not reached" in the crash test, issue 27's
+#: CI run). Starting and polling under one lock makes the first reader's answer the only one.
+_FORKED = threading.Lock()
 
-    The processes fork from a multiprocessing forkserver that imported ``mergeflow.cli.app`` once
-    (torch, transformers and peft take seconds to import), so each run is a real separate process
-    with its own stdout, stderr and exit status, without paying the imports again.
-    """
+
+def start_forked(target, args: tuple) -> multiprocessing.Process:
+    """Start ``target(*args)`` in a process forked from a forkserver that imported
+    ``mergeflow.cli.app`` once (torch, transformers and peft take seconds to import)."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["mergeflow.cli.app"])
+    proc = ctx.Process(target=target, args=args)
+    with _FORKED:
+        proc.start()
+    return proc
+
+
+def join_forked(proc: multiprocessing.Process, timeout: float = 300) -> int:
+    """Wait for a child from :func:`start_forked` (killed after ``timeout``); its exit code
+    (negative: the signal that ended it). Safe to call from several threads at once."""
+    from multiprocessing.connection import wait
+
+    if not wait([proc.sentinel], timeout):
+        proc.kill()
+    wait([proc.sentinel])
+    with _FORKED:
+        return proc.exitcode
+
+
+def run_cli_forked(argvs: list[list[str]], workdir: Path, env: dict[str, str] | None = None,
+                   timeout: float = 300) -> list[CliResult]:
+    """Run the CLI once per argv, each in its own forked process (:func:`start_forked`), all at
+    once, with ``env`` over the forkserver's environment in each child.
+
+    Each run is a real separate process with its own stdout, stderr and exit status, without
+    paying the imports again.
+    """
     procs = []
     for i, argv in enumerate(argvs):
         paths = (str(workdir / f"cli-{i}.out"), str(workdir / f"cli-{i}.err"))
-        proc = ctx.Process(target=_cli_child, args=(argv, *paths))
-        proc.start()
-        procs.append((proc, paths))
-    results = []
-    for proc, (out_path, err_path) in procs:
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-        results.append(CliResult(proc.exitcode, Path(out_path).read_text(), Path(err_path).read_text()))
-    return results
+        procs.append((start_forked(_cli_child, (argv, *paths, env or {})), paths))
+    return [CliResult(join_forked(proc, timeout), Path(out).read_text(), Path(err).read_text())
+            for proc, (out, err) in procs]
 
 
 # -- vision-language bases (issue 12) -----------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import os
 import shutil
 import struct
@@ -24,43 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 from builders import save_tokenizer
-from helpers import CliResult, _cli_child, snapshot
+from helpers import run_cli_forked, snapshot
 from safetensors.torch import load_file, save_file
 
 import mergeflow
 from mergeflow.errors import AdapterError, InputError
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-def _cli_child_env(args: list[str], stdout_path: str, stderr_path: str,
-                   env: dict[str, str]) -> None:
-    """helpers._cli_child with environment overrides (a forked child inherits the forkserver's
-    environment, not the test's)."""
-    _cli_child(args, stdout_path, stderr_path, env)
-
-
-def run_cli_env(argvs: list[list[str]], workdir: Path, env: dict[str, str] | None = None,
-                timeout: float = 300) -> list[CliResult]:
-    """Like helpers.run_cli_forked (the CLI in processes forked from a server that imported it
-    once, all at once), with ``env`` set in each child."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["mergeflow.cli.app"])
-    procs = []
-    for i, argv in enumerate(argvs):
-        paths = (str(workdir / f"cli-{i}.out"), str(workdir / f"cli-{i}.err"))
-        proc = ctx.Process(target=_cli_child_env, args=(argv, *paths, env or {}))
-        proc.start()
-        procs.append((proc, paths))
-    results = []
-    for proc, (out_path, err_path) in procs:
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-        results.append(CliResult(proc.exitcode, Path(out_path).read_text(),
-                                 Path(err_path).read_text()))
-    return results
 
 
 @dataclass
@@ -402,7 +371,7 @@ def runs(tmp_path_factory, make_base, make_adapter):
         names = [n for n, c in cases.items() if c.env == env]
         for start in range(0, len(names), 8):  # a few at a time: the machine has 2 cores
             batch = names[start:start + 8]
-            results.update(zip(batch, run_cli_env([cases[n].args() for n in batch], logs, env),
+            results.update(zip(batch, run_cli_forked([cases[n].args() for n in batch], logs, env),
                                strict=True))
     return {n: (cases[n], results[n], before[n]) for n in cases}
 
@@ -575,7 +544,7 @@ def test_cli_prints_warnings_in_yellow_on_stderr(make_base, make_adapter, tmp_pa
 def test_cli_warns_about_a_no_op_adapter(make_base, make_adapter, tmp_path, prefect_server):
     base = make_base("llama")
     adapter = make_adapter(base, target_modules=TARGETS, init_lora_weights=True)
-    [result] = run_cli_env([["merge", "--base", str(base), "--adapter", str(adapter),
+    [result] = run_cli_forked([["merge", "--base", str(base), "--adapter", str(adapter),
                              "--out", str(tmp_path / "out")]], tmp_path,
                            {"PREFECT_API_URL": prefect_server})
     assert result.returncode == 0, result.stderr

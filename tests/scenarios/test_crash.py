@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -32,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import REPO, cli_command
+from helpers import REPO, cli_command, join_forked, start_forked
 from s3_server import _AWS_ENV, moto_s3
 
 from mergeflow.output.folder import MANIFEST
@@ -99,15 +98,7 @@ def _merge_child(job: dict) -> None:
 
 def run_forked(job: dict, timeout: float = 300) -> int:
     """Run one job in a process forked from the forkserver; its exit code (-9: killed)."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["mergeflow.cli.app"])
-    proc = ctx.Process(target=_merge_child, args=(job,))
-    proc.start()
-    proc.join(timeout)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-    return proc.exitcode
+    return join_forked(start_forked(_merge_child, (job,)), timeout)
 
 
 def run_console_script(job: dict, timeout: float = 300) -> int:

@@ -15,8 +15,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-from helpers import snapshot, staging_leftovers
-from test_bad_inputs import run_cli_env
+from helpers import join_forked, run_cli_forked, snapshot, staging_leftovers, start_forked
 
 import mergeflow
 from mergeflow.engine import writer
@@ -150,7 +149,7 @@ def test_a_finished_output_needs_no_space(inputs, parent, monkeypatch):
 def test_cli_headroom_exits_2_with_the_numbers(inputs, parent, tmp_path):
     base, adapter = inputs
     before = snapshot(parent)
-    [result] = run_cli_env([["merge", "--base", str(base), "--adapter", str(adapter),
+    [result] = run_cli_forked([["merge", "--base", str(base), "--adapter", str(adapter),
                              "--out", str(parent / "merged")]], tmp_path,
                            {"MERGEFLOW_MIN_FREE_BYTES": str(10**18)})
     assert result.returncode == 2, result.stderr
@@ -263,20 +262,16 @@ def test_cli_disk_full_mid_merge_exits_1_with_one_line(inputs, parent, tmp_path,
     here the merge had started: the staging folder holds the plan and any finished shards,
     which a rerun resumes from. So a disk filling up mid-merge exits 1, and its one line says
     the staging folder is kept (the preflight's refusal, before any work, still exits 2)."""
-    import multiprocessing
-
     base, adapter = inputs
     out = parent / "merged"
-    ctx = multiprocessing.get_context("forkserver")
     paths = (str(tmp_path / "out.txt"), str(tmp_path / "err.txt"))
     args = ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out),
             "--workers", "1", "--max-shard-size", SHARD]
-    proc = ctx.Process(target=_cli_child_disk_full,
-                       args=(args, *paths, {"PREFECT_API_URL": prefect_server}, where))
-    proc.start()
-    proc.join(300)
+    proc = start_forked(_cli_child_disk_full,
+                        (args, *paths, {"PREFECT_API_URL": prefect_server}, where))
+    code = join_forked(proc)
     stderr = Path(paths[1]).read_text()
-    assert proc.exitcode == 1, stderr
+    assert code == 1, stderr
     lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "no space left on the device" in lines[0], stderr
     name = "model-00001-of-0000" if where == "writer" else "config.json"

@@ -18,8 +18,7 @@ from collections.abc import Callable
 
 import pytest
 from builders import build_adapter, build_base, save_bpe_tokenizer
-from helpers import snapshot
-from test_bad_inputs import run_cli_env
+from helpers import run_cli_forked, snapshot
 
 pytest.importorskip("conversion", reason="llama.cpp's converter (scripts/setup --gguf)")
 
@@ -98,7 +97,7 @@ def runs(tmp_path_factory):
     logs = tmp_path_factory.mktemp("fuzz-logs")
     results = []
     for start in range(0, len(argvs), 8):  # a few at a time: the machine has 2 cores
-        results += run_cli_env(argvs[start:start + 8], logs)
+        results += run_cli_forked(argvs[start:start + 8], logs)
     return {key: (outs[key], result, before[key])
             for key, result in zip(keys, results, strict=True)}
 
