@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import struct
 
@@ -176,4 +177,67 @@ def test_writeback_starts_every_chunk_and_changes_no_byte(tmp_path, monkeypatch)
     _assert_same(_read(tmp_path / "a.safetensors"), tensors)
     monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 2**40)
     _write(tmp_path / "b.safetensors", tensors)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def _cached_pages(path) -> int:
+    """How many of the file's pages are in the page cache (``mincore`` on a mapping of it)."""
+    import ctypes
+    import mmap
+    import os
+
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
+        libc = ctypes.CDLL(None, use_errno=True)
+        vec = (ctypes.c_ubyte * pages)()
+        anchor = ctypes.c_char.from_buffer(mapped)
+        try:
+            assert libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)),
+                                ctypes.c_size_t(size), vec) == 0
+        finally:
+            del anchor  # the mapping cannot close while a ctypes object points into it
+        return sum(v & 1 for v in vec)
+
+
+def _drops_clean_pages(folder) -> bool:
+    """Whether this file system drops a synced file's pages on POSIX_FADV_DONTNEED (a disk
+    does; tmpfs cannot: its pages are the file)."""
+    import os
+
+    probe = folder / "probe"
+    probe.write_bytes(os.urandom(1 << 20))
+    with open(probe, "rb+") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    dropped = _cached_pages(probe) == 0
+    probe.unlink()
+    return dropped
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise"), reason="needs posix_fadvise")
+def test_written_shard_leaves_the_page_cache_with_the_same_bytes(tmp_path, monkeypatch):
+    """A shard is written once and not read again, so its pages leave the page cache: each
+    window once the disk has it (the file then never holds more than two windows of the cache),
+    the rest after the closing fsync. The bytes are the same as a write that keeps them."""
+    from mergeflow.engine import writer as writer_module
+
+    if not _drops_clean_pages(tmp_path):
+        pytest.skip(f"{tmp_path}'s file system keeps clean pages on POSIX_FADV_DONTNEED")
+    released = []
+    real = writer_module.release_written
+    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 64 * 1024)
+    monkeypatch.setattr(writer_module, "release_written",
+                        lambda fd, offset, n: (released.append((offset, n)), real(fd, offset, n)))
+    tensors = {f"t{i}": torch.randn(256, 256) for i in range(8)}  # 256 KiB each
+    _write(tmp_path / "a.safetensors", tensors)
+    assert _cached_pages(tmp_path / "a.safetensors") == 0
+    windows = [(o, n) for o, n in released if n]
+    assert len(windows) >= 6 and windows[0][0] == 0  # one per tensor here
+    assert all(o + n == o2 for (o, n), (o2, _) in itertools.pairwise(windows))
+
+    monkeypatch.setattr(writer_module, "drop_cached", lambda *a, **k: None)
+    monkeypatch.setattr(writer_module, "release_written", lambda *a, **k: None)
+    _write(tmp_path / "b.safetensors", tensors)
+    assert _cached_pages(tmp_path / "b.safetensors") > 0  # what the kernel keeps otherwise
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()

@@ -35,12 +35,14 @@ import torch
 from mergeflow import faults
 from mergeflow.errors import DISK_FULL, DiskSpaceError, MergeError, disk_full_message
 from mergeflow.model.checkpoint import DTYPE_NAMES, DTYPES
-from mergeflow.storage.durable import fsync_dir, start_writeback
+from mergeflow.storage.durable import drop_cached, fsync_dir, release_written, start_writeback
 from mergeflow.storage.staging import partial_path
 
 ALIGNMENT = 8  # safetensors pads the header so tensor data starts 8-byte aligned
 # Dirty bytes after which the writer starts the disk writing them (not waiting): the fsync that
-# finishes a shard then flushes at most this much, instead of the whole shard at once.
+# finishes a shard then flushes at most this much, instead of the whole shard at once. The
+# window before, on the disk by then, leaves the page cache (storage.durable.release_written),
+# so a shard occupies at most two windows of it however large it is.
 WRITEBACK_BYTES = 64 * 2**20
 
 
@@ -119,8 +121,9 @@ class ShardWriter:
 
     def _drain(self) -> None:
         """Write and hash queued blocks in order, starting the disk's writeback every
-        :data:`WRITEBACK_BYTES`; after an error, only consume the queue."""
-        written = flushed = 0
+        :data:`WRITEBACK_BYTES` and dropping the window before from the page cache; after an
+        error, only consume the queue."""
+        written = flushed = released = 0
         while True:
             item = self._queue.get()
             if item is None:
@@ -139,7 +142,8 @@ class ShardWriter:
                 written += len(view)
                 if written - flushed >= WRITEBACK_BYTES:  # the disk writes while we merge on
                     start_writeback(self._file.fileno(), flushed, written - flushed)
-                    flushed = written
+                    release_written(self._file.fileno(), released, flushed - released)
+                    released, flushed = flushed, written
             except BaseException as exc:  # handed to the producer at its next call
                 self._error = self._disk_error(exc, self.total - written) \
                     if isinstance(exc, OSError) and exc.errno in DISK_FULL else exc
@@ -267,6 +271,7 @@ class ShardWriter:
             if complete:
                 self._file.flush()
                 os.fsync(self._file.fileno())
+                drop_cached(self._file.fileno())  # written once, not read again here
         except OSError as exc:
             with contextlib.suppress(OSError):
                 self._file.close()

@@ -438,15 +438,7 @@ class Checkpoint:
         Raises:
             CheckpointError: the tensor's bytes cannot be read (e.g. the shard was truncated).
         """
-        info = self.tensors[name]
-        if info.file in self._torch_files:
-            return self._read_whole(info)
-        path = self.folder / info.file
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                return f.get_tensor(name)
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path}: cannot read tensor '{name}' ({exc})") from exc
+        return self._read_whole(self.tensors[name])  # no header parsed again, unlike safe_open
 
     def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Read several tensors (CPU), opening each shard once; e.g. a weight and its siblings.
