@@ -117,3 +117,23 @@ def test_for_spec_parses_the_sizes_and_names_the_option():
     unchecked = MergeSpec(adapter="a", out="o").model_copy(update={"memory_limit": "0MB"})
     with pytest.raises(InputError, match="`memory_limit` '0MB': must be a positive size"):
         for_spec(unchecked, cpus=2)
+
+
+@pytest.mark.parametrize(("cpus", "outputs", "workers", "threads"), [
+    (2, 1, 1, 1), (2, 2, 2, 1), (2, 4, 2, 1),  # a batch fills both cores, one torch thread each
+    (1, 4, 1, 1), (3, 2, 2, 1),
+    (16, 2, 2, 7), (16, 4, 4, 3), (16, 12, 8, 1),  # above 4 cores: one per output, as for one
+])
+def test_a_batch_merges_outputs_side_by_side(cpus, outputs, workers, threads):
+    got = decide(None, BLOCK, None, cpus=cpus, available=PLENTY, outputs=outputs)
+    assert (got.workers, got.torch_threads, got.block_bytes) == (workers, threads, BLOCK)
+
+
+def test_a_batch_adds_workers_only_where_their_blocks_fit_the_budget():
+    """More outputs never shrink the block a one-output plan was given (the plan's block is
+    what each worker uses): extra workers are dropped first."""
+    one = decide(None, BLOCK, 4 * BLOCK, cpus=2, available=PLENTY)
+    batch = decide(None, BLOCK, 4 * BLOCK, cpus=2, available=PLENTY, outputs=4)
+    assert (batch.workers, batch.block_bytes) == (1, one.block_bytes)
+    assert decide(None, BLOCK, 8 * BLOCK, cpus=2, available=PLENTY, outputs=4).workers == 2
+    assert decide(3, BLOCK, None, cpus=2, available=PLENTY, outputs=4).workers == 3  # as asked

@@ -2,19 +2,21 @@
 
 Every output is planned first, so every bad input shows up in one run and nothing is written
 when any is refused. Then the shards are written in one sweep over the base: shard ``k`` of
-every output before shard ``k + 1`` of any, so each base shard is read from the disk once and
-its blocks are found in the page cache by the other outputs (each merge's own memory stays
-within its budget; the cache is the kernel's, reclaimable). Then each output is finished on its
-own (finalize, verify, publish, upload), exactly as a single merge of that adapter finishes it:
-its write steps find their shards done, as a resumed merge does, so every output is the folder
-a single merge writes, byte for byte. One output failing does not stop or unpublish the others.
+every output before shard ``k + 1`` of any, several outputs side by side
+(:func:`mergeflow.pipeline.resources.automatic_workers`), so each base shard is read from the
+disk once and its blocks are found in the page cache by the other outputs (the workers' memory
+stays within the budget; the cache is the kernel's, reclaimable). Then each output is finished
+on its own (finalize, verify, publish, upload), as many at once as the sweep merged, exactly as
+a single merge of that adapter finishes it: its write steps find their shards done, as a resumed
+merge does, so every output is the folder a single merge writes, byte for byte. One output
+failing does not stop or unpublish the others.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from mergeflow.engine.shards import Progress
@@ -86,22 +88,25 @@ def _prepare_all(specs: list[MergeSpec]) -> dict[str, PreparedMerge]:
     return prepared
 
 
-def _sweep(specs: list[MergeSpec], prepared: dict[str, PreparedMerge],
-           progress: Progress | None) -> tuple[dict[str, list[ShardResult]], dict[str, str]]:
+def _swept(specs: list[MergeSpec], prepared: dict[str, PreparedMerge]) -> list[MergeSpec]:
+    """The outputs whose shards the sweep writes (not up to date, not GGUF-only, not low-disk,
+    which write and ship their own files)."""
+    return [s for s in specs if not prepared[s.out].up_to_date
+            and s.save_method != "gguf" and not s.low_disk]
+
+
+def _sweep(sweeping: list[MergeSpec], prepared: dict[str, PreparedMerge],
+           progress: Progress | None, workers: int
+           ) -> tuple[dict[str, list[ShardResult]], dict[str, str]]:
     """Write shard ``k`` of every output before shard ``k + 1`` of any, the outputs' shards
-    ``k`` side by side on as many threads as one merge would use (they read the same base
-    blocks at about the same time); returns each output's shard results, and the outputs that
-    failed with their errors (their other shards are not written)."""
+    ``k`` side by side on ``workers`` threads (they read the same base blocks at about the same
+    time); returns each output's shard results, and the outputs that failed with their errors
+    (their other shards are not written)."""
     failed: dict[str, str] = {}
-    written: dict[str, list[ShardResult]] = {spec.out: [] for spec in specs}
-    sweeping = [s for s in specs if not prepared[s.out].up_to_date
-                and s.save_method != "gguf" and not s.low_disk]
+    written: dict[str, list[ShardResult]] = {spec.out: [] for spec in sweeping}
     if not sweeping:
         return written, failed
-    decided = resources.for_spec(sweeping[0])
-    resources.apply_threads(decided)
-    with ThreadPoolExecutor(max_workers=max(1, min(decided.workers, len(sweeping))),
-                            thread_name_prefix="mergeflow-sweep") as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergeflow-sweep") as pool:
         for index in range(max(prepared[s.out].shard_count for s in sweeping)):
             jobs = {spec.out: pool.submit(steps.run_shard, prepared[spec.out].plan_path, index,
                                           spec.device, None, progress)
@@ -167,20 +172,39 @@ def merge_many(base: str | Path | None, outputs: Mapping[str | Path, str | Path]
         for spec in specs:
             held.enter_context(output_lock(spec.out))  # one writer per output
         prepared = _prepare_all(specs)
-        written, failed = _sweep(specs, prepared, progress)
-        reports = {}
-        for spec in specs:
-            if spec.out in failed:
-                continue
-            try:
-                carried = run_steps(prepared[spec.out], spec, _SweptSteps(written[spec.out]))
-                assert carried.report is not None  # every route's first step makes it
-                reports[spec.out] = carried.report
-            except MergeError as exc:
-                failed[spec.out] = str(exc)
-            else:
-                if on_finished is not None:
-                    on_finished(spec, prepared[spec.out], carried)
+        sweeping = _swept(specs, prepared)
+        decided = resources.for_spec(specs[0], outputs=max(1, len(sweeping)))
+        resources.apply_threads(decided)
+        written, failed = _sweep(sweeping, prepared, progress, decided.workers)
+        # outputs that merge on their own (GGUF, low disk) are finished one at a time
+        at_once = decided.workers if len(sweeping) == len(specs) else 1
+        reports = _finish(specs, prepared, written, failed, at_once, on_finished)
     if failed:
         raise PartialMergeError(reports, failed)
     return reports
+
+
+def _finish(specs: list[MergeSpec], prepared: dict[str, PreparedMerge],
+            written: dict[str, list[ShardResult]], failed: dict[str, str], at_once: int,
+            on_finished: OnFinished | None) -> dict[str, MergeReport]:
+    """Run each output's steps (what the sweep left: finalize, verify, publish, upload),
+    ``at_once`` outputs at a time; ``on_finished`` is called on this thread as each finishes,
+    and each failure is added to ``failed``. Returns the finished outputs' reports, in order."""
+    todo = [spec for spec in specs if spec.out not in failed]
+    reports: dict[str, MergeReport] = {}
+    with ThreadPoolExecutor(max_workers=max(1, min(at_once, len(todo))),
+                            thread_name_prefix="mergeflow-finish") as pool:
+        jobs = {pool.submit(run_steps, prepared[spec.out], spec,
+                            _SweptSteps(written.get(spec.out, []))): spec for spec in todo}
+        for job in as_completed(jobs):
+            spec = jobs[job]
+            try:
+                carried = job.result()
+            except MergeError as exc:
+                failed[spec.out] = str(exc)
+                continue
+            assert carried.report is not None  # every route's first step makes it
+            reports[spec.out] = carried.report
+            if on_finished is not None:
+                on_finished(spec, prepared[spec.out], carried)
+    return {spec.out: reports[spec.out] for spec in specs if spec.out in reports}

@@ -13,6 +13,10 @@ for any machine. The rule:
   workers fighting over two cores are slower than one worker using both. So below four usable
   cores one worker is used; above, one worker per two cores (at most :data:`MAX_AUTO_WORKERS`).
   Each worker gets ``max(1, cpus // workers)`` torch threads.
+* **Several outputs** (a batch, :mod:`mergeflow.pipeline.many`): the sweep merges one shard of
+  each of ``outputs`` side by side, one worker each, up to one per core below four cores (each
+  with one torch thread; its writer fills what the other's math leaves: four 1.7 GB outputs
+  took 9.6 s instead of 10.7 s on two cores) and the one-output count above.
 """
 
 from __future__ import annotations
@@ -70,8 +74,18 @@ def available_memory(meminfo: str = "/proc/meminfo") -> int | None:
         return None
 
 
+def automatic_workers(cpus: int, outputs: int = 1) -> int:
+    """Workers when ``--workers`` is not given, before the memory budget has its say: see the
+    module docstring (cores, several outputs)."""
+    one = 1 if cpus < 4 else min(MAX_AUTO_WORKERS, cpus // 2)
+    if outputs <= 1:
+        return one
+    return min(outputs, cpus if cpus < 4 else one)
+
+
 def decide(workers: int | None, block_bytes: int, memory_limit: int | None,
-           cpus: int | None = None, available: int | None = None) -> Resources:
+           cpus: int | None = None, available: int | None = None,
+           outputs: int = 1) -> Resources:
     """Choose workers, block size and torch threads (see the module docstring for the rule).
 
     Args:
@@ -80,6 +94,7 @@ def decide(workers: int | None, block_bytes: int, memory_limit: int | None,
         memory_limit: ``--memory-limit`` in bytes (None: a quarter of ``available``).
         cpus: usable cores (None: this process's CPU affinity).
         available: available memory in bytes (None: read ``/proc/meminfo``).
+        outputs: outputs merged side by side (a batch's sweep), one worker each at most.
 
     Raises:
         InputError: a value is not positive, or ``--memory-limit`` cannot hold even one block
@@ -96,8 +111,7 @@ def decide(workers: int | None, block_bytes: int, memory_limit: int | None,
         available = available if available is not None else available_memory()
     budget = memory_limit if memory_limit is not None else (
         available // MEMORY_SHARE if available else None)
-    count = workers if workers is not None else (
-        1 if cpus < 4 else min(MAX_AUTO_WORKERS, cpus // 2))
+    count = workers if workers is not None else automatic_workers(cpus, outputs)
     block = block_bytes
     if budget is not None:
         if workers is None:  # fewer automatic workers before smaller blocks
@@ -115,12 +129,14 @@ def decide(workers: int | None, block_bytes: int, memory_limit: int | None,
                      memory_budget=budget)
 
 
-def for_spec(spec, cpus: int | None = None, available: int | None = None) -> Resources:
+def for_spec(spec, cpus: int | None = None, available: int | None = None,
+             outputs: int = 1) -> Resources:
     """:func:`decide` for a :class:`~mergeflow.spec.MergeSpec` (sizes parsed, errors naming
-    the option)."""
+    the option); ``outputs``: merged side by side with the same options (a batch)."""
     return decide(spec.workers, size_option(spec.block_size, "block_size"),
                   size_option(spec.memory_limit, "memory_limit")
-                  if spec.memory_limit is not None else None, cpus=cpus, available=available)
+                  if spec.memory_limit is not None else None, cpus=cpus, available=available,
+                  outputs=outputs)
 
 
 def size_option(text: str | int, option: str) -> int:
