@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from flows.parameters import MergeRequest
+from flows.parameters import BatchRequest, MergeRequest
 from mergeflow.spec import MergeSpec
 from triggers.webhook import (
     HF_SECRET_HEADER,
@@ -559,3 +559,107 @@ def test_a_receiver_without_allowed_roots_does_not_start(prefect_server, deploym
 
     with pytest.raises(ValueError, match="no allowed roots"):
         check_settings(_settings(prefect_server, deployment, allowed_roots=[]))
+
+
+# --------------------------------------------------------------------------- batching window
+
+
+def stand_in_merge_adapters(adapters: list[str], spec: BatchRequest,
+                            out_names: list[str] | None = None) -> None:
+    """The batch flow's signature (its parameter schema) without its body."""
+
+
+@pytest.fixture(scope="module")
+def batch_deployment(prefect_server) -> str:
+    """A ``merge-adapters`` deployment with the real, enforced parameter schema and defaults."""
+    from prefect import flow
+
+    name = f"webhook-batch-{uuid.uuid4().hex[:8]}"
+    flow(stand_in_merge_adapters, name="merge-adapters").to_deployment(
+        name=name, parameters={"spec": {"workers": 3, "device": "cuda"}},
+        enforce_parameter_schema=True).apply()
+    return f"merge-adapters/{name}"
+
+
+def _checkpoint(step: int, **kw) -> dict:
+    """A training run's checkpoint ``step``: one base, outputs side by side under one folder."""
+    return _payload(adapter=f"/data/adapters/run-9/checkpoint-{step}",
+                    out=f"/srv/merged/run-9/checkpoint-{step}",
+                    push_to=f"hf://acme/run-9/checkpoint-{step}", **kw)
+
+
+def _answer_when_launched(client: TestClient, payload: dict, timeout: float = 30) -> dict:
+    """Send the same delivery again until its run exists (the drainer starts held groups)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = _post(client, payload).json()
+        if answer["state"] != "HELD" or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.2)
+
+
+def test_checkpoints_within_the_window_are_merged_in_one_batch_run(
+        prefect_server, deployment, batch_deployment):
+    """Three checkpoints of one training run arrive within the window: each is answered HELD
+    (one group, no run yet); once the window has passed with none arriving, one batch run
+    merges all three, in the order they arrived, each into its own output, and every delivery
+    answers that run. A delivery naming no base is not held: its own run starts at once."""
+    settings = _settings(prefect_server, deployment, window_seconds=1.5,
+                         batch_deployment=batch_deployment)
+    with TestClient(create_app(settings)) as client:
+        sent = [_checkpoint(step) for step in (100, 200, 300)]
+        held = [_post(client, payload) for payload in sent]
+        assert [a.status_code for a in held] == [202] * 3, held[0].text
+        assert {a.json()["state"] for a in held} == {"HELD"}
+        assert len({a.json()["group"] for a in held}) == 1
+        assert all(a.json()["flow_run_id"] is None for a in held)
+
+        alone = _post(client, _payload(base=None, out="/srv/merged/other"))
+        assert alone.status_code == 202 and alone.json()["flow_run_id"] is not None
+
+        answers = [_answer_when_launched(client, payload) for payload in sent]
+    assert {a["state"] for a in answers} == {"LAUNCHED"}, answers
+    assert len({a["flow_run_id"] for a in answers}) == 1
+    run = _run(answers[0]["flow_run_id"])
+    assert run.deployment_id is not None and run.name
+    assert run.parameters["adapters"] == [p["adapter"] for p in sent]
+    assert run.parameters["out_names"] == ["checkpoint-100", "checkpoint-200", "checkpoint-300"]
+    spec = run.parameters["spec"]
+    assert (spec["out"], spec["base"], spec["push_to"]) == (
+        "/srv/merged/run-9", "/data/bases/tiny", "hf://acme/run-9/{name}")
+    assert (spec["device"], spec["dtype"], spec["workers"]) == ("cpu", "bfloat16", 3)
+
+
+def test_a_group_of_one_is_its_own_merge_run(prefect_server, deployment, batch_deployment):
+    settings = _settings(prefect_server, deployment, window_seconds=0.5,
+                         batch_deployment=batch_deployment)
+    with TestClient(create_app(settings)) as client:
+        payload = _checkpoint(400)
+        assert _post(client, payload).json()["state"] == "HELD"
+        answer = _answer_when_launched(client, payload)
+    # answered as any launched delivery: its run's state, on the merge deployment
+    assert answer["state"] not in ("HELD", "QUEUED") and answer["flow_run_id"], answer
+    assert answer["deployment"] == deployment
+    spec = _run(answer["flow_run_id"]).parameters["spec"]
+    assert (spec["adapter"], spec["out"]) == (payload["adapter"], payload["out"])
+
+
+def test_only_deliveries_one_run_can_merge_share_a_group():
+    from triggers.batching import group_key
+
+    base = _checkpoint(1)
+    fields = {**base["options"], "adapter": base["adapter"], "out": base["out"],
+              "base": base["base"], "push_to": base["push_to"]}
+    key = group_key(fields, "merge-adapter/x")
+    assert key and key == group_key({**fields, "adapter": "/data/a/checkpoint-2",
+                                     "out": "/srv/merged/run-9/checkpoint-2",
+                                     "push_to": "hf://acme/run-9/checkpoint-2"}, "merge-adapter/x")
+    assert group_key(fields, "merge-adapter/cpu") != key  # another route
+    assert group_key({**fields, "dtype": "float16"}, "merge-adapter/x") != key  # other options
+    assert group_key({**fields, "base": "/data/bases/other"}, "merge-adapter/x") != key
+    assert group_key({**fields, "out": "/srv/elsewhere/checkpoint-1"},
+                     "merge-adapter/x") not in (None, key)  # another output folder
+    assert group_key({**fields, "push_to": "hf://acme/run-9/final"},
+                     "merge-adapter/x") is None  # no {name} template fits it
+    assert group_key({**fields, "base": None}, "merge-adapter/x") is None  # base unknown
+    assert group_key({**fields, "push_to": None}, "merge-adapter/x") not in (None, key)

@@ -106,3 +106,30 @@ def test_a_refused_delivery_is_not_kept(prefect_server, deployment, tmp_path, ho
     store = Outbox(outbox)
     assert store.get(_key(payload)) is None
     store.close()
+
+
+def test_an_outbox_written_before_batching_windows_opens_and_keeps_its_rows(tmp_path):
+    """Route: the Outbox class on a SQLite file with the older table (no group column), as a
+    receiver upgraded in place finds it; its rows stay, and new ones can be held."""
+    import sqlite3
+
+    from triggers.outbox import HELD, PENDING, Outbox
+
+    path = tmp_path / "outbox.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE deliveries (key TEXT PRIMARY KEY, deployment TEXT NOT NULL, "
+                   "fields TEXT NOT NULL, state TEXT NOT NULL, flow_run_id TEXT, flow_run_name "
+                   "TEXT, detail TEXT, attempts INTEGER NOT NULL DEFAULT 0, received REAL NOT NULL)")
+        db.execute("INSERT INTO deliveries (key, deployment, fields, state, received) VALUES "
+                   "('old', 'merge-adapter/x', '{\"adapter\": \"/a\"}', 'pending', 1.0)")
+    outbox = Outbox(path)
+    try:
+        [old] = outbox.pending()
+        assert (old.key, old.fields, old.state, old.group) == ("old", {"adapter": "/a"}, PENDING,
+                                                               None)
+        held, new = outbox.add("new", "merge-adapter/x", {"adapter": "/b"}, group="batch:g")
+        assert new and held.state == HELD and list(outbox.held()) == ["batch:g"]
+        outbox.release("new")
+        assert outbox.get("new").state == PENDING and outbox.get("new").group is None
+    finally:
+        outbox.close()

@@ -34,6 +34,8 @@ DEFAULT_DEPLOYMENT = "merge-adapter/merge-adapter"
 CPU_DEPLOYMENT = "merge-adapter/merge-adapter-cpu"
 #: The batch deployment (several adapters of one base in one run, ``flows/batch.py``).
 DEFAULT_BATCH_DEPLOYMENT = "merge-adapters/merge-adapters"
+#: The CPU batch deployment.
+CPU_BATCH_DEPLOYMENT = "merge-adapters/merge-adapters-cpu"
 #: Run states after which a watcher may start a fresh attempt under a new key.
 GIVEN_UP = frozenset({StateType.FAILED, StateType.CRASHED, StateType.CANCELLED})
 #: Run states after which a run no longer works on its adapters.

@@ -2,7 +2,11 @@
 
 A delivery is a row keyed by its idempotency key: the deployment, the spec fields, and what
 became of it (``pending`` until a run exists, then ``launched`` with the run's id and name, or
-``refused`` with the reason). Rows are written with SQLite in WAL mode and ``synchronous=FULL``,
+``refused`` with the reason). With a batching window, a delivery is first ``held`` under its
+group (the adapters of one base and one output folder with the same options), until the window
+after the group's newest delivery has passed; then the group is launched as one run.
+
+Rows are written with SQLite in WAL mode and ``synchronous=FULL``,
 so an answered delivery survives a crash or power cut of the receiver; a restarted receiver
 launches whatever is still pending. One receiver process owns one outbox file.
 """
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PENDING, LAUNCHED, REFUSED = "pending", "launched", "refused"
+PENDING, LAUNCHED, REFUSED, HELD = "pending", "launched", "refused", "held"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -29,9 +33,12 @@ CREATE TABLE IF NOT EXISTS deliveries (
     flow_run_name TEXT,
     detail TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
-    received REAL NOT NULL
+    received REAL NOT NULL,
+    grp TEXT
 )
 """
+_COLUMNS = "key, deployment, fields, state, flow_run_id, flow_run_name, detail, attempts, " \
+    "received, grp"
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,8 @@ class Delivery:
     flow_run_name: str | None = None
     detail: str | None = None
     attempts: int = 0
+    received: float = 0.0  # when it was recorded (seconds since the epoch)
+    group: str | None = None  # its batching group while held
 
 
 class Outbox:
@@ -59,20 +68,42 @@ class Outbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a commit is on the disk when it returns
         self._db.execute(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(deliveries)")}
+        if "grp" not in columns:  # an outbox written before batching windows
+            self._db.execute("ALTER TABLE deliveries ADD COLUMN grp TEXT")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def add(self, key: str, deployment: str, fields: dict[str, Any]) -> tuple[Delivery, bool]:
-        """Record a delivery (durably) unless its key is there already; returns the row and
-        whether it is new."""
+    def add(self, key: str, deployment: str, fields: dict[str, Any],
+            group: str | None = None) -> tuple[Delivery, bool]:
+        """Record a delivery (durably) unless its key is there already: held under ``group``
+        when one is given, else pending; returns the row and whether it is new."""
         with self._lock:
             cursor = self._db.execute(
-                "INSERT OR IGNORE INTO deliveries (key, deployment, fields, state, received) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (key, deployment, json.dumps(fields, sort_keys=True), PENDING, time.time()))
+                "INSERT OR IGNORE INTO deliveries (key, deployment, fields, state, received, grp)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (key, deployment, json.dumps(fields, sort_keys=True),
+                 HELD if group else PENDING, time.time(), group))
             return self._get(key), cursor.rowcount == 1
+
+    def held(self) -> dict[str, list[Delivery]]:
+        """The held deliveries by group, each group oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key FROM deliveries WHERE state = ? ORDER BY received", (HELD,))
+            groups: dict[str, list[Delivery]] = {}
+            for (key,) in rows.fetchall():
+                delivery = self._get(key)
+                groups.setdefault(delivery.group, []).append(delivery)
+            return groups
+
+    def release(self, key: str) -> None:
+        """A held delivery whose group turned out to be itself alone: launch it on its own."""
+        with self._lock:
+            self._db.execute("UPDATE deliveries SET state = ?, grp = NULL WHERE key = ? "
+                             "AND state = ?", (PENDING, key, HELD))
 
     def get(self, key: str) -> Delivery | None:
         with self._lock:
@@ -109,9 +140,8 @@ class Outbox:
                 "WHERE key = ?", (state, *columns.values(), key))
 
     def _get(self, key: str) -> Delivery | None:
-        row = self._db.execute(
-            "SELECT key, deployment, fields, state, flow_run_id, flow_run_name, detail, "
-            "attempts FROM deliveries WHERE key = ?", (key,)).fetchone()
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM deliveries WHERE key = ?",
+                               (key,)).fetchone()
         if row is None:
             return None
         return Delivery(row[0], row[1], json.loads(row[2]), *row[3:])

@@ -21,7 +21,12 @@ key, so a redelivery answers the same run: ``202 {"flow_run_id": ..., "state": .
 failed run: the next attempt). When the Prefect API is slow or down, or a few launches are
 already in flight (a burst), the answer is ``202 {"state": "QUEUED", "flow_run_id": null, ...}``
 at once, and the receiver's drainer creates the run at the pace the API allows, retrying with
-back-off; a restarted receiver launches what is still queued. Errors: 401 bad or missing
+back-off; a restarted receiver launches what is still queued. With ``window_seconds``, training
+deliveries that can share a run (:mod:`triggers.batching`: one base, one output folder, the same
+options) are held, answered ``202 {"state": "HELD", "group": ...}``, and merged in one run of
+the batch deployment once none of the group arrived for a whole window (every checkpoint a
+training run writes, in one sweep over the base); a later call for the same delivery answers
+that run. Errors: 401 bad or missing
 signature, 403 a location outside the allowed roots, 404 hook not enabled, 413 body too large,
 422 invalid payload (with the field errors), 503 deployment missing. Secrets are compared in
 constant time and never logged.
@@ -48,17 +53,22 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from mergeflow.spec import MergeSpec
+from triggers.batching import batch_request, group_key, ready
 from triggers.events import route_for, route_problem
 from triggers.launch import (
+    CPU_BATCH_DEPLOYMENT,
     CPU_DEPLOYMENT,
+    DEFAULT_BATCH_DEPLOYMENT,
     DEFAULT_DEPLOYMENT,
     DeploymentMissing,
     PrefectUnavailable,
     RunRefused,
     api_healthy,
+    batch_parameters,
     ensure_merge,
+    ensure_run,
 )
-from triggers.outbox import LAUNCHED, Delivery, Outbox
+from triggers.outbox import HELD, LAUNCHED, REFUSED, Delivery, Outbox
 
 log = logging.getLogger("mergeflow.webhook")
 
@@ -91,6 +101,14 @@ class WebhookSettings(BaseModel):
         "folders (absolute) and s3:// or hf:// prefixes; any other location is refused (403).")
     allow_overwrite: bool = Field(False, description="Accept deliveries asking to overwrite a "
                                   "finished output (refused with 403 otherwise).")
+    window_seconds: float = Field(0.0, ge=0, description="0: one run per training delivery. "
+                                  "More: deliveries that can share a run (triggers.batching: one "
+                                  "base, one output folder, the same options) are held and "
+                                  "merged in one batch run once none arrived for this long.")
+    batch_deployment: str = Field(DEFAULT_BATCH_DEPLOYMENT, description="Where a held group "
+                                  "goes (the merge-adapters flow).")
+    cpu_batch_deployment: str = Field(CPU_BATCH_DEPLOYMENT, description="Where a held group of "
+                                      "the CPU route goes.")
     outbox: str | None = Field(None, description="The SQLite file accepted deliveries are "
                                "recorded in before they are answered (default for `webhook "
                                "serve`: $XDG_STATE_HOME/mergeflow/webhook-outbox.sqlite; none "
@@ -379,10 +397,11 @@ class Launcher:
         self.inline = asyncio.Semaphore(INLINE_LAUNCHES)
         self.wake = asyncio.Event()
 
-    async def accept(self, fields: dict[str, Any], key: str,
-                     deployment: str | None = None) -> dict[str, Any]:
-        """Record the delivery, then start its run or queue it; the 202 answer body, or a
-        HookError (403 / 422 / 503).
+    async def accept(self, fields: dict[str, Any], key: str, deployment: str | None = None,
+                     batchable: bool = False) -> dict[str, Any]:
+        """Record the delivery, then start its run or queue it (or, ``batchable`` with a
+        window set, hold it for its group's run: ``202 {"state": "HELD"}``); the 202 answer
+        body, or a HookError (403 / 422 / 503).
 
         Locations outside the allowed roots, and ``overwrite`` where it is not allowed, are
         refused (403) before anything is recorded (:func:`check_confined`).
@@ -393,12 +412,72 @@ class Launcher:
         a bounded number of times.
         """
         check_confined(self.settings, fields)
-        delivery, _ = self.outbox.add(key, deployment or self.settings.deployment, fields)
+        deployment = deployment or self.settings.deployment
+        group = self._group(fields, deployment) if batchable else None
+        delivery, _ = self.outbox.add(key, deployment, fields, group)
+        if delivery.group is not None:  # held (its group's run starts once the window has
+            self.wake.set()             # passed), or merged or refused with its group
+            return _answer(delivery)
         if self.inline.locked():  # a burst: answer now, launch from the outbox
             self.wake.set()
             return _answer(delivery)
         async with self.inline:
             return await self._launch_now(delivery)
+
+    def _group(self, fields: dict[str, Any], deployment: str) -> str | None:
+        """The delivery's batching group, when there is a window and it can share a run with
+        the deliveries held there (a second delivery for the same output starts on its own)."""
+        if not self.settings.window_seconds:
+            return None
+        group = group_key(fields, deployment)
+        held = self.outbox.held().get(group, []) if group else []
+        return None if any(d.fields["out"] == fields["out"] for d in held) else group
+
+    def _batch_deployment(self, deployment: str) -> str:
+        """The batch deployment of a merge deployment's route."""
+        cpu = deployment == self.settings.cpu_deployment
+        return self.settings.cpu_batch_deployment if cpu else self.settings.batch_deployment
+
+    async def release_groups(self, now: float | None = None) -> float | None:
+        """Start the run of every held group whose window has passed: a group of one is
+        launched as its own delivery, a larger one as one batch run recorded against each of
+        its deliveries. Returns the seconds until the next group is due (None: none held).
+
+        Raises:
+            PrefectUnavailable, asyncio.TimeoutError: the API did not answer (the group stays
+                held and is tried again).
+        """
+        now = time.time() if now is None else now
+        due: float | None = None
+        for deliveries in self.outbox.held().values():
+            if not ready(deliveries, now, self.settings.window_seconds):
+                left = max(d.received for d in deliveries) + self.settings.window_seconds - now
+                due = left if due is None else min(due, left)
+                continue
+            if len(deliveries) == 1:
+                self.outbox.release(deliveries[0].key)
+                continue
+            await self._start_batch(deliveries)
+        return due
+
+    async def _start_batch(self, deliveries: list[Delivery]) -> None:
+        """One batch run for a held group, recorded against each of its deliveries (or each
+        refused, with the reason)."""
+        fields, adapters, names, key = batch_request(deliveries)
+        deployment = self._batch_deployment(deliveries[0].deployment)
+        try:
+            run = await asyncio.wait_for(ensure_run(
+                batch_parameters(fields, adapters, names), key, deployment=deployment,
+                api_url=self.settings.api_url), DRAIN_TIMEOUT_S)
+        except (ValidationError, RunRefused) as exc:
+            detail = " ".join(str(exc).split())
+            for delivery in deliveries:
+                self.outbox.refused(delivery.key, detail)
+            log.warning("held group of %d deliveries refused: %s", len(deliveries), detail)
+            return
+        for delivery in deliveries:
+            self.outbox.launched(delivery.key, str(run.id), run.name)
+        log.info("held group: %d adapters -> batch run %s", len(deliveries), run.name)
 
     async def _launch_now(self, delivery: Delivery) -> dict[str, Any]:
         try:
@@ -433,8 +512,13 @@ class Launcher:
         server refuses is marked refused, with the reason logged."""
         delay = RETRY_MIN_S
         while True:
-            waiting = False
-            for delivery in self.outbox.pending():
+            waiting, due = False, None
+            try:
+                due = await self.release_groups()
+            except (PrefectUnavailable, asyncio.TimeoutError) as exc:
+                log.info("held group not started yet: %s", exc or "timeout")
+                waiting = True
+            for delivery in [] if waiting else self.outbox.pending():
                 try:
                     await self._start(delivery, DRAIN_TIMEOUT_S)
                 except (ValidationError, RunRefused) as exc:
@@ -446,17 +530,27 @@ class Launcher:
                     waiting = True
                     break
             delay = min(delay * 2, RETRY_MAX_S) if waiting else RETRY_MIN_S
+            pause = delay if waiting else RETRY_MAX_S
+            if due is not None:  # wake when the next held group is due
+                pause = min(pause, max(due, 0.05))
             self.wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), delay if waiting else RETRY_MAX_S)
+                await asyncio.wait_for(self.wake.wait(), pause)
 
 
 def _answer(delivery: Delivery) -> dict[str, Any]:
-    """The 202 body for a delivery answered from the outbox (queued, or launched earlier)."""
-    launched = delivery.state == LAUNCHED
-    return {"flow_run_id": delivery.flow_run_id, "flow_run_name": delivery.flow_run_name,
-            "deployment": delivery.deployment, "idempotency_key": delivery.key,
-            "state": "LAUNCHED" if launched else "QUEUED"}
+    """The 202 body for a delivery answered from the outbox (held for its group's run,
+    queued, or launched earlier)."""
+    state = {LAUNCHED: "LAUNCHED", HELD: "HELD", REFUSED: "REFUSED"}.get(delivery.state,
+                                                                          "QUEUED")
+    answer = {"flow_run_id": delivery.flow_run_id, "flow_run_name": delivery.flow_run_name,
+              "deployment": delivery.deployment, "idempotency_key": delivery.key,
+              "state": state}
+    if delivery.group is not None:
+        answer["group"] = delivery.group
+    if delivery.state == REFUSED:
+        answer["detail"] = delivery.detail
+    return answer
 
 
 def enabled(secret: SecretStr | None, hook: str) -> SecretStr:
@@ -503,7 +597,8 @@ def create_app(settings: WebhookSettings) -> FastAPI:
         payload = parse(TrainingPayload, body)
         fields, key = training_request(payload, body, delivery)
         answer = await app.state.launcher.accept(
-            fields, key, deployment_for(settings, payload.target, fields.get("device")))
+            fields, key, deployment_for(settings, payload.target, fields.get("device")),
+            batchable=True)
         log.info("training hook: adapter %s -> flow run %s", fields["adapter"],
                  answer["flow_run_id"])
         return answer
@@ -556,7 +651,8 @@ def load_settings(*, deployment: str = DEFAULT_DEPLOYMENT, max_body_bytes: int =
                   api_url: str | None = None, secret_block: str | None = None,
                   hf_secret_block: str | None = None, hf_out_root: str | None = None,
                   hf_push_root: str | None = None, allowed_roots: list[str] | None = None,
-                  allow_overwrite: bool = False, outbox: str | None = None) -> WebhookSettings:
+                  allow_overwrite: bool = False, outbox: str | None = None,
+                  window_seconds: float = 0.0) -> WebhookSettings:
     """Settings from options, the environment and Prefect Secret blocks.
 
     Secrets: a named block wins over ``MERGEFLOW_WEBHOOK_SECRET`` / ``MERGEFLOW_HF_WEBHOOK_SECRET``.
@@ -585,7 +681,8 @@ def load_settings(*, deployment: str = DEFAULT_DEPLOYMENT, max_body_bytes: int =
         hf_push_root=hf_push_root or os.environ.get("MERGEFLOW_HF_PUSH_ROOT") or None,
         allowed_roots=allowed_roots or [r.strip() for r in os.environ.get(ROOTS_ENV, "").split(",")
                                         if r.strip()],
-        allow_overwrite=allow_overwrite, outbox=outbox or str(default_outbox()))
+        allow_overwrite=allow_overwrite, outbox=outbox or str(default_outbox()),
+        window_seconds=window_seconds)
     check_settings(settings)
     return settings
 

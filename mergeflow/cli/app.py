@@ -320,6 +320,10 @@ def webhook_serve(
              "other location is refused with 403.")] = None,
     allow_overwrite: Annotated[bool, typer.Option(
         help="Accept deliveries that ask to overwrite a finished output.")] = False,
+    window_seconds: Annotated[float, typer.Option(
+        min=0, help="Hold training deliveries of one base and output folder (with the same "
+        "options) and merge them in one merge-adapters run once none arrived for this many "
+        "seconds; 0: one run per delivery.")] = 0.0,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
 ) -> None:
     """Serve POST /hooks/training, POST /hooks/huggingface and GET /healthz (triggers.webhook)."""
@@ -330,7 +334,8 @@ def webhook_serve(
                                  api_url=api_url, secret_block=secret_block,
                                  hf_secret_block=hf_secret_block, hf_out_root=hf_out_root,
                                  hf_push_root=hf_push_root, allowed_roots=allow_root,
-                                 allow_overwrite=allow_overwrite, outbox=outbox)
+                                 allow_overwrite=allow_overwrite, outbox=outbox,
+                                 window_seconds=window_seconds)
     except ValueError as exc:
         _fail(2, str(exc))
     serve(settings, host=host, port=port, log_level=log_level)
