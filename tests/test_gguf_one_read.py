@@ -99,7 +99,8 @@ def test_one_read_writes_the_checkpoint_and_the_gguf_of_the_separate_runs(
     # is converted from the shards in staging.
     base_dir, staging = base.resolve(), Staging.for_output(out).folder.resolve()
     assert combined[base_dir] == alone[base_dir] > 0
-    assert set(combined) == {base_dir, staging}  # and the shards, once more, for the GGUF
+    # and the shards, once more, for the GGUF (and the adapter's small tensors)
+    assert set(combined) == {base_dir, staging, adapter.resolve()}
 
     got, st, gguf = files(out), files(separate["st"]), files(separate["gguf"])
     for name in set(st) - {"README.md", MANIFEST}:  # shards, config, tokenizer: byte for byte

@@ -39,16 +39,22 @@ def stand_in_merge_adapter(spec: MergeRequest) -> None:
     """The merge flow's signature (its parameter schema) without its body."""
 
 
+def _stand_in_deployment(function, flow_name: str, prefix: str, spec: dict) -> str:
+    """A deployment of ``function`` (a flow's signature) as ``flow_name``, its parameter schema
+    enforced and ``spec`` its default spec; returns ``<flow>/<deployment>``."""
+    from prefect import flow
+
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    flow(function, name=flow_name).to_deployment(
+        name=name, parameters={"spec": spec}, enforce_parameter_schema=True).apply()
+    return f"{flow_name}/{name}"
+
+
 @pytest.fixture(scope="module")
 def deployment(prefect_server) -> str:
     """A ``merge-adapter`` deployment with the real, enforced parameter schema and defaults."""
-    from prefect import flow
-
-    name = f"webhook-test-{uuid.uuid4().hex[:8]}"
-    flow(stand_in_merge_adapter, name="merge-adapter").to_deployment(
-        name=name, parameters={"spec": {"workers": 3, "device": "cuda"}},
-        enforce_parameter_schema=True).apply()
-    return f"merge-adapter/{name}"
+    return _stand_in_deployment(stand_in_merge_adapter, "merge-adapter", "webhook-test",
+                                {"workers": 3, "device": "cuda"})
 
 
 def _settings(api_url: str, deployment: str, **kw) -> WebhookSettings:
@@ -411,13 +417,8 @@ def test_cli_refuses_to_serve_without_a_secret(prefect_server, monkeypatch):
 @pytest.fixture(scope="module")
 def cpu_deployment(prefect_server) -> str:
     """A CPU merge deployment with the real parameter schema and its own defaults."""
-    from prefect import flow
-
-    name = f"webhook-cpu-{uuid.uuid4().hex[:8]}"
-    flow(stand_in_merge_adapter, name="merge-adapter").to_deployment(
-        name=name, parameters={"spec": {"workers": 2, "device": "cpu"}},
-        enforce_parameter_schema=True).apply()
-    return f"merge-adapter/{name}"
+    return _stand_in_deployment(stand_in_merge_adapter, "merge-adapter", "webhook-cpu",
+                                {"workers": 2, "device": "cpu"})
 
 
 @pytest.fixture
@@ -572,13 +573,8 @@ def stand_in_merge_adapters(adapters: list[str], spec: BatchRequest,
 @pytest.fixture(scope="module")
 def batch_deployment(prefect_server) -> str:
     """A ``merge-adapters`` deployment with the real, enforced parameter schema and defaults."""
-    from prefect import flow
-
-    name = f"webhook-batch-{uuid.uuid4().hex[:8]}"
-    flow(stand_in_merge_adapters, name="merge-adapters").to_deployment(
-        name=name, parameters={"spec": {"workers": 3, "device": "cuda"}},
-        enforce_parameter_schema=True).apply()
-    return f"merge-adapters/{name}"
+    return _stand_in_deployment(stand_in_merge_adapters, "merge-adapters", "webhook-batch",
+                                {"workers": 3, "device": "cuda"})
 
 
 def _checkpoint(step: int, **kw) -> dict:
