@@ -236,8 +236,9 @@ def _merge_batch(fields: dict, adapters: list[str], names: list[str] | None,
         if prefect:
             reports, ran = _run_batch_flow(shared, adapters, names)
         else:
-            reports = merge_many(fields.get("base"), output_folders(fields["out"], adapters,
-                                                                    names), **options)
+            outputs = output_folders(fields["out"], adapters, names)
+            with StopOnSignal(list(outputs)):  # Ctrl-C / SIGTERM: one line, exit 130
+                reports = in_thread(merge_many, fields.get("base"), outputs, **options)
     except InputError as exc:
         _fail(2, str(exc))
     except PartialMergeError as exc:

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -41,17 +41,33 @@ def interrupted_line(out: str | Path) -> str:
     return "interrupted before anything was staged; rerun the same command to start the merge"
 
 
+def batch_interrupted_line(outs: Sequence[str | Path]) -> str:
+    """The one line printed when a signal stops a batch (several outputs): which outputs keep
+    their staging folder, how many are finished, and that rerunning resumes them."""
+    from mergeflow.storage.staging import Staging
+
+    kept = [Path(out).name for out in outs if Staging.for_output(out).folder.is_dir()]
+    done = sum(1 for out in outs if Staging.for_output(out).published())
+    parts = [f"staging kept for {len(kept)} of {len(outs)} outputs ({', '.join(kept)})"] \
+        if kept else []
+    parts += [f"{done} of {len(outs)} finished"] if done else []
+    if not parts:
+        return "interrupted before anything was staged; rerun the same command to start the merges"
+    return f"interrupted: {'; '.join(parts)}; rerun the same command to resume"
+
+
 class StopOnSignal:
     """SIGINT and SIGTERM while a merge runs: run the :data:`on_interrupt` hooks, print
-    :func:`interrupted_line` on stderr and exit :data:`INTERRUPTED` at once (``os._exit``: worker
-    threads and the writer stop where they are; staging survives that like a power cut, see
-    docs/reliability.md, and a rerun resumes). No traceback: the work runs off the main thread
-    (:func:`in_thread`), so only this handler sees the signal."""
+    :func:`interrupted_line` (a batch: :func:`batch_interrupted_line`) on stderr and exit
+    :data:`INTERRUPTED` at once (``os._exit``: worker threads and the writer stop where they
+    are; staging survives that like a power cut, see docs/reliability.md, and a rerun resumes).
+    No traceback: the work runs off the main thread (:func:`in_thread`), so only this handler
+    sees the signal."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, out: str | Path) -> None:
-        self.out = out
+    def __init__(self, out: str | Path | Sequence[str | Path]) -> None:
+        self.out = out  # one output, or a batch's outputs
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopOnSignal:
@@ -67,7 +83,8 @@ class StopOnSignal:
     def _stop(self, signum: int, frame: object) -> None:
         for other in self.SIGNALS:  # a second Ctrl-C while stopping changes nothing
             signal.signal(other, signal.SIG_IGN)
-        line = interrupted_line(self.out)
+        line = interrupted_line(self.out) if isinstance(self.out, str | Path) \
+            else batch_interrupted_line(self.out)
         for hook in reversed(on_interrupt):
             with contextlib.suppress(Exception):
                 hook(line)

@@ -55,17 +55,20 @@ def _env(route: str, prefect_url: str | None, fault: str | None) -> dict[str, st
     return env
 
 
-def _wait_mid_write(proc: subprocess.Popen, staging: Staging, timeout: float = 240) -> None:
-    """Until the merge is writing a shard (its ``.partial`` file has data) - or fail."""
+def _wait_mid_write(proc: subprocess.Popen, *stagings: Staging, timeout: float = 240) -> None:
+    """Until the merge is writing a shard (its ``.partial`` file has data) in one of the
+    staging folders - or fail."""
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()
-            if any(_size(p) > 0 for p in staging.folder.glob(".*.partial")):
+            if any(_size(p) > 0 for staging in stagings
+                   for p in staging.folder.glob(".*.partial")):
                 time.sleep(0.5)  # the pause point is reached right after the tensor is handed over
                 return
             time.sleep(0.1)
-        pytest.fail(f"no shard being written in {staging.folder} after {timeout} s")
+        pytest.fail(f"no shard being written in {[str(s.folder) for s in stagings]} after "
+                    f"{timeout} s")
     except BaseException:
         proc.kill()  # a merge paused at its fault point would otherwise outlive the test
         raise
@@ -129,3 +132,35 @@ def _crashed_run_says(api_url: str, message: str) -> bool:
         runs = client.read_flow_runs(limit=50)
     return any(r.state is not None and r.state.type.value == "CRASHED"
                and r.state.message == message for r in runs)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_mid_batch_keeps_every_staging_exits_130_and_a_rerun_resumes(
+        inputs, tmp_path, signum):
+    """Route: the real CLI, in-process batch (two outputs of one adapter, named), held mid-write
+    by the fault point; the signal stops the whole batch with one line naming the outputs whose
+    staging is kept, exit 130, no traceback; the rerun finishes both with a clean run's bytes."""
+    base, adapter, clean = inputs
+    out = tmp_path / "batch"
+    args = ["merge", "--base", str(base), "--adapter", str(adapter), "--adapter", str(adapter),
+            "--out-name", "first", "--out-name", "second", "--out", str(out),
+            "--max-shard-size", "40KB"]
+    proc = subprocess.Popen(cli_command(*args), cwd=REPO, text=True,
+                            env=_env("in-process", None, "tensor-written:3:pause"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # the paused thread writes one output's shard; the other output may be a shard ahead
+    _wait_mid_write(proc, Staging.for_output(out / "first"), Staging.for_output(out / "second"))
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=60)
+
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "Traceback" not in stdout + stderr
+    [line] = stderr.strip().splitlines()
+    assert line == ("interrupted: staging kept for 2 of 2 outputs (first, second); rerun the "
+                    "same command to resume"), line
+    assert not (out / "first").exists() and not (out / "second").exists()
+
+    rerun = subprocess.run(cli_command(*args), cwd=REPO, text=True, capture_output=True,
+                           env=_env("in-process", None, None), timeout=600, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _contents(out / "first") == clean and _contents(out / "second") == clean
