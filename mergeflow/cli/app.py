@@ -233,11 +233,11 @@ def _merge_batch(fields: dict, adapters: list[str], names: list[str] | None,
         _fail(2, _invalid_options(exc))
     ran = "ran in-process"
     try:
-        if prefect:
-            reports, ran = _run_batch_flow(shared, adapters, names)
-        else:
-            outputs = output_folders(fields["out"], adapters, names)
-            with StopOnSignal(list(outputs)):  # Ctrl-C / SIGTERM: one line, exit 130
+        outputs = output_folders(fields["out"], adapters, names)
+        with StopOnSignal(list(outputs)):  # Ctrl-C / SIGTERM: one line, exit 130
+            if prefect:
+                reports, ran = _run_batch_flow(shared, adapters, names)
+            else:
                 reports = in_thread(merge_many, fields.get("base"), outputs, **options)
     except InputError as exc:
         _fail(2, str(exc))
@@ -260,8 +260,13 @@ def _run_batch_flow(spec: MergeSpec, adapters: list[str], names: list[str] | Non
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.batch import run_batch_from_cli
+    from flows.merge import abandon_cli_runs
 
-    reports, name = run_batch_from_cli(spec, adapters, names)
+    on_interrupt.insert(0, abandon_cli_runs)  # an interrupt marks the run crashed
+    try:
+        reports, name = in_thread(run_batch_from_cli, spec, adapters, names)
+    finally:
+        on_interrupt.remove(abandon_cli_runs)
     return reports, f"ran as Prefect flow run merge-adapters/{name} (--prefect)"
 
 

@@ -134,19 +134,21 @@ def _crashed_run_says(api_url: str, message: str) -> bool:
                and r.state.message == message for r in runs)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(("route", "signum"), [
+    ("in-process", signal.SIGINT), ("in-process", signal.SIGTERM), ("prefect", signal.SIGINT)])
 def test_a_signal_mid_batch_keeps_every_staging_exits_130_and_a_rerun_resumes(
-        inputs, tmp_path, signum):
-    """Route: the real CLI, in-process batch (two outputs of one adapter, named), held mid-write
-    by the fault point; the signal stops the whole batch with one line naming the outputs whose
-    staging is kept, exit 130, no traceback; the rerun finishes both with a clean run's bytes."""
+        inputs, tmp_path, route, signum, prefect_url):
+    """Route: the real CLI, a batch (two outputs of one adapter, named) in-process or as the
+    ``merge-adapters`` flow, held mid-write by the fault point; the signal stops the whole batch
+    with one line naming the outputs whose staging is kept, exit 130, no traceback (the flow
+    run marked crashed with that line); the rerun finishes both with a clean run's bytes."""
     base, adapter, clean = inputs
     out = tmp_path / "batch"
     args = ["merge", "--base", str(base), "--adapter", str(adapter), "--adapter", str(adapter),
             "--out-name", "first", "--out-name", "second", "--out", str(out),
-            "--max-shard-size", "40KB"]
+            "--max-shard-size", "40KB", *(["--prefect"] if route == "prefect" else [])]
     proc = subprocess.Popen(cli_command(*args), cwd=REPO, text=True,
-                            env=_env("in-process", None, "tensor-written:3:pause"),
+                            env=_env(route, prefect_url, "tensor-written:3:pause"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # the paused thread writes one output's shard; the other output may be a shard ahead
     _wait_mid_write(proc, Staging.for_output(out / "first"), Staging.for_output(out / "second"))
@@ -159,8 +161,10 @@ def test_a_signal_mid_batch_keeps_every_staging_exits_130_and_a_rerun_resumes(
     assert line == ("interrupted: staging kept for 2 of 2 outputs (first, second); rerun the "
                     "same command to resume"), line
     assert not (out / "first").exists() and not (out / "second").exists()
+    if route == "prefect":
+        assert _crashed_run_says(prefect_url, line)
 
     rerun = subprocess.run(cli_command(*args), cwd=REPO, text=True, capture_output=True,
-                           env=_env("in-process", None, None), timeout=600, check=False)
+                           env=_env(route, prefect_url, None), timeout=600, check=False)
     assert rerun.returncode == 0, rerun.stderr
     assert _contents(out / "first") == clean and _contents(out / "second") == clean
