@@ -22,12 +22,14 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import ValidationError
 
 from flows import failures
 from flows.merge import (
+    artifact_key,
     current_deployment,
     default_spec,
     manifest_digest,
@@ -132,7 +134,11 @@ def merge_many(spec: MergeSpec, adapters: list[str], out_names: list[str] | None
     """
     outputs = pipeline.output_folders(spec.out, adapters, out_names)
     per_output = _PerOutput()
-    pipeline.merge_many(spec.base, outputs, on_finished=per_output, **shared_options(spec))
+    progress = create_progress_artifact(0.0, key=artifact_key("batch-progress", spec.out),
+                                        description="shards swept and outputs published")
+    pipeline.merge_many(spec.base, outputs, on_finished=per_output,
+                        on_progress=lambda done: update_progress_artifact(progress, 100 * done),
+                        **shared_options(spec))
     return {out: per_output.reports[out] for out in outputs}
 
 

@@ -71,6 +71,8 @@ def test_the_batch_flow_writes_what_single_merges_and_merge_many_write(two_adapt
         assert f"- output: `{out}`" in markdown
         assert "q_proj" in str(artifacts[artifact_key("delta-norms", out)].data) or \
             "o_proj" in str(artifacts[artifact_key("delta-norms", out)].data)
+    progress = artifacts[artifact_key("batch-progress", str(root))]
+    assert progress.type == "progress" and float(progress.data) == 100.0
 
     again = merge_adapters([str(a) for a in adapters],
                            {"base": str(base), "out": str(root), "max_shard_size": SHARD},

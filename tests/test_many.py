@@ -47,9 +47,15 @@ def _shards(folder: Path) -> dict[str, bytes]:
 def test_a_batch_writes_each_output_as_its_single_merge_does(batch, tmp_path):
     _, base, adapters = batch
     outputs = {tmp_path / "batch" / name: folder for name, folder in adapters.items()}
-    reports = mergeflow.merge_many(base, outputs, max_shard_size=SHARD)
+    fractions: list[float] = []
+    reports = mergeflow.merge_many(base, outputs, max_shard_size=SHARD,
+                                   on_progress=fractions.append)
     assert sorted(reports) == sorted(str(out) for out in outputs)
+    shards = sum(len(_shards(out)) for out in outputs)
     assert len(_shards(next(iter(outputs)))) > 2  # the sweep interleaved several shards
+    # one step per swept shard and per finished output, rising to the whole batch
+    assert len(fractions) == shards + len(outputs) and fractions == sorted(fractions)
+    assert fractions[-1] == 1.0 and fractions[0] == 1 / (shards + len(outputs))
     for out, adapter in outputs.items():
         single = tmp_path / "single" / out.name
         mergeflow.merge(base, adapter, single, max_shard_size=SHARD)

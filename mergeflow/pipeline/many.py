@@ -96,12 +96,13 @@ def _swept(specs: list[MergeSpec], prepared: dict[str, PreparedMerge]) -> list[M
 
 
 def _sweep(sweeping: list[MergeSpec], prepared: dict[str, PreparedMerge],
-           progress: Progress | None, workers: int
+           progress: Progress | None, workers: int, step: Callable[[], None]
            ) -> tuple[dict[str, list[ShardResult]], dict[str, str]]:
     """Write shard ``k`` of every output before shard ``k + 1`` of any, the outputs' shards
     ``k`` side by side on ``workers`` threads (they read the same base blocks at about the same
-    time); returns each output's shard results, and the outputs that failed with their errors
-    (their other shards are not written)."""
+    time), calling ``step`` on this thread as each is done; returns each output's shard
+    results, and the outputs that failed with their errors (their other shards are not
+    written)."""
     failed: dict[str, str] = {}
     written: dict[str, list[ShardResult]] = {spec.out: [] for spec in sweeping}
     if not sweeping:
@@ -117,6 +118,7 @@ def _sweep(sweeping: list[MergeSpec], prepared: dict[str, PreparedMerge],
                     written[out].append(job.result())
                 except MergeError as exc:
                     failed[out] = str(exc)
+                step()
     return written, failed
 
 
@@ -140,15 +142,32 @@ class _SweptSteps(LocalSteps):
 #: shard results, verification): what a caller such as the Prefect flow reports per output.
 OnFinished = Callable[[MergeSpec, PreparedMerge, Carried], None]
 
+#: Called with the fraction of the batch done (swept shards and finished outputs, 0 to 1).
+OnProgress = Callable[[float], None]
+
+
+class _Steps:
+    """The batch's progress: one step per swept shard and per output finished."""
+
+    def __init__(self, total: int, report: OnProgress | None) -> None:
+        self.total, self.done, self.report = max(1, total), 0, report
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.report is not None:
+            self.report(min(1.0, self.done / self.total))
+
 
 def merge_many(base: str | Path | None, outputs: Mapping[str | Path, str | Path], *,
                progress: Progress | None = None, on_finished: OnFinished | None = None,
-               **options) -> dict[str, MergeReport]:
+               on_progress: OnProgress | None = None, **options) -> dict[str, MergeReport]:
     """Merge several adapters of one base, each into its own output, in one sweep over the base
     (see the module's text). ``outputs``: output folder -> adapter; ``**options``: any other
     :class:`~mergeflow.spec.MergeSpec` field, the same for every output, except ``push_to``: a
     template in which ``{name}`` becomes each output folder's name. ``on_finished``: called as
-    each output is finished (see :data:`OnFinished`).
+    each output is finished (see :data:`OnFinished`). ``on_progress``: called with the
+    fraction done as each shard is swept and each output finished (on this thread, as
+    ``on_finished``).
 
     Returns:
         One report per output, by output folder.
@@ -175,10 +194,12 @@ def merge_many(base: str | Path | None, outputs: Mapping[str | Path, str | Path]
         sweeping = _swept(specs, prepared)
         decided = resources.for_spec(specs[0], outputs=max(1, len(sweeping)))
         resources.apply_threads(decided)
-        written, failed = _sweep(sweeping, prepared, progress, decided.workers)
+        step = _Steps(sum(prepared[s.out].shard_count for s in sweeping) + len(specs),
+                      on_progress)
+        written, failed = _sweep(sweeping, prepared, progress, decided.workers, step)
         # outputs that merge on their own (GGUF, low disk) are finished one at a time
         at_once = decided.workers if len(sweeping) == len(specs) else 1
-        reports = _finish(specs, prepared, written, failed, at_once, on_finished)
+        reports = _finish(specs, prepared, written, failed, at_once, on_finished, step)
     if failed:
         raise PartialMergeError(reports, failed)
     return reports
@@ -186,10 +207,11 @@ def merge_many(base: str | Path | None, outputs: Mapping[str | Path, str | Path]
 
 def _finish(specs: list[MergeSpec], prepared: dict[str, PreparedMerge],
             written: dict[str, list[ShardResult]], failed: dict[str, str], at_once: int,
-            on_finished: OnFinished | None) -> dict[str, MergeReport]:
+            on_finished: OnFinished | None, step: Callable[[], None]) -> dict[str, MergeReport]:
     """Run each output's steps (what the sweep left: finalize, verify, publish, upload),
-    ``at_once`` outputs at a time; ``on_finished`` is called on this thread as each finishes,
-    and each failure is added to ``failed``. Returns the finished outputs' reports, in order."""
+    ``at_once`` outputs at a time; ``on_finished`` and ``step`` are called on this thread as
+    each finishes, and each failure is added to ``failed``. Returns the finished outputs'
+    reports, in order."""
     todo = [spec for spec in specs if spec.out not in failed]
     reports: dict[str, MergeReport] = {}
     with ThreadPoolExecutor(max_workers=max(1, min(at_once, len(todo))),
@@ -198,6 +220,7 @@ def _finish(specs: list[MergeSpec], prepared: dict[str, PreparedMerge],
                             _SweptSteps(written.get(spec.out, []))): spec for spec in todo}
         for job in as_completed(jobs):
             spec = jobs[job]
+            step()
             try:
                 carried = job.result()
             except MergeError as exc:
