@@ -659,3 +659,19 @@ def test_only_deliveries_one_run_can_merge_share_a_group():
                      "merge-adapter/x") is None  # no {name} template fits it
     assert group_key({**fields, "base": None}, "merge-adapter/x") is None  # base unknown
     assert group_key({**fields, "push_to": None}, "merge-adapter/x") not in (None, key)
+
+
+def test_without_a_batch_deployment_held_deliveries_start_their_own_runs(
+        prefect_server, deployment):
+    """A server that has no batch deployment: the group's deliveries, once due, are merged
+    each in its own run (the receiver logs why) instead of waiting for ever."""
+    settings = _settings(prefect_server, deployment, window_seconds=0.5,
+                         batch_deployment="merge-adapters/not-deployed")
+    with TestClient(create_app(settings)) as client:
+        sent = [_checkpoint(step) for step in (500, 600)]
+        assert {_post(client, payload).json()["state"] for payload in sent} == {"HELD"}
+        answers = [_answer_when_launched(client, payload) for payload in sent]
+    assert all(a["flow_run_id"] and a["deployment"] == deployment for a in answers), answers
+    assert len({a["flow_run_id"] for a in answers}) == 2
+    assert [_run(a["flow_run_id"]).parameters["spec"]["adapter"] for a in answers] == \
+        [p["adapter"] for p in sent]

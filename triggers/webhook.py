@@ -462,13 +462,20 @@ class Launcher:
 
     async def _start_batch(self, deliveries: list[Delivery]) -> None:
         """One batch run for a held group, recorded against each of its deliveries (or each
-        refused, with the reason)."""
+        refused, with the reason; without a batch deployment on the server, each released to
+        start its own run)."""
         fields, adapters, names, key = batch_request(deliveries)
         deployment = self._batch_deployment(deliveries[0].deployment)
         try:
             run = await asyncio.wait_for(ensure_run(
                 batch_parameters(fields, adapters, names), key, deployment=deployment,
                 api_url=self.settings.api_url), DRAIN_TIMEOUT_S)
+        except DeploymentMissing as exc:  # no batch deployment: each merged on its own
+            for delivery in deliveries:
+                self.outbox.release(delivery.key)
+            log.warning("%s; the %d held deliveries start their own merge runs", exc,
+                        len(deliveries))
+            return
         except (ValidationError, RunRefused) as exc:
             detail = " ".join(str(exc).split())
             for delivery in deliveries:
@@ -652,7 +659,8 @@ def load_settings(*, deployment: str = DEFAULT_DEPLOYMENT, max_body_bytes: int =
                   hf_secret_block: str | None = None, hf_out_root: str | None = None,
                   hf_push_root: str | None = None, allowed_roots: list[str] | None = None,
                   allow_overwrite: bool = False, outbox: str | None = None,
-                  window_seconds: float = 0.0) -> WebhookSettings:
+                  window_seconds: float = 0.0,
+                  batch_deployment: str = DEFAULT_BATCH_DEPLOYMENT) -> WebhookSettings:
     """Settings from options, the environment and Prefect Secret blocks.
 
     Secrets: a named block wins over ``MERGEFLOW_WEBHOOK_SECRET`` / ``MERGEFLOW_HF_WEBHOOK_SECRET``.
@@ -682,7 +690,7 @@ def load_settings(*, deployment: str = DEFAULT_DEPLOYMENT, max_body_bytes: int =
         allowed_roots=allowed_roots or [r.strip() for r in os.environ.get(ROOTS_ENV, "").split(",")
                                         if r.strip()],
         allow_overwrite=allow_overwrite, outbox=outbox or str(default_outbox()),
-        window_seconds=window_seconds)
+        window_seconds=window_seconds, batch_deployment=batch_deployment)
     check_settings(settings)
     return settings
 

@@ -330,6 +330,9 @@ def webhook_serve(
         min=0, help="Hold training deliveries of one base and output folder (with the same "
         "options) and merge them in one merge-adapters run once none arrived for this many "
         "seconds; 0: one run per delivery.")] = 0.0,
+    batch_deployment: Annotated[str, typer.Option(
+        help="The batch deployment a held group runs on, <flow>/<deployment>.")
+    ] = "merge-adapters/merge-adapters",
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
 ) -> None:
     """Serve POST /hooks/training, POST /hooks/huggingface and GET /healthz (triggers.webhook)."""
@@ -341,7 +344,8 @@ def webhook_serve(
                                  hf_secret_block=hf_secret_block, hf_out_root=hf_out_root,
                                  hf_push_root=hf_push_root, allowed_roots=allow_root,
                                  allow_overwrite=allow_overwrite, outbox=outbox,
-                                 window_seconds=window_seconds)
+                                 window_seconds=window_seconds,
+                                 batch_deployment=batch_deployment)
     except ValueError as exc:
         _fail(2, str(exc))
     serve(settings, host=host, port=port, log_level=log_level)
