@@ -25,7 +25,7 @@ PLENTY = 64 * GiB
 
 
 @pytest.mark.parametrize(("cpus", "workers", "threads"), [
-    (1, 1, 1), (2, 1, 1), (3, 1, 2),  # small boxes: one worker; its writer thread gets a core
+    (1, 1, 1), (2, 2, 1), (3, 3, 1),  # small boxes: one worker per core, one torch thread
     (4, 2, 1), (6, 3, 1), (16, 8, 1), (64, 8, 7),  # one per two cores, at most 8
 ])
 def test_automatic_workers_follow_the_cores(cpus, workers, threads):
@@ -111,7 +111,7 @@ def test_for_spec_parses_the_sizes_and_names_the_option():
     spec = MergeSpec(adapter="a", out="o", workers=2, block_size="8MiB", memory_limit="1gb")
     got = for_spec(spec, cpus=4, available=PLENTY)
     assert (got.workers, got.block_bytes, got.memory_budget) == (2, 8 * MiB, 10**9)
-    assert for_spec(MergeSpec(adapter="a", out="o"), cpus=2, available=PLENTY).workers == 1
+    assert for_spec(MergeSpec(adapter="a", out="o"), cpus=2, available=PLENTY).workers == 2
     with pytest.raises(ValidationError, match="memory_limit"):  # the spec refuses it first
         MergeSpec(adapter="a", out="o", memory_limit="0MB")
     unchecked = MergeSpec(adapter="a", out="o").model_copy(update={"memory_limit": "0MB"})
@@ -120,7 +120,7 @@ def test_for_spec_parses_the_sizes_and_names_the_option():
 
 
 @pytest.mark.parametrize(("cpus", "outputs", "workers", "threads"), [
-    (2, 1, 1, 1), (2, 2, 2, 1), (2, 4, 2, 1),  # a batch fills both cores, one torch thread each
+    (2, 1, 2, 1), (2, 2, 2, 1), (2, 4, 2, 1),  # one worker per core, one torch thread each
     (1, 4, 1, 1), (3, 2, 2, 1),
     (16, 2, 2, 7), (16, 4, 4, 3), (16, 12, 8, 1),  # above 4 cores: one per output, as for one
 ])

@@ -9,14 +9,15 @@ for any machine. The rule:
   ``workers x BUFFERS_PER_WORKER x block_bytes`` must fit the budget: ``--memory-limit``, else a
   quarter of the available memory. When it does not, automatic workers are reduced first, then
   the block is made smaller (not below :data:`MIN_BLOCK`).
-* **Cores.** Merging is matrix work that torch already spreads over its intra-op threads; two
-  workers fighting over two cores are slower than one worker using both. So below four usable
-  cores one worker is used; above, one worker per two cores (at most :data:`MAX_AUTO_WORKERS`).
-  Each worker gets ``max(1, cpus // workers)`` torch threads.
+* **Cores.** Each worker merges on one thread while its writer thread hashes and writes what
+  it merged, which costs about as much. Below four usable cores there is one worker per core,
+  each with one torch thread: a second worker's math fills what the first's writer leaves (on
+  two cores, the 3.6b with its two output shards: 8.9 s against 9.6 s with one worker, medians
+  of 4 pairs; four 1.7 GB outputs of a batch: 9.6 s against 10.7 s). Above, one worker per two
+  cores (at most :data:`MAX_AUTO_WORKERS`), each with the cores left once every writer has one
+  (:func:`torch_threads`).
 * **Several outputs** (a batch, :mod:`mergeflow.pipeline.many`): the sweep merges one shard of
-  each of ``outputs`` side by side, one worker each, up to one per core below four cores (each
-  with one torch thread; its writer fills what the other's math leaves: four 1.7 GB outputs
-  took 9.6 s instead of 10.7 s on two cores) and the one-output count above.
+  each of ``outputs`` side by side, one worker each, at most the one-output count.
 """
 
 from __future__ import annotations
@@ -77,10 +78,8 @@ def available_memory(meminfo: str = "/proc/meminfo") -> int | None:
 def automatic_workers(cpus: int, outputs: int = 1) -> int:
     """Workers when ``--workers`` is not given, before the memory budget has its say: see the
     module docstring (cores, several outputs)."""
-    one = 1 if cpus < 4 else min(MAX_AUTO_WORKERS, cpus // 2)
-    if outputs <= 1:
-        return one
-    return min(outputs, cpus if cpus < 4 else one)
+    one = cpus if cpus < 4 else min(MAX_AUTO_WORKERS, cpus // 2)
+    return one if outputs <= 1 else min(outputs, one)
 
 
 def decide(workers: int | None, block_bytes: int, memory_limit: int | None,
