@@ -173,8 +173,8 @@ def test_disk_full_mid_merge_is_a_disk_error_then_resumes(inputs, parent, tmp_pa
     disk = FullDisk(first + 1000, on_flush=on_flush)  # the disk fills up in the 2nd shard
     monkeypatch.setattr(writer, "open", disk.open, raising=False)
 
-    with pytest.raises(DiskSpaceError) as caught:
-        mergeflow.merge(base, adapter, out, max_shard_size=SHARD)
+    with pytest.raises(DiskSpaceError) as caught:  # one worker: the shards in order
+        mergeflow.merge(base, adapter, out, max_shard_size=SHARD, workers=1)
     message = str(caught.value)
     staging = Staging.for_output(out)
     assert message.startswith(f"{staging.folder}/model-0000")  # the file being written
