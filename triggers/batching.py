@@ -50,9 +50,9 @@ def group_key(fields: dict[str, Any], deployment: str) -> str | None:
     return f"batch:{digest[:32]}"
 
 
-def ready(deliveries: Sequence[Delivery], now: float, window_seconds: float) -> bool:
-    """Whether no delivery of the group arrived within the last ``window_seconds``."""
-    return now - max(d.received for d in deliveries) >= window_seconds
+def due_in(deliveries: Sequence[Delivery], now: float, window_seconds: float) -> float:
+    """Seconds until the group's window has passed with no new arrival (0 or less: due now)."""
+    return max(d.received for d in deliveries) + window_seconds - now
 
 
 def batch_request(deliveries: Sequence[Delivery]

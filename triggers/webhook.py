@@ -53,7 +53,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from mergeflow.spec import MergeSpec
-from triggers.batching import batch_request, group_key, ready
+from triggers.batching import batch_request, due_in, group_key
 from triggers.events import route_for, route_problem
 from triggers.launch import (
     CPU_BATCH_DEPLOYMENT,
@@ -450,8 +450,8 @@ class Launcher:
         now = time.time() if now is None else now
         due: float | None = None
         for deliveries in self.outbox.held().values():
-            if not ready(deliveries, now, self.settings.window_seconds):
-                left = max(d.received for d in deliveries) + self.settings.window_seconds - now
+            left = due_in(deliveries, now, self.settings.window_seconds)
+            if left > 0:  # an arrival within the window: held on
                 due = left if due is None else min(due, left)
                 continue
             if len(deliveries) == 1:
