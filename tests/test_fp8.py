@@ -172,13 +172,18 @@ def test_fp8_scheme_without_save_method_fp8_is_refused(tmp_path, bf16_base, adap
     assert not (tmp_path / "out").exists()
 
 
-def test_a_float8_weight_without_its_scale_is_refused_naming_it(tmp_path, bf16_base, adapter):
+def _drop_tensor(folder, key: str) -> None:
+    """Remove tensor ``key`` from the folder's single ``model.safetensors`` (a broken base)."""
     from safetensors.torch import load_file, save_file
 
+    tensors = load_file(folder / "model.safetensors")
+    del tensors[key]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_a_float8_weight_without_its_scale_is_refused_naming_it(tmp_path, bf16_base, adapter):
     base = build_fp8_base(bf16_base, tmp_path / "fp8", layout="block")
-    tensors = load_file(base / "model.safetensors")
-    del tensors["model.layers.1.mlp.up_proj.weight_scale_inv"]
-    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    _drop_tensor(base, "model.layers.1.mlp.up_proj.weight_scale_inv")
     with pytest.raises(InputError, match=r"model\.layers\.1\.mlp\.up_proj\.weight' has no"):
         mergeflow.merge(base, adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -356,16 +361,12 @@ def test_an_mxfp4_base_merges_onto_the_experts_transformers_decodes(tmp_path, gp
 
 
 def test_mxfp4_blocks_without_scales_are_refused_naming_them(tmp_path, gpt_oss):
-    from safetensors.torch import load_file, save_file
-
     _, base, adapter = gpt_oss
     broken = tmp_path / "broken"
     broken.mkdir()
     for path in base.iterdir():
         (broken / path.name).write_bytes(path.read_bytes())
-    tensors = load_file(broken / "model.safetensors")
-    del tensors["model.layers.1.mlp.experts.down_proj_scales"]
-    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    _drop_tensor(broken, "model.layers.1.mlp.experts.down_proj_scales")
     with pytest.raises(InputError, match=r"down_proj_blocks' have no"):
         mergeflow.merge(broken, adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists()
