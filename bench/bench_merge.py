@@ -5,7 +5,8 @@
     python bench/bench_merge.py --sizes tiny          # a ~56M model, to check the script quickly
 
 Sizes: ``tiny`` (~56M), ``0.9b``, ``3.6b`` (4x the parameters by width *and* depth: hidden 4096)
-and ``3.6b-deep`` (4x by depth alone: the 0.9b's tensor shapes, 72 layers): random Llamas in
+``3.6b-deep`` (4x by depth alone: the 0.9b's tensor shapes, 72 layers) and ``deep-narrow``
+(its 651 tensors at hidden 64: fixed costs alone, for ``bench_split.py``): random Llamas in
 bf16 saved in 1GB shards with ``save_pretrained``, and a LoRA adapter for each built by PEFT
 (r=16 on q,k,v,o,gate,up,down, ``init_lora_weights=False``).
 
@@ -100,6 +101,10 @@ SIZES: dict[str, dict] = {
     # 4x the 0.9b by depth alone: same tensor shapes, 72 layers instead of 16.
     "3.6b-deep": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=72,
                       num_attention_heads=16, num_key_value_heads=8, vocab_size=32000),
+    # The 3.6b-deep's 651 tensors at a 32nd of its width: a merge of it is almost all fixed
+    # and per-tensor cost (bench/bench_split.py).
+    "deep-narrow": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=72,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=1000),
 }
 # Llama-3-70B's real tensor shapes, with only a few of its 80 decoder layers.
 LLAMA3_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64,

@@ -14,8 +14,7 @@ import hashlib
 import re
 import sys
 import threading
-import time
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -37,11 +36,11 @@ from flows.parameters import MergeRequest, layered
 from mergeflow import pipeline
 from mergeflow.errors import MergeError, OptionsError
 from mergeflow.pipeline import (
-    STEP_LABELS,
     Carried,
     MergeReport,
     PreparedMerge,
     ShardResult,
+    Timings,
     VerifyReport,
     resolved_base,
 )
@@ -143,16 +142,6 @@ def artifact_key(kind: str, out: str) -> str:
     return "-".join(part for part in (kind, slug, digest) if part)
 
 
-class Timings(dict):
-    """Wall time per pipeline stage, in seconds."""
-
-    @contextmanager
-    def __call__(self, stage: str):
-        start = time.perf_counter()
-        yield
-        self[stage] = round(time.perf_counter() - start, 3)
-
-
 def task_runner(spec: MergeSpec):
     """A Dask runner on the cluster at ``spec.dask_address``, else a thread pool of the workers
     :func:`mergeflow.pipeline.for_spec` decides (``spec.workers``, or from the cores and
@@ -224,8 +213,7 @@ def _merge_locked(spec: MergeSpec, prepared: PreparedMerge | None, found: Any | 
         prepared = load(spec, prepared, run_origin(found))
     base = resolved_base(prepared)
     log_plan(prepared, base)
-    carried = pipeline.run_steps(prepared, spec, FlowSteps(),
-                                 around=lambda step: timings(STEP_LABELS.get(step, step)))
+    carried = pipeline.run_steps(prepared, spec, FlowSteps(), around=timings.step)
     assert carried.report is not None  # every route's first step makes the report
     report = carried.report.model_copy(update={
         "timings": dict(timings), "manifest_sha256": manifest_digest(spec.out),

@@ -124,7 +124,11 @@ def test_rerun_is_up_to_date_and_touches_nothing(base, adapter, tmp_path):
     again = mergeflow.merge(base, adapter, out)
 
     assert again.status == "up-to-date"
-    assert again.model_dump(exclude={"status"}) == first.model_dump(exclude={"status"})
+    # the same report, but for how each run spent its time
+    assert again.model_dump(exclude={"status", "timings"}) == \
+        first.model_dump(exclude={"status", "timings"})
+    assert set(first.timings) >= {"load", "merge", "verify", "publish"}
+    assert set(again.timings) == {"load", "up to date"}
     assert snapshot(out) == before
     assert staging_leftovers(out) == []
 

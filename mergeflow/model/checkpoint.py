@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from mergeflow.errors import CheckpointError
 from mergeflow.model.torch_bin import read_table as read_torch_zip
+from mergeflow.storage.hashing import observe_read
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -310,6 +311,7 @@ class Checkpoint:
     def __init__(self, folder: Path | str, weights_file: str | None = None) -> None:
         self.folder = Path(folder)
         self.tensors: dict[str, TensorInfo] = {}
+        self._real: dict[str, str] = {}  # weight file -> its resolved path
         self._torch_files: set[str] = set()  # files read as PyTorch zips (the rest: safetensors)
         if weights_file is not None:
             self._load_single(self.folder / weights_file)
@@ -399,6 +401,14 @@ class Checkpoint:
             raise CheckpointError(f"{path}: cannot read tensor '{info.name}' ({exc})") from exc
         finally:
             os.close(fd)
+        observe_read(self._real_path(info.file), info.offset + start, buffer)
+
+    def _real_path(self, file: str) -> str:
+        """A weight file's resolved path (remembered), as the read hashes know it."""
+        real = self._real.get(file)
+        if real is None:
+            real = self._real[file] = os.path.realpath(self.folder / file)
+        return real
 
     def read_rows(self, name: str, start: int, stop: int,
                   scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -441,31 +451,16 @@ class Checkpoint:
         return self._read_whole(self.tensors[name])  # no header parsed again, unlike safe_open
 
     def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Read several tensors (CPU), opening each shard once; e.g. a weight and its siblings.
+        """Read several tensors (CPU), e.g. a weight and its siblings; one positional read each.
 
         Raises:
             CheckpointError: a tensor's bytes cannot be read.
         """
-        by_file: dict[str, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.tensors[name].file, []).append(name)
-        out: dict[str, torch.Tensor] = {}
-        for file, keys in by_file.items():
-            path = self.folder / file
-            if file in self._torch_files:
-                out.update((key, self._read_whole(self.tensors[key])) for key in keys)
-                continue
-            try:
-                with safe_open(str(path), framework="pt", device="cpu") as f:
-                    for key in keys:
-                        out[key] = f.get_tensor(key)
-            except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"{path}: cannot read tensors {keys} ({exc})") from exc
-        return {name: out[name] for name in names}
+        return {name: self._read_whole(self.tensors[name]) for name in names}
 
     def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(name, tensor)`` one at a time (CPU), opening each shard once; memory peaks
-        at one tensor. Default: every tensor, shard by shard.
+        """Yield ``(name, tensor)`` one at a time (CPU), shard by shard; memory peaks at one
+        tensor. Default: every tensor.
 
         Raises:
             CheckpointError: a tensor's bytes cannot be read.
@@ -473,15 +468,6 @@ class Checkpoint:
         by_file: dict[str, list[str]] = {}
         for name in self.tensors if names is None else names:
             by_file.setdefault(self.tensors[name].file, []).append(name)
-        for file, keys in by_file.items():
-            path = self.folder / file
-            if file in self._torch_files:
-                for key in keys:
-                    yield key, self._read_whole(self.tensors[key])
-                continue
-            try:
-                with safe_open(str(path), framework="pt", device="cpu") as f:
-                    for key in keys:
-                        yield key, f.get_tensor(key)
-            except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"{path}: cannot read its tensors ({exc})") from exc
+        for keys in by_file.values():
+            for key in keys:
+                yield key, self._read_whole(self.tensors[key])

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 _PUBLIC = {
     # the order and the routes
     "steps_for": "order", "run_steps": "order", "Carried": "order", "Steps": "order",
-    "STEP_LABELS": "order",
+    "STEP_LABELS": "order", "Timings": "order",
     "merge": "local", "run_local": "local", "run_shards": "local",
     # several adapters of one base, one sweep over it
     "merge_many": "many", "output_folders": "many", "PartialMergeError": "many",
@@ -43,7 +43,7 @@ _PUBLIC = {
 }
 
 __all__ = ["Carried", "HF_SCHEME", "HashCache", "MANIFEST", "MergeReport", "PartialMergeError",
-           "PreparedMerge", "PublishResult", "S3_SCHEME", "STEP_LABELS", "ShardResult", "Steps",
+           "PreparedMerge", "PublishResult", "S3_SCHEME", "STEP_LABELS", "ShardResult", "Steps", "Timings",
            "VerifyReport",
            "apply_threads", "check_verified", "convert_gguf_output", "finalize", "finished_shard",
            "for_spec", "gguf_low_disk", "limit_threads", "list_s3_prefix", "merge",
@@ -56,7 +56,7 @@ __all__ = ["Carried", "HF_SCHEME", "HashCache", "MANIFEST", "MergeReport", "Part
 if TYPE_CHECKING:
     from mergeflow.pipeline.local import merge, output_lock, run_local, run_shards
     from mergeflow.pipeline.many import PartialMergeError, merge_many, output_folders
-    from mergeflow.pipeline.order import STEP_LABELS, Carried, Steps, run_steps, steps_for
+    from mergeflow.pipeline.order import STEP_LABELS, Carried, Steps, Timings, run_steps, steps_for
     from mergeflow.pipeline.resources import apply_threads, for_spec, limit_threads
     from mergeflow.pipeline.results import (
         MergeReport,

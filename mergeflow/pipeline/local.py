@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from mergeflow.engine.shards import Progress, open_merger
 from mergeflow.errors import OptionsError
 from mergeflow.pipeline import resources, steps
-from mergeflow.pipeline.order import Carried, run_steps
+from mergeflow.pipeline.order import Carried, Timings, run_steps
 from mergeflow.pipeline.results import MergeReport, PreparedMerge, ShardResult
 from mergeflow.plan import MergePlan, TensorPlan
 from mergeflow.spec import OPTION_COMBINATION, MergeSpec
@@ -79,12 +79,16 @@ def merge(base: str | Path | None, adapter: str | Path, out: str | Path, *,
             raise OptionsError("; ".join(combinations)) from None
         raise
     with output_lock(spec.out):  # one writer per output
-        return run_local(steps.prepare(spec), spec, progress)
+        timings = Timings()
+        with timings("load"):
+            prepared = steps.prepare(spec)
+        return run_local(prepared, spec, progress, timings=timings)
 
 
 def run_local(prepared: PreparedMerge, spec: MergeSpec,
               progress: Progress | None = None,
-              on_phase: Callable[[str], None] | None = None) -> MergeReport:
+              on_phase: Callable[[str], None] | None = None,
+              timings: Timings | None = None) -> MergeReport:
     """Run a prepared merge in this process, without Prefect: the steps
     :func:`mergeflow.pipeline.order.steps_for` names, in its order (write every shard not
     already written, finalize, verify, publish and, with ``spec.push_to``, upload).
@@ -93,14 +97,16 @@ def run_local(prepared: PreparedMerge, spec: MergeSpec,
 
     ``progress`` is called after each output tensor is written (from the worker threads when
     several shards are written at once); ``on_phase`` with "verify" and "publish" as those
-    steps begin (the CLI shows them).
+    steps begin (the CLI shows them). The report's ``timings`` hold each step's wall time,
+    after those already in ``timings`` (the planning's, as ``load``).
 
     Raises:
         InputError, MergeError: as :func:`merge`.
     """
-    carried = run_steps(prepared, spec, LocalSteps(progress, on_phase))
+    timings = timings if timings is not None else Timings()
+    carried = run_steps(prepared, spec, LocalSteps(progress, on_phase), around=timings.step)
     assert carried.report is not None  # every route's first step makes the report
-    return carried.report
+    return carried.report.model_copy(update={"timings": dict(timings)})
 
 
 class LocalSteps:

@@ -28,7 +28,8 @@ The steps, by name:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -81,6 +82,20 @@ def steps_for(spec: MergeSpec, prepared: PreparedMerge) -> list[str]:
         written = ["write_shards", "finalize", *(["verify"] if spec.verify else []),
                    *(["convert_gguf"] if spec.writes_gguf else [])]
     return [*written, "publish", *upload]
+
+
+class Timings(dict):
+    """Wall time per pipeline stage, in seconds: ``with timings("load"): ...``."""
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self[stage] = round(time.perf_counter() - start, 3)
+
+    def step(self, name: str) -> AbstractContextManager:
+        """Time step ``name`` under its label (:data:`STEP_LABELS`)."""
+        return self(STEP_LABELS.get(name, name))
 
 
 def run_steps(prepared: PreparedMerge, spec: MergeSpec, steps: Steps,

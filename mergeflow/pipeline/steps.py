@@ -76,7 +76,14 @@ from mergeflow.remote.publish import PublishResult, open_publisher
 from mergeflow.remote.publish import publish as publish_folder
 from mergeflow.spec import MergeSpec
 from mergeflow.storage.confine import check_confined, confined_file
-from mergeflow.storage.hashing import HashCache, fingerprint_files, identify_files, prefetch, sha256_file
+from mergeflow.storage.hashing import (
+    HashCache,
+    InputHashes,
+    fingerprint_files,
+    identify_files,
+    sha256_file,
+    start_hashes,
+)
 from mergeflow.storage.staging import (
     Staging,
     atomic_write,
@@ -128,13 +135,17 @@ def _input_files(base: Checkpoint, adapter: Adapter, tokenizer: Path | None,
     return files
 
 
-def _input_identities(files: dict[str, tuple[Path, list[str]]]) -> dict[str, dict[str, str]]:
-    """What the plan records of its inputs (size and mtime, or a cache-known sha256), so
-    planning never waits for a hash; the sha256 of every file is computed meanwhile on a
-    background thread (:func:`mergeflow.storage.hashing.prefetch`) for the manifest."""
+def _start_input_hashes(files: dict[str, tuple[Path, list[str]]], read_here: bool) -> InputHashes:
+    """Identify the inputs as the plan records them (size and mtime, or a cache-known sha256),
+    so planning never waits for a hash, and start their sha256 for the manifest: the weights the
+    merge reads in this process (``read_here``) from those very reads, the rest on a background
+    thread (:func:`mergeflow.storage.hashing.start_hashes`)."""
     identities = {role: identify_files(folder, names) for role, (folder, names) in files.items()}
-    prefetch(folder / name for role, (folder, _) in files.items() for name in identities[role])
-    return identities
+    paths = [folder / name for role, (folder, _) in files.items() for name in identities[role]]
+    read = {files[role][0] / name for role in ("base", "original") if read_here and role in files
+            for name in identities[role]}
+    return start_hashes(identities, [p for p in paths if p in read],
+                        [p for p in paths if p not in read])
 
 
 def _input_sha256(plan: MergePlan) -> dict[str, dict[str, str]]:
@@ -271,31 +282,52 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
         from mergeflow.engine.gguf import check_supported
 
         check_supported(base_dir, tokenizer, spec.gguf_type)
+    # The base is hashed for the manifest from here on (idle time first, then the merge's reads),
+    # so importing transformers for a new base's layout below overlaps it.
+    hashes = _start_input_hashes(inputs, read_here=spec.dask_address is None)
+    try:
+        plan = _plan_merge(spec, base, adapter, config, quantized, original, dtype, tokenizer)
+        plan.inputs = hashes.identities
+        plan.options = {"dtype": dtype, "max_shard_size": parse_size(spec.max_shard_size),
+                        "pad_vocab_to_multiple_of": spec.pad_vocab_to_multiple_of,
+                        "allow_vocab_shrink": spec.allow_vocab_shrink,
+                        "tokenizer": str(tokenizer) if tokenizer else None, "device": spec.device,
+                        "save_method": spec.save_method, "merge_onto": spec.merge_onto,
+                        "original_base": str(original_dir) if original_dir else None,
+                        "mergeflow": __version__,
+                        **({"gguf_type": spec.gguf_type} if spec.writes_gguf else {}),
+                        **({"fp8_scheme": spec.fp8_scheme} if spec.save_method == "fp8" else {})}
+        plan.runtime = {"block_bytes": resources.for_spec(spec).block_bytes}  # within the budget
+        return _stage(spec, plan, adapter, out)
+    except BaseException:
+        hashes.cancel()  # nothing will be merged: stop hashing the inputs for it
+        raise
+
+
+def _plan_merge(spec: MergeSpec, base: Checkpoint, adapter: Adapter, config: dict,
+                quantized: QuantizedBase | None, original: Checkpoint | None, dtype: str,
+                tokenizer: Path | None) -> MergePlan:
+    """The plan from the opened inputs: the model's layout (its own code, cached), PEFT's
+    wrapped parameters when the adapter targets parameters, then the planner."""
     view = quantized.logical_view(base) if quantized is not None else base
-    layout = read_layout(base_dir, set(view.tensors), config,
+    layout = read_layout(base.folder, set(view.tensors), config,
                          {n: tuple(i.shape) for n, i in view.tensors.items()})
-    wrapped = (read_param_wrappers(base_dir, adapter_dir) if adapter.config.target_parameters
-               else None)
-    plan = Planner(base, adapter, layout, dtype, parse_size(spec.max_shard_size),
+    wrapped = (read_param_wrappers(base.folder, adapter.folder)
+               if adapter.config.target_parameters else None)
+    return Planner(base, adapter, layout, dtype, parse_size(spec.max_shard_size),
                    tokenizer_len=tokenizer_length(tokenizer) if tokenizer else None,
                    pad_to_multiple_of=spec.pad_vocab_to_multiple_of,
                    allow_vocab_shrink=spec.allow_vocab_shrink,
                    vocab_size=text_config(config).get("vocab_size"),
                    save_method=spec.planned_method, original=original,
                    quantized=quantized, wrapped=wrapped, fp8_scheme=spec.fp8_scheme).plan()
-    plan.inputs = _input_identities(inputs)
-    plan.options = {"dtype": dtype, "max_shard_size": parse_size(spec.max_shard_size),
-                    "pad_vocab_to_multiple_of": spec.pad_vocab_to_multiple_of,
-                    "allow_vocab_shrink": spec.allow_vocab_shrink,
-                    "tokenizer": str(tokenizer) if tokenizer else None, "device": spec.device,
-                    "save_method": spec.save_method, "merge_onto": spec.merge_onto,
-                    "original_base": str(original_dir) if original_dir else None,
-                    "mergeflow": __version__,
-                    **({"gguf_type": spec.gguf_type} if spec.writes_gguf else {}),
-                    **({"fp8_scheme": spec.fp8_scheme} if spec.save_method == "fp8" else {})}
-    plan.runtime = {"block_bytes": resources.for_spec(spec).block_bytes}  # within the budget
+
+
+def _stage(spec: MergeSpec, plan: MergePlan, adapter: Adapter, out: Path) -> PreparedMerge:
+    """Check the plan against the adapter's values, the disk and an existing output, and set up
+    the staging folder (unless the output is already up to date)."""
     if spec.writes_gguf:
-        _check_convertible(plan, base_dir)
+        _check_convertible(plan, Path(plan.base))
     warnings = preflight.check(plan, adapter, out, low_disk=spec.low_disk)  # values, free disk
     plan.notes.extend(w for w in warnings if w not in plan.notes)  # before the fingerprint
     fingerprint = plan.fingerprint()
@@ -483,7 +515,8 @@ def verify(prepared: PreparedMerge, device: str = "cpu",
     """
     plan = MergePlan.load(Path(prepared.plan_path))
     trusted = {r.filename: r.sha256 for r in results or []}
-    return verify_output(Path(prepared.staging), plan, open_merger(plan, device=device), trusted)
+    return verify_output(Path(prepared.staging), plan, lambda: open_merger(plan, device=device),
+                         trusted, threads=resources.automatic_workers(resources.usable_cpus()))
 
 
 @_disk_full_is_disk_space_error(_staging_of_prepared)

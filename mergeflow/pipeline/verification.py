@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -196,7 +197,7 @@ class NumericChecker:
         if not info.shape:
             return reader.read_rows(info.name, 0, 1).float().reshape(1)
         src_rows = info.shape[0]
-        inside = [int(r) for r in rows if r < src_rows]
+        inside = rows[rows < src_rows].tolist()
         got = reader.read_row_set(info.name, inside).float()
         if len(inside) == len(rows):
             return got
@@ -323,7 +324,7 @@ def check_values(written: Checkpoint, tensors: list[TensorPlan], checker: Numeri
         if rows is None:
             continue
         reader, info = row_reader(written, written.tensors[tensor.name], tensor.row_shape)
-        value = reader.read_row_set(info.name, [int(r) for r in rows]) if tensor.shape \
+        value = reader.read_row_set(info.name, rows.tolist()) if tensor.shape \
             else reader.read_rows(info.name, 0, 1)
         if not all_finite(value):
             problems.append(f"tensor '{tensor.name}' holds NaN or Inf")
@@ -358,15 +359,24 @@ def verify_shard(folder: Path, shard: ShardPlan, source: TensorMerger) -> Verify
                         problems=problems + more, warnings=[], checks=checks)
 
 
-def verify_output(folder: Path, plan: MergePlan, source: TensorMerger,
-                  trusted: dict[str, str] | None = None) -> VerifyReport:
+def verify_output(folder: Path, plan: MergePlan, open_source: Callable[[], TensorMerger],
+                  trusted: dict[str, str] | None = None, threads: int = 1) -> VerifyReport:
     """Run every check on a written (not yet published) output folder; ``trusted``: see
-    :func:`check_files`."""
+    :func:`check_files`. The numeric checks run shard by shard on up to ``threads`` threads,
+    each shard with a source of its own (``open_source()``) and a checker seeded alike, so the
+    rows sampled never depend on the thread count."""
     files, problems = check_files(folder, trusted)
     problems += check_tensors(folder, plan)
     written = _written(folder, plan)
-    tensors = [t for shard in plan.shards for t in shard.tensors]
-    count, checks, more = check_values(written, tensors, NumericChecker(source))
-    problems += more
+
+    def check_shard(shard: ShardPlan) -> tuple[int, list[TensorCheck], list[str]]:
+        return check_values(written, shard.tensors, NumericChecker(open_source()))
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(plan.shards))),
+                            thread_name_prefix="mergeflow-verify") as pool:
+        shards = list(pool.map(check_shard, plan.shards))
+    count = sum(n for n, _, _ in shards)
+    checks = [c for _, found, _ in shards for c in found]
+    problems += [p for _, _, more in shards for p in more]
     return VerifyReport(ok=not problems, files=files, tensors=count, problems=problems,
                         warnings=_no_op_warnings(checks), checks=checks)

@@ -5,9 +5,12 @@ Three ways to know a file's sha256 without hashing it on the critical path:
 * the Hugging Face cache names every LFS blob by its sha256 (``blobs/<64 hex>``), so a file
   that resolves there is never read to be hashed;
 * :class:`HashCache` remembers hashes by resolved path, size and mtime;
-* :func:`prefetch` hashes files on a background thread (``hashlib`` releases the GIL) while
-  the merge runs; :meth:`HashCache.sha256` then waits for that result instead of reading the
-  file a second time.
+* :func:`hash_while_reading` hashes a safetensors file from the reads the merge makes of it
+  anyway (:class:`ReadDigest`, fed by :func:`observe_read`), so the base is read once, not a
+  second time for the manifest;
+* :func:`prefetch` hashes the other files on a background thread (``hashlib`` releases the GIL)
+  while the merge runs; :meth:`HashCache.sha256` then waits for that result instead of reading
+  the file a second time.
 
 Merge plans identify their inputs by :func:`file_identity` (size and mtime, the same trust
 the memo places in them), so planning never waits for a hash; the manifest still lists every
@@ -20,8 +23,11 @@ import hashlib
 import json
 import os
 import re
+import struct
 import threading
+from bisect import insort
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 CHUNK = 8 * 2**20
@@ -33,12 +39,29 @@ def cache_dir() -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    """The hex sha256 of a file, read in chunks (constant memory)."""
+    """The hex sha256 of a file, read in chunks into one reused buffer (constant memory)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _hash_range(digest, fd, 0, os.fstat(fd).st_size, path)
+    finally:
+        os.close(fd)
     return digest.hexdigest()
+
+
+def _hash_range(digest, fd: int, start: int, stop: int, path: Path) -> None:
+    """Feed bytes ``[start, stop)`` of an open file to ``digest``, ``CHUNK`` at a time.
+
+    Raises:
+        OSError: the file cannot be read, or ends before ``stop``.
+    """
+    buffer = memoryview(bytearray(min(CHUNK, max(stop - start, 0))))
+    while start < stop:
+        got = os.preadv(fd, [buffer[:stop - start]], start)
+        if got == 0:
+            raise OSError(f"{path}: ends at byte {start}, before {stop}")
+        digest.update(buffer[:got])
+        start += got
 
 
 _BLOB = re.compile(r"[0-9a-f]{64}")
@@ -125,7 +148,7 @@ class HashCache:
         with _lock:
             digest = _known.get(key)
         if digest is None:
-            digest = known_sha256(path) or sha256_file(path)
+            digest = _finish_read_digest(path, key) or known_sha256(path) or sha256_file(path)
         self.entries[key] = digest
         self._dirty = True
         return digest
@@ -151,3 +174,209 @@ def fingerprint_files(folder: Path, names: list[str], cache: HashCache) -> dict[
 def identify_files(folder: Path, names: list[str]) -> dict[str, str]:
     """:func:`file_identity` of each named file of a folder that exists, in name order."""
     return {n: file_identity(folder / n) for n in sorted(names) if (folder / n).is_file()}
+
+
+class ReadDigest:
+    """The sha256 of one file, built from the byte ranges a merge reads of it anyway.
+
+    sha256 is sequential, so the digest has a frontier: a read that starts at or before it
+    (and reaches past it) is hashed on the reading thread; a read that starts beyond it is only
+    remembered. When the frontier reaches a remembered range (the merge read it out of file
+    order), that range is read again from the file and hashed; :meth:`finish` reads whatever
+    the merge never read (a resumed run's finished shards, bytes no tensor covers). Reading in
+    file order therefore reads each byte once; any other order costs at most today's second read
+    of the parts read out of order.
+
+    Args:
+        path: the file (a safetensors file: hashing starts with its header).
+        key: its memo key (resolved path, size and mtime) when it was registered.
+    """
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path = path
+        self.key = key
+        self._sha = hashlib.sha256()
+        self._at = 0  # bytes [0, _at) are in _sha
+        self._ahead: list[tuple[int, int]] = []  # sorted ranges read beyond _at, not hashed
+        self._lock = threading.Lock()
+        self._broken = False  # a read of the file failed: finish() gives up, the caller rehashes
+        self._digest: str | None = None
+        self.fed = False  # the merge has read from the file (so its reads are under way)
+        with self._lock:
+            self._catch_up_to(self._header_end())
+
+    def _header_end(self) -> int:
+        """Where a safetensors file's data starts (8 length bytes, then the JSON header)."""
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+        except OSError:
+            self._broken = True
+            return 0
+        return 8 + struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+
+    def feed(self, offset: int, data: memoryview) -> None:
+        """Bytes ``[offset, offset + len(data))`` of the file, just read by the merge; never
+        raises (a failure only leaves the hash to :meth:`finish`'s caller)."""
+        end = offset + len(data)
+        self.fed = True
+        with self._lock:
+            if self._digest is not None or self._broken or end <= self._at:
+                return
+            if offset > self._at:
+                insort(self._ahead, (offset, end))
+                return
+            self._sha.update(data[self._at - offset:])  # releases the GIL for large data
+            self._at = end
+            self._take_ahead()
+
+    def cancel(self) -> None:
+        """Stop: no more reads are hashed, :meth:`finish` gives None."""
+        with self._lock:
+            self._broken = True
+
+    def advance(self) -> bool:
+        """Read and hash the next ``CHUNK`` bytes past the frontier (the idle-time filler's
+        step). False once there is nothing left to hash."""
+        with self._lock:
+            if self._digest is not None or self._broken:
+                return False
+            try:
+                size = os.stat(self.path).st_size
+            except OSError:
+                self._broken = True
+                return False
+            self._catch_up_to(min(self._at + CHUNK, size))
+            self._take_ahead()
+            return self._at < size and not self._broken
+
+    def _take_ahead(self) -> None:
+        """Hash the remembered ranges the frontier has reached, reading them again."""
+        while self._ahead and self._ahead[0][0] <= self._at:
+            _, end = self._ahead.pop(0)
+            self._catch_up_to(end)
+
+    def _catch_up_to(self, stop: int) -> None:
+        """Read and hash the file from the frontier up to ``stop``."""
+        if self._broken or stop <= self._at:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                _hash_range(self._sha, fd, self._at, stop, self.path)
+            finally:
+                os.close(fd)
+            self._at = stop
+        except OSError:
+            self._broken = True
+
+    def finish(self) -> str | None:
+        """The file's sha256: the rest of the file read and hashed. None when the file changed
+        since registration or could not be read (the caller hashes it whole)."""
+        with self._lock:
+            if self._digest is None and not self._broken:
+                try:
+                    unchanged = _memo_key(self.path) == self.key
+                except OSError:
+                    unchanged = False
+                if not unchanged:
+                    return None
+                self._catch_up_to(self.path.stat().st_size)
+                if not self._broken:
+                    self._digest = self._sha.hexdigest()
+            return self._digest
+
+
+_reading: dict[str, ReadDigest] = {}  # resolved path -> its digest, while a merge reads it
+
+
+@dataclass
+class InputHashes:
+    """The inputs' identities as a plan records them, and the hashing of them under way."""
+
+    identities: dict[str, dict[str, str]]  # role -> file name -> identity (file_identity)
+    digests: list[ReadDigest]  # the files hashed from the merge's reads
+
+    def cancel(self) -> None:
+        """Stop hashing from reads (the merge will not run): forget the digests."""
+        with _lock:
+            for digest in self.digests:
+                digest.cancel()
+                if _reading.get(str(digest.path.resolve())) is digest:
+                    del _reading[str(digest.path.resolve())]
+
+
+def start_hashes(identities: dict[str, dict[str, str]], read: list[Path],
+                 other: list[Path]) -> InputHashes:
+    """Start hashing a merge's inputs for its manifest: the files among ``read`` that the merge
+    will read in this process, from those reads (:func:`hash_while_reading`); the rest on a
+    background thread (:func:`prefetch`)."""
+    digests, rest = hash_while_reading(read)
+    prefetch([*rest, *other])
+    return InputHashes(identities, digests)
+
+
+def hash_while_reading(paths: Iterable[Path]) -> tuple[list[ReadDigest], list[Path]]:
+    """Have each safetensors file among ``paths`` hashed from the merge's own reads of it
+    (:class:`ReadDigest`; :meth:`HashCache.sha256` finishes it), and from idle time before the
+    merge reads (:func:`_fill_until_read`). Returns the new digests, and the other files and
+    those whose hash is already known, for :func:`prefetch`."""
+    rest: list[Path] = []
+    fresh: list[ReadDigest] = []
+    remembered = HashCache().entries
+    for path in paths:
+        if path.suffix != ".safetensors" or not path.is_file() or known_sha256(path):
+            rest.append(path)
+            continue
+        key = _memo_key(path)
+        with _lock:
+            current = _reading.get(str(path.resolve()))
+            if key in _known or (current is not None and current.key == key):
+                continue
+        if key in remembered:
+            rest.append(path)
+            continue
+        digest = ReadDigest(path, key)
+        with _lock:
+            _reading[str(path.resolve())] = digest
+        fresh.append(digest)
+    if fresh:
+        threading.Thread(target=_fill_until_read, args=(fresh,), daemon=True,
+                         name="mergeflow-hash-before-reads").start()
+    return fresh, rest
+
+
+def _fill_until_read(digests: list[ReadDigest]) -> None:
+    """Hash the files ahead of the merge while it has not started reading them: the time
+    between planning and the first read (importing transformers for a new base's layout,
+    reading headers) leaves a core idle. Stops at the merge's first read, so from then on
+    each byte is hashed from the read that merges it."""
+    for digest in digests:
+        while not any(d.fed for d in digests) and digest.advance():
+            pass
+
+
+def observe_read(real_path: str, offset: int, data: memoryview) -> None:
+    """Hand bytes the merge just read from a file (by its resolved path) to the file's
+    :class:`ReadDigest`, if one is waiting for them; a dict lookup otherwise."""
+    if not _reading:
+        return
+    digest = _reading.get(real_path)
+    if digest is not None:
+        digest.feed(offset, data)
+
+
+def _finish_read_digest(path: Path, key: str) -> str | None:
+    """The sha256 a :class:`ReadDigest` built for ``path`` (its memo key ``key``), if any."""
+    real = str(path.resolve())
+    with _lock:
+        digest = _reading.get(real)
+    if digest is None or digest.key != key:
+        return None
+    result = digest.finish()
+    with _lock:
+        if _reading.get(real) is digest:
+            del _reading[real]
+        if result is not None:
+            _known[key] = result
+    return result

@@ -1,0 +1,124 @@
+"""The inputs' sha256 for the manifest, hashed from the merge's own reads of the base.
+
+Route: :class:`mergeflow.storage.hashing.ReadDigest` fed directly, in any read order, against
+``hashlib`` over the whole file; then ``mergeflow.merge`` in process with an empty hash memo
+(``MERGEFLOW_CACHE`` set per test), whose manifest must list every base file's true sha256 while
+the base is read once (the bytes read again for the hash are counted at the hashing module's
+one read function).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import random
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from builders import build_adapter, build_base
+
+import mergeflow
+from mergeflow.output.folder import MANIFEST
+from mergeflow.storage import hashing
+from mergeflow.storage.hashing import HashCache, ReadDigest
+
+
+def fake_safetensors(path: Path, data_size: int, seed: int) -> tuple[int, bytes]:
+    """A file laid out as safetensors are (8 length bytes, a header, the data); returns where
+    the data starts and the whole file's bytes. Only the layout matters to the digest."""
+    header = b'{"__metadata__":{"x":"y"}}   '
+    data = random.Random(seed).randbytes(data_size)
+    raw = struct.pack("<Q", len(header)) + header + data
+    path.write_bytes(raw)
+    return 8 + len(header), raw
+
+
+def feed_ranges(digest: ReadDigest, raw: bytes, ranges: list[tuple[int, int]]) -> None:
+    for start, stop in ranges:
+        digest.feed(start, memoryview(raw[start:stop]))
+
+
+def chunks(start: int, stop: int, rng: random.Random) -> list[tuple[int, int]]:
+    """[start, stop) cut at random points."""
+    cuts = sorted(rng.sample(range(start + 1, stop), 20))
+    edges = [start, *cuts, stop]
+    return list(itertools.pairwise(edges))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_any_read_order_gives_the_files_sha256(tmp_path, seed):
+    rng = random.Random(seed)
+    path = tmp_path / "w.safetensors"
+    start, raw = fake_safetensors(path, 50_000, seed)
+    ranges = chunks(start, len(raw), rng)
+    rng.shuffle(ranges)
+    ranges += [(a, min(b + 7, len(raw))) for a, b in rng.sample(ranges, 5)]  # overlapping reads
+    del ranges[rng.randrange(len(ranges))]  # a range the merge never reads
+    digest = ReadDigest(path, hashing._memo_key(path))
+    feed_ranges(digest, raw, ranges)
+    assert digest.finish() == hashlib.sha256(raw).hexdigest()
+
+
+def test_in_order_reads_are_not_read_again(tmp_path, monkeypatch):
+    path = tmp_path / "w.safetensors"
+    start, raw = fake_safetensors(path, 40_000, 1)
+    digest = ReadDigest(path, hashing._memo_key(path))
+    read_again = []
+    real = hashing._hash_range
+    monkeypatch.setattr(hashing, "_hash_range", lambda d, fd, a, b, p: (
+        read_again.append(b - a), real(d, fd, a, b, p)))
+    # layer 1, then layer 2 out of file order (as "layers.10" sorts before "layers.2"), then 10
+    third = start + (len(raw) - start) // 3
+    feed_ranges(digest, raw, [(start, third), (2 * third - start, len(raw)), (third, 2 * third - start)])
+    assert digest.finish() == hashlib.sha256(raw).hexdigest()
+    # only the range read ahead of the frontier is read again, once the frontier reaches it
+    assert read_again == [len(raw) - (2 * third - start)]
+
+
+def test_a_file_changed_after_registration_is_hashed_whole(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "w.safetensors"
+    start, raw = fake_safetensors(path, 10_000, 2)
+    digests, rest = hashing.hash_while_reading([path])
+    assert rest == [] and len(digests) == 1
+    feed_ranges(digests[0], raw, [(start, len(raw))])
+    _, changed = fake_safetensors(path, 10_001, 3)
+    assert digests[0].finish() is None  # the caller must not trust it
+    assert HashCache().sha256(path) == hashlib.sha256(changed).hexdigest()
+
+
+def test_cancelled_hashing_forgets_its_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "w.safetensors"
+    _, raw = fake_safetensors(path, 10_000, 4)
+    hashes = hashing.start_hashes({"base": {}}, [path], [])
+    hashes.cancel()
+    assert str(path.resolve()) not in hashing._reading
+    assert HashCache().sha256(path) == hashlib.sha256(raw).hexdigest()
+
+
+def test_merge_manifest_lists_the_true_sha256_with_one_read_of_the_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))  # nothing hashed before
+    base = build_base(tmp_path / "base", "llama", tokenizer=False, hidden_size=128,
+                      intermediate_size=256, num_hidden_layers=12, dtype=torch.bfloat16,
+                      max_shard_size="200KB")
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "down_proj"])
+    monkeypatch.setattr(hashing, "_fill_until_read", lambda digests: None)  # reads alone
+    read_again = []
+    real = hashing._hash_range
+    monkeypatch.setattr(hashing, "_hash_range", lambda d, fd, a, b, p: (
+        read_again.append((Path(p).name, b - a)), real(d, fd, a, b, p)))
+    mergeflow.merge(base, adapter, tmp_path / "out", no_tokenizer=True, max_shard_size="300KB",
+                    workers=1)
+    listed = json.loads((tmp_path / "out" / MANIFEST).read_text())["inputs"]["sha256"]["base"]
+    weights = sorted(p.name for p in base.glob("*.safetensors"))
+    assert len(weights) > 2
+    assert {n: listed[n] for n in weights} == {
+        n: hashlib.sha256((base / n).read_bytes()).hexdigest() for n in weights}
+    base_bytes = sum(os.path.getsize(base / n) for n in weights)
+    again = sum(size for name, size in read_again if name in weights)
+    assert again < base_bytes / 4, (again, base_bytes)  # headers and out-of-order layers only
