@@ -297,7 +297,8 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                         "mergeflow": __version__,
                         **({"gguf_type": spec.gguf_type} if spec.writes_gguf else {}),
                         **({"fp8_scheme": spec.fp8_scheme} if spec.save_method == "fp8" else {})}
-        plan.runtime = {"block_bytes": resources.for_spec(spec).block_bytes}  # within the budget
+        decided = resources.for_spec(spec)  # within the memory budget
+        plan.runtime = {"block_bytes": decided.block_bytes, "workers": decided.workers}
         return _stage(spec, plan, adapter, out)
     except BaseException:
         hashes.cancel()  # nothing will be merged: stop hashing the inputs for it
@@ -515,8 +516,10 @@ def verify(prepared: PreparedMerge, device: str = "cpu",
     """
     plan = MergePlan.load(Path(prepared.plan_path))
     trusted = {r.filename: r.sha256 for r in results or []}
+    # as many threads as the merge had workers, so checking stays within the merge's memory
+    threads = int(plan.runtime.get("workers") or 1)
     return verify_output(Path(prepared.staging), plan, lambda: open_merger(plan, device=device),
-                         trusted, threads=resources.automatic_workers(resources.usable_cpus()))
+                         trusted, threads=threads)
 
 
 @_disk_full_is_disk_space_error(_staging_of_prepared)
