@@ -36,7 +36,9 @@ the per-repeat ratios (with the ratio of the medians in brackets):
   written per second of wall time, for it and for mergeflow.
 
 After the paired repeats, once each: mergeflow with the hash cache left warm ("mergeflow (warm
-hash)") and with ``--no-verify`` too, when the CLI has it (``--skip-extra`` leaves both out);
+hash)") and with ``--no-verify`` too, when the CLI has it; with the layout memo kept but no input
+hashes ("mergeflow (cold hash, layout cached)": new files of a known architecture)
+(``--skip-extra`` leaves these out);
 and with ``--baseline-src DIR``, the mergeflow package in DIR (e.g. the previous commit) -
 "baseline".
 
@@ -767,6 +769,17 @@ def run_size(size: str, args, method: str, previous: dict) -> dict:
     for route, extra, log_name in extra_routes:
         run_mergeflow(route, cache, extra, f"{log_name}.log")
         check["routes_agree"][route] = compare_digests(mf_digests, tensor_digests(mf_out))
+    if not args.skip_extra:
+        # A base of a known architecture whose files are new (re-downloaded, copied, edited):
+        # the layout memo applies (it is keyed by config.json and the tensor names), the hashes
+        # do not.
+        route = "mergeflow (cold hash, layout cached)"
+        layout_only = Path(tempfile.mkdtemp(prefix="mf-cache-", dir=workdir))
+        shutil.copytree(cache, layout_only, dirs_exist_ok=True)
+        (layout_only / "sha256.json").unlink(missing_ok=True)
+        run_mergeflow(route, layout_only, [], "mergeflow-layout.log")
+        check["routes_agree"][route] = compare_digests(mf_digests, tensor_digests(mf_out))
+        shutil.rmtree(layout_only, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
     if not args.keep_outputs:
         shutil.rmtree(mf_out, ignore_errors=True)
