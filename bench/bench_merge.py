@@ -135,6 +135,9 @@ SCALE_TARGET = 1.15  # peak RSS 3.6b (4x wider) / 0.9b
 SLICE_RSS_TARGET = 1.5  # GiB, peak RSS of the 1-layer 70B slice
 SLICE_SCALE_TARGET = 1.10  # peak RSS 4-layer / 1-layer slice
 THROUGHPUT_TARGET = 0.5  # merge throughput / cp + sync at 3.6b
+# Issue 27's targets: real-shaped (deep) models, cold and warm input hash, and cp's throughput.
+ISSUE27 = {"deep_cold": 0.5, "deep_warm": 0.35, "small_cold": 0.35, "throughput": 0.6,
+           "rss_gib": 0.46}
 
 # Runs argv[1:] as the only child and reports that child's peak RSS (KiB on Linux).
 RUSAGE_WRAPPER = (
@@ -987,6 +990,7 @@ def report(all_results: list[dict], meta: dict) -> str:
                t >= THROUGHPUT_TARGET)
     if rows == 0 and not smoke:
         lines.append("| (none of the target sizes ran) | | | |")
+    lines += _issue27_targets(by_size, pm)
     identical = [c[k]["identical"] for res in all_results for c in [res["check"]]
                  for k in ("vs_peft", "vs_baseline", "vs_previous")
                  if k in c and c[k].get("comparable", True)]
@@ -1000,6 +1004,37 @@ def report(all_results: list[dict], meta: dict) -> str:
               "folder, then `sync` (fsync) of the copies, timed together. Every route starts with "
               "its inputs in the page cache."]
     return "\n".join(lines)
+
+
+def _issue27_targets(by_size: dict, pm: dict) -> list[str]:
+    """Issue 27's targets, from the sizes that ran (the warm-hash one from the single warm run
+    against the paired PEFT median)."""
+    rows = []
+
+    def row(name: str, value: float, goal: str, met: bool) -> None:
+        rows.append(f"| {name} | {_num(value)} | {goal} | {'met' if met else '**not met**'} |")
+
+    if "3.6b-deep" in pm:
+        t = pm["3.6b-deep"]["time_mergeflow_over_peft"]
+        row("3.6b-deep / PEFT, cold hash", t, f"<= {ISSUE27['deep_cold']}x", t <= ISSUE27["deep_cold"])
+        med = by_size["3.6b-deep"]["median"]
+        if "mergeflow (warm hash)" in med and "peft" in med:
+            t = med["mergeflow (warm hash)"]["wall_s"] / med["peft"]["wall_s"]
+            row("3.6b-deep / PEFT, warm hash (one run)", t, f"<= {ISSUE27['deep_warm']}x",
+                t <= ISSUE27["deep_warm"])
+    if "0.9b" in pm:
+        t = pm["0.9b"]["time_mergeflow_over_peft"]
+        row("0.9b / PEFT, cold hash", t, f"<= {ISSUE27['small_cold']}x", t <= ISSUE27["small_cold"])
+    if "3.6b" in pm:
+        t = pm["3.6b"]["write_gbps_mergeflow_over_cp"]
+        row("3.6b throughput / cp+sync, cold hash", t, f">= {ISSUE27['throughput']}x",
+            t >= ISSUE27["throughput"])
+        g = by_size["3.6b"]["median"]["mergeflow"]["rss_gib"]
+        row("peak RSS at 3.6b, GiB", g, f"<= {ISSUE27['rss_gib']}", g <= ISSUE27["rss_gib"])
+    if not rows:
+        return []
+    return ["", "Targets (issue 27):", "", "| target | measured | must reach | |",
+            "| --- | ---: | --- | --- |", *rows]
 
 
 def machine() -> str:

@@ -181,7 +181,7 @@ class MergeSpec(BaseModel):
         None, ge=1, le=64, description="Layer groups merged in parallel (thread pool size); "
         "default: decided from the cores and memory available (see mergeflow.pipeline.resources).")
     block_size: Size = Field(
-        "24MiB", description="Bytes of one row block: every tensor is read, merged and written in "
+        "12MiB", description="Bytes of one row block: every tensor is read, merged and written in "
         "blocks of about this many float32 bytes, so memory never follows a tensor's size.")
     memory_limit: Size | None = Field(
         None, description="Budget for the merge's working memory beyond the process baseline "

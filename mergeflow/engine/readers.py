@@ -36,7 +36,7 @@ from mergeflow.plan import (
     TensorPlan,
 )
 
-DEFAULT_BLOCK_BYTES = 24 * 2**20  # float32 working bytes per block (the --block-size default)
+DEFAULT_BLOCK_BYTES = 12 * 2**20  # float32 working bytes per block (the --block-size default)
 # GEMMs run on tiles of this many rows at fixed positions (multiples of it from row 0), so the
 # kernel path - and so every last bit - never depends on the block size; blocks are whole tiles.
 ROW_TILE = 64
