@@ -122,3 +122,28 @@ def test_merge_manifest_lists_the_true_sha256_with_one_read_of_the_base(tmp_path
     base_bytes = sum(os.path.getsize(base / n) for n in weights)
     again = sum(size for name, size in read_again if name in weights)
     assert again < base_bytes / 4, (again, base_bytes)  # headers and out-of-order layers only
+
+
+def test_an_up_to_date_rerun_hashes_nothing(tmp_path, monkeypatch):
+    base = build_base(tmp_path / "base", "llama", tokenizer=False, dtype=torch.bfloat16,
+                      max_shard_size="200KB")
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache-1"))
+    mergeflow.merge(base, adapter, tmp_path / "out", no_tokenizer=True)
+    # a process and a cache that remember no hash: planning the rerun starts hashing the
+    # base's weights ...
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache-2"))
+    monkeypatch.setattr(hashing, "_known", {})
+    monkeypatch.setattr(hashing, "_fill_until_read", lambda digests: None)
+    started = []
+    real = hashing.hash_while_reading
+    monkeypatch.setattr(hashing, "hash_while_reading",
+                        lambda paths: started.append(real(paths)) or started[-1])
+    again = mergeflow.merge(base, adapter, tmp_path / "out", no_tokenizer=True)
+    assert again.status == "up-to-date"
+    digests = started[0][0]
+    assert digests, "the rerun's planning registered no weight file"
+    # ... and finding the output up to date stops it: no file is left waiting for reads
+    weights = {str(p.resolve()) for p in base.glob("*.safetensors")}
+    assert not weights & set(hashing._reading)
+    assert all(d.finish() is None for d in digests)

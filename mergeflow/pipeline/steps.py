@@ -299,10 +299,13 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                         **({"fp8_scheme": spec.fp8_scheme} if spec.save_method == "fp8" else {})}
         decided = resources.for_spec(spec)  # within the memory budget
         plan.runtime = {"block_bytes": decided.block_bytes, "workers": decided.workers}
-        return _stage(spec, plan, adapter, out)
+        prepared = _stage(spec, plan, adapter, out)
     except BaseException:
         hashes.cancel()  # nothing will be merged: stop hashing the inputs for it
         raise
+    if prepared.up_to_date:
+        hashes.cancel()  # nor here: the output's manifest already lists them
+    return prepared
 
 
 def _plan_merge(spec: MergeSpec, base: Checkpoint, adapter: Adapter, config: dict,
