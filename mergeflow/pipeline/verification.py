@@ -22,6 +22,7 @@ visible at a glance.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -363,14 +364,17 @@ def verify_output(folder: Path, plan: MergePlan, open_source: Callable[[], Tenso
                   trusted: dict[str, str] | None = None, threads: int = 1) -> VerifyReport:
     """Run every check on a written (not yet published) output folder; ``trusted``: see
     :func:`check_files`. The numeric checks run shard by shard on up to ``threads`` threads,
-    each shard with a source of its own (``open_source()``) and a checker seeded alike, so the
-    rows sampled never depend on the thread count."""
+    each thread with a tensor source of its own (``open_source()``, opened once) and each shard
+    with a checker seeded alike, so the rows sampled never depend on the thread count."""
     files, problems = check_files(folder, trusted)
     problems += check_tensors(folder, plan)
     written = _written(folder, plan)
+    local = threading.local()
 
     def check_shard(shard: ShardPlan) -> tuple[int, list[TensorCheck], list[str]]:
-        return check_values(written, shard.tensors, NumericChecker(open_source()))
+        if not hasattr(local, "source"):
+            local.source = open_source()
+        return check_values(written, shard.tensors, NumericChecker(local.source))
 
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(plan.shards))),
                             thread_name_prefix="mergeflow-verify") as pool:

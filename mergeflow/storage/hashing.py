@@ -195,6 +195,8 @@ class ReadDigest:
     def __init__(self, path: Path, key: str) -> None:
         self.path = path
         self.key = key
+        self.real = str(path.resolve())  # how the reads name it (:func:`observe_read`)
+        self.size = path.stat().st_size  # as registered: finish() checks it is unchanged
         self._sha = hashlib.sha256()
         self._at = 0  # bytes [0, _at) are in _sha
         self._ahead: list[tuple[int, int]] = []  # sorted ranges read beyond _at, not hashed
@@ -241,14 +243,9 @@ class ReadDigest:
         with self._lock:
             if self._digest is not None or self._broken:
                 return False
-            try:
-                size = os.stat(self.path).st_size
-            except OSError:
-                self._broken = True
-                return False
-            self._catch_up_to(min(self._at + CHUNK, size))
+            self._catch_up_to(min(self._at + CHUNK, self.size))
             self._take_ahead()
-            return self._at < size and not self._broken
+            return self._at < self.size and not self._broken
 
     def _take_ahead(self) -> None:
         """Hash the remembered ranges the frontier has reached, reading them again."""
@@ -281,7 +278,7 @@ class ReadDigest:
                     unchanged = False
                 if not unchanged:
                     return None
-                self._catch_up_to(self.path.stat().st_size)
+                self._catch_up_to(self.size)
                 if not self._broken:
                     self._digest = self._sha.hexdigest()
             return self._digest
@@ -302,8 +299,8 @@ class InputHashes:
         with _lock:
             for digest in self.digests:
                 digest.cancel()
-                if _reading.get(str(digest.path.resolve())) is digest:
-                    del _reading[str(digest.path.resolve())]
+                if _reading.get(digest.real) is digest:
+                    del _reading[digest.real]
 
 
 def start_hashes(identities: dict[str, dict[str, str]], read: list[Path],
@@ -338,7 +335,7 @@ def hash_while_reading(paths: Iterable[Path]) -> tuple[list[ReadDigest], list[Pa
             continue
         digest = ReadDigest(path, key)
         with _lock:
-            _reading[str(path.resolve())] = digest
+            _reading[digest.real] = digest
         fresh.append(digest)
     if fresh:
         threading.Thread(target=_fill_until_read, args=(fresh,), daemon=True,
