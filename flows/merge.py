@@ -142,15 +142,16 @@ def artifact_key(kind: str, out: str) -> str:
     return "-".join(part for part in (kind, slug, digest) if part)
 
 
-def task_runner(spec: MergeSpec):
+def task_runner(spec: MergeSpec, shards: int):
     """A Dask runner on the cluster at ``spec.dask_address``, else a thread pool of the workers
     :func:`mergeflow.pipeline.for_spec` decides (``spec.workers``, or from the cores and
-    memory; torch's threads are divided between them)."""
+    memory), at most one per shard of the ``shards``; torch's threads are divided between
+    them."""
     if spec.dask_address:
         from prefect_dask import DaskTaskRunner
 
         return DaskTaskRunner(address=spec.dask_address)
-    decided = pipeline.for_spec(spec)
+    decided = pipeline.running(pipeline.for_spec(spec), shards)
     pipeline.apply_threads(decided)
     return ThreadPoolTaskRunner(max_workers=decided.workers)
 
@@ -258,8 +259,9 @@ class FlowSteps:
     def write_shards(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
         progress = create_progress_artifact(0.0, key=artifact_key("merge-progress", spec.out),
                                             description="layer groups written")
-        carried.results = merge_shards.with_options(task_runner=task_runner(spec))(
-            prepared, spec.device, progress)
+        runner = task_runner(spec, prepared.shard_count)
+        carried.results = merge_shards.with_options(task_runner=runner)(prepared, spec.device,
+                                                                        progress)
 
     def finalize(self, prepared: PreparedMerge, spec: MergeSpec, carried: Carried) -> None:
         self.last = finalize.submit(prepared, carried.results)

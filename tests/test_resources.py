@@ -12,9 +12,12 @@ from mergeflow.pipeline.resources import (
     BUFFERS_PER_WORKER,
     MIN_BLOCK,
     Resources,
+    apply_threads,
     available_memory,
     decide,
     for_spec,
+    limit_threads,
+    running,
     usable_cpus,
 )
 from mergeflow.spec import MergeSpec
@@ -137,3 +140,45 @@ def test_a_batch_adds_workers_only_where_their_blocks_fit_the_budget():
     assert (batch.workers, batch.block_bytes) == (1, one.block_bytes)
     assert decide(None, BLOCK, 8 * BLOCK, cpus=2, available=PLENTY, outputs=4).workers == 2
     assert decide(3, BLOCK, None, cpus=2, available=PLENTY, outputs=4).workers == 3  # as asked
+
+
+@pytest.mark.parametrize(("cpus", "shards", "workers", "threads"), [
+    (16, 1, 1, 15), (16, 2, 2, 7), (16, 4, 4, 3), (16, 8, 8, 1), (16, 20, 8, 1),
+    (2, 1, 1, 1), (2, 5, 2, 1),  # two cores: the writer keeps one, whatever the shards
+])
+def test_fewer_shards_than_workers_give_the_idle_workers_cores_to_torch(cpus, shards, workers,
+                                                                         threads):
+    decided = decide(None, BLOCK, None, cpus=cpus, available=PLENTY)
+    got = running(decided, shards, cpus=cpus)
+    assert (got.workers, got.torch_threads) == (workers, threads)
+    assert (got.block_bytes, got.memory_budget) == (decided.block_bytes, decided.memory_budget)
+    assert got.working_bytes <= decided.working_bytes  # never more memory than decided
+
+
+def test_torch_threads_come_back_for_a_later_merge_and_tasks_only_lower_them(monkeypatch):
+    """A long-lived process: a merge with many workers lowers torch's threads; a later one with
+    fewer raises them again, never above what torch had before Mergeflow first set them; a
+    task's ceiling (``limit_threads``) never raises them."""
+    torch = pytest.importorskip("torch")
+    import mergeflow.pipeline.resources as resources
+
+    monkeypatch.delenv("MERGEFLOW_TORCH_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    monkeypatch.setattr(resources, "_first_seen_threads", None)
+    monkeypatch.setattr(resources, "usable_cpus", lambda: 16)  # limit_threads(1): 15 threads
+    try:
+        torch.set_num_threads(4)
+        apply_threads(Resources(workers=4, block_bytes=BLOCK, torch_threads=1))
+        assert torch.get_num_threads() == 1
+        limit_threads(1)  # a task's ceiling: cpus - 1 threads, but never more than now
+        assert torch.get_num_threads() == 1
+        apply_threads(Resources(workers=1, block_bytes=BLOCK, torch_threads=3))
+        assert torch.get_num_threads() == 3
+        apply_threads(Resources(workers=1, block_bytes=BLOCK, torch_threads=15))
+        assert torch.get_num_threads() == 4  # what it had before the first merge
+        monkeypatch.setenv("MERGEFLOW_TORCH_THREADS", "2")
+        apply_threads(Resources(workers=1, block_bytes=BLOCK, torch_threads=15))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

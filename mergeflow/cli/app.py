@@ -352,4 +352,6 @@ def webhook_serve(
 
 
 if __name__ == "__main__":
-    app()
+    from mergeflow.cli.leave import run_then_leave
+
+    run_then_leave(app)

@@ -33,6 +33,7 @@ _PUBLIC = {
     "VerifyReport": "results", "PublishResult": "results",
     # workers and threads
     "for_spec": "resources", "apply_threads": "resources", "limit_threads": "resources",
+    "running": "resources",
     # one writer per output
     "output_lock": "local",
     # what the watchers for finished adapters and outputs read
@@ -49,7 +50,7 @@ __all__ = ["Carried", "HF_SCHEME", "HashCache", "MANIFEST", "MergeReport", "Part
            "for_spec", "gguf_low_disk", "limit_threads", "list_s3_prefix", "merge",
            "merge_low_disk", "merge_many", "output_folders", "output_lock",
            "parse_hf_ref", "parse_s3_ref", "prepare", "publish_output", "raise_s3", "read_manifest",
-           "resolved_base", "run_local", "run_shard", "run_shards", "run_steps", "s3_client",
+           "resolved_base", "run_local", "run_shard", "run_shards", "run_steps", "running", "s3_client",
            "s3_key", "sha256_file", "shard_states", "steps_for", "up_to_date_report", "upload",
            "upload_error", "upload_published", "verify", "write_gguf_output"]
 
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
     from mergeflow.pipeline.local import merge, output_lock, run_local, run_shards
     from mergeflow.pipeline.many import PartialMergeError, merge_many, output_folders
     from mergeflow.pipeline.order import STEP_LABELS, Carried, Steps, Timings, run_steps, steps_for
-    from mergeflow.pipeline.resources import apply_threads, for_spec, limit_threads
+    from mergeflow.pipeline.resources import apply_threads, for_spec, limit_threads, running
     from mergeflow.pipeline.results import (
         MergeReport,
         PreparedMerge,

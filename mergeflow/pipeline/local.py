@@ -167,9 +167,9 @@ def run_shards(prepared: PreparedMerge, spec: MergeSpec,
 
     plan = MergePlan.load(Path(prepared.plan_path))
     count = len(plan.shards)
-    decided = resources.for_spec(spec)
-    workers = min(decided.workers, count)
+    decided = resources.running(resources.for_spec(spec), count)
     resources.apply_threads(decided)  # leave each worker's writer thread a core
+    workers = decided.workers
     if workers <= 1:
         source = open_merger(plan, device=spec.device)
         return [steps.run_shard(prepared.plan_path, i, spec.device, source, progress)

@@ -16,6 +16,9 @@ for any machine. The rule:
   of 4 pairs; four 1.7 GB outputs of a batch: 9.6 s against 10.7 s). Above, one worker per two
   cores (at most :data:`MAX_AUTO_WORKERS`), each with the cores left once every writer has one
   (:func:`torch_threads`).
+* **Fewer shards than workers** (:func:`running`): only as many workers run as there are shards
+  to write, and the cores the idle workers would have had go to the running ones' torch threads:
+  a one-shard output on 16 cores merges with 15 torch threads, not 1.
 * **Several outputs** (a batch, :mod:`mergeflow.pipeline.many`): the sweep merges one shard of
   each of ``outputs`` side by side, one worker each, at most the one-output count.
 """
@@ -23,7 +26,7 @@ for any machine. The rule:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mergeflow.errors import InputError
 from mergeflow.spec import size_bytes
@@ -138,6 +141,15 @@ def for_spec(spec, cpus: int | None = None, available: int | None = None,
                   outputs=outputs)
 
 
+def running(decided: Resources, shards: int, cpus: int | None = None) -> Resources:
+    """``decided`` as it runs ``shards`` shards: at most one worker per shard, and the torch
+    threads recomputed for the workers that run (:func:`torch_threads`), on ``cpus`` usable cores
+    (None: this process's)."""
+    workers = max(1, min(decided.workers, shards))
+    cpus = max(1, cpus if cpus is not None else usable_cpus())
+    return replace(decided, workers=workers, torch_threads=torch_threads(cpus, workers))
+
+
 def size_option(text: str | int, option: str) -> int:
     """A size option (``24MiB``, ``5gb``, ``1000000``) in bytes, via
     :func:`mergeflow.spec.size_bytes` (the parser the spec validates with).
@@ -159,22 +171,34 @@ def torch_threads(cpus: int, workers: int) -> int:
     return max(1, (cpus - workers) // workers)
 
 
-def apply_threads(decided: Resources) -> None:
-    """Give torch at most ``decided.torch_threads`` intra-op threads (never more than it has;
-    ``OMP_NUM_THREADS`` or ``MERGEFLOW_TORCH_THREADS``, when set, win)."""
+_first_seen_threads: int | None = None  # torch's intra-op threads before Mergeflow set them
+
+
+def apply_threads(decided: Resources, lower_only: bool = False) -> None:
+    """Give torch ``decided.torch_threads`` intra-op threads, never more than it had before
+    Mergeflow first set them in this process (its default, or the caller's own
+    ``torch.set_num_threads``), so a long-lived process (a Prefect worker, a training script)
+    gets them back for a merge that runs fewer workers than the last one; ``lower_only``: only
+    ever fewer than it has now. ``MERGEFLOW_TORCH_THREADS`` or ``OMP_NUM_THREADS``, when set,
+    win."""
     import torch
 
+    global _first_seen_threads
     wanted = os.environ.get("MERGEFLOW_TORCH_THREADS")
     if wanted is None and os.environ.get("OMP_NUM_THREADS"):
         return
-    threads = int(wanted) if wanted else decided.torch_threads
-    if wanted or threads < torch.get_num_threads():
+    if _first_seen_threads is None:
+        _first_seen_threads = torch.get_num_threads()
+    threads = int(wanted) if wanted else min(decided.torch_threads, _first_seen_threads)
+    if wanted or threads < torch.get_num_threads() or (
+            threads > torch.get_num_threads() and not lower_only):
         torch.set_num_threads(max(1, threads))
 
 
 def limit_threads(workers: int = 1) -> None:
     """:func:`apply_threads` for ``workers`` merging at once on this machine's cores (a task
-    runner's worker, which knows no spec)."""
+    runner's worker, which knows no spec): a ceiling, never more threads than the flow's own
+    division left (``lower_only``)."""
     cpus = usable_cpus()
     apply_threads(Resources(workers=workers, block_bytes=MIN_BLOCK,
-                            torch_threads=torch_threads(cpus, workers)))
+                            torch_threads=torch_threads(cpus, workers)), lower_only=True)
