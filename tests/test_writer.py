@@ -67,7 +67,17 @@ def _sample() -> dict[str, torch.Tensor]:
     }
 
 
-def test_roundtrip_all_dtypes_and_shapes(tmp_path):
+@pytest.fixture(params=["direct", "cached"])
+def route(request, monkeypatch) -> str:
+    """The route of the shard's bytes (mergeflow.storage.sink): past the page cache (O_DIRECT,
+    where the file system has it) or through it."""
+    from mergeflow.storage import sink as sink_module
+
+    monkeypatch.setenv(sink_module.DIRECT_WRITES, "1" if request.param == "direct" else "0")
+    return request.param
+
+
+def test_roundtrip_all_dtypes_and_shapes(tmp_path, route):
     tensors = _sample()
     writer = _write(tmp_path / "x.safetensors", tensors)
 
@@ -95,7 +105,7 @@ def test_header_matches_what_safetensors_reads(tmp_path):
             assert f.get_slice(name).get_dtype() == DTYPE_NAMES[tensor.dtype]
 
 
-def test_exception_removes_temp_file_and_leaves_old_file(tmp_path):
+def test_exception_removes_temp_file_and_leaves_old_file(tmp_path, route):
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"previous complete file")
     tensors = {"a": torch.ones(3), "b": torch.zeros(2)}
@@ -109,7 +119,7 @@ def test_exception_removes_temp_file_and_leaves_old_file(tmp_path):
     assert path.read_bytes() == b"previous complete file"
 
 
-def test_closing_before_every_tensor_is_written_fails_cleanly(tmp_path):
+def test_closing_before_every_tensor_is_written_fails_cleanly(tmp_path, route):
     path = tmp_path / "model.safetensors"
     specs = [("a", "F32", [3]), ("b", "F32", [2])]
     with pytest.raises(MergeError, match="b"), ShardWriter(path, specs) as writer:
@@ -160,14 +170,16 @@ def test_property_roundtrip(tmp_path, tensors):
 
 
 def test_writeback_starts_every_chunk_and_changes_no_byte(tmp_path, monkeypatch):
-    """The writer asks the kernel to start writing each WRITEBACK_BYTES of dirty data (so the
-    closing fsync is short) over exactly the ranges written, and the file is the same bytes."""
-    from mergeflow.engine import writer as writer_module
+    """Through the page cache, the writer asks the kernel to start writing each WRITEBACK_BYTES
+    of dirty data (so the closing fsync is short) over exactly the ranges written, and the file
+    is the same bytes."""
+    from mergeflow.storage import sink as sink_module
 
+    monkeypatch.setenv(sink_module.DIRECT_WRITES, "0")  # the route through the page cache
     calls = []
-    real = writer_module.start_writeback
-    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 4096)
-    monkeypatch.setattr(writer_module, "start_writeback",
+    real = sink_module.start_writeback
+    monkeypatch.setattr(sink_module, "WRITEBACK_BYTES", 4096)
+    monkeypatch.setattr(sink_module, "start_writeback",
                         lambda fd, offset, n: (calls.append((offset, n)), real(fd, offset, n)))
     tensors = {f"t{i}": torch.randn(64, 48) for i in range(8)}  # 12 KiB each
     _write(tmp_path / "a.safetensors", tensors)
@@ -175,9 +187,25 @@ def test_writeback_starts_every_chunk_and_changes_no_byte(tmp_path, monkeypatch)
     assert [offset for offset, _ in calls] == [0] + [sum(calls[i][1] for i in range(k))
                                                      for k in range(1, len(calls))]
     _assert_same(_read(tmp_path / "a.safetensors"), tensors)
-    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 2**40)
+    monkeypatch.setattr(sink_module, "WRITEBACK_BYTES", 2**40)
     _write(tmp_path / "b.safetensors", tensors)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_both_routes_write_the_same_bytes(tmp_path, monkeypatch):
+    """Larger than a direct chunk, ending mid-block: the same file through either route."""
+    from mergeflow.storage import sink as sink_module
+
+    gen = torch.Generator().manual_seed(1)
+    tensors = {f"t{i}": torch.randn(1000 + i, 700, generator=gen).bfloat16() for i in range(5)}
+    shas = []
+    for direct in ("1", "0"):
+        monkeypatch.setenv(sink_module.DIRECT_WRITES, direct)
+        shas.append(_write(tmp_path / f"{direct}.safetensors", tensors).sha256)
+    assert (tmp_path / "1.safetensors").read_bytes() == (tmp_path / "0.safetensors").read_bytes()
+    assert shas[0] == shas[1] == hashlib.sha256((tmp_path / "0.safetensors").read_bytes()).hexdigest()
+    assert (tmp_path / "0.safetensors").stat().st_size % sink_module.ALIGN  # the tail is cut
+    _assert_same(_read(tmp_path / "1.safetensors"), tensors)
 
 
 def _cached_pages(path) -> int:
@@ -217,17 +245,19 @@ def _drops_clean_pages(folder) -> bool:
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise"), reason="needs posix_fadvise")
 def test_written_shard_leaves_the_page_cache_with_the_same_bytes(tmp_path, monkeypatch):
-    """A shard is written once and not read again, so its pages leave the page cache: each
-    window once the disk has it (the file then never holds more than two windows of the cache),
-    the rest after the closing fsync. The bytes are the same as a write that keeps them."""
-    from mergeflow.engine import writer as writer_module
+    """Through the page cache, a shard is written once and not read again, so its pages leave
+    the page cache: each window once the disk has it (the file then never holds more than two
+    windows of the cache), the rest after the closing fsync. The bytes are the same as a write
+    that keeps them."""
+    from mergeflow.storage import sink as sink_module
 
     if not _drops_clean_pages(tmp_path):
         pytest.skip(f"{tmp_path}'s file system keeps clean pages on POSIX_FADV_DONTNEED")
+    monkeypatch.setenv(sink_module.DIRECT_WRITES, "0")  # the route through the page cache
     released = []
-    real = writer_module.release_written
-    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 64 * 1024)
-    monkeypatch.setattr(writer_module, "release_written",
+    real = sink_module.release_written
+    monkeypatch.setattr(sink_module, "WRITEBACK_BYTES", 64 * 1024)
+    monkeypatch.setattr(sink_module, "release_written",
                         lambda fd, offset, n: (released.append((offset, n)), real(fd, offset, n)))
     tensors = {f"t{i}": torch.randn(256, 256) for i in range(8)}  # 256 KiB each
     _write(tmp_path / "a.safetensors", tensors)
@@ -236,8 +266,8 @@ def test_written_shard_leaves_the_page_cache_with_the_same_bytes(tmp_path, monke
     assert len(windows) >= 6 and windows[0][0] == 0  # one per tensor here
     assert all(o + n == o2 for (o, n), (o2, _) in itertools.pairwise(windows))
 
-    monkeypatch.setattr(writer_module, "drop_cached", lambda *a, **k: None)
-    monkeypatch.setattr(writer_module, "release_written", lambda *a, **k: None)
+    monkeypatch.setattr(sink_module, "drop_cached", lambda *a, **k: None)
+    monkeypatch.setattr(sink_module, "release_written", lambda *a, **k: None)
     _write(tmp_path / "b.safetensors", tensors)
     assert _cached_pages(tmp_path / "b.safetensors") > 0  # what the kernel keeps otherwise
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()

@@ -8,10 +8,11 @@ is written under a temporary name, fsynced, renamed into place and its folder fs
 every planned tensor has been written, so a file with the final name is always complete and
 durable. The output is a standard safetensors file that ``safe_open`` and ``from_pretrained`` read.
 
-Writing and hashing run on a background thread (``file.write`` and ``hashlib`` release the GIL),
-so they overlap the merge math of the next block; a bounded queue keeps at most
-``depth`` blocks in flight. The sha256 of the file comes out of the same pass: no byte is read
-back to hash it.
+Writing and hashing run on a background thread (``hashlib`` and the writes release the GIL),
+so they overlap the merge math of the next block; a bounded queue keeps at most ``depth`` blocks
+in flight. The sha256 of the file comes out of the same pass: no byte is read back to hash it.
+The bytes reach the disk through a :mod:`mergeflow.storage.sink`: past the page cache where the
+file system allows it.
 
 A full disk (ENOSPC, or EDQUOT: over quota) while writing is a
 :class:`~mergeflow.errors.DiskSpaceError` naming the file and the bytes it still needed; the
@@ -35,15 +36,11 @@ import torch
 from mergeflow import faults
 from mergeflow.errors import DISK_FULL, DiskSpaceError, MergeError, disk_full_message
 from mergeflow.model.checkpoint import DTYPE_NAMES, DTYPES
-from mergeflow.storage.durable import drop_cached, fsync_dir, release_written, start_writeback
+from mergeflow.storage.durable import fsync_dir
+from mergeflow.storage.sink import open_sink
 from mergeflow.storage.staging import partial_path
 
 ALIGNMENT = 8  # safetensors pads the header so tensor data starts 8-byte aligned
-# Dirty bytes after which the writer starts the disk writing them (not waiting): the fsync that
-# finishes a shard then flushes at most this much, instead of the whole shard at once. The
-# window before, on the disk by then, leaves the page cache (storage.durable.release_written),
-# so a shard occupies at most two windows of it however large it is.
-WRITEBACK_BYTES = 64 * 2**20
 
 
 def build_header(specs: Sequence[tuple[str, str, Sequence[int]]]) -> tuple[bytes, list[int]]:
@@ -104,7 +101,7 @@ class ShardWriter:
         self.total = len(self.header) + sum(self.sizes)  # the finished file's size
 
     def __enter__(self) -> ShardWriter:
-        self._file = open(self.tmp, "wb", buffering=0)
+        self._sink = open_sink(self.tmp)
         self._thread = threading.Thread(target=self._drain, name=f"write {self.path.name}",
                                         daemon=True)
         self._thread.start()
@@ -112,7 +109,7 @@ class ShardWriter:
             self._put(self.header, len(self.header))
         except BaseException:
             self._stop()
-            self._file.close()
+            self._sink.close()
             self.tmp.unlink(missing_ok=True)
             raise
         return self
@@ -120,10 +117,8 @@ class ShardWriter:
     # -- the writer thread ------------------------------------------------------------------
 
     def _drain(self) -> None:
-        """Write and hash queued blocks in order, starting the disk's writeback every
-        :data:`WRITEBACK_BYTES` and dropping the window before from the page cache; after an
-        error, only consume the queue."""
-        written = flushed = released = 0
+        """Write and hash queued blocks in order; after an error, only consume the queue."""
+        written = 0
         while True:
             item = self._queue.get()
             if item is None:
@@ -137,25 +132,15 @@ class ShardWriter:
                 if ready is not None:
                     ready.synchronize()  # a device-to-host copy still in flight
                 view = data if isinstance(data, memoryview | bytes) else tensor_bytes(data)
-                self._write_all(view)
+                self._sink.write(view)
                 self._hash.update(view)
                 written += len(view)
-                if written - flushed >= WRITEBACK_BYTES:  # the disk writes while we merge on
-                    start_writeback(self._file.fileno(), flushed, written - flushed)
-                    release_written(self._file.fileno(), released, flushed - released)
-                    released, flushed = flushed, written
             except BaseException as exc:  # handed to the producer at its next call
                 self._error = self._disk_error(exc, self.total - written) \
                     if isinstance(exc, OSError) and exc.errno in DISK_FULL else exc
             finally:
                 if release is not None:
                     release()
-
-    def _write_all(self, view: memoryview | bytes) -> None:
-        view = memoryview(view).cast("B")
-        while view:
-            n = self._file.write(view)
-            view = view[n:]
 
     # -- the producer side ------------------------------------------------------------------
 
@@ -265,21 +250,20 @@ class ShardWriter:
         self.sha256 = self._hash.hexdigest()
 
     def _close(self, complete: bool) -> None:
-        """Fsync (when complete) and close the temporary file; a full disk found by the fsync
-        is a DiskSpaceError. Closing an incomplete file cannot fail the merge further."""
+        """Store the last bytes and fsync (when complete), then close the temporary file; a full
+        disk found then is a DiskSpaceError. Closing an incomplete file cannot fail the merge
+        further."""
         try:
             if complete:
-                self._file.flush()
-                os.fsync(self._file.fileno())
-                drop_cached(self._file.fileno())  # written once, not read again here
+                self._sink.finish()
         except OSError as exc:
             with contextlib.suppress(OSError):
-                self._file.close()
+                self._sink.close()
             if exc.errno in DISK_FULL:  # buffered bytes could not be stored: count them all
                 raise self._disk_error(exc, self.total) from exc
             raise
         try:
-            self._file.close()
+            self._sink.close()
         except OSError as exc:
             if not complete:
                 return

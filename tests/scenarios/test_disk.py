@@ -8,23 +8,23 @@ ENOSPC is translated by the core (the CLI has no OSError case of its own)."""
 
 from __future__ import annotations
 
-import builtins
 import errno
 import os
 from collections import namedtuple
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from helpers import join_forked, run_cli_forked, snapshot, staging_leftovers, start_forked
 
 import mergeflow
-from mergeflow.engine import writer
 from mergeflow.errors import DiskSpaceError, InputError
 from mergeflow.output.folder import MANIFEST
 from mergeflow.pipeline import preflight
 from mergeflow.pipeline import steps as api
 from mergeflow.plan import MergePlan
 from mergeflow.spec import MergeSpec
+from mergeflow.storage import sink
 from mergeflow.storage.staging import Staging
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -48,42 +48,37 @@ def parent(tmp_path):
 
 
 class FullDisk:
-    """Stands in for ``open`` in the writer: files opened for writing accept ``budget`` bytes in
-    all, then every write fails with ENOSPC (after writing what still fits), like a real disk."""
+    """Stands in for the shard sinks' ``pwrite`` and ``fsync`` (mergeflow.storage.sink, both
+    routes: past the page cache and through it): ``budget`` bytes in all are stored, then every
+    write fails with ``error`` (ENOSPC), like a real disk; ``on_flush``: the writes seem to
+    succeed and the fsync fails instead (a buffered write found out late)."""
 
     def __init__(self, budget: int, on_flush: bool = False, error: int = errno.ENOSPC) -> None:
         self.left = budget
-        self.on_flush = on_flush  # fail at flush (a buffered write found out late) instead
+        self.on_flush = on_flush
         self.error = error
 
-    def open(self, path, mode="r", *args, **kwargs):
-        f = builtins.open(path, mode, *args, **kwargs)  # noqa: SIM115 (returned open)
-        return _Limited(f, self) if "w" in mode else f
-
-
-class _Limited:
-    def __init__(self, f, disk: FullDisk) -> None:
-        self._f, self._disk = f, disk
-
-    def write(self, data) -> int:
+    def pwrite(self, fd: int, data, offset: int) -> int:
         size = memoryview(data).nbytes
-        if size > self._disk.left:
-            if not self._disk.on_flush:
-                self._f.write(memoryview(data).cast("B")[: self._disk.left])
-                self._disk.left = 0
-                raise OSError(self._disk.error, os.strerror(self._disk.error))
-            self._disk.left = -1
-        else:
-            self._disk.left -= size
-        return self._f.write(data)
+        if size > self.left:
+            if not self.on_flush:
+                self.left = 0
+                raise OSError(self.error, os.strerror(self.error))
+            self.left = -1
+            return size  # "stored", found out at the fsync
+        self.left -= size
+        return os.pwrite(fd, data, offset)
 
-    def flush(self) -> None:
-        if self._disk.left < 0:
+    def fsync(self, fd: int) -> None:
+        if self.left < 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self._f.flush()
+        os.fsync(fd)
 
-    def __getattr__(self, name):
-        return getattr(self._f, name)
+    def install(self, patch: Callable[[object, str, object], None]) -> None:
+        """Put this disk under the sinks (``patch``: ``monkeypatch.setattr``, or ``setattr``
+        in a child process)."""
+        patch(sink, "pwrite", self.pwrite)
+        patch(sink, "fsync", self.fsync)
 
 
 def _plan(base: Path, adapter: Path, out: Path) -> tuple[MergePlan, api.PreparedMerge]:
@@ -162,16 +157,21 @@ def test_cli_headroom_exits_2_with_the_numbers(inputs, parent, tmp_path):
 # --------------------------------------------------------------------------- ENOSPC mid-merge
 
 
+@pytest.mark.parametrize("route", ["direct", "cached"])
 @pytest.mark.parametrize("on_flush", [False, True], ids=["write", "flush"])
 def test_disk_full_mid_merge_is_a_disk_error_then_resumes(inputs, parent, tmp_path, monkeypatch,
-                                                          on_flush):
+                                                          on_flush, route):
+    """Either route of the shard writes: past the page cache (O_DIRECT, where the file system
+    has it) and through it."""
     base, adapter = inputs
     out = parent / "merged"
+    monkeypatch.setenv(sink.DIRECT_WRITES, "1" if route == "direct" else "0")
     clean = mergeflow.merge(base, adapter, tmp_path / "clean", max_shard_size=SHARD)
     assert clean.shards >= 3
     first = sorted((tmp_path / "clean").glob("*.safetensors"))[0].stat().st_size
-    disk = FullDisk(first + 1000, on_flush=on_flush)  # the disk fills up in the 2nd shard
-    monkeypatch.setattr(writer, "open", disk.open, raising=False)
+    # the disk fills up in the 2nd shard (the direct route stores the 1st, smaller than one
+    # chunk, as one write padded to sink.ALIGN)
+    FullDisk(first + 2 * sink.ALIGN, on_flush=on_flush).install(monkeypatch.setattr)
 
     with pytest.raises(DiskSpaceError) as caught:  # one worker: the shards in order
         mergeflow.merge(base, adapter, out, max_shard_size=SHARD, workers=1)
@@ -188,6 +188,7 @@ def test_disk_full_mid_merge_is_a_disk_error_then_resumes(inputs, parent, tmp_pa
     assert len(staging.done_records()) == 1
 
     monkeypatch.undo()
+    monkeypatch.setenv(sink.DIRECT_WRITES, "1" if route == "direct" else "0")
     report = mergeflow.merge(base, adapter, out, max_shard_size=SHARD)
     assert report.shards_resumed == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == \
@@ -225,7 +226,7 @@ def test_other_write_errors_are_not_disk_errors(tmp_path, monkeypatch):
 
     from mergeflow.engine.writer import ShardWriter
 
-    monkeypatch.setattr(writer, "open", FullDisk(200, error=errno.EIO).open, raising=False)
+    FullDisk(200, error=errno.EIO).install(monkeypatch.setattr)
     with pytest.raises(OSError) as caught, \
             ShardWriter(tmp_path / "x.safetensors", [("w", "F32", [64])]) as shard:
         shard.write("w", torch.zeros(64))
@@ -240,7 +241,7 @@ def _cli_child_disk_full(args: list[str], stdout_path: str, stderr_path: str,
     from helpers import _cli_child
 
     if where == "writer":
-        writer.open = FullDisk(20_000).open
+        FullDisk(20_000).install(setattr)
     else:
         real = api.write_json
 
