@@ -1,15 +1,20 @@
-"""What the shard writer gains by letting written pages leave the page cache (issue 27, item 3).
+"""How the shard writer's bytes reach the disk (issue 27, item 3), against ``cp`` + ``sync``.
 
 Writes N shards of S bytes each through Mergeflow's own ``ShardWriter`` (sha256 as it writes,
-writeback started every 64 MiB, fsync, rename), once as it runs now ("release": each 64 MiB
-window leaves the page cache once the disk has it, the rest after the fsync) and once with the
-release switched off ("keep": the pages stay cached until the kernel reclaims them), and, for
-scale, ``cp`` of an S-byte file N times + ``sync``. Each route is its own process, the three
+fsync, rename) by each route of ``mergeflow.storage.sink``:
+
+* ``direct``: past the page cache (``O_DIRECT``, 4 MiB aligned writes; the default where the
+  file system allows it);
+* ``cached``: through the page cache, each 64 MiB window dropped once the disk has it
+  (``MERGEFLOW_DIRECT_WRITES=0``);
+* ``keep``: through the page cache with the drops switched off (the writer before issue 27);
+
+and, for scale, ``cp`` of an S-byte file N times + ``sync``. Each route is its own process, all
 back to back in each repeat (paired), the page cache dropped before each route where the
 machine allows it (root); medians of wall, user and system seconds, and of the per-repeat
 ratios.
 
-    .venv/bin/python bench/bench_page_cache.py --files 4 --size 1.7GB --repeats 3
+    .venv/bin/python bench/bench_writes.py --files 4 --size 1.7GB --repeats 3
 """
 
 from __future__ import annotations
@@ -38,15 +43,20 @@ def drop_cache() -> None:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def write_shards(folder: Path, files: int, size: int, keep: bool) -> None:
+ROUTES = ("direct", "cached", "keep", "cp")
+
+
+def write_shards(folder: Path, files: int, size: int, route: str) -> None:
     """``files`` one-tensor shards of about ``size`` bytes through ShardWriter."""
     import torch
 
     from mergeflow.engine import writer as writer_module
+    from mergeflow.storage import sink
 
-    if keep:  # the writer as it was: pages left to the kernel
-        writer_module.release_written = lambda *args: None
-        writer_module.drop_cached = lambda *args: None
+    os.environ[sink.DIRECT_WRITES] = "1" if route == "direct" else "0"
+    if route == "keep":  # the writer as it was: pages left to the kernel
+        sink.release_written = lambda *args: None
+        sink.drop_cached = lambda *args: None
     block = torch.randint(-2**15, 2**15, (BLOCK // 2,), dtype=torch.int16).view(torch.bfloat16)
     rows_per_block = BLOCK // (2 * ROW)
     blocks = max(1, size // BLOCK)
@@ -68,7 +78,7 @@ def child(route: str, folder: Path, files: int, size: int) -> None:
             shutil.copyfile(source, folder / f"copy-{i}")
         os.sync()
     else:
-        write_shards(folder, files, size, keep=route == "keep")
+        write_shards(folder, files, size, route)
     after = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"wall": time.perf_counter() - start,
                       "user": after.ru_utime - before.ru_utime,
@@ -100,7 +110,7 @@ def main() -> None:
     parser.add_argument("--size", default="1.7GB")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--folder", type=Path, help="where to write (default: a temporary folder)")
-    parser.add_argument("--child", choices=["release", "keep", "cp"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=ROUTES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     size = size_of(str(args.size))
     if args.child:
@@ -111,18 +121,21 @@ def main() -> None:
         with open(folder / "source", "wb") as f:
             for _ in range(max(1, size // BLOCK)):
                 f.write(os.urandom(BLOCK))
-        runs = [{route: run_route(route, folder, args.files, size)
-                 for route in ("release", "keep", "cp")} for _ in range(args.repeats)]
+        runs = [{route: run_route(route, folder, args.files, size) for route in ROUTES}
+                for _ in range(args.repeats)]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print(f"{args.files} shards of {size / 1e9:.2f} GB, medians of {args.repeats} paired runs")
-    for route in ("release", "keep", "cp"):
+    for route in ROUTES:
         med = {k: statistics.median(r[route][k] for r in runs) for k in ("wall", "user", "sys")}
         print(f"{route:8s} wall {med['wall']:6.2f} s  user {med['user']:5.2f} s  "
               f"sys {med['sys']:5.2f} s")
-    for peer in ("keep", "cp"):
-        ratio = statistics.median(r["release"]["wall"] / r[peer]["wall"] for r in runs)
-        print(f"release / {peer}: wall {ratio:.2f}x")
+    for route, peer in (("direct", "cached"), ("direct", "keep"), ("direct", "cp"),
+                        ("cached", "cp")):
+        ratio = statistics.median(r[route]["wall"] / r[peer]["wall"] for r in runs)
+        cpu = statistics.median((r[route]["user"] + r[route]["sys"])
+                                / max(1e-9, r[peer]["user"] + r[peer]["sys"]) for r in runs)
+        print(f"{route} / {peer}: wall {ratio:.2f}x, CPU {cpu:.2f}x")
 
 
 if __name__ == "__main__":
