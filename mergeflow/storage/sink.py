@@ -48,9 +48,16 @@ DIRECT_WRITES = "MERGEFLOW_DIRECT_WRITES"  # "0": always write through the page 
 # windows of it however large it is.
 WRITEBACK_BYTES = 64 * 2**20
 
-# The calls that store a sink's bytes, by name, so a test can stand a full disk in for them.
-pwrite = os.pwrite
-fsync = os.fsync
+
+
+def pwrite(fd: int, data: memoryview, offset: int) -> int:
+    """``os.pwrite``: every byte a sink stores passes here (a test stands a full disk in)."""
+    return os.pwrite(fd, data, offset)
+
+
+def fsync(fd: int) -> None:
+    """``os.fsync``, looked up when called (a power-cut test journals every fsync)."""
+    os.fsync(fd)
 
 
 class Sink(Protocol):

@@ -45,7 +45,7 @@ from helpers import staging_leftovers
 import mergeflow
 from mergeflow import faults
 from mergeflow.output.folder import MANIFEST
-from mergeflow.storage import durable
+from mergeflow.storage import durable, sink
 
 pytestmark = pytest.mark.skipif(not (sys.platform.startswith("linux") and hasattr(os, "O_PATH")),
                                 reason="the journal reads /proc/self/fd and holds O_PATH fds")
@@ -365,9 +365,13 @@ def previous(inputs, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("scenario", ["fresh", "overwrite"])
+@pytest.mark.parametrize(("scenario", "route"), [
+    ("fresh", "direct"), ("fresh", "cached"), ("overwrite", "direct")])
 def test_power_cut_anywhere_leaves_no_corrupt_output_and_reruns_byte_identical(
-        inputs, clean, previous, tmp_path, monkeypatch, scenario):
+        inputs, clean, previous, tmp_path, monkeypatch, scenario, route):
+    """``route``: the shards' bytes past the page cache (O_DIRECT, where the file system has
+    it) or through it (mergeflow.storage.sink)."""
+    monkeypatch.setenv(sink.DIRECT_WRITES, "1" if route == "direct" else "0")
     journal = journaled_merge(inputs, tmp_path / "run", monkeypatch,
                               previous=previous if scenario == "overwrite" else None)
     try:
