@@ -429,6 +429,27 @@ class Checkpoint:
         tensor = raw.view(DTYPES[info.dtype])
         return tensor.reshape(stop - start, *shape[1:]) if info.shape else tensor.reshape(())
 
+    def will_read_rows(self, name: str, rows: Sequence[int]) -> None:
+        """Tell the kernel that these rows (along dim 0, sorted) of a tensor will be read soon
+        (``POSIX_FADV_WILLNEED``), so it fetches them from the disk in the background while
+        earlier ones are worked on. A hint: nothing happens where it is not supported."""
+        info = self.tensors[name]
+        if not info.shape or not info.shape[0] or not hasattr(os, "posix_fadvise"):
+            return
+        row = info.nbytes // info.shape[0]
+        try:
+            fd = os.open(self.folder / info.file, os.O_RDONLY)
+        except OSError:
+            return  # the read that follows reports it
+        try:
+            for start, stop in row_runs(rows):
+                os.posix_fadvise(fd, info.offset + start * row, (stop - start) * row,
+                                 os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
     def read_row_set(self, name: str, rows: Sequence[int]) -> torch.Tensor:
         """The given rows (along dim 0) of a tensor, stacked, in its stored dtype; each run of
         consecutive rows is one positional read."""

@@ -148,7 +148,8 @@ class NumericChecker:
     def __init__(self, source: TensorMerger, seed: int = 0) -> None:
         self.source = source
         self.adapter = source.adapter
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator().manual_seed(seed)  # the probe vectors
+        self._row_gen = torch.Generator().manual_seed(seed + 1)  # the sampled rows
 
     def _a(self, key: str) -> torch.Tensor:
         return self.adapter.read(key).float()
@@ -159,7 +160,7 @@ class NumericChecker:
         if n <= ROWS:
             return torch.arange(n)
         run = ROWS // WINDOWS
-        starts = torch.randperm(n // run, generator=self.gen)[:WINDOWS].sort().values * run
+        starts = torch.randperm(n // run, generator=self._row_gen)[:WINDOWS].sort().values * run
         return (starts[:, None] + torch.arange(run)[None, :]).reshape(-1)
 
     def sample(self, plan: TensorPlan) -> torch.Tensor | None:
@@ -316,12 +317,10 @@ def check_values(written: Checkpoint, tensors: list[TensorPlan], checker: Numeri
                  ) -> tuple[int, list[TensorCheck], list[str]]:
     """Finiteness and the numeric check of the given planned tensors' sampled rows, read from
     ``written``; plain copies are checked by their shard's sha256 alone."""
-    checks, problems, count = [], [], 0
-    for tensor in tensors:
-        if tensor.name not in written:
-            continue
-        count += 1
-        rows = checker.sample(tensor)
+    checks, problems = [], []
+    sampled = [(t, checker.sample(t)) for t in tensors if t.name in written]
+    _read_ahead(written, sampled)
+    for tensor, rows in sampled:
         if rows is None:
             continue
         reader, info = row_reader(written, written.tensors[tensor.name], tensor.row_shape)
@@ -339,7 +338,17 @@ def check_values(written: Checkpoint, tensors: list[TensorPlan], checker: Numeri
             if not check.ok:
                 problems.append(f"tensor '{tensor.name}': {check.kind} check off by "
                                 f"{check.relative_error:.2e} (relative)")
-    return count, checks, problems
+    return len(sampled), checks, problems
+
+
+def _read_ahead(written: Checkpoint, sampled: list[tuple[TensorPlan, torch.Tensor | None]]
+                ) -> None:
+    """Ask the kernel for every sampled row of a shard at once (a written shard is not in the
+    page cache: its writes went past it), so the disk reads them while the checks compute."""
+    for tensor, rows in sampled:
+        info = written.tensors[tensor.name]
+        if rows is not None and list(info.shape) == list(tensor.row_shape):
+            written.will_read_rows(tensor.name, rows.tolist())
 
 
 def _no_op_warnings(checks: list[TensorCheck]) -> list[str]:
