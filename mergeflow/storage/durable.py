@@ -4,9 +4,10 @@ A rename is atomic, but not durable on its own: after a power cut the new name m
 file whose data never reached the disk, or the rename itself may be lost. So every file that
 another step trusts is written under a temporary name, fsynced, renamed into place, and then
 its directory is fsynced, in that order. :func:`atomic_write` does this for small files;
-the shard writer (:mod:`mergeflow.engine.writer`) does the same for shards with :func:`fsync_dir`,
-and with :func:`start_writeback` and :func:`release_written` has the disk write a shard while it
-is merged and lets its pages leave the page cache once they are on the disk.
+the shard writer (:mod:`mergeflow.engine.writer`) does the same for shards with :func:`fsync_dir`.
+Where a shard is written through the page cache (:class:`mergeflow.storage.sink.CachedSink`),
+:func:`start_writeback` and :func:`release_written` have the disk write it while it is merged and
+let its pages leave the cache once they are on the disk.
 """
 
 from __future__ import annotations
