@@ -16,7 +16,9 @@ cut short still reports what it did):
    routes. A tensor whose bytes differ is listed with its largest difference in bf16 ulps.
 3. ``scaling``: the CPU route's throughput (output bytes / wall second) on 1, 2, 4, 8 and 16 cores
    (CPU affinity set before the merge starts, so Mergeflow sizes its workers and torch threads
-   from it), on the first size.
+   from it), on the first size, in 1GB shards; and ``scaling_one_shard``: the same output in one
+   shard on 1 and 16 cores (``--one-shard-cores``), where one worker runs and the cores the
+   idle workers would have had go to its torch threads.
 
 ``OUTDIR/gpu-check.json`` holds every figure; ``OUTDIR/gpu-check.md`` the same as tables for
 ``docs/benchmarks.md``. Nothing is downloaded: the packages the device machine lacks travel as
@@ -55,13 +57,14 @@ def log(msg: str) -> None:
 # One merge, in a process of its own (``--_merge``)
 
 
-def _merge_child(base: str, adapter: str, out: str, device: str, result: str) -> None:
+def _merge_child(base: str, adapter: str, out: str, device: str, result: str,
+                 max_shard_size: str = "1GB") -> None:
     import torch
 
     import mergeflow
 
     t0 = time.perf_counter()
-    report = mergeflow.merge(base, adapter, out, device=device, max_shard_size="1GB",
+    report = mergeflow.merge(base, adapter, out, device=device, max_shard_size=max_shard_size,
                              no_tokenizer=True, memory_limit=MEMORY_LIMIT, overwrite=True)
     wall = time.perf_counter() - t0
     figures = {"wall_s": wall, "status": report.status,
@@ -73,12 +76,12 @@ def _merge_child(base: str, adapter: str, out: str, device: str, result: str) ->
 
 
 def run_merge(base: Path, adapter: Path, out: Path, device: str, work: Path,
-              cpus: int | None = None) -> dict:
+              cpus: int | None = None, max_shard_size: str = "1GB") -> dict:
     """One merge in a fresh process (on ``cpus`` cores when given); its figures."""
     shutil.rmtree(out, ignore_errors=True)
     result = work / f"result-{device}-{cpus}.json"
     cmd = [sys.executable, __file__, "--_merge", str(base), str(adapter), str(out), device,
-           str(result)]
+           str(result), max_shard_size]
     env = dict(os.environ, MERGEFLOW_CACHE=str(work / f"cache-{device}-{cpus}"))
     shutil.rmtree(env["MERGEFLOW_CACHE"], ignore_errors=True)
     preexec = (lambda: os.sched_setaffinity(0, range(cpus))) if cpus else None
@@ -205,15 +208,18 @@ def bench_merge_size_bytes(text: str) -> int:
     return size_bytes(text)
 
 
-def scaling(size: str, work: Path, cores: list[int]) -> dict:
+def scaling(size: str, work: Path, cores: list[int], max_shard_size: str = "1GB") -> dict:
+    """The CPU route's figures on each count of ``cores``, output shards of ``max_shard_size``
+    (the 0.9b: two shards at 1GB, one at 5GB, where the workers' idle cores go to torch)."""
     base, adapter, _ = bench_merge.ensure_inputs(size, work)
     usable = len(os.sched_getaffinity(0))
     curve = {}
     for n in cores:
         if n > usable:
             continue
-        log(f"{size}: CPU route on {n} core(s) ...")
-        figures = run_merge(base, adapter, work / "runs" / "scaling", "cpu", work, cpus=n)
+        log(f"{size}: CPU route on {n} core(s), {max_shard_size} shards ...")
+        figures = run_merge(base, adapter, work / "runs" / "scaling", "cpu", work, cpus=n,
+                            max_shard_size=max_shard_size)
         curve[str(n)] = {k: figures[k] for k in ("wall_s", "write_gbps", "host_peak_rss_gib")}
         log(f"{size}: {n} core(s): {curve[str(n)]}")
     shutil.rmtree(work / "runs" / "scaling", ignore_errors=True)
@@ -245,24 +251,30 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {size} | {device} | {r['wall_s']:.1f} | {r['write_gbps']:.2f} | "
                              f"{r['host_peak_rss_gib']:.2f} | {dev} | {same if device == 'cuda' else ''} |")
         lines.append("")
-    curve = results.get("scaling", {})
-    if curve:
-        lines += ["| cores | wall s | GB/s written | x 1 core |", "| --- | --- | --- | --- |"]
-        one = curve.get("1", next(iter(curve.values())))["write_gbps"]
-        for n, f in curve.items():
-            lines.append(f"| {n} | {f['wall_s']:.1f} | {f['write_gbps']:.2f} | {f['write_gbps'] / one:.2f} |")
+    for key, title in (("scaling", "1GB shards"), ("scaling_one_shard", "one shard")):
+        curve = results.get(key, {})
+        if curve:
+            lines += [f"CPU route, {title}:", "", "| cores | wall s | GB/s written | x 1 core |",
+                      "| --- | --- | --- | --- |"]
+            one = curve.get("1", next(iter(curve.values())))["write_gbps"]
+            for n, f in curve.items():
+                lines.append(f"| {n} | {f['wall_s']:.1f} | {f['write_gbps']:.2f} | "
+                             f"{f['write_gbps'] / one:.2f} |")
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--_merge":
-        _merge_child(*sys.argv[2:7])
+        _merge_child(*sys.argv[2:8])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", help="folder for the results (created)")
     parser.add_argument("--workdir", default="/tmp/mf-gpu-check", help="models and outputs")
     parser.add_argument("--sizes", default="0.9b,70b-slice-1")
     parser.add_argument("--cores", default="1,2,4,8,16")
+    parser.add_argument("--one-shard-cores", default="1,16",
+                        help="core counts for the curve of a one-shard output (5GB shards)")
     parser.add_argument("--skip-tests", action="store_true")
     args = parser.parse_args()
     outdir, work = Path(args.outdir), Path(args.workdir)
@@ -292,6 +304,10 @@ def main() -> None:
         save()
     if sizes and args.cores:
         results["scaling"] = scaling(sizes[0], work, [int(c) for c in args.cores.split(",")])
+        save()
+    if sizes and args.one_shard_cores:
+        results["scaling_one_shard"] = scaling(
+            sizes[0], work, [int(c) for c in args.one_shard_cores.split(",")], "5GB")
         save()
     log("done")
     print(markdown(results))
