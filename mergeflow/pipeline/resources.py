@@ -190,8 +190,8 @@ def apply_threads(decided: Resources, lower_only: bool = False) -> None:
     if _first_seen_threads is None:
         _first_seen_threads = torch.get_num_threads()
     threads = int(wanted) if wanted else min(decided.torch_threads, _first_seen_threads)
-    if wanted or threads < torch.get_num_threads() or (
-            threads > torch.get_num_threads() and not lower_only):
+    current = torch.get_num_threads()
+    if wanted or threads < current or (threads > current and not lower_only):
         torch.set_num_threads(max(1, threads))
 
 

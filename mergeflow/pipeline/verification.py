@@ -346,9 +346,11 @@ def _read_ahead(written: Checkpoint, sampled: list[tuple[TensorPlan, torch.Tenso
     """Ask the kernel for every sampled row of a shard at once (a written shard is not in the
     page cache: its writes went past it), so the disk reads them while the checks compute."""
     for tensor, rows in sampled:
-        info = written.tensors[tensor.name]
-        if rows is not None and list(info.shape) == list(tensor.row_shape):
-            written.will_read_rows(tensor.name, rows.tolist())
+        if rows is None:
+            continue
+        reader, info = row_reader(written, written.tensors[tensor.name], tensor.row_shape)
+        if reader is written:  # stored in its row shape: the rows are the file's own
+            written.will_read_rows(info.name, rows.tolist())
 
 
 def _no_op_warnings(checks: list[TensorCheck]) -> list[str]:

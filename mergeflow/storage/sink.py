@@ -49,7 +49,6 @@ DIRECT_WRITES = "MERGEFLOW_DIRECT_WRITES"  # "0": always write through the page 
 WRITEBACK_BYTES = 64 * 2**20
 
 
-
 def pwrite(fd: int, data: memoryview, offset: int) -> int:
     """``os.pwrite``: every byte a sink stores passes here (a test stands a full disk in)."""
     return os.pwrite(fd, data, offset)
