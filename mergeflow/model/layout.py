@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mergeflow.errors import PlanError
 from mergeflow.model.config import read_base_config
+from mergeflow.model.forked import ChildLost, ForkedCall, call_in_fork
 from mergeflow.model.modelmap import ModelMap, WrappedParam, read_model_map
 from mergeflow.storage.memo import installed_version, memo_path, read_memo, write_memo
 
@@ -104,24 +105,98 @@ def _module_names(model) -> dict[int, str]:
 def read_layout(config_dir: Path, tensor_names: set[str], config: dict,
                 shapes: dict[str, tuple[int, ...]] | None = None) -> ModelLayout:
     """Find the embedding, head, tie and Conv1D modules of the base model, and map its tensors in
-    memory to the checkpoint's (cached).
+    memory to the checkpoint's (cached), in this process.
 
     ``config`` is the parsed ``config.json`` of ``config_dir``; ``shapes`` the checkpoint's tensor
     shapes (names only: ``tensor_names``, with unknown shapes). Falls back to ``config.json``
     alone when transformers cannot build the architecture (then no module is known to be
     transposed, and embedding/head changes are refused); that answer is not cached.
     """
-    shapes = shapes if shapes is not None else {n: () for n in tensor_names}
-    path = _cache_path(config_dir, shapes)
-    cached = _load_cached(path) if path is not None else None
-    if cached is not None:
-        return cached
-    layout = _model_layout(config_dir, shapes, config)
-    if layout is not None:
-        if path is not None:
-            _store(path, layout)
-        return layout
-    return ModelLayout(embed=None, head=None, tied=bool(config.get("tie_word_embeddings")))
+    return _LayoutQuery(config_dir, tensor_names, config, shapes).answer(UNKNOWN)
+
+
+def start_layout(config_dir: Path, tensor_names: set[str], config: dict,
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> PendingLayout:
+    """:func:`read_layout`, started now: a base whose layout is not cached has it learnt in a
+    forked child (:mod:`mergeflow.model.forked`), so transformers' model code is never imported
+    into this process, and this process can go on meanwhile; in this process where forking is
+    not safe. Call :meth:`PendingLayout.result` for the layout, or :meth:`PendingLayout.cancel`.
+    """
+    query = _LayoutQuery(config_dir, tensor_names, config, shapes)
+    cached = query.cached()
+    child = None if cached is not None else call_in_fork(query.learn)
+    return PendingLayout(query, cached, child)
+
+
+class PendingLayout:
+    """A layout being learnt (:func:`start_layout`)."""
+
+    def __init__(self, query: _LayoutQuery, cached: ModelLayout | None,
+                 child: ForkedCall[ModelLayout | None] | None) -> None:
+        self._query, self._layout, self._child = query, cached, child
+
+    def result(self) -> ModelLayout:
+        """The layout: cached, the child's answer (its errors re-raised here), or learnt here
+        when no child runs or the child was lost."""
+        if self._layout is None:
+            self._layout = self._query.answer(learnt=self._childs_answer())
+        return self._layout
+
+    def cancel(self) -> None:
+        """Stop the child, if one runs."""
+        if self._child is not None:
+            self._child.cancel()
+            self._child = None
+
+    def _childs_answer(self) -> ModelLayout | _Unknown | None:
+        child, self._child = self._child, None
+        if child is None:
+            return UNKNOWN
+        try:
+            return child.result()
+        except ChildLost:
+            return UNKNOWN
+
+
+class _Unknown:
+    """No answer from a child: learn the layout here."""
+
+
+UNKNOWN = _Unknown()
+
+
+class _LayoutQuery:
+    """One base's layout question: its cache entry, learning it, and storing the answer."""
+
+    def __init__(self, config_dir: Path, tensor_names: set[str], config: dict,
+                 shapes: dict[str, tuple[int, ...]] | None) -> None:
+        self.config_dir, self.config = config_dir, config
+        self.shapes = shapes if shapes is not None else {n: () for n in tensor_names}
+        self.path = _cache_path(config_dir, self.shapes)
+
+    def cached(self) -> ModelLayout | None:
+        """The cached answer, or None."""
+        return _load_cached(self.path) if self.path is not None else None
+
+    def learn(self) -> ModelLayout | None:
+        """The answer from the model's own code (transformers); None when it cannot build it."""
+        return _model_layout(self.config_dir, self.shapes, self.config)
+
+    def answer(self, learnt: ModelLayout | _Unknown | None) -> ModelLayout:
+        """The layout: ``learnt`` (then stored in the cache), or when it is :data:`UNKNOWN` the
+        cached one or one learnt here; the fallback from ``config.json`` when transformers
+        cannot build the model."""
+        if isinstance(learnt, _Unknown):
+            cached = self.cached()
+            if cached is not None:
+                return cached
+            learnt = self.learn()
+        if learnt is None:
+            return ModelLayout(embed=None, head=None,
+                               tied=bool(self.config.get("tie_word_embeddings")))
+        if self.path is not None:
+            _store(self.path, learnt)
+        return learnt
 
 
 def _model_layout(config_dir: Path, shapes: dict[str, tuple[int, ...]],

@@ -36,7 +36,7 @@ from mergeflow.model.adapter import CONFIG_FILE as ADAPTER_CONFIG
 from mergeflow.model.adapter import Adapter, load_adapter, read_adapter_config
 from mergeflow.model.checkpoint import INDEX_FILES, Checkpoint
 from mergeflow.model.config import base_config, read_base_config, text_config
-from mergeflow.model.layout import read_layout, read_param_wrappers
+from mergeflow.model.layout import ModelLayout, PendingLayout, read_param_wrappers, start_layout
 from mergeflow.model.quant import QuantizedBase, detect
 from mergeflow.model.stack import WEIGHTS as STACK_WEIGHTS
 from mergeflow.model.stack import stack_adapters
@@ -282,11 +282,18 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
         from mergeflow.engine.gguf import check_supported
 
         check_supported(base_dir, tokenizer, spec.gguf_type)
-    # The base is hashed for the manifest from here on (idle time first, then the merge's reads),
-    # so importing transformers for a new base's layout below overlaps it.
-    hashes = _start_input_hashes(inputs, read_here=spec.dask_address is None)
+    # A new base's layout is learnt in a child process (transformers' model code never enters
+    # this one), while the base is hashed for the manifest here (idle time first, then the
+    # merge's reads).
+    layout = _start_layout(base, config, quantized)
     try:
-        plan = _plan_merge(spec, base, adapter, config, quantized, original, dtype, tokenizer)
+        hashes = _start_input_hashes(inputs, read_here=spec.dask_address is None)
+    except BaseException:
+        layout.cancel()
+        raise
+    try:
+        plan = _plan_merge(spec, base, adapter, config, quantized, original, dtype, tokenizer,
+                           layout.result())
         plan.inputs = hashes.identities
         plan.options = {"dtype": dtype, "max_shard_size": parse_size(spec.max_shard_size),
                         "pad_vocab_to_multiple_of": spec.pad_vocab_to_multiple_of,
@@ -301,6 +308,7 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
         plan.runtime = {"block_bytes": decided.block_bytes, "workers": decided.workers}
         prepared = _stage(spec, plan, adapter, out)
     except BaseException:
+        layout.cancel()
         hashes.cancel()  # nothing will be merged: stop hashing the inputs for it
         raise
     if prepared.up_to_date:
@@ -308,14 +316,19 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
     return prepared
 
 
+def _start_layout(base: Checkpoint, config: dict,
+                  quantized: QuantizedBase | None) -> PendingLayout:
+    """The model's layout (its own code, cached), started: see :func:`start_layout`."""
+    view = quantized.logical_view(base) if quantized is not None else base
+    return start_layout(base.folder, set(view.tensors), config,
+                        {n: tuple(i.shape) for n, i in view.tensors.items()})
+
+
 def _plan_merge(spec: MergeSpec, base: Checkpoint, adapter: Adapter, config: dict,
                 quantized: QuantizedBase | None, original: Checkpoint | None, dtype: str,
-                tokenizer: Path | None) -> MergePlan:
-    """The plan from the opened inputs: the model's layout (its own code, cached), PEFT's
-    wrapped parameters when the adapter targets parameters, then the planner."""
-    view = quantized.logical_view(base) if quantized is not None else base
-    layout = read_layout(base.folder, set(view.tensors), config,
-                         {n: tuple(i.shape) for n, i in view.tensors.items()})
+                tokenizer: Path | None, layout: ModelLayout) -> MergePlan:
+    """The plan from the opened inputs and the model's layout: PEFT's wrapped parameters when
+    the adapter targets parameters, then the planner."""
     wrapped = (read_param_wrappers(base.folder, adapter.folder)
                if adapter.config.target_parameters else None)
     return Planner(base, adapter, layout, dtype, parse_size(spec.max_shard_size),

@@ -1,0 +1,161 @@
+"""A function's answer from a forked child (``mergeflow.model.forked``), and a new base's layout
+learnt that way (``mergeflow.model.layout.start_layout``): the same layout as learnt in the
+process, errors raised in the parent, a lost child replaced by learning here, no child where a
+thread runs. Each case runs in a fresh interpreter: forking needs a process with one thread,
+which pytest's is not guaranteed to be."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from helpers import REPO
+
+
+def _run(code: str, env: dict[str, str] | None = None) -> dict:
+    """Run ``code`` in a fresh interpreter; the JSON object its last line prints."""
+    full = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=full,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_childs_value_and_exceptions_reach_the_parent():
+    got = _run("""
+        import json, os
+        from mergeflow.errors import PlanError
+        from mergeflow.model.forked import ChildLost, call_in_fork
+
+        def outcome(fn):
+            call = call_in_fork(fn)
+            assert call is not None, "one thread: forking is allowed"
+            try:
+                return ["value", call.result()]
+            except ChildLost:
+                return ["lost"]
+            except Exception as exc:
+                return ["error", type(exc).__name__, str(exc)]
+
+        def plan_error():
+            raise PlanError("config.json: no such head")
+
+        class Unpicklable(Exception):
+            def __reduce__(self):
+                raise TypeError("no")
+
+        def unpicklable():
+            raise Unpicklable("kept as text")
+
+        print(json.dumps({
+            "value": outcome(lambda: {"pid": os.getpid(), "big": "x" * 300_000}),
+            "plan_error": outcome(plan_error),
+            "unpicklable": outcome(unpicklable),
+            "killed": outcome(lambda: os._exit(3)),
+            "parent": os.getpid(),
+        }))
+    """)
+    kind, value = got["value"]
+    assert kind == "value" and value["pid"] != got["parent"] and len(value["big"]) == 300_000
+    assert got["plan_error"] == ["error", "PlanError", "config.json: no such head"]
+    assert got["unpicklable"] == ["error", "RuntimeError", "Unpicklable: kept as text"]
+    assert got["killed"] == ["lost"]
+
+
+def test_cancel_stops_and_reaps_the_child_and_no_fork_happens_beside_a_thread():
+    got = _run("""
+        import json, os, threading, time
+        from mergeflow.model.forked import call_in_fork
+
+        call = call_in_fork(lambda: time.sleep(60))
+        pid = call._pid
+        started = time.monotonic()
+        call.cancel()
+        call.cancel()  # twice is harmless
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False  # gone and reaped: no zombie is left
+        stop = threading.Event()
+        worker = threading.Thread(target=stop.wait)
+        worker.start()
+        beside_thread = call_in_fork(lambda: 1)
+        stop.set()
+        worker.join()
+        print(json.dumps({"alive": alive, "cancel_s": time.monotonic() - started,
+                          "beside_thread": beside_thread is None,
+                          "after_thread": call_in_fork(lambda: 1).result()}))
+    """)
+    assert got["alive"] is False and got["cancel_s"] < 30
+    assert got["beside_thread"] is True and got["after_thread"] == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_layout_learnt_in_a_child_is_the_one_learnt_here(arch, make_base, tmp_path,
+                                                            monkeypatch):
+    """The child's layout equals the in-process one and is cached, and the parent never imports
+    transformers; with the child lost, the layout is learnt in the parent."""
+    from mergeflow.model.checkpoint import Checkpoint
+    from mergeflow.model.config import base_config
+    from mergeflow.model.layout import read_layout
+
+    base = make_base(arch)
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "here"))
+    here = read_layout(base, set(Checkpoint(base).tensors), base_config(base))
+    script = f"""
+        import json, os, sys
+        from pathlib import Path
+        from mergeflow.model import forked, layout
+        from mergeflow.model.checkpoint import Checkpoint
+        from mergeflow.model.config import base_config
+
+        if os.environ.get("LOSE_CHILD"):  # the child dies before it answers
+            layout.call_in_fork = lambda fn: forked.call_in_fork(lambda: os._exit(9))
+        base = Path({str(base)!r})
+        got = layout.start_layout(base, set(Checkpoint(base).tensors), base_config(base)).result()
+        print(json.dumps({{"embed": got.embed, "head": got.head, "tied": got.tied,
+                          "conv1d": sorted(got.conv1d), "linear": sorted(got.linear),
+                          "map": got.model_map.to_json(),
+                          "transformers": "transformers" in sys.modules}}))
+    """
+    expected = {"embed": here.embed, "head": here.head, "tied": here.tied,
+                "conv1d": sorted(here.conv1d), "linear": sorted(here.linear),
+                "map": json.loads(json.dumps(here.model_map.to_json()))}
+    child = _run(script, {"MERGEFLOW_CACHE": str(tmp_path / "child")})
+    assert child.pop("transformers") is False
+    assert child == expected
+    assert len(list((tmp_path / "child" / "layout").glob("*.json"))) == 1  # cached by the parent
+    lost = _run(script, {"MERGEFLOW_CACHE": str(tmp_path / "lost"), "LOSE_CHILD": "1"})
+    assert lost.pop("transformers") is True  # learnt here after all
+    assert lost == expected
+
+
+def test_an_incomplete_base_is_refused_from_the_child(make_base, tmp_path):
+    """The child's PlanError (tie_word_embeddings false, no head) is the parent's."""
+    import shutil
+
+    base = shutil.copytree(make_base("llama"), tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (base / "config.json").write_text(json.dumps(config))
+    got = _run(f"""
+        import json
+        from pathlib import Path
+        from mergeflow.errors import PlanError
+        from mergeflow.model.checkpoint import Checkpoint
+        from mergeflow.model.layout import start_layout
+
+        base = Path({str(base)!r})
+        names = set(Checkpoint(base).tensors) - {{"lm_head.weight"}}
+        try:
+            start_layout(base, names, json.loads((base / "config.json").read_text())).result()
+            print(json.dumps({{"error": None}}))
+        except PlanError as exc:
+            print(json.dumps({{"error": str(exc)}}))
+    """, {"MERGEFLOW_CACHE": str(tmp_path / "cache")})
+    assert "tie_word_embeddings is false" in got["error"] and "lm_head.weight" in got["error"]
