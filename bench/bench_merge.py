@@ -46,8 +46,10 @@ Wall time is measured around the process; peak RSS is the kernel's ``ru_maxrss``
 largest single process), read from ``/usr/bin/time -v`` when it exists, else from
 ``getrusage(RUSAGE_CHILDREN)`` in a small wrapper process that runs only the measured command
 (``--rss getrusage`` forces that). A sampler also polls ``/proc`` every 0.1 s for the sum over the
-command's process tree (Mergeflow's Prefect server is a second process) and its split into
-anonymous and file-backed (mmap) pages. Mergeflow runs with a Prefect home of the benchmark's own
+command's process tree (Mergeflow's Prefect server is a second process; a new base's layout is
+learnt in a forked child) and its split into anonymous and file-backed (mmap) pages, and for the
+sum of the tree's proportional set sizes (PSS: pages a forked child shares with its parent
+counted once, where the RSS sum counts them twice). Mergeflow runs with a Prefect home of the benchmark's own
 (``WORKDIR/prefect-home``), so it neither contends with nor grows ``~/.prefect``.
 
 Output agreement: the sha256 of every tensor's bytes in every output (read straight from the
@@ -417,13 +419,28 @@ def _rss_parts(pid: int) -> tuple[int, int]:
     return anon, file
 
 
+def _pss(pid: int) -> int:
+    """Proportional set size in KiB of one process (pages shared with another process, e.g. a
+    forked child, counted once over both), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 class Sampler(threading.Thread):
-    """Polls the process tree's RSS split (anon vs file-backed) at the moment of its peak."""
+    """Polls the process tree's RSS split (anon vs file-backed) at the moment of its peak, and
+    its peak PSS (the RSS sum counts a forked child's pages shared with its parent twice)."""
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
         self.peak_total = self.peak_anon = self.anon_at_peak = self.file_at_peak = 0
+        self.peak_pss = 0
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -437,6 +454,7 @@ class Sampler(threading.Thread):
             if anon + file > self.peak_total:
                 self.peak_total, self.anon_at_peak, self.file_at_peak = anon + file, anon, file
             self.peak_anon = max(self.peak_anon, anon)
+            self.peak_pss = max(self.peak_pss, sum(_pss(p) for p in pids))
             self._halt.wait(self.interval)
 
     def stop(self) -> None:
@@ -477,7 +495,8 @@ def measure(cmd: list[str], env: dict, method: str, log_path: Path) -> dict:
             "sampled_peak_gib": sampler.peak_total / gib,
             "anon_at_peak_gib": sampler.anon_at_peak / gib,
             "file_at_peak_gib": sampler.file_at_peak / gib,
-            "peak_anon_gib": sampler.peak_anon / gib}
+            "peak_anon_gib": sampler.peak_anon / gib,
+            "sampled_peak_pss_gib": sampler.peak_pss / gib}
 
 
 def warm_page_cache(*folders: Path) -> None:
@@ -697,7 +716,8 @@ def run_size(size: str, args, method: str, previous: dict) -> dict:
         r.update(written_gb=written / 1e9, write_gbps=written / 1e9 / r["wall_s"], load1=load)
         results.setdefault(route, []).append(r)
         log(f"{size}: {route} #{len(results[route])}: {r['wall_s']:.1f} s, "
-            f"{r['rss_gib']:.2f} GiB (process tree, sampled: {r['sampled_peak_gib']:.2f} GiB), "
+            f"{r['rss_gib']:.2f} GiB (process tree, sampled: {r['sampled_peak_gib']:.2f} GiB, "
+            f"PSS {r['sampled_peak_pss_gib']:.2f} GiB), "
             f"{r['write_gbps']:.3f} GB/s written, load {load:.1f}")
         return r
 
@@ -875,15 +895,15 @@ def report(all_results: list[dict], meta: dict) -> str:
     if any(r["slice_dims_overridden"] for r in all_results):
         lines.append(f"- **70B slices with overridden dimensions (smoke test): {SLICE_DIMS}**")
     lines += ["", "| size | params | route | runs | wall s | peak RSS GiB | process tree GiB "
-              "| anon / file GiB | written GB | GB/s written |",
-              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| tree PSS GiB | anon / file GiB | written GB | GB/s written |",
+              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for res in all_results:
         for route, m in res["median"].items():
             params = (f"{res['params'] / 1e9:.3f}B" if res["params"] >= 1e8
                       else f"{res['params'] / 1e6:.2f}M")
             lines.append(f"| {res['size']} | {params} | {route} "
                          f"| {len(res['runs'][route])} | {m['wall_s']:.1f} | {m['rss_gib']:.2f} "
-                         f"| {m['sampled_peak_gib']:.2f} "
+                         f"| {m['sampled_peak_gib']:.2f} | {m.get('sampled_peak_pss_gib', math.nan):.2f} "
                          f"| {m['anon_at_peak_gib']:.2f} / {m['file_at_peak_gib']:.2f} "
                          f"| {m['written_gb']:.2f} | {m['write_gbps']:.3f} |")
     lines += ["", "Paired ratios, mergeflow / the other route: median of the per-repeat ratios "
@@ -1000,8 +1020,10 @@ def report(all_results: list[dict], meta: dict) -> str:
 
     lines += ["", f"Peak RSS: `ru_maxrss` from {source} (the largest single process). Process "
               "tree: the sum over the command's processes, sampled every 0.1 s; anon / file: its "
-              "split at that peak. cp+sync: `cp --reflink=never` of the base's shards to a fresh "
-              "folder, then `sync` (fsync) of the copies, timed together. Every route starts with "
+              "split at that peak; tree PSS: the same sum of proportional set sizes (pages a "
+              "forked child shares with its parent counted once). cp+sync: `cp --reflink=never` "
+              "of the base's shards to a fresh folder, then `sync` (fsync) of the copies, timed "
+              "together. Every route starts with "
               "its inputs in the page cache."]
     return "\n".join(lines)
 
