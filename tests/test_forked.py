@@ -68,30 +68,54 @@ def test_the_childs_value_and_exceptions_reach_the_parent():
 
 def test_cancel_stops_and_reaps_the_child_and_no_fork_happens_beside_a_thread():
     got = _run("""
-        import json, os, threading, time
+        import json, os, signal, threading, time
         from mergeflow.model.forked import call_in_fork
+
+        def gone(pid):  # ended and reaped: not even a zombie is left
+            try:
+                os.kill(pid, 0)
+                return False
+            except ProcessLookupError:
+                return True
 
         call = call_in_fork(lambda: time.sleep(60))
         pid = call._pid
         started = time.monotonic()
         call.cancel()
         call.cancel()  # twice is harmless
+        cancelled = {"gone": gone(pid), "seconds": time.monotonic() - started}
+
+        class Stop(Exception):
+            pass
+
+        def stop_now(signum, frame):
+            raise Stop
+
+        signal.signal(signal.SIGALRM, stop_now)  # an exception while the parent waits
+        waited = call_in_fork(lambda: time.sleep(60))
+        waited_pid = waited._pid
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
         try:
-            os.kill(pid, 0)
-            alive = True
-        except ProcessLookupError:
-            alive = False  # gone and reaped: no zombie is left
+            waited.result()
+            raised = False
+        except Stop:
+            raised = True
+        interrupted = {"raised": raised, "gone": gone(waited_pid),
+                       "seconds": time.monotonic() - started}
+
         stop = threading.Event()
         worker = threading.Thread(target=stop.wait)
         worker.start()
         beside_thread = call_in_fork(lambda: 1)
         stop.set()
         worker.join()
-        print(json.dumps({"alive": alive, "cancel_s": time.monotonic() - started,
+        print(json.dumps({"cancelled": cancelled, "interrupted": interrupted,
                           "beside_thread": beside_thread is None,
                           "after_thread": call_in_fork(lambda: 1).result()}))
     """)
-    assert got["alive"] is False and got["cancel_s"] < 30
+    assert got["cancelled"]["gone"] is True and got["cancelled"]["seconds"] < 30
+    assert got["interrupted"] == {**got["interrupted"], "raised": True, "gone": True}
+    assert got["interrupted"]["seconds"] < 30  # not the child's 60 s
     assert got["beside_thread"] is True and got["after_thread"] == 1
 
 

@@ -43,8 +43,10 @@ class ForkedCall(Generic[T]):
         try:
             with os.fdopen(self._take_fd(), "rb") as answer:
                 data = answer.read()
-        finally:
-            status = self._reap(kill=False)
+        except BaseException:  # e.g. Ctrl-C sent to this process alone: the child goes too
+            self.cancel()
+            raise
+        status = self._reap(kill=False)
         if status != 0 or not data:
             raise ChildLost(f"the child process ended with status {status} and no answer")
         kind, value = pickle.loads(data)  # our own child's bytes
