@@ -183,3 +183,51 @@ def test_an_incomplete_base_is_refused_from_the_child(make_base, tmp_path):
             print(json.dumps({{"error": str(exc)}}))
     """, {"MERGEFLOW_CACHE": str(tmp_path / "cache")})
     assert "tie_word_embeddings is false" in got["error"] and "lm_head.weight" in got["error"]
+
+
+def test_no_fork_once_cuda_is_initialized():
+    got = _run("""
+        import json
+        import torch
+        from mergeflow.model.forked import call_in_fork
+
+        before = call_in_fork(lambda: 1)
+        torch.cuda.is_initialized = lambda: True  # as after a CUDA merge in this process
+        print(json.dumps({"before": before.result(), "after": call_in_fork(lambda: 1) is None}))
+    """)
+    assert got == {"before": 1, "after": True}
+
+
+def test_a_model_the_child_cannot_build_is_asked_again_here(make_base, tmp_path):
+    """transformers cannot build it in the child: the parent asks again (same fallback answer,
+    nothing cached), so nothing about the child can turn a layout into the fallback."""
+    import shutil
+
+    base = shutil.copytree(make_base("llama"), tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    config["model_type"] = "no-such-architecture"
+    (base / "config.json").write_text(json.dumps(config))
+    got = _run(f"""
+        import json, sys
+        from pathlib import Path
+        from mergeflow.model import layout
+
+        asked = []
+        learn = layout._LayoutQuery.learn
+
+        def counted(self):
+            asked.append(1)
+            return learn(self)
+
+        layout._LayoutQuery.learn = counted  # the child's count stays in the child
+        forks = []
+        fork = layout.call_in_fork
+        layout.call_in_fork = lambda fn: forks.append(fork(fn)) or forks[-1]
+        base = Path({str(base)!r})
+        got = layout.start_layout(base, {{"model.embed_tokens.weight"}},
+                                  json.loads((base / "config.json").read_text())).result()
+        print(json.dumps({{"embed": got.embed, "conv1d": sorted(got.conv1d),
+                           "forked": forks != [None], "asked_here": len(asked)}}))
+    """, {"MERGEFLOW_CACHE": str(tmp_path / "cache")})
+    assert got == {"embed": None, "conv1d": [], "forked": True, "asked_here": 1}
+    assert not list((tmp_path / "cache").rglob("*.json"))

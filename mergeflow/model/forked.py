@@ -4,8 +4,9 @@ never stays in the merging process.
 
 The child is a ``fork`` of this process: it starts at once, shares the modules already imported
 (torch), returns its answer (or exception) pickled through a pipe and leaves with ``os._exit``.
-Forking is only done where it is safe: a POSIX system other than macOS, and a process with no
-other thread (a lock held by another thread at the fork would stay held in the child forever).
+Forking is only done where it is safe: a POSIX system other than macOS, a process with no other
+thread (a lock held by another thread at the fork would stay held in the child forever), and no
+CUDA initialized.
 Anywhere else :func:`call_in_fork` returns None and the caller runs the function itself.
 """
 
@@ -79,9 +80,15 @@ class ForkedCall(Generic[T]):
 
 def can_fork() -> bool:
     """Whether forking is safe here: ``os.fork`` exists, not macOS (its system frameworks are not
-    fork-safe), and no thread but this one runs."""
+    fork-safe), no thread but this one runs, and CUDA is not initialized (a forked child cannot
+    use it, and the driver's own threads run)."""
     return (hasattr(os, "fork") and sys.platform != "darwin"
-            and threading.active_count() == 1)
+            and threading.active_count() == 1 and not _cuda_initialized())
+
+
+def _cuda_initialized() -> bool:
+    torch = sys.modules.get("torch")  # never imported just to ask
+    return torch is not None and torch.cuda.is_initialized()
 
 
 def call_in_fork(fn: Callable[[], T]) -> ForkedCall[T] | None:

@@ -153,9 +153,12 @@ class PendingLayout:
         if child is None:
             return UNKNOWN
         try:
-            return child.result()
+            layout = child.result()
         except ChildLost:
             return UNKNOWN
+        # transformers could not build the model in the child: asked again here, so that nothing
+        # about the child (e.g. what it inherited) can turn a layout into the config.json fallback
+        return UNKNOWN if layout is None else layout
 
 
 class _Unknown:
