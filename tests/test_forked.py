@@ -123,7 +123,8 @@ def test_cancel_stops_and_reaps_the_child_and_no_fork_happens_beside_a_thread():
 def test_a_layout_learnt_in_a_child_is_the_one_learnt_here(arch, make_base, tmp_path,
                                                             monkeypatch):
     """The child's layout equals the in-process one and is cached, and the parent never imports
-    transformers; with the child lost, the layout is learnt in the parent."""
+    transformers; with the child lost, or with ``fork=False``, the layout is learnt in the
+    parent."""
     from mergeflow.model.checkpoint import Checkpoint
     from mergeflow.model.config import base_config
     from mergeflow.model.layout import read_layout
@@ -141,7 +142,8 @@ def test_a_layout_learnt_in_a_child_is_the_one_learnt_here(arch, make_base, tmp_
         if os.environ.get("LOSE_CHILD"):  # the child dies before it answers
             layout.call_in_fork = lambda fn: forked.call_in_fork(lambda: os._exit(9))
         base = Path({str(base)!r})
-        got = layout.start_layout(base, set(Checkpoint(base).tensors), base_config(base)).result()
+        got = layout.start_layout(base, set(Checkpoint(base).tensors), base_config(base),
+                                  fork=not os.environ.get("NO_FORK")).result()
         print(json.dumps({{"embed": got.embed, "head": got.head, "tied": got.tied,
                           "conv1d": sorted(got.conv1d), "linear": sorted(got.linear),
                           "map": got.model_map.to_json(),
@@ -157,6 +159,9 @@ def test_a_layout_learnt_in_a_child_is_the_one_learnt_here(arch, make_base, tmp_
     lost = _run(script, {"MERGEFLOW_CACHE": str(tmp_path / "lost"), "LOSE_CHILD": "1"})
     assert lost.pop("transformers") is True  # learnt here after all
     assert lost == expected
+    asked_here = _run(script, {"MERGEFLOW_CACHE": str(tmp_path / "here-too"), "NO_FORK": "1"})
+    assert asked_here.pop("transformers") is True  # fork=False: learnt in the process
+    assert asked_here == expected
 
 
 def test_an_incomplete_base_is_refused_from_the_child(make_base, tmp_path):

@@ -8,7 +8,8 @@ transformers and building the model costs seconds, so the answer is cached as JS
 Mergeflow cache folder (``$MERGEFLOW_CACHE/layout/``), keyed by the canonical JSON of
 ``config.json``, the set of tensor names, and the Mergeflow and installed transformers versions:
 a second merge of the same base imports no transformers. A damaged cache entry is ignored and
-rewritten.
+rewritten. A merge asks with :func:`start_layout`, which learns a new base's layout in a forked
+child, so that transformers' model code (0.13 GiB) never enters the merging process.
 """
 
 from __future__ import annotations
@@ -112,19 +113,21 @@ def read_layout(config_dir: Path, tensor_names: set[str], config: dict,
     alone when transformers cannot build the architecture (then no module is known to be
     transposed, and embedding/head changes are refused); that answer is not cached.
     """
-    return _LayoutQuery(config_dir, tensor_names, config, shapes).answer(UNKNOWN)
+    return _LayoutQuery(config_dir, tensor_names, config, shapes).answer(_UNKNOWN)
 
 
 def start_layout(config_dir: Path, tensor_names: set[str], config: dict,
-                 shapes: dict[str, tuple[int, ...]] | None = None) -> PendingLayout:
+                 shapes: dict[str, tuple[int, ...]] | None = None, *,
+                 fork: bool = True) -> PendingLayout:
     """:func:`read_layout`, started now: a base whose layout is not cached has it learnt in a
     forked child (:mod:`mergeflow.model.forked`), so transformers' model code is never imported
     into this process, and this process can go on meanwhile; in this process where forking is
-    not safe. Call :meth:`PendingLayout.result` for the layout, or :meth:`PendingLayout.cancel`.
+    not safe, or with ``fork=False`` (the caller imports transformers anyway). Call
+    :meth:`PendingLayout.result` for the layout, or :meth:`PendingLayout.cancel`.
     """
     query = _LayoutQuery(config_dir, tensor_names, config, shapes)
     cached = query.cached()
-    child = None if cached is not None else call_in_fork(query.learn)
+    child = call_in_fork(query.learn) if cached is None and fork else None
     return PendingLayout(query, cached, child)
 
 
@@ -151,21 +154,21 @@ class PendingLayout:
     def _childs_answer(self) -> ModelLayout | _Unknown | None:
         child, self._child = self._child, None
         if child is None:
-            return UNKNOWN
+            return _UNKNOWN
         try:
             layout = child.result()
         except ChildLost:
-            return UNKNOWN
+            return _UNKNOWN
         # transformers could not build the model in the child: asked again here, so that nothing
         # about the child (e.g. what it inherited) can turn a layout into the config.json fallback
-        return UNKNOWN if layout is None else layout
+        return _UNKNOWN if layout is None else layout
 
 
 class _Unknown:
     """No answer from a child: learn the layout here."""
 
 
-UNKNOWN = _Unknown()
+_UNKNOWN = _Unknown()
 
 
 class _LayoutQuery:
@@ -186,7 +189,7 @@ class _LayoutQuery:
         return _model_layout(self.config_dir, self.shapes, self.config)
 
     def answer(self, learnt: ModelLayout | _Unknown | None) -> ModelLayout:
-        """The layout: ``learnt`` (then stored in the cache), or when it is :data:`UNKNOWN` the
+        """The layout: ``learnt`` (then stored in the cache), or when it is :data:`_UNKNOWN` the
         cached one or one learnt here; the fallback from ``config.json`` when transformers
         cannot build the model."""
         if isinstance(learnt, _Unknown):

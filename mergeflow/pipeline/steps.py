@@ -285,7 +285,7 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
     # A new base's layout is learnt in a child process (transformers' model code never enters
     # this one), while the base is hashed for the manifest here (idle time first, then the
     # merge's reads).
-    layout = _start_layout(base, config, quantized)
+    layout = _start_layout(base, config, quantized, adapter)
     try:
         hashes = _start_input_hashes(inputs, read_here=spec.dask_address is None)
     except BaseException:
@@ -316,12 +316,15 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
     return prepared
 
 
-def _start_layout(base: Checkpoint, config: dict,
-                  quantized: QuantizedBase | None) -> PendingLayout:
-    """The model's layout (its own code, cached), started: see :func:`start_layout`."""
+def _start_layout(base: Checkpoint, config: dict, quantized: QuantizedBase | None,
+                  adapter: Adapter) -> PendingLayout:
+    """The model's layout (its own code, cached), started: see :func:`start_layout`. Not in a
+    child when the adapter targets parameters: PEFT's wrappers are read from the model built
+    here anyway (:func:`read_param_wrappers`)."""
     view = quantized.logical_view(base) if quantized is not None else base
     return start_layout(base.folder, set(view.tensors), config,
-                        {n: tuple(i.shape) for n, i in view.tensors.items()})
+                        {n: tuple(i.shape) for n, i in view.tensors.items()},
+                        fork=not adapter.config.target_parameters)
 
 
 def _plan_merge(spec: MergeSpec, base: Checkpoint, adapter: Adapter, config: dict,
