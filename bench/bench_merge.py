@@ -700,11 +700,14 @@ def run_size(size: str, args, method: str, previous: dict) -> dict:
     cp_out, baseline_out = runs_dir / "out-cp", runs_dir / "out-baseline"
     env = bench_env(args.mergeflow_src, workdir)
     shards = sorted(base.glob("*.safetensors"))
+    for stale in (mf_out, peft_out, cp_out, baseline_out):  # a stopped run's, removed anyway
+        shutil.rmtree(stale, ignore_errors=True)
     # at most three outputs at once: mergeflow's, peft's or the baseline's, and cp's
     need = 3 * sum(p.stat().st_size for p in shards) / 1e9
     free = shutil.disk_usage(workdir).free / 1e9
     if free < need * 1.1:
-        log(f"{size}: WARNING: {free:.0f} GB free in {workdir}, the outputs need about {need:.0f}")
+        raise SystemExit(f"{size}: {free:.0f} GB free in {workdir}, but its outputs need about "
+                         f"{need * 1.1:.0f} GB; free some space or pass another --workdir")
     results: dict[str, list[dict]] = {"mergeflow": [], **({} if is_slice else {"peft": []}),
                                       "cp + sync": []}
 
