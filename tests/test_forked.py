@@ -190,17 +190,29 @@ def test_an_incomplete_base_is_refused_from_the_child(make_base, tmp_path):
     assert "tie_word_embeddings is false" in got["error"] and "lm_head.weight" in got["error"]
 
 
-def test_no_fork_once_cuda_is_initialized():
+def test_no_fork_once_cuda_is_initialized_or_when_fork_fails():
     got = _run("""
-        import json
+        import errno, json, os
         import torch
         from mergeflow.model.forked import call_in_fork
 
-        before = call_in_fork(lambda: 1)
+        before = call_in_fork(lambda: 1).result()
+        real_cuda = torch.cuda.is_initialized
         torch.cuda.is_initialized = lambda: True  # as after a CUDA merge in this process
-        print(json.dumps({"before": before.result(), "after": call_in_fork(lambda: 1) is None}))
+        after_cuda = call_in_fork(lambda: 1) is None
+        torch.cuda.is_initialized = real_cuda
+        fds_before = len(os.listdir("/proc/self/fd"))
+
+        def no_memory():
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+        os.fork = no_memory  # strict overcommit in a large process
+        refused = call_in_fork(lambda: 1) is None
+        print(json.dumps({"before": before, "after_cuda": after_cuda,
+                          "fork_failed": refused,
+                          "fds_kept": len(os.listdir("/proc/self/fd")) - fds_before}))
     """)
-    assert got == {"before": 1, "after": True}
+    assert got == {"before": 1, "after_cuda": True, "fork_failed": True, "fds_kept": 0}
 
 
 def test_a_model_the_child_cannot_build_is_asked_again_here(make_base, tmp_path):

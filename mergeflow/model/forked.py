@@ -96,7 +96,12 @@ def call_in_fork(fn: Callable[[], T]) -> ForkedCall[T] | None:
     if not can_fork():
         return None
     read_fd, write_fd = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:  # e.g. ENOMEM under strict overcommit in a large process: run it here
+        os.close(read_fd)
+        os.close(write_fd)
+        return None
     if pid == 0:  # the child: never returns
         os.close(read_fd)
         _answer(fn, write_fd)
