@@ -98,6 +98,58 @@ def test_a_local_cli_merge_runs_in_process_without_prefect(tiny, tmp_path):
     assert loaded == ["torch"]
 
 
+def test_a_second_merge_with_target_parameters_imports_no_transformers_or_peft(
+        make_base, make_adapter, tmp_path):
+    """An adapter with ``target_parameters`` (MoE experts): the first merge asks PEFT which
+    parameters it wraps, the second, in a fresh process, reads the cached answer and imports
+    neither transformers nor PEFT; same bytes."""
+    base = make_base("mixtral")
+    adapter = make_adapter(base, target_modules=["q_proj"],
+                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    env = {"MERGEFLOW_CACHE": str(tmp_path / "cache")}
+    merge = ("import mergeflow\n"
+             "r = mergeflow.merge({base!r}, {adapter!r}, {out!r})\n"
+             "assert r.status == 'merged', r\n")
+    first = _python(merge.format(base=str(base), adapter=str(adapter), out=str(tmp_path / "a"))
+                    + REPORT.format(names=HEAVY), env)
+    assert {"transformers", "peft"} <= set(first)  # PEFT was asked, once
+    assert len(list((tmp_path / "cache" / "wrappers").glob("*.json"))) == 1
+    second = _python(merge.format(base=str(base), adapter=str(adapter), out=str(tmp_path / "b"))
+                     + REPORT.format(names=HEAVY), env)
+    assert second == ["torch"]
+    for path in (tmp_path / "a").iterdir():
+        assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
+
+
+def test_cached_param_wrappers_are_peft_s_and_a_damaged_entry_is_harmless(
+        make_base, make_adapter, tmp_path, monkeypatch):
+    from mergeflow.model import wrappers
+
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path))
+    base = make_base("qwen3_moe")
+    adapter = make_adapter(base, target_modules=["q_proj"],
+                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    fresh = wrappers.read_param_wrappers(base, adapter)
+    assert fresh and all(w.experts > 1 for w in fresh.values())
+    [entry] = (tmp_path / "wrappers").glob("*.json")
+
+    def no_peft(config_dir, adapter_dir):
+        raise AssertionError("the cached answer was not used")
+
+    with monkeypatch.context() as m:
+        m.setattr(wrappers, "_peft_wrappers", no_peft)
+        assert wrappers.read_param_wrappers(base, adapter) == fresh
+    good = json.loads(entry.read_text())
+    name = next(iter(good["wrapped"]))
+    for damage in ("", "{not json", "[]", json.dumps({**good, "format": 0}),
+                   json.dumps({**good, "wrapped": {name: {**good["wrapped"][name], "rank": "16"}}}),
+                   json.dumps({**good, "wrapped": {name: {**good["wrapped"][name],
+                                                          "scale": None}}})):
+        entry.write_text(damage)
+        assert wrappers.read_param_wrappers(base, adapter) == fresh
+        assert wrappers._load_cached(entry) == fresh  # rewritten whole
+
+
 # -- the layout cache -----------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from mergeflow.errors import PlanError
 from mergeflow.model.config import read_base_config
 from mergeflow.model.forked import ChildLost, ForkedCall, call_in_fork
-from mergeflow.model.modelmap import ModelMap, WrappedParam, read_model_map
+from mergeflow.model.modelmap import ModelMap, read_model_map
 from mergeflow.storage.memo import installed_version, memo_path, read_memo, write_memo
 
 CACHE_FORMAT = 4  # 3: the model map records tensors held under two names; 4: linear modules
@@ -282,46 +282,3 @@ def _store(path: Path, layout: ModelLayout) -> None:
                       "tied": layout.tied, "conv1d": sorted(layout.conv1d),
                       "linear": sorted(layout.linear),
                       "model_map": layout.model_map.to_json()})
-
-
-def read_param_wrappers(config_dir: Path, adapter_dir: Path) -> dict[str, WrappedParam]:
-    """The parameters an adapter with ``target_parameters`` adapts whole, by adapter module
-    name (its saved keys less ``.lora_A.weight``), as PEFT itself wraps them.
-
-    PEFT is asked directly: its ``get_peft_model`` runs on the base model built on the ``meta``
-    device, so the nesting of several wrapped parameters on one module (``experts.base_layer``
-    is the first one PEFT wrapped), the experts count, the layout and the scale are PEFT's own.
-    """
-    from mergeflow.errors import AdapterError
-
-    try:
-        model, _ = meta_model(config_dir)
-    except Exception as exc:
-        raise PlanError(f"{config_dir}: transformers cannot build this model ({exc}); an adapter "
-                        "with target_parameters needs the model's own code") from exc
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora.layer import ParamWrapper
-
-    try:
-        config = LoraConfig.from_pretrained(str(adapter_dir))
-    except Exception as exc:
-        raise AdapterError(f"{adapter_dir / 'adapter_config.json'}: PEFT cannot read it ({exc})") from exc
-    config.inference_mode = True
-    with warnings.catch_warnings(), torch.device("meta"):
-        warnings.simplefilter("ignore")
-        peft_model = get_peft_model(model, config)
-    wrapped = {}
-    prefix = "base_model.model."
-    for name, module in peft_model.named_modules():
-        if not isinstance(module, ParamWrapper):
-            continue
-        owner = name.removeprefix(prefix).replace(".base_layer", "")
-        param = module.get_param()
-        adapter_name = next(iter(module.r))
-        wrapped[name.removeprefix(prefix)] = WrappedParam(
-            param=f"{owner}.{module.parameter_name}", shape=tuple(param.shape),
-            experts=module.num_experts,
-            b_left=module.num_experts == 1 or module._did_swap_in_out_features,
-            rank=module.r[adapter_name], scale=float(module.scaling[adapter_name]))
-    return wrapped

@@ -36,11 +36,12 @@ from mergeflow.model.adapter import CONFIG_FILE as ADAPTER_CONFIG
 from mergeflow.model.adapter import Adapter, load_adapter, read_adapter_config
 from mergeflow.model.checkpoint import INDEX_FILES, Checkpoint
 from mergeflow.model.config import base_config, read_base_config, text_config
-from mergeflow.model.layout import ModelLayout, PendingLayout, read_param_wrappers, start_layout
+from mergeflow.model.layout import ModelLayout, PendingLayout, start_layout
 from mergeflow.model.quant import QuantizedBase, detect
 from mergeflow.model.stack import WEIGHTS as STACK_WEIGHTS
 from mergeflow.model.stack import stack_adapters
 from mergeflow.model.vocab import set_config_field
+from mergeflow.model.wrappers import read_param_wrappers
 from mergeflow.output.folder import (
     INDEX_FILE,
     MANIFEST,

@@ -50,7 +50,7 @@ class Planner:
         quantized: what :func:`mergeflow.model.quant.detect` found in the base (None: not quantized).
             The planner then sees each quantized unit as one tensor of its real shape.
         wrapped: the parameters the adapter adapts whole (``target_parameters``), by adapter
-            module name (:func:`mergeflow.model.layout.read_param_wrappers`).
+            module name (:func:`mergeflow.model.wrappers.read_param_wrappers`).
 
     The adapter names modules as the model in memory has them; the plan names disk tensors.
     ``layout.model_map`` translates (a VLM's ``language_model`` prefix, GPT-NeoX's head, MoE
