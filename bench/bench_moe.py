@@ -27,7 +27,10 @@ cp + sync, ...) so noise from the shared machine hits them alike:
   under Mergeflow's peak. "Mergeflow over imports" is its peak minus that, to compare with the
   block budget; and "mergeflow, 1MB block": the same merge with the smallest block
   (``MIN_BLOCK``), so the part of the peak that the block budget governs shows as the
-  difference.
+  difference;
+* after each cold "mergeflow" run, "mergeflow, warm cache": the same merge again with the cache
+  that run filled (input hashes, the layout and PEFT's whole-parameter wrappers: a second
+  adapter with the same configuration on a known base imports neither transformers nor PEFT).
 
 Peak RSS is the kernel's ``ru_maxrss`` of the measured process (``/usr/bin/time -v`` or
 ``getrusage(RUSAGE_CHILDREN)`` in a wrapper, as in ``bench/bench_merge.py``, whose measuring code
@@ -138,26 +141,34 @@ def run_count(experts: int, args: argparse.Namespace, method: str) -> dict:
     shards = sorted(base.glob("*.safetensors"))
     outs = {name: workdir / f"out-{name}" for name in ("mergeflow", "peft", "cp")}
     runs: dict[str, list[dict]] = {"mergeflow": [], "peft": [], "cp + sync": [], "imports": [],
-                                   "mergeflow, 1MB block": []}
+                                   "mergeflow, 1MB block": [], "mergeflow, warm cache": []}
 
     def measured(route: str, cmd: list[str], env_: dict, log_name: str) -> None:
         runs[route].append(measure(cmd, env_, method, workdir / log_name))
         r = runs[route][-1]
         log(f"  {route}: {r['wall_s']:.1f} s, peak RSS {r['rss_gib']:.3f} GiB")
 
-    def run_mergeflow(route: str, block_size: str, log_name: str) -> None:
-        cache = Path(tempfile.mkdtemp(prefix="mf-cache-", dir=workdir))
+    def run_mergeflow(route: str, block_size: str, log_name: str, cache: Path) -> None:
         shutil.rmtree(outs["mergeflow"], ignore_errors=True)
         measured(route, [*mergeflow_cmd(), "merge", "--base", str(base), "--adapter",
                          str(adapter), "--out", str(outs["mergeflow"]), "--max-shard-size",
                          SHARD, "--no-tokenizer", "--workers", "1", "--block-size", block_size],
                  dict(env, MERGEFLOW_CACHE=str(cache)), log_name)
-        shutil.rmtree(cache, ignore_errors=True)
+
+    def empty_cache() -> Path:
+        return Path(tempfile.mkdtemp(prefix="mf-cache-", dir=workdir))
 
     measured("imports", [sys.executable, "-c", IMPORTS], env, f"imports-e{experts}.log")
-    run_mergeflow("mergeflow, 1MB block", SMALL_BLOCK, f"mergeflow-small-e{experts}.log")
+    cache = empty_cache()
+    run_mergeflow("mergeflow, 1MB block", SMALL_BLOCK, f"mergeflow-small-e{experts}.log", cache)
+    shutil.rmtree(cache, ignore_errors=True)
     for rep in range(args.repeats):
-        run_mergeflow("mergeflow", args.block_size, f"mergeflow-e{experts}-{rep}.log")
+        cache = empty_cache()  # hashes, layout and PEFT's wrappers all to be learnt
+        run_mergeflow("mergeflow", args.block_size, f"mergeflow-e{experts}-{rep}.log", cache)
+        # the same merge again, every answer cached (a second adapter of a known base and config)
+        run_mergeflow("mergeflow, warm cache", args.block_size,
+                      f"mergeflow-warm-e{experts}-{rep}.log", cache)
+        shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(outs["peft"], ignore_errors=True)
         measured("peft", [sys.executable, str(HERE / "peft_merge.py"), str(base), str(adapter),
                           str(outs["peft"]), "--max-shard-size", SHARD],
@@ -246,8 +257,9 @@ def report(results: list[dict], args: argparse.Namespace, origin: str) -> str:
              f"{budget / 2**20:.0f} MiB.", "",
              "| experts | base on disk | mergeflow peak RSS | over imports | over imports, 1MB "
              "block | PEFT peak RSS | RSS mergeflow / PEFT | wall mergeflow / PEFT | "
-             "wall mergeflow / cp+sync | max error, bf16 ulps: mergeflow / PEFT |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "wall mergeflow / cp+sync | warm cache: wall, peak RSS, wall / PEFT "
+             "| max error, bf16 ulps: mergeflow / PEFT |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         runs, agree = r["runs"], r["agreement"]
         over = median(runs["mergeflow"], "rss_gib") - median(runs["imports"], "rss_gib")
@@ -262,6 +274,9 @@ def report(results: list[dict], args: argparse.Namespace, origin: str) -> str:
             f"{paired_ratio(runs['mergeflow'], runs['peft'], 'rss_gib'):.2f}x | "
             f"{paired_ratio(runs['mergeflow'], runs['peft'], 'wall_s'):.2f}x | "
             f"{paired_ratio(runs['mergeflow'], runs['cp + sync'], 'wall_s'):.2f}x | "
+            f"{median(runs['mergeflow, warm cache'], 'wall_s'):.1f} s, "
+            f"{median(runs['mergeflow, warm cache'], 'rss_gib'):.3f} GiB, "
+            f"{paired_ratio(runs['mergeflow, warm cache'], runs['peft'], 'wall_s'):.2f}x | "
             f"{agree['mergeflow']['max_ulps_vs_float32']:.2f} / "
             f"{agree['peft']['max_ulps_vs_float32']:.2f}"
             f"{'' if ok else ' (MISMATCH: see results.json)'} |")
