@@ -113,7 +113,7 @@ def read_layout(config_dir: Path, tensor_names: set[str], config: dict,
     alone when transformers cannot build the architecture (then no module is known to be
     transposed, and embedding/head changes are refused); that answer is not cached.
     """
-    return _LayoutQuery(config_dir, tensor_names, config, shapes).answer(_UNKNOWN)
+    return _LayoutQuery(config_dir, tensor_names, config, shapes).answer()
 
 
 def start_layout(config_dir: Path, tensor_names: set[str], config: dict,
@@ -151,24 +151,17 @@ class PendingLayout:
             self._child.cancel()
             self._child = None
 
-    def _childs_answer(self) -> ModelLayout | _Unknown | None:
+    def _childs_answer(self) -> ModelLayout | None:
+        """The child's layout; None when there is no child, it was lost, or transformers could
+        not build the model in it (asked again here, so that nothing about the child, e.g. what
+        it inherited, can turn a layout into the config.json fallback)."""
         child, self._child = self._child, None
         if child is None:
-            return _UNKNOWN
+            return None
         try:
-            layout = child.result()
+            return child.result()
         except ChildLost:
-            return _UNKNOWN
-        # transformers could not build the model in the child: asked again here, so that nothing
-        # about the child (e.g. what it inherited) can turn a layout into the config.json fallback
-        return _UNKNOWN if layout is None else layout
-
-
-class _Unknown:
-    """No answer from a child: learn the layout here."""
-
-
-_UNKNOWN = _Unknown()
+            return None
 
 
 class _LayoutQuery:
@@ -188,18 +181,17 @@ class _LayoutQuery:
         """The answer from the model's own code (transformers); None when it cannot build it."""
         return _model_layout(self.config_dir, self.shapes, self.config)
 
-    def answer(self, learnt: ModelLayout | _Unknown | None) -> ModelLayout:
-        """The layout: ``learnt`` (then stored in the cache), or when it is :data:`_UNKNOWN` the
-        cached one or one learnt here; the fallback from ``config.json`` when transformers
-        cannot build the model."""
-        if isinstance(learnt, _Unknown):
+    def answer(self, learnt: ModelLayout | None = None) -> ModelLayout:
+        """The layout: ``learnt`` (then stored in the cache), else the cached one or one learnt
+        here; the fallback from ``config.json`` when transformers cannot build the model."""
+        if learnt is None:
             cached = self.cached()
             if cached is not None:
                 return cached
             learnt = self.learn()
-        if learnt is None:
-            return ModelLayout(embed=None, head=None,
-                               tied=bool(self.config.get("tie_word_embeddings")))
+            if learnt is None:
+                return ModelLayout(embed=None, head=None,
+                                   tied=bool(self.config.get("tie_word_embeddings")))
         if self.path is not None:
             _store(self.path, learnt)
         return learnt
