@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 from pathlib import Path
 
@@ -81,6 +82,20 @@ def read_base_config(folder: str | Path | None) -> dict | None:
         return base_config(folder)
     except InputError:
         return None
+
+
+def config_digest(folder: str | Path) -> str | None:
+    """The sha256 of the base's ``config.json`` as canonical JSON (sorted keys, no spaces): what
+    the caches of answers learnt from the model's code are keyed by; None when there is no
+    readable config or it is not plain JSON."""
+    config = read_base_config(folder)
+    if config is None:
+        return None
+    try:
+        canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def text_config(config: dict) -> dict:

@@ -15,14 +15,13 @@ child, so that transformers' model code (0.13 GiB) never enters the merging proc
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergeflow.errors import PlanError
-from mergeflow.model.config import read_base_config
+from mergeflow.model.config import config_digest
 from mergeflow.model.forked import ChildLost, ForkedCall, call_in_fork
 from mergeflow.model.modelmap import ModelMap, read_model_map
 from mergeflow.storage.memo import installed_version, memo_path, read_memo, write_memo
@@ -236,15 +235,11 @@ def _cache_path(config_dir: Path, shapes: dict[str, tuple[int, ...]]) -> Path | 
     """Where the layout of this ``config.json`` (the file transformers reads) and tensor set
     (names and shapes) is cached; None when the config cannot be read as JSON (then nothing is
     cached)."""
-    config = read_base_config(config_dir)
-    try:
-        canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError):
-        return None
+    config = config_digest(config_dir)
     if config is None:
         return None
     return memo_path("layout", {
-        "format": CACHE_FORMAT, "config": hashlib.sha256(canonical.encode()).hexdigest(),
+        "format": CACHE_FORMAT, "config": config,
         "tensors": hashlib.sha256("\n".join(f"{n}:{list(shapes[n])}" for n in sorted(shapes))
                                   .encode()).hexdigest(),
         "transformers": installed_version("transformers")})

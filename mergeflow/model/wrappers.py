@@ -12,14 +12,13 @@ configuration imports neither. A damaged cache entry is ignored and rewritten.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 from mergeflow.errors import AdapterError, PlanError
-from mergeflow.model.config import read_base_config
+from mergeflow.model.config import config_digest
 from mergeflow.model.layout import meta_model
 from mergeflow.model.modelmap import WrappedParam
 from mergeflow.storage.memo import installed_version, memo_path, read_memo, write_memo
@@ -92,16 +91,15 @@ def _peft_wrappers(config_dir: Path, adapter_dir: Path) -> dict[str, WrappedPara
 def _cache_path(config_dir: Path, adapter_dir: Path) -> Path | None:
     """Where the answer for this ``config.json`` and ``adapter_config.json`` is cached; None when
     either cannot be read (then nothing is cached, and asking PEFT reports the problem)."""
-    config = read_base_config(config_dir)
+    config = config_digest(config_dir)
     try:
         adapter_config = (adapter_dir / ADAPTER_CONFIG).read_bytes()
-        canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (OSError, TypeError, ValueError):
+    except OSError:
         return None
     if config is None:
         return None
     return memo_path("wrappers", {
-        "format": CACHE_FORMAT, "config": hashlib.sha256(canonical.encode()).hexdigest(),
+        "format": CACHE_FORMAT, "config": config,
         "adapter_config": hashlib.sha256(adapter_config).hexdigest(),
         "transformers": installed_version("transformers"), "peft": installed_version("peft")})
 

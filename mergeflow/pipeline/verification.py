@@ -32,9 +32,9 @@ from pydantic import BaseModel
 
 from mergeflow.engine.fp8 import decode_row_set
 from mergeflow.engine.ops import TensorMerger
-from mergeflow.engine.readers import row_reader
+from mergeflow.engine.readers import RowView, row_reader
 from mergeflow.math.numerics import all_finite
-from mergeflow.model.checkpoint import Checkpoint
+from mergeflow.model.checkpoint import Checkpoint, TensorInfo
 from mergeflow.model.vocab import resize_rows
 from mergeflow.output.folder import MANIFEST
 from mergeflow.plan import (
@@ -313,17 +313,20 @@ _CHECKS: dict[type, Callable[..., tuple[str, float, float]]] = {
 }
 
 
+# a sampled tensor: its plan, the rows to check, and the reader and header of its row shape
+Sampled = tuple[TensorPlan, torch.Tensor, Checkpoint | RowView, TensorInfo]
+
+
 def check_values(written: Checkpoint, tensors: list[TensorPlan], checker: NumericChecker
                  ) -> tuple[int, list[TensorCheck], list[str]]:
     """Finiteness and the numeric check of the given planned tensors' sampled rows, read from
     ``written``; plain copies are checked by their shard's sha256 alone."""
     checks, problems = [], []
-    sampled = [(t, checker.sample(t)) for t in tensors if t.name in written]
+    present = [t for t in tensors if t.name in written]
+    sampled = [(t, rows, *row_reader(written, written.tensors[t.name], t.row_shape))
+               for t in present if (rows := checker.sample(t)) is not None]
     _read_ahead(written, sampled)
-    for tensor, rows in sampled:
-        if rows is None:
-            continue
-        reader, info = row_reader(written, written.tensors[tensor.name], tensor.row_shape)
+    for tensor, rows, reader, info in sampled:
         value = reader.read_row_set(info.name, rows.tolist()) if tensor.shape \
             else reader.read_rows(info.name, 0, 1)
         if not all_finite(value):
@@ -338,17 +341,13 @@ def check_values(written: Checkpoint, tensors: list[TensorPlan], checker: Numeri
             if not check.ok:
                 problems.append(f"tensor '{tensor.name}': {check.kind} check off by "
                                 f"{check.relative_error:.2e} (relative)")
-    return len(sampled), checks, problems
+    return len(present), checks, problems
 
 
-def _read_ahead(written: Checkpoint, sampled: list[tuple[TensorPlan, torch.Tensor | None]]
-                ) -> None:
+def _read_ahead(written: Checkpoint, sampled: list[Sampled]) -> None:
     """Ask the kernel for every sampled row of a shard at once (a written shard is not in the
     page cache: its writes went past it), so the disk reads them while the checks compute."""
-    for tensor, rows in sampled:
-        if rows is None:
-            continue
-        reader, info = row_reader(written, written.tensors[tensor.name], tensor.row_shape)
+    for _, rows, reader, info in sampled:
         if reader is written:  # stored in its row shape: the rows are the file's own
             written.will_read_rows(info.name, rows.tolist())
 
