@@ -15,6 +15,7 @@ import json
 import os
 import random
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,7 @@ def test_merge_manifest_lists_the_true_sha256_with_one_read_of_the_base(tmp_path
                       intermediate_size=256, num_hidden_layers=12, dtype=torch.bfloat16,
                       max_shard_size="200KB")
     adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "down_proj"])
-    monkeypatch.setattr(hashing, "_fill_until_read", lambda digests: None)  # reads alone
+    monkeypatch.setattr(hashing, "_fill_until_read", lambda digests, stop: None)  # reads alone
     read_again = []
     real = hashing._hash_range
     monkeypatch.setattr(hashing, "_hash_range", lambda d, fd, a, b, p: (
@@ -134,7 +135,7 @@ def test_an_up_to_date_rerun_hashes_nothing(tmp_path, monkeypatch):
     # base's weights ...
     monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache-2"))
     monkeypatch.setattr(hashing, "_known", {})
-    monkeypatch.setattr(hashing, "_fill_until_read", lambda digests: None)
+    monkeypatch.setattr(hashing, "_fill_until_read", lambda digests, stop: None)
     started = []
     real = hashing.hash_while_reading
     monkeypatch.setattr(hashing, "hash_while_reading",
@@ -147,3 +148,45 @@ def test_an_up_to_date_rerun_hashes_nothing(tmp_path, monkeypatch):
     weights = {str(p.resolve()) for p in base.glob("*.safetensors")}
     assert not weights & set(hashing._reading)
     assert all(d.finish() is None for d in digests)
+
+
+def test_hashing_ahead_is_taken_over_by_the_merge_that_reads_the_files(tmp_path, monkeypatch):
+    """The CLI starts hashing a local base before torch is imported (``hash_ahead``); planning
+    pauses it for the layout's fork, takes its digests over and drops a file the merge does not
+    read. The manifest lists the true sha256 either way."""
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hashing, "_known", {})
+    base = build_base(tmp_path / "base", "llama", tokenizer=False, dtype=torch.bfloat16,
+                      max_shard_size="60KB")
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    weights = sorted(p.name for p in base.glob("*.safetensors"))
+    assert len(weights) > 1 and (base / "model.safetensors.index.json").is_file()
+    fake_safetensors(base / "consolidated.safetensors", 10_000, 5)  # not in the index
+
+    hashing.hash_ahead(base)
+    ahead = {d.path.name: d for d in hashing._ahead.digests}
+    assert sorted(ahead) == weights  # the index's files only
+    hashing.pause_hashing()
+    assert not any(t.name == "mergeflow-hash-before-reads" for t in threading.enumerate())
+
+    taken = []
+    real = hashing.hash_while_reading
+    monkeypatch.setattr(hashing, "hash_while_reading",
+                        lambda paths: taken.append(real(paths)) or taken[-1])
+    stray = hashing.ReadDigest(base / "consolidated.safetensors", "stray")
+    hashing._ahead.digests.append(stray)  # as if hashed ahead from a folder listing
+    hashing._reading[stray.real] = stray
+    mergeflow.merge(base, adapter, tmp_path / "out", no_tokenizer=True, workers=1)
+    assert set(taken[0][0]) >= set(ahead.values())  # the same digests, not new ones
+    assert stray.real not in hashing._reading and stray.finish() is None
+    assert hashing._ahead is None
+    listed = json.loads((tmp_path / "out" / MANIFEST).read_text())["inputs"]["sha256"]["base"]
+    assert {n: listed[n] for n in weights} == {
+        n: hashlib.sha256((base / n).read_bytes()).hexdigest() for n in weights}
+
+
+def test_hash_ahead_of_a_folder_it_cannot_read_does_nothing(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text("{not json")
+    hashing.hash_ahead(tmp_path)
+    hashing.hash_ahead(tmp_path / "missing")
+    assert hashing._ahead is None

@@ -3,6 +3,7 @@ the tokenizer length computed without transformers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO
+
+from mergeflow.output.folder import MANIFEST
 
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "prefect")
 REPORT = "import json, sys; print(json.dumps(sorted(m for m in {names!r} if m in sys.modules)))"
@@ -102,6 +105,41 @@ def test_a_local_cli_merge_runs_in_process_without_prefect(tiny, tmp_path):
                 "--out", str(tmp_path / out), "--max-shard-size", "40KB"]
         loaded = _python(run.format(args=args) + REPORT.format(names=HEAVY), env)
     assert loaded == ["torch"]
+
+
+def test_the_cli_starts_hashing_the_base_before_it_imports_torch(tiny, tmp_path):
+    """Importing torch keeps one core busy for most of a second: the CLI hashes a local base's
+    shards meanwhile (``hash_ahead``), pauses for the layout's fork (a new base's layout is
+    still learnt in a child), and the merge's manifest lists their true sha256."""
+    base, adapter = tiny
+    env = {"MERGEFLOW_CACHE": str(tmp_path / "cache"), "NO_COLOR": "1"}
+    args = ["merge", "--base", str(base), "--adapter", str(adapter), "--out",
+            str(tmp_path / "out"), "--max-shard-size", "40KB", "--no-tokenizer"]
+    run = ("import json, sys, time\n"
+           "from mergeflow.storage import hashing\n"
+           "seen = []\n"
+           "hashing.CHUNK = 4096\n"  # a slow hasher, still at work when planning forks
+           "step = hashing.ReadDigest.advance\n"
+           "hashing.ReadDigest.advance = lambda self: (time.sleep(0.05), step(self))[1]\n"
+           "real = hashing.hash_ahead\n"
+           "count = lambda: len(hashing._ahead.digests) if hashing._ahead else 0\n"
+           "hashing.hash_ahead = lambda folder: (seen.append((str(folder), 'torch' in sys.modules,"
+           " count())), real(folder), seen.append(count()))\n"
+           "from mergeflow.cli.app import app\n"
+           "try:\n"
+           f"    app(args={args!r}, prog_name='mergeflow')\n"
+           "except SystemExit as exc:\n"
+           "    assert exc.code in (0, None), exc.code\n"
+           "print(json.dumps([seen, 'transformers' in sys.modules]))\n")
+    ((folder, torch_loaded, before), after), transformers_loaded = _python(run, env)
+    assert folder == str(base) and not torch_loaded
+    # the hashing paused for the layout's fork: transformers ran in the child, not here
+    assert not transformers_loaded
+    shards = len(list(base.glob("*.safetensors")))
+    assert (before, after) == (0, shards) and shards > 1
+    listed = json.loads((tmp_path / "out" / MANIFEST).read_text())["inputs"]["sha256"]["base"]
+    assert {p.name: listed[p.name] for p in base.glob("*.safetensors")} == {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in base.glob("*.safetensors")}
 
 
 def test_a_second_merge_with_target_parameters_imports_no_transformers_or_peft(

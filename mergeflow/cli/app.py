@@ -39,6 +39,7 @@ from mergeflow.cli.words import option_default as _default
 from mergeflow.cli.words import option_help as _help
 from mergeflow.errors import InputError, MergeError
 from mergeflow.spec import MergeSpec
+from mergeflow.storage.hashing import hash_ahead
 from mergeflow.storage.lock import output_lock
 
 if TYPE_CHECKING:
@@ -83,6 +84,17 @@ def _plan(spec: MergeSpec) -> PreparedMerge:
 
     pipeline.for_spec(spec)  # sizes and the memory bound are checked before anything runs
     return pipeline.prepare(spec)
+
+
+def _hash_base_ahead(spec: MergeSpec) -> None:
+    """Start hashing a local base's shards for the manifest before torch is imported (which
+    takes one core for most of a second), when this process will read them; planning takes
+    the hashing over (:func:`mergeflow.storage.hashing.hash_ahead`)."""
+    if spec.dask_address or not spec.base or "://" in spec.base:
+        return
+    folder = Path(spec.base)
+    if folder.is_dir():
+        hash_ahead(folder)
 
 
 def _execute(spec: MergeSpec, prepared: PreparedMerge,
@@ -203,6 +215,7 @@ def merge(
     with StopOnSignal(spec.out), contextlib.ExitStack() as held:  # Ctrl-C / SIGTERM: exit 130
         try:
             held.enter_context(output_lock(spec.out))  # one writer per output
+            _hash_base_ahead(spec)
             prepared = _plan(spec)
         except InputError as exc:  # refused before anything was written
             _fail(2, str(exc))

@@ -34,7 +34,7 @@ from mergeflow.engine.readers import (
 )
 from mergeflow.errors import AdapterError, InputError
 from mergeflow.math.lora import embedding_delta, merge_bias, merge_linear
-from mergeflow.math.numerics import all_finite, fits
+from mergeflow.math.numerics import all_finite
 from mergeflow.model.adapter import Adapter
 from mergeflow.model.checkpoint import DTYPES, Checkpoint, TensorInfo
 from mergeflow.model.vocab import resize_rows
@@ -499,10 +499,9 @@ class TensorMerger:
         """Merged row blocks, checked and cast to ``out_dtype`` (see :meth:`blocks`)."""
         cuda = self.device.type == "cuda"
         for _, _, work in self.merged_rows(plan, rows, row_elems, step):
-            if not fits(work, out_dtype):  # one pass: no NaN/Inf, and the cast cannot overflow
-                require_finite(plan, work.to(out_dtype))  # after the cast: overflow counts
             if cuda:
                 out = work.to(out_dtype)
+                require_finite(plan, out)  # after the cast: an overflow to Inf counts
                 host = torch.empty(out.shape, dtype=out_dtype, pin_memory=True)
                 host.copy_(out, non_blocking=True)
                 ready = torch.cuda.Event()
@@ -511,6 +510,11 @@ class TensorMerger:
             else:
                 out, release = self.buffers.pool(out_dtype.itemsize).take(work.shape, out_dtype)
                 out.copy_(work)  # cast into a reused buffer; the writer gives it back
+                try:  # checked as cast (half the bytes of ``work`` for 16-bit outputs)
+                    require_finite(plan, out)
+                except AdapterError:
+                    release()
+                    raise
                 yield out, None, release
 
     def merged_rows(self, plan: TensorPlan, rows: int, row_elems: int, step: int

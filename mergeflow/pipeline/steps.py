@@ -82,6 +82,7 @@ from mergeflow.storage.hashing import (
     InputHashes,
     fingerprint_files,
     identify_files,
+    pause_hashing,
     sha256_file,
     start_hashes,
 )
@@ -286,6 +287,7 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
     # A new base's layout is learnt in a child process (transformers' model code never enters
     # this one), while the base is hashed for the manifest here (idle time first, then the
     # merge's reads).
+    pause_hashing()  # the hashing begun before planning stops while the layout's child forks
     layout = _start_layout(base, config, quantized, adapter)
     try:
         hashes = _start_input_hashes(inputs, read_here=spec.dask_address is None)

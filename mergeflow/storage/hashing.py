@@ -296,11 +296,8 @@ class InputHashes:
 
     def cancel(self) -> None:
         """Stop hashing from reads (the merge will not run): forget the digests."""
-        with _lock:
-            for digest in self.digests:
-                digest.cancel()
-                if _reading.get(digest.real) is digest:
-                    del _reading[digest.real]
+        for digest in self.digests:
+            _forget(digest)
 
 
 def start_hashes(identities: dict[str, dict[str, str]], read: list[Path],
@@ -316,11 +313,23 @@ def start_hashes(identities: dict[str, dict[str, str]], read: list[Path],
 def hash_while_reading(paths: Iterable[Path]) -> tuple[list[ReadDigest], list[Path]]:
     """Have each safetensors file among ``paths`` hashed from the merge's own reads of it
     (:class:`ReadDigest`; :meth:`HashCache.sha256` finishes it), and from idle time before the
-    merge reads (:func:`_fill_until_read`). Returns the new digests, and the other files and
-    those whose hash is already known, for :func:`prefetch`."""
+    merge reads (:func:`_fill_until_read`). Returns the digests (those :func:`hash_ahead`
+    started included: taken over), and the other files and those whose hash is already known,
+    for :func:`prefetch`."""
+    digests, rest = _register(paths)
+    _take_over_ahead(digests)
+    if digests:
+        _Filler(digests)
+    return digests, rest
+
+
+def _register(paths: Iterable[Path]) -> tuple[list[ReadDigest], list[Path]]:
+    """A digest for each safetensors file among ``paths`` that is not hashed yet (reusing one
+    :func:`hash_ahead` started), and the rest (see :func:`hash_while_reading`)."""
     rest: list[Path] = []
-    fresh: list[ReadDigest] = []
+    digests: list[ReadDigest] = []
     remembered = HashCache().entries
+    ahead = _ahead.digests if _ahead is not None else []
     for path in paths:
         if path.suffix != ".safetensors" or not path.is_file() or known_sha256(path):
             rest.append(path)
@@ -328,28 +337,109 @@ def hash_while_reading(paths: Iterable[Path]) -> tuple[list[ReadDigest], list[Pa
         key = _memo_key(path)
         with _lock:
             current = _reading.get(str(path.resolve()))
-            if key in _known or (current is not None and current.key == key):
+            if key in _known:
                 continue
+        if current is not None and current.key == key:  # under way already
+            if current in ahead:  # started by hash_ahead: this merge takes it over
+                digests.append(current)
+            continue
         if key in remembered:
             rest.append(path)
             continue
         digest = ReadDigest(path, key)
         with _lock:
             _reading[digest.real] = digest
-        fresh.append(digest)
-    if fresh:
-        threading.Thread(target=_fill_until_read, args=(fresh,), daemon=True,
-                         name="mergeflow-hash-before-reads").start()
-    return fresh, rest
+        digests.append(digest)
+    return digests, rest
 
 
-def _fill_until_read(digests: list[ReadDigest]) -> None:
+def hash_ahead(folder: Path) -> None:
+    """Start hashing a checkpoint folder's safetensors files (those its
+    ``model.safetensors.index.json`` names, else every one) before anything else is known of the
+    merge that will read them: a command line calls it before it imports torch, which leaves
+    a core idle. The next :func:`hash_while_reading` takes over the digests of the files it
+    asks for and drops the others; :func:`pause_hashing` stops the thread before a fork. Never
+    raises: an unreadable folder is left to planning to report."""
+    global _ahead
+    try:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            paths = [folder / name for name in names]
+        else:
+            paths = sorted(folder.glob("*.safetensors"))
+        digests, _ = _register(p for p in paths if p.parent == folder)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    _take_over_ahead([])  # one folder hashed ahead at a time
+    if digests:
+        _ahead = _Ahead(digests, _Filler(digests))
+
+
+def pause_hashing() -> None:
+    """Stop the thread :func:`hash_ahead` started, and wait for it, so that no other thread
+    runs (a process about to ``fork``); its digests keep their progress, and
+    :func:`hash_while_reading` goes on from there."""
+    if _ahead is not None:
+        _ahead.filler.stop()
+
+
+class _Filler:
+    """A thread hashing files ahead of the merge's reads (:func:`_fill_until_read`), started
+    at once."""
+
+    def __init__(self, digests: list[ReadDigest]) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=_fill_until_read, args=(digests, self._stop),
+                                        daemon=True, name="mergeflow-hash-before-reads")
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread (after its current chunk) and wait for it."""
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class _Ahead:
+    """What :func:`hash_ahead` started: its digests and the thread filling them."""
+
+    digests: list[ReadDigest]
+    filler: _Filler
+
+
+_ahead: _Ahead | None = None
+
+
+def _take_over_ahead(taken: list[ReadDigest]) -> None:
+    """End :func:`hash_ahead`'s part: stop its thread, and forget the digests of the files
+    that are not among ``taken`` (the merge does not read them)."""
+    global _ahead
+    ahead, _ahead = _ahead, None
+    if ahead is None:
+        return
+    ahead.filler.stop()
+    for digest in ahead.digests:
+        if digest not in taken:
+            _forget(digest)
+
+
+def _forget(digest: ReadDigest) -> None:
+    """Stop hashing from reads of ``digest``'s file."""
+    digest.cancel()
+    with _lock:
+        if _reading.get(digest.real) is digest:
+            del _reading[digest.real]
+
+
+def _fill_until_read(digests: list[ReadDigest], stop: threading.Event) -> None:
     """Hash the files ahead of the merge while it has not started reading them: the time
-    between planning and the first read (importing transformers for a new base's layout,
-    reading headers) leaves a core idle. Stops at the merge's first read, so from then on
-    each byte is hashed from the read that merges it."""
+    before planning (importing torch), and between planning and the first read (importing
+    transformers for a new base's layout, reading headers) leaves a core idle. Stops at the
+    merge's first read, so from then on each byte is hashed from the read that merges it, or
+    when told (``stop``)."""
     for digest in digests:
-        while not any(d.fed for d in digests) and digest.advance():
+        while not stop.is_set() and not any(d.fed for d in digests) and digest.advance():
             pass
 
 
