@@ -288,7 +288,7 @@ def model_class_of(folder: Path | str):
     """The transformers class a saved model was built with (``architectures``)."""
     from transformers import AutoConfig
 
-    from mergeflow.model.layout import model_class
+    from mergeflow.model.meta import model_class
 
     return model_class(AutoConfig.from_pretrained(folder))
 

@@ -63,11 +63,12 @@ def tiny(make_base, make_adapter):
     return base, make_adapter(base, target_modules=["q_proj", "v_proj", "down_proj"])
 
 
-def _merge_twice(base: Path, adapter: Path, root: Path, options: str = "") -> tuple[list, list]:
+def _merge_twice(base: Path, adapter: Path, root: Path, options: str = "",
+                 cache: Path | None = None) -> tuple[list, list]:
     """Two merges of ``adapter`` on ``base``, each in a fresh interpreter with the same
-    ``MERGEFLOW_CACHE`` (``root/cache``), into ``root/a`` and ``root/b``: the heavy modules
-    each imported. The two outputs must hold the same bytes."""
-    env = {"MERGEFLOW_CACHE": str(root / "cache")}
+    ``MERGEFLOW_CACHE`` (``cache``, default ``root/cache``), into ``root/a`` and ``root/b``: the
+    heavy modules each imported. The two outputs must hold the same bytes."""
+    env = {"MERGEFLOW_CACHE": str(cache or root / "cache")}
     merge = ("import mergeflow\n"
              "r = mergeflow.merge({base!r}, {adapter!r}, {out!r}" + options + ")\n"
              "assert r.status == 'merged', r\n")
@@ -142,18 +143,34 @@ def test_the_cli_starts_hashing_the_base_before_it_imports_torch(tiny, tmp_path)
         p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in base.glob("*.safetensors")}
 
 
-def test_a_second_merge_with_target_parameters_imports_no_transformers_or_peft(
+def test_merges_with_target_parameters_import_no_transformers_or_peft(
         make_base, make_adapter, tmp_path):
     """An adapter with ``target_parameters`` (MoE experts): the first merge asks PEFT which
-    parameters it wraps, the second, in a fresh process, reads the cached answer and imports
-    neither transformers nor PEFT; same bytes."""
+    parameters it wraps in the layout's forked child, the second, in a fresh process, reads the
+    cached answer; neither imports transformers or PEFT itself; same bytes."""
     base = make_base("mixtral")
     adapter = make_adapter(base, target_modules=["q_proj"],
                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     first, second = _merge_twice(base, adapter, tmp_path)
-    assert {"transformers", "peft"} <= set(first)  # PEFT was asked, once
-    assert len(list((tmp_path / "cache" / "wrappers").glob("*.json"))) == 1
-    assert second == ["torch"]
+    assert len(list((tmp_path / "cache" / "wrappers").glob("*.json"))) == 1  # PEFT was asked
+    assert len(list((tmp_path / "cache" / "layout").glob("*.json"))) == 1
+    assert first == second == ["torch"]
+
+
+def test_a_cached_layout_and_new_wrappers_ask_peft_in_a_child(make_base, make_adapter, tmp_path):
+    """A second adapter configuration on a known base: the layout is cached, PEFT's wrapped
+    parameters are not, so the child answers them alone."""
+    base = make_base("mixtral")
+    adapter = make_adapter(base, target_modules=["q_proj"],
+                           target_parameters=["mlp.experts.gate_up_proj"])
+    other = make_adapter(base, target_modules=["q_proj"],
+                         target_parameters=["mlp.experts.down_proj"])
+    _merge_twice(base, adapter, tmp_path)
+    layouts = list((tmp_path / "cache" / "layout").glob("*.json"))
+    first, _ = _merge_twice(base, other, tmp_path / "other", cache=tmp_path / "cache")
+    assert first == ["torch"]
+    assert len(list((tmp_path / "cache" / "wrappers").glob("*.json"))) == 2
+    assert list((tmp_path / "cache" / "layout").glob("*.json")) == layouts  # not learnt again
 
 
 def test_cached_param_wrappers_are_peft_s_and_a_damaged_entry_is_harmless(
@@ -343,3 +360,32 @@ def test_a_broken_tokenizer_json_is_an_input_error(tokenizer_corpus, tmp_path):
     (broken / "tokenizer.json").write_text("{not json")
     with pytest.raises(InputError, match="does not load"):
         tokenizer_length(broken)
+
+
+def test_peft_s_refusal_in_the_child_is_raised_here(make_base, make_adapter, tmp_path,
+                                                      monkeypatch):
+    """The child's answer about the wrapped parameters may be an error (transformers cannot
+    build a model of an unknown architecture, which target_parameters need): raised by the
+    merge as it would be in-process, naming the base; nothing is written."""
+    import shutil
+
+    import mergeflow
+    from mergeflow.errors import PlanError
+    from mergeflow.model import forked, layout
+
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
+    known = make_base("mixtral")
+    adapter = make_adapter(known, target_modules=["q_proj"],
+                           target_parameters=["mlp.experts.down_proj"])
+    base = tmp_path / "base"
+    shutil.copytree(known, base)
+    config = json.loads((base / "config.json").read_text())
+    config.update(model_type="no-such-architecture", architectures=["NoSuchForCausalLM"])
+    (base / "config.json").write_text(json.dumps(config))
+    forks = []
+    real = forked.call_in_fork
+    monkeypatch.setattr(layout, "call_in_fork", lambda fn: forks.append(fn) or real(fn))
+    with pytest.raises(PlanError, match=r"transformers cannot build this model"):
+        mergeflow.merge(base, adapter, tmp_path / "out", no_tokenizer=True)
+    assert len(forks) == 1  # asked in the child
+    assert not (tmp_path / "out").exists()

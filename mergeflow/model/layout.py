@@ -14,8 +14,9 @@ child, so that transformers' model code (0.13 GiB) never enters the merging proc
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 from mergeflow.errors import PlanError
 from mergeflow.model.config import config_digest
 from mergeflow.model.forked import ChildLost, ForkedCall, call_in_fork
+from mergeflow.model.meta import meta_model
 from mergeflow.model.modelmap import ModelMap, read_model_map
 from mergeflow.storage.memo import installed_version, memo_path, read_memo, write_memo
 
@@ -67,37 +69,6 @@ def _text_config(config):
     return get() if get is not None else config
 
 
-def model_class(config):
-    """The class the checkpoint was saved from (``architectures`` in config.json) when
-    transformers has it, else ``AutoModelForCausalLM``'s choice: the class the adapter was
-    trained on, so its module names are the adapter's."""
-    import transformers
-
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None and hasattr(cls, "_from_config"):
-            return cls
-    return transformers.AutoModelForCausalLM
-
-
-def meta_model(config_dir: Path):
-    """The model of ``config_dir/config.json`` on the ``meta`` device (no memory, no weights),
-    and its config."""
-    import torch
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(config_dir)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    cls = model_class(config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.device("meta"):
-            if hasattr(cls, "from_config"):
-                return cls.from_config(config), config
-            return cls._from_config(config), config
-
-
 def _module_names(model) -> dict[int, str]:
     return {id(m): n for n, m in model.named_modules()}
 
@@ -117,32 +88,73 @@ def read_layout(config_dir: Path, tensor_names: set[str], config: dict,
 
 def start_layout(config_dir: Path, tensor_names: set[str], config: dict,
                  shapes: dict[str, tuple[int, ...]] | None = None, *,
-                 fork: bool = True) -> PendingLayout:
+                 fork: bool = True, extra: Callable[[], object] | None = None) -> PendingLayout:
     """:func:`read_layout`, started now: a base whose layout is not cached has it learnt in a
     forked child (:mod:`mergeflow.model.forked`), so transformers' model code is never imported
     into this process, and this process can go on meanwhile; in this process where forking is
-    not safe, or with ``fork=False`` (the caller imports transformers anyway). Call
-    :meth:`PendingLayout.result` for the layout, or :meth:`PendingLayout.cancel`.
+    not safe, or with ``fork=False``. Call :meth:`PendingLayout.result` for the layout, or
+    :meth:`PendingLayout.cancel`.
+
+    ``extra``: another question for the model's own code (PEFT's wrapped parameters), asked in
+    the same child after the layout (alone, when the layout is cached), so that a new base costs
+    one child, and its answer taken with :meth:`PendingLayout.extra`.
     """
     query = _LayoutQuery(config_dir, tensor_names, config, shapes)
     cached = query.cached()
-    child = call_in_fork(query.learn) if cached is None and fork else None
-    return PendingLayout(query, cached, child)
+    child = None
+    if fork and (cached is None or extra is not None):
+        child = call_in_fork(functools.partial(_ask_in_child, None if cached else query, extra))
+    return PendingLayout(query, cached, child, extra)
+
+
+Outcome = tuple[str, object]  # ("value", answer) or ("error", exception)
+ChildAnswer = tuple[ModelLayout | None, Outcome | None]
+
+
+def _ask_in_child(query: _LayoutQuery | None, extra: Callable[[], object] | None) -> ChildAnswer:
+    """In the child: the layout learnt (None when not asked, or transformers cannot build the
+    model), then ``extra``'s outcome (None when not asked). The layout's errors end the child's
+    call; ``extra``'s are carried in its outcome."""
+    learnt = query.learn() if query is not None else None
+    if extra is None:
+        return learnt, None
+    try:
+        return learnt, ("value", extra())
+    except Exception as exc:
+        return learnt, ("error", exc)
 
 
 class PendingLayout:
     """A layout being learnt (:func:`start_layout`)."""
 
     def __init__(self, query: _LayoutQuery, cached: ModelLayout | None,
-                 child: ForkedCall[ModelLayout | None] | None) -> None:
+                 child: ForkedCall[ChildAnswer] | None,
+                 extra: Callable[[], object] | None = None) -> None:
         self._query, self._layout, self._child = query, cached, child
+        self._extra = extra
+        self._learnt: ModelLayout | None = None  # the child's layout, once collected
+        self._extra_outcome: Outcome | None = None  # the child's answer to extra
 
     def result(self) -> ModelLayout:
         """The layout: cached, the child's answer (its errors re-raised here), or learnt here
         when no child runs or the child was lost."""
         if self._layout is None:
-            self._layout = self._query.answer(learnt=self._childs_answer())
+            self._collect()
+            self._layout = self._query.answer(learnt=self._learnt)
         return self._layout
+
+    def extra(self) -> object:
+        """The answer to ``extra`` (its error re-raised here): the child's, or asked here when
+        no child ran or it was lost."""
+        if self._extra is None:
+            raise ValueError("start_layout was given no extra question")
+        self._collect()
+        if self._extra_outcome is None:
+            return self._extra()
+        kind, value = self._extra_outcome
+        if kind == "error":
+            raise value  # type: ignore[misc]
+        return value
 
     def cancel(self) -> None:
         """Stop the child, if one runs."""
@@ -150,17 +162,16 @@ class PendingLayout:
             self._child.cancel()
             self._child = None
 
-    def _childs_answer(self) -> ModelLayout | None:
-        """The child's layout; None when there is no child, it was lost, or transformers could
-        not build the model in it (asked again here, so that nothing about the child, e.g. what
-        it inherited, can turn a layout into the config.json fallback)."""
+    def _collect(self) -> None:
+        """Take the child's answers, once (errors of its layout re-raised). The layout stays
+        None when the child was lost or transformers could not build the model in it (asked
+        again here, so that nothing about the child, e.g. what it inherited, can turn a layout
+        into the config.json fallback)."""
         child, self._child = self._child, None
         if child is None:
-            return None
-        try:
-            return child.result()
-        except ChildLost:
-            return None
+            return
+        with contextlib.suppress(ChildLost):
+            self._learnt, self._extra_outcome = child.result()
 
 
 class _LayoutQuery:

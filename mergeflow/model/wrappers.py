@@ -19,12 +19,13 @@ from pathlib import Path
 
 from mergeflow.errors import AdapterError, PlanError
 from mergeflow.model.config import config_digest
-from mergeflow.model.layout import meta_model
+from mergeflow.model.meta import meta_model
 from mergeflow.model.modelmap import WrappedParam
 from mergeflow.storage.memo import installed_version, memo_path, read_memo, write_memo
 
 CACHE_FORMAT = 1
 ADAPTER_CONFIG = "adapter_config.json"
+Wrapped = dict[str, WrappedParam]  # adapter module name -> the parameter PEFT wraps there
 
 
 def read_param_wrappers(config_dir: Path, adapter_dir: Path) -> dict[str, WrappedParam]:
@@ -39,15 +40,21 @@ def read_param_wrappers(config_dir: Path, adapter_dir: Path) -> dict[str, Wrappe
         PlanError: transformers cannot build the base model.
         AdapterError: PEFT cannot read ``adapter_config.json``.
     """
-    path = _cache_path(config_dir, adapter_dir)
-    cached = _load_cached(path) if path is not None else None
+    cached = cached_param_wrappers(config_dir, adapter_dir)
     if cached is not None:
         return cached
+    path = _cache_path(config_dir, adapter_dir)
     wrapped = _peft_wrappers(config_dir, adapter_dir)
     if path is not None:
         write_memo(path, {"format": CACHE_FORMAT,
                           "wrapped": {name: asdict(w) for name, w in wrapped.items()}})
     return wrapped
+
+
+def cached_param_wrappers(config_dir: Path, adapter_dir: Path) -> dict[str, WrappedParam] | None:
+    """:func:`read_param_wrappers`' cached answer, or None (without importing anything)."""
+    path = _cache_path(config_dir, adapter_dir)
+    return _load_cached(path) if path is not None else None
 
 
 def _peft_wrappers(config_dir: Path, adapter_dir: Path) -> dict[str, WrappedParam]:

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from mergeflow import faults
 from mergeflow.engine.ops import TensorMerger
@@ -41,7 +42,7 @@ from mergeflow.model.quant import QuantizedBase, detect
 from mergeflow.model.stack import WEIGHTS as STACK_WEIGHTS
 from mergeflow.model.stack import stack_adapters
 from mergeflow.model.vocab import set_config_field
-from mergeflow.model.wrappers import read_param_wrappers
+from mergeflow.model.wrappers import Wrapped, cached_param_wrappers, read_param_wrappers
 from mergeflow.output.folder import (
     INDEX_FILE,
     MANIFEST,
@@ -288,7 +289,7 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
     # this one), while the base is hashed for the manifest here (idle time first, then the
     # merge's reads).
     pause_hashing()  # the hashing begun before planning stops while the layout's child forks
-    layout = _start_layout(base, config, quantized, adapter)
+    layout, wrapped = _start_layout(base, config, quantized, adapter)
     try:
         hashes = _start_input_hashes(inputs, read_here=spec.dask_address is None)
     except BaseException:
@@ -296,7 +297,7 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
         raise
     try:
         plan = _plan_merge(spec, base, adapter, config, quantized, original, dtype, tokenizer,
-                           layout.result())
+                           layout.result(), wrapped())
         plan.inputs = hashes.identities
         plan.options = {"dtype": dtype, "max_shard_size": parse_size(spec.max_shard_size),
                         "pad_vocab_to_multiple_of": spec.pad_vocab_to_multiple_of,
@@ -320,23 +321,30 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
 
 
 def _start_layout(base: Checkpoint, config: dict, quantized: QuantizedBase | None,
-                  adapter: Adapter) -> PendingLayout:
-    """The model's layout (its own code, cached), started: see :func:`start_layout`. Not in a
-    child when the adapter targets parameters: PEFT's wrappers are read from the model built
-    here anyway (:func:`read_param_wrappers`)."""
+                  adapter: Adapter) -> tuple[PendingLayout, Callable[[], Wrapped | None]]:
+    """The model's layout (its own code, cached), started (see :func:`start_layout`), and a
+    function giving PEFT's wrapped parameters when the adapter targets parameters (cached, else
+    asked in the layout's child: :func:`read_param_wrappers`), None otherwise."""
     view = quantized.logical_view(base) if quantized is not None else base
-    return start_layout(base.folder, set(view.tensors), config,
-                        {n: tuple(i.shape) for n, i in view.tensors.items()},
-                        fork=not adapter.config.target_parameters)
+    ask = None
+    known = None
+    if adapter.config.target_parameters:
+        known = cached_param_wrappers(base.folder, adapter.folder)
+        if known is None:
+            ask = functools.partial(read_param_wrappers, base.folder, adapter.folder)
+    layout = start_layout(base.folder, set(view.tensors), config,
+                          {n: tuple(i.shape) for n, i in view.tensors.items()}, extra=ask)
+    if ask is not None:
+        return layout, lambda: cast("Wrapped", layout.extra())
+    return layout, lambda: known
 
 
 def _plan_merge(spec: MergeSpec, base: Checkpoint, adapter: Adapter, config: dict,
                 quantized: QuantizedBase | None, original: Checkpoint | None, dtype: str,
-                tokenizer: Path | None, layout: ModelLayout) -> MergePlan:
-    """The plan from the opened inputs and the model's layout: PEFT's wrapped parameters when
-    the adapter targets parameters, then the planner."""
-    wrapped = (read_param_wrappers(base.folder, adapter.folder)
-               if adapter.config.target_parameters else None)
+                tokenizer: Path | None, layout: ModelLayout, wrapped: Wrapped | None = None
+                ) -> MergePlan:
+    """The plan from the opened inputs, the model's layout and PEFT's wrapped parameters (when
+    the adapter targets parameters)."""
     return Planner(base, adapter, layout, dtype, parse_size(spec.max_shard_size),
                    tokenizer_len=tokenizer_length(tokenizer) if tokenizer else None,
                    pad_to_multiple_of=spec.pad_vocab_to_multiple_of,
