@@ -6,8 +6,10 @@ which pytest's is not guaranteed to be."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -248,3 +250,53 @@ def test_a_model_the_child_cannot_build_is_asked_again_here(make_base, tmp_path)
     """, {"MERGEFLOW_CACHE": str(tmp_path / "cache")})
     assert got == {"embed": None, "conv1d": [], "forked": True, "asked_here": 1}
     assert not list((tmp_path / "cache").rglob("*.json"))
+
+
+def test_a_child_that_outlives_its_killed_parent_does_not_keep_the_output_locked(tmp_path):
+    """A ``flock`` belongs to the open file, which a forked child shares: the layout's child
+    closes its copy, so an output is free the moment the merge holding it is killed, even while
+    the child still runs."""
+    out = tmp_path / "out"
+    env = {"MERGEFLOW_LOCK_DIR": str(tmp_path / "locks")}
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, signal, sys, time
+        from mergeflow.model.forked import call_in_fork
+        from mergeflow.storage.lock import output_lock
+        with output_lock({str(out)!r}):
+            call = call_in_fork(lambda: time.sleep(30))  # the child outlives this process
+            assert call is not None
+            print("locked", call._pid, flush=True)
+            sys.stdin.readline()
+            os.kill(os.getpid(), signal.SIGKILL)
+        """)], cwd=REPO, env=dict(os.environ, **env), stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        word, child = parent.stdout.readline().split()
+        assert word == "locked"
+        held = _run(f"""
+            import json
+            from mergeflow.errors import OutputError
+            from mergeflow.storage.lock import output_lock
+            try:
+                with output_lock({str(out)!r}):
+                    print(json.dumps({{"held": False}}))
+            except OutputError:
+                print(json.dumps({{"held": True}}))
+            """, env)
+        assert held == {"held": True}  # the parent holds it while it runs
+        parent.stdin.write("\n")
+        parent.stdin.flush()
+        parent.wait(timeout=60)
+        free = _run(f"""
+            import json
+            from mergeflow.storage.lock import output_lock
+            with output_lock({str(out)!r}):
+                print(json.dumps({{"held": False}}))
+            """, env)
+        assert free == {"held": False}
+    finally:
+        parent.kill()
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(child), signal.SIGKILL)

@@ -28,7 +28,23 @@ from pathlib import Path
 from mergeflow.errors import OutputError
 
 _held: dict[str, int] = {}  # lock path -> depth, for the locks this process holds
+_fds: dict[str, int] = {}  # lock path -> the descriptor holding its flock
 _guard = threading.Lock()
+
+
+def _close_in_child() -> None:
+    """In a forked child (a layout's, :mod:`mergeflow.model.forked`): close the inherited lock
+    descriptors. A ``flock`` belongs to the open file, which a child shares, so a child that
+    outlived its killed parent would otherwise keep the output locked until it ended."""
+    for fd in _fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _fds.clear()
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
 
 
 def lock_path(out: str | Path) -> Path:
@@ -72,6 +88,7 @@ def output_lock(out: str | Path) -> Iterator[None]:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    owner = os.getpid()  # a forked child unwinding this frame has closed its copy already
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -84,11 +101,15 @@ def output_lock(out: str | Path) -> Iterator[None]:
         os.pwrite(fd, json.dumps(info).encode(), 0)
         with _guard:
             _held[key] = 1
+            _fds[key] = fd
         try:
             yield
         finally:
             with _guard:
-                del _held[key]
-            fcntl.flock(fd, fcntl.LOCK_UN)
+                _held.pop(key, None)
+                _fds.pop(key, None)
+            if os.getpid() == owner:
+                fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
-        os.close(fd)
+        if os.getpid() == owner:
+            os.close(fd)
