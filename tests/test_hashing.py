@@ -9,6 +9,7 @@ one read function).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
@@ -16,6 +17,7 @@ import os
 import random
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,69 @@ def test_hash_ahead_of_a_folder_it_cannot_read_does_nothing(tmp_path):
     hashing.hash_ahead(tmp_path)
     hashing.hash_ahead(tmp_path / "missing")
     assert hashing._ahead is None
+
+
+def test_reads_hashed_behind_wait_for_their_slot_and_give_the_files_sha256(tmp_path, monkeypatch):
+    """``hashing_behind(slot)``: the bytes read are hashed on another thread, in read order; the
+    next read into the same slot waits until they are (its buffer is then free to refill)."""
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "w.safetensors"
+    start, raw = fake_safetensors(path, 300_000, 6)
+    digests, _ = hashing.hash_while_reading([path])
+    digest = digests[0]
+    events = []
+    real_feed = hashing.ReadDigest.feed
+
+    def slow_feed(self, offset, data):
+        time.sleep(0.05)
+        events.append(("hashed", offset, threading.current_thread().name))
+        real_feed(self, offset, data)
+
+    monkeypatch.setattr(hashing.ReadDigest, "feed", slow_feed)
+    buffer = bytearray(50_000)
+    for n, offset in enumerate(range(start, len(raw), len(buffer))):
+        with hashing.hashing_behind(n % 2):
+            events.append(("read", offset, n % 2))
+            got = raw[offset:offset + len(buffer)]
+            buffer[:len(got)] = got
+            hashing.observe_read(digest.real, offset, memoryview(buffer)[:len(got)])
+        buffer = bytearray(len(buffer)) if n % 2 == 0 else buffer  # two slots: two buffers
+    hashing.wait_for_hashes()
+    assert {name for kind, _, name in events if kind == "hashed"} == {"mergeflow-hash-behind"}
+    hashed = [offset for kind, offset, _ in events if kind == "hashed"]
+    assert hashed == sorted(hashed)  # in read order
+    # a slot is read into again only once its previous read is hashed
+    for i, (kind, _, slot) in enumerate(events):
+        if kind == "read":
+            earlier = [o for k, o, s in events[:i] if k == "read" and s == slot]
+            if earlier:
+                assert ("hashed", earlier[-1], "mergeflow-hash-behind") in events[:i]
+    assert digest.finish() == hashlib.sha256(raw).hexdigest()
+
+
+def test_a_merge_hashes_its_16_bit_base_behind_its_reads(tmp_path, monkeypatch):
+    """A merge's worker reads and merges; the base's bytes it reads are hashed on a thread of
+    their own (issue 27: math and sha256 on two cores), and the manifest lists the true sha256."""
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hashing, "_known", {})
+    monkeypatch.setattr(hashing, "_fill_until_read", lambda digests, stop: None)  # reads alone
+    base = build_base(tmp_path / "base", "llama", tokenizer=False, hidden_size=128,
+                      intermediate_size=256, num_hidden_layers=4, dtype=torch.bfloat16)
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    threads = collections.Counter()
+    real_feed = hashing.ReadDigest.feed
+
+    def feed(self, offset, data):
+        threads[threading.current_thread().name] += len(data)
+        real_feed(self, offset, data)
+
+    monkeypatch.setattr(hashing.ReadDigest, "feed", feed)
+    mergeflow.merge(base, adapter, tmp_path / "out", no_tokenizer=True, workers=1,
+                    block_size="1MB")
+    listed = json.loads((tmp_path / "out" / MANIFEST).read_text())["inputs"]["sha256"]["base"]
+    weights = sorted(p.name for p in base.glob("*.safetensors"))
+    assert {n: listed[n] for n in weights} == {
+        n: hashlib.sha256((base / n).read_bytes()).hexdigest() for n in weights}
+    merged = threads["mergeflow-hash-behind"]
+    assert merged > sum(threads.values()) / 2, threads  # the merged weights; copies hash inline

@@ -35,7 +35,9 @@ from mergeflow.plan import (
     Resize,
     TensorPlan,
 )
+from mergeflow.storage.hashing import hashing_behind, wait_for_hashes
 
+READ_SLOTS = 3  # 16-bit read buffers per thread: one read into while two are hashed
 DEFAULT_BLOCK_BYTES = 12 * 2**20  # float32 working bytes per block (the --block-size default)
 # GEMMs run on tiles of this many rows at fixed positions (multiples of it from row 0), so the
 # kernel path - and so every last bit - never depends on the block size; blocks are whole tiles.
@@ -329,29 +331,47 @@ class RowUploader:
         self.info = info
         self.src_rows = info.shape[0]  # rows that come from the input
         self.row_bytes = row_elems * DTYPES[info.dtype].itemsize
+        # 16-bit stored rows: read through READ_SLOTS slots, hashed behind the reads
+        self.behind = isinstance(reader, Checkpoint | RowView) and DTYPES[info.dtype].itemsize <= 2
         self.buffers = buffers
         self.device = device
         self.cuda = device.type == "cuda"
-        self._uploads: list[object] = [None, None]  # CUDA: the event each pinned read slot is free at
+        self._uploads: list[object] = [None] * READ_SLOTS  # CUDA: when each pinned slot is free
 
     def blocks(self, row_shape: Sequence[int], row_elems: int, rows: int, step: int
                ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """``(i, j, work)`` for consecutive blocks of ``step`` rows: a reused float32 buffer of
         shape ``(j - i, *row_shape)`` on the device holding the input's rows ``[i, j)`` (rows past
         the input's are left as they are, for a merge step to fill)."""
-        for n, i in enumerate(range(0, rows, step)):
-            j = min(i + step, rows)
-            work = self.buffers.buffer("work", (j - i) * row_elems, torch.float32, self.device)
-            work = work.view(j - i, *row_shape)  # (k, ...) float32
-            k = max(0, min(j, self.src_rows) - i)  # rows that come from the input
-            if k:
-                self._load(work, n, i, k)
-            yield i, j, work
+        try:
+            for n, i in enumerate(range(0, rows, step)):
+                j = min(i + step, rows)
+                work = self.buffers.buffer("work", (j - i) * row_elems, torch.float32, self.device)
+                work = work.view(j - i, *row_shape)  # (k, ...) float32
+                k = max(0, min(j, self.src_rows) - i)  # rows that come from the input
+                if k:
+                    self._load(work, n, i, k)
+                yield i, j, work
+        finally:
+            wait_for_hashes()  # the input's digests are whole up to here
 
     def _load(self, work: torch.Tensor, n: int, i: int, k: int) -> None:
-        """Copy input rows ``[i, i + k)`` into ``work[:k]`` through read slot ``n % 2`` (CUDA)."""
+        """Copy input rows ``[i, i + k)`` into ``work[:k]``. Stored 16-bit rows (a plain or
+        reshaped checkpoint tensor) go through read slot ``n % 3`` and are hashed for the
+        manifest behind the read, on another thread, while this one merges them
+        (:func:`hashing_behind`); other inputs through slot 0 (CPU) or ``n % 2`` (CUDA: the next
+        block is read while one uploads), hashed as they are read."""
+        if self.behind:
+            slot = n % READ_SLOTS
+            with hashing_behind(slot):
+                self._read_into(work, slot, i, k)
+        else:  # float32 rows (slots a block each), or a decoder that may rework its bytes
+            wait_for_hashes()  # the read slots may be read into again
+            self._read_into(work, n % 2 if self.cuda else 0, i, k)
+
+    def _read_into(self, work: torch.Tensor, slot: int, i: int, k: int) -> None:
+        """Read rows ``[i, i + k)`` into read slot ``slot`` and copy them into ``work[:k]``."""
         cuda = self.cuda
-        slot = n % 2 if cuda else 0  # CUDA: the next block is read while one uploads
         if self._uploads[slot] is not None:
             self._uploads[slot].synchronize()
         scratch = self.buffers.buffer(f"read{slot}", k * self.row_bytes, torch.uint8,

@@ -32,8 +32,8 @@ from mergeflow.errors import InputError
 from mergeflow.spec import size_bytes
 
 # Blocks of working memory per worker, at most (mergeflow.engine.readers): the float32 work block,
-# the read buffer and the encoded blocks in the writer's hands (3 for 16-bit models, 4 for
-# float32 in and out).
+# the read buffers and the encoded blocks in the writer's hands (16-bit models: 1 + 3 read slots
+# of half a block, hashed behind the reads, + 3 of half a block; float32 in and out: 1 + 1 + 2).
 BUFFERS_PER_WORKER = 4
 MIN_BLOCK = 2**20  # 1 MiB: below this, per-block overhead dominates
 MAX_AUTO_WORKERS = 8

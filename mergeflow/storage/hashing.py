@@ -19,14 +19,16 @@ input's sha256.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import queue
 import re
 import struct
 import threading
 from bisect import insort
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -445,12 +447,95 @@ def _fill_until_read(digests: list[ReadDigest], stop: threading.Event) -> None:
 
 def observe_read(real_path: str, offset: int, data: memoryview) -> None:
     """Hand bytes the merge just read from a file (by its resolved path) to the file's
-    :class:`ReadDigest`, if one is waiting for them; a dict lookup otherwise."""
+    :class:`ReadDigest`, if one is waiting for them; a dict lookup otherwise. Inside
+    :func:`hashing_behind`, the bytes are hashed on the reading thread's hasher instead."""
     if not _reading:
         return
     digest = _reading.get(real_path)
-    if digest is not None:
+    if digest is None:
+        return
+    behind = getattr(_this_thread, "deferring", None)
+    if behind is not None:
+        behind.submit(digest, offset, data)
+    else:
         digest.feed(offset, data)
+
+
+@contextlib.contextmanager
+def hashing_behind(slot: int) -> Iterator[None]:
+    """Reads observed in this block (:func:`observe_read`) into this thread's read buffer
+    ``slot`` are hashed on a thread of their own instead of on the reading thread, so the
+    merge's math and its input's sha256 run on two cores. Entering waits until the slot's
+    previous read is hashed (its buffer may then be read into again); the caller must leave the
+    buffer unchanged until it reads into the same slot again, or :func:`wait_for_hashes`."""
+    behind = getattr(_this_thread, "behind", None)
+    if behind is None:
+        behind = _this_thread.behind = _HashBehind()
+    behind.wait(behind.slots.get(slot, 0))
+    _this_thread.deferring = behind
+    try:
+        yield
+    finally:
+        _this_thread.deferring = None
+        behind.slots[slot] = behind.submitted
+
+
+def wait_for_hashes() -> None:
+    """Wait until every read this thread deferred (:func:`hashing_behind`) is hashed, so that
+    every read buffer may be reused and the digests are whole up to here."""
+    behind = getattr(_this_thread, "behind", None)
+    if behind is not None:
+        behind.wait(behind.submitted)
+
+
+_this_thread = threading.local()
+
+
+class _HashBehind:
+    """One reading thread's hasher: feeds its deferred reads to their digests in the order they
+    were read, on a daemon thread that ends after a second without work (and starts again)."""
+
+    IDLE_S = 1.0
+
+    def __init__(self) -> None:
+        self._todo: queue.SimpleQueue = queue.SimpleQueue()
+        self._state = threading.Condition()
+        self.submitted = 0  # reads submitted
+        self._hashed = 0  # reads hashed (in submission order)
+        self._running = False
+        self.slots: dict[int, int] = {}  # read slot -> reads submitted up to its last read
+
+    def submit(self, digest: ReadDigest, offset: int, data: memoryview) -> None:
+        with self._state:
+            self.submitted += 1
+            self._todo.put((digest, offset, data))
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="mergeflow-hash-behind",
+                                 daemon=True).start()
+
+    def wait(self, count: int) -> None:
+        """Until the first ``count`` reads submitted are hashed."""
+        with self._state:
+            while self._hashed < count:
+                self._state.wait()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                digest, offset, data = self._todo.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self._state:
+                    if self._todo.empty():
+                        self._running = False
+                        return
+                continue
+            try:
+                digest.feed(offset, data)  # never raises
+            finally:
+                with self._state:
+                    self._hashed += 1
+                    self._state.notify_all()
 
 
 def _finish_read_digest(path: Path, key: str) -> str | None:
