@@ -1,0 +1,86 @@
+"""Benchmark: one change, paired. Two source trees of Mergeflow (``--a``, ``--b``: e.g. a
+``git archive`` of the commit before and of the commit) run the same CLI merge in turn, in fresh
+processes, ``--pairs`` times, and the medians and the median of the per-pair ratios are printed.
+
+    python bench/bench_ab.py --model /tmp/mf-bench/models/3.6b --max-shard-size 20GB \
+        --a /tmp/snap-before --b /tmp/snap-after --pairs 3
+
+Each merge starts with its inputs in the page cache and an empty hash cache (so the inputs are
+hashed, as on a first merge), with the base's layout cached (learnt once before the pairs, so
+both routes skip it: use ``bench_merge.py`` for first merges). The model folder is one
+``bench_merge.py`` built (``base/`` and ``adapter/``). Wall time and the merge phase's own time
+(the CLI's "wrote ... in N s" line) are both reported; user and system CPU come from
+``/usr/bin/time``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+TIME = re.compile(r"TIME wall ([\d.]+) user ([\d.]+) sys ([\d.]+) rss (\d+)")
+WROTE = re.compile(r"wrote .* in ([\d.]+) s")
+
+
+def warm(folder: Path) -> None:
+    """Read every file of ``folder`` once, so the page cache holds it."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                while f.read(2**24):
+                    pass
+
+
+def merge(src: Path, model: Path, out: Path, cache: Path, shard: str) -> dict[str, float]:
+    """One CLI merge with ``src`` on the path; its times and peak RSS."""
+    shutil.rmtree(out, ignore_errors=True)
+    (cache / "sha256.json").unlink(missing_ok=True)  # the inputs are hashed again
+    warm(model)
+    env = dict(os.environ, PYTHONPATH=str(src), MERGEFLOW_CACHE=str(cache))
+    cmd = ["/usr/bin/time", "-f", "TIME wall %e user %U sys %S rss %M", sys.executable, "-m",
+           "mergeflow.cli", "merge", "--base", str(model / "base"), "--adapter",
+           str(model / "adapter"), "--out", str(out), "--max-shard-size", shard, "--no-tokenizer"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    text = proc.stdout + proc.stderr
+    wall, user, sys_s, rss = TIME.search(text).groups()
+    wrote = WROTE.search(text)
+    return {"wall_s": float(wall), "merge_s": float(wrote.group(1)) if wrote else float("nan"),
+            "cpu_s": float(user) + float(sys_s), "rss_gib": int(rss) / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="holds base/ and adapter/")
+    parser.add_argument("--a", type=Path, required=True, help="the source tree before")
+    parser.add_argument("--b", type=Path, required=True, help="the source tree after")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--max-shard-size", default="1GB")
+    args = parser.parse_args()
+    runs: dict[str, list[dict[str, float]]] = {"a": [], "b": []}
+    with tempfile.TemporaryDirectory(prefix="mf-ab-") as tmp:
+        cache, out = Path(tmp) / "cache", Path(tmp) / "out"
+        merge(args.b, args.model, out, cache, args.max_shard_size)  # learns the layout once
+        for _ in range(args.pairs):
+            for route, src in (("a", args.a), ("b", args.b)):
+                runs[route].append(merge(src, args.model, out, cache, args.max_shard_size))
+                print(route, runs[route][-1], flush=True)
+    print(f"\n{args.model.name}, --max-shard-size {args.max_shard_size}, {args.pairs} pairs, "
+          "medians (b / a: median of the per-pair ratios)\n")
+    print("| measure | a | b | b / a |")
+    print("| --- | ---: | ---: | ---: |")
+    for key, unit in (("wall_s", "s"), ("merge_s", "s"), ("cpu_s", "s"), ("rss_gib", "GiB")):
+        a = statistics.median(r[key] for r in runs["a"])
+        b = statistics.median(r[key] for r in runs["b"])
+        ratio = statistics.median(rb[key] / ra[key] for ra, rb in zip(runs["a"], runs["b"], strict=True))
+        print(f"| {key} | {a:.2f} {unit} | {b:.2f} {unit} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
