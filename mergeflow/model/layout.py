@@ -9,7 +9,8 @@ Mergeflow cache folder (``$MERGEFLOW_CACHE/layout/``), keyed by the canonical JS
 ``config.json``, the set of tensor names, and the Mergeflow and installed transformers versions:
 a second merge of the same base imports no transformers. A damaged cache entry is ignored and
 rewritten. A merge asks with :func:`start_layout`, which learns a new base's layout in a forked
-child, so that transformers' model code (0.13 GiB) never enters the merging process.
+child, so that transformers' model code (0.13 GiB) never enters the merging process; the same
+child answers PEFT's wrapped parameters too (``extra``) for an adapter with ``target_parameters``.
 """
 
 from __future__ import annotations

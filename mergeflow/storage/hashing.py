@@ -7,7 +7,9 @@ Three ways to know a file's sha256 without hashing it on the critical path:
 * :class:`HashCache` remembers hashes by resolved path, size and mtime;
 * :func:`hash_while_reading` hashes a safetensors file from the reads the merge makes of it
   anyway (:class:`ReadDigest`, fed by :func:`observe_read`), so the base is read once, not a
-  second time for the manifest;
+  second time for the manifest: on the reading thread, or on a thread of its own behind the
+  reads (:func:`hashing_behind`); before the merge reads, idle time is used too, from before
+  torch is imported (:func:`hash_ahead`);
 * :func:`prefetch` hashes the other files on a background thread (``hashlib`` releases the GIL)
   while the merge runs; :meth:`HashCache.sha256` then waits for that result instead of reading
   the file a second time.
