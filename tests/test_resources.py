@@ -29,7 +29,7 @@ PLENTY = 64 * GiB
 
 @pytest.mark.parametrize(("cpus", "workers", "threads"), [
     (1, 1, 1), (2, 2, 1), (3, 3, 1),  # small boxes: one worker per core, one torch thread
-    (4, 2, 1), (6, 3, 1), (16, 8, 1), (64, 8, 7),  # one per two cores, at most 8
+    (4, 2, 1), (6, 3, 1), (16, 8, 1), (64, 8, 6),  # one per two cores, at most 8
 ])
 def test_automatic_workers_follow_the_cores(cpus, workers, threads):
     got = decide(None, BLOCK, None, cpus=cpus, available=PLENTY)
@@ -40,12 +40,12 @@ def test_automatic_workers_follow_the_cores(cpus, workers, threads):
 def test_explicit_workers_are_kept_and_threads_divided():
     assert decide(3, BLOCK, None, cpus=2, available=PLENTY) == Resources(
         workers=3, block_bytes=BLOCK, torch_threads=1, memory_budget=PLENTY // 4)
-    assert decide(4, BLOCK, None, cpus=16, available=PLENTY).torch_threads == 3
+    assert decide(4, BLOCK, None, cpus=16, available=PLENTY).torch_threads == 2
 
 
 def test_memory_limit_reduces_automatic_workers_first():
     got = decide(None, BLOCK, 256 * MiB, cpus=16, available=PLENTY)
-    assert (got.workers, got.block_bytes, got.torch_threads) == (2, BLOCK, 7)
+    assert (got.workers, got.block_bytes, got.torch_threads) == (2, BLOCK, 6)
     assert got.working_bytes <= 256 * MiB
 
 
@@ -96,7 +96,7 @@ def test_the_bound_holds_whenever_a_limit_is_set():
             continue
         assert got.working_bytes <= limit, (workers, block, limit, cpus, got)
         assert got.block_bytes <= block and got.block_bytes >= min(block, MIN_BLOCK)
-        assert got.torch_threads == max(1, (cpus - got.workers) // got.workers)
+        assert got.torch_threads == max(1, (cpus - 2 * got.workers) // got.workers)
         if workers is not None:
             assert got.workers == workers
 
@@ -125,7 +125,7 @@ def test_for_spec_parses_the_sizes_and_names_the_option():
 @pytest.mark.parametrize(("cpus", "outputs", "workers", "threads"), [
     (2, 1, 2, 1), (2, 2, 2, 1), (2, 4, 2, 1),  # one worker per core, one torch thread each
     (1, 4, 1, 1), (3, 2, 2, 1),
-    (16, 2, 2, 7), (16, 4, 4, 3), (16, 12, 8, 1),  # above 4 cores: one per output, as for one
+    (16, 2, 2, 6), (16, 4, 4, 2), (16, 12, 8, 1),  # above 4 cores: one per output, as for one
 ])
 def test_a_batch_merges_outputs_side_by_side(cpus, outputs, workers, threads):
     got = decide(None, BLOCK, None, cpus=cpus, available=PLENTY, outputs=outputs)
@@ -143,8 +143,8 @@ def test_a_batch_adds_workers_only_where_their_blocks_fit_the_budget():
 
 
 @pytest.mark.parametrize(("cpus", "shards", "workers", "threads"), [
-    (16, 1, 1, 15), (16, 2, 2, 7), (16, 4, 4, 3), (16, 8, 8, 1), (16, 20, 8, 1),
-    (2, 1, 1, 1), (2, 5, 2, 1),  # two cores: the writer keeps one, whatever the shards
+    (16, 1, 1, 14), (16, 2, 2, 6), (16, 4, 4, 2), (16, 8, 8, 1), (16, 20, 8, 1),
+    (2, 1, 1, 1), (2, 5, 2, 1),  # two cores: the writer and the hasher share one
 ])
 def test_fewer_shards_than_workers_give_the_idle_workers_cores_to_torch(cpus, shards, workers,
                                                                          threads):

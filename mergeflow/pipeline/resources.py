@@ -10,7 +10,7 @@ for any machine. The rule:
   quarter of the available memory. When it does not, automatic workers are reduced first, then
   the block is made smaller (not below :data:`MIN_BLOCK`).
 * **Cores.** Each worker merges on one thread while its writer thread hashes and writes what
-  it merged, which costs about as much. Below four usable cores there is one worker per core,
+  it merged, and its input hasher hashes what it read, each costing about as much. Below four usable cores there is one worker per core,
   each with one torch thread: a second worker's math fills what the first's writer leaves (on
   two cores, the 3.6b with its two output shards: 8.9 s against 9.6 s with one worker, medians
   of 4 pairs; four 1.7 GB outputs of a batch: 9.6 s against 10.7 s). Above, one worker per two
@@ -18,7 +18,7 @@ for any machine. The rule:
   (:func:`torch_threads`).
 * **Fewer shards than workers** (:func:`running`): only as many workers run as there are shards
   to write, and the cores the idle workers would have had go to the running ones' torch threads:
-  a one-shard output on 16 cores merges with 15 torch threads, not 1.
+  a one-shard output on 16 cores merges with 14 torch threads, not 1.
 * **Several outputs** (a batch, :mod:`mergeflow.pipeline.many`): the sweep merges one shard of
   each of ``outputs`` side by side, one worker each, at most the one-output count.
 """
@@ -165,10 +165,12 @@ def size_option(text: str | int, option: str) -> int:
 
 def torch_threads(cpus: int, workers: int) -> int:
     """Intra-op threads per worker: the cores left once each worker's writer thread (which
-    writes and sha256-hashes at about a core's speed) has one, shared out. More would
-    oversubscribe the cores, and OpenMP's spinning threads then stall each other: on 2 busy
-    cores a merge measured 6x slower with 2 torch threads than with 1."""
-    return max(1, (cpus - workers) // workers)
+    writes and sha256-hashes the output at about a core's speed) and its input hasher (which
+    hashes the 16-bit rows it reads, :func:`mergeflow.storage.hashing.hashing_behind`) have
+    one each, shared out. More would oversubscribe the cores, and OpenMP's spinning threads
+    then stall each other: on 2 busy cores a merge measured 6x slower with 2 torch threads
+    than with 1."""
+    return max(1, (cpus - 2 * workers) // workers)
 
 
 _first_seen_threads: int | None = None  # torch's intra-op threads before Mergeflow set them
