@@ -10,11 +10,12 @@ for any machine. The rule:
   quarter of the available memory. When it does not, automatic workers are reduced first, then
   the block is made smaller (not below :data:`MIN_BLOCK`).
 * **Cores.** Each worker merges on one thread while its writer thread hashes and writes what
-  it merged, and its input hasher hashes what it read, each costing about as much. Below four usable cores there is one worker per core,
-  each with one torch thread: a second worker's math fills what the first's writer leaves (on
-  two cores, the 3.6b with its two output shards: 8.9 s against 9.6 s with one worker, medians
-  of 4 pairs; four 1.7 GB outputs of a batch: 9.6 s against 10.7 s). Above, one worker per two
-  cores (at most :data:`MAX_AUTO_WORKERS`), each with the cores left once every writer has one
+  it merged, and its input hasher hashes what it read, each costing about as much. Below four
+  usable cores there is one worker per core, each with one torch thread: a second worker's
+  math fills what the first's writer leaves (on two cores, the 3.6b with its two output
+  shards: 8.9 s against 9.6 s with one worker, medians of 4 pairs; four 1.7 GB outputs of a
+  batch: 9.6 s against 10.7 s). Above, one worker per two cores (at most
+  :data:`MAX_AUTO_WORKERS`), each with the cores left once every writer and hasher has one
   (:func:`torch_threads`).
 * **Fewer shards than workers** (:func:`running`): only as many workers run as there are shards
   to write, and the cores the idle workers would have had go to the running ones' torch threads:
