@@ -362,18 +362,13 @@ def test_a_broken_tokenizer_json_is_an_input_error(tokenizer_corpus, tmp_path):
         tokenizer_length(broken)
 
 
-def test_peft_s_refusal_in_the_child_is_raised_here(make_base, make_adapter, tmp_path,
-                                                      monkeypatch):
+def test_peft_s_refusal_in_the_child_is_raised_here(make_base, make_adapter, tmp_path):
     """The child's answer about the wrapped parameters may be an error (transformers cannot
     build a model of an unknown architecture, which target_parameters need): raised by the
-    merge as it would be in-process, naming the base; nothing is written."""
+    merge as it would be in-process, naming the base; nothing is written. In a fresh
+    interpreter (one thread), so the one child really forks."""
     import shutil
 
-    import mergeflow
-    from mergeflow.errors import PlanError
-    from mergeflow.model import forked, layout
-
-    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
     known = make_base("mixtral")
     adapter = make_adapter(known, target_modules=["q_proj"],
                            target_parameters=["mlp.experts.down_proj"])
@@ -382,10 +377,20 @@ def test_peft_s_refusal_in_the_child_is_raised_here(make_base, make_adapter, tmp
     config = json.loads((base / "config.json").read_text())
     config.update(model_type="no-such-architecture", architectures=["NoSuchForCausalLM"])
     (base / "config.json").write_text(json.dumps(config))
-    forks = []
-    real = forked.call_in_fork
-    monkeypatch.setattr(layout, "call_in_fork", lambda fn: forks.append(fn) or real(fn))
-    with pytest.raises(PlanError, match=r"transformers cannot build this model"):
-        mergeflow.merge(base, adapter, tmp_path / "out", no_tokenizer=True)
-    assert len(forks) == 1  # asked in the child
-    assert not (tmp_path / "out").exists()
+    out = tmp_path / "out"
+    code = ("import json\n"
+            "import mergeflow\n"
+            "from mergeflow.errors import PlanError\n"
+            "from mergeflow.model import layout\n"
+            "children = []\n"
+            "real = layout.call_in_fork\n"
+            "layout.call_in_fork = lambda fn: children.append(real(fn)) or children[-1]\n"
+            "try:\n"
+            f"    mergeflow.merge({str(base)!r}, {str(adapter)!r}, {str(out)!r}, no_tokenizer=True)\n"
+            "    raise SystemExit('merged')\n"
+            "except PlanError as exc:\n"
+            "    print(json.dumps([str(exc), [c is not None for c in children]]))\n")
+    message, forked = _python(code, {"MERGEFLOW_CACHE": str(tmp_path / "cache")})
+    assert "transformers cannot build this model" in message and str(base) in message
+    assert forked == [True]  # one child, asked both questions
+    assert not out.exists()
