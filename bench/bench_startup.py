@@ -38,8 +38,9 @@ IMPORT_WHILE_HASHING = """
 import json, sys, time
 from pathlib import Path
 t0 = time.monotonic()
+from mergeflow.model.index import safetensors_shards
 from mergeflow.storage import hashing
-hashing.hash_ahead(Path(sys.argv[1]))
+hashing.hash_ahead(safetensors_shards(Path(sys.argv[1])))
 import torch
 t1 = time.monotonic()
 hashing.pause_hashing()

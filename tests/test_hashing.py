@@ -25,6 +25,8 @@ import torch
 from builders import build_adapter, build_base
 
 import mergeflow
+from mergeflow.errors import CheckpointError
+from mergeflow.model.index import safetensors_shards
 from mergeflow.output.folder import MANIFEST
 from mergeflow.storage import hashing
 from mergeflow.storage.hashing import HashCache, ReadDigest
@@ -165,9 +167,11 @@ def test_hashing_ahead_is_taken_over_by_the_merge_that_reads_the_files(tmp_path,
     assert len(weights) > 1 and (base / "model.safetensors.index.json").is_file()
     fake_safetensors(base / "consolidated.safetensors", 10_000, 5)  # not in the index
 
-    hashing.hash_ahead(base)
+    shards = safetensors_shards(base)
+    assert [p.name for p in shards] == weights  # the index's files only
+    hashing.hash_ahead(shards)
     ahead = {d.path.name: d for d in hashing._ahead.digests}
-    assert sorted(ahead) == weights  # the index's files only
+    assert sorted(ahead) == weights
     hashing.pause_hashing()
     assert not any(t.name == "mergeflow-hash-before-reads" for t in threading.enumerate())
 
@@ -187,10 +191,11 @@ def test_hashing_ahead_is_taken_over_by_the_merge_that_reads_the_files(tmp_path,
         n: hashlib.sha256((base / n).read_bytes()).hexdigest() for n in weights}
 
 
-def test_hash_ahead_of_a_folder_it_cannot_read_does_nothing(tmp_path):
+def test_hash_ahead_of_files_it_cannot_read_does_nothing(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text("{not json")
-    hashing.hash_ahead(tmp_path)
-    hashing.hash_ahead(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="unreadable index"):  # the CLI then skips it
+        safetensors_shards(tmp_path)
+    hashing.hash_ahead([tmp_path / "missing.safetensors"])
     assert hashing._ahead is None
 
 

@@ -37,7 +37,8 @@ from mergeflow.cli.signals import StopOnSignal, in_thread, on_interrupt
 from mergeflow.cli.words import cli_words
 from mergeflow.cli.words import option_default as _default
 from mergeflow.cli.words import option_help as _help
-from mergeflow.errors import InputError, MergeError
+from mergeflow.errors import CheckpointError, InputError, MergeError
+from mergeflow.model.index import safetensors_shards
 from mergeflow.spec import MergeSpec
 from mergeflow.storage.hashing import hash_ahead
 from mergeflow.storage.lock import output_lock
@@ -89,12 +90,17 @@ def _plan(spec: MergeSpec) -> PreparedMerge:
 def _hash_base_ahead(spec: MergeSpec) -> None:
     """Start hashing a local base's shards for the manifest before torch is imported (which
     takes one core for most of a second), when this process will read them; planning takes
-    the hashing over (:func:`mergeflow.storage.hashing.hash_ahead`)."""
+    the hashing over (:func:`mergeflow.storage.hashing.hash_ahead`). A base planning will
+    refuse is left to planning to report."""
     if spec.dask_address or not spec.base or "://" in spec.base:
         return
     folder = Path(spec.base)
-    if folder.is_dir():
-        hash_ahead(folder)
+    if not folder.is_dir():
+        return
+    try:
+        hash_ahead(safetensors_shards(folder))
+    except CheckpointError:
+        return
 
 
 def _execute(spec: MergeSpec, prepared: PreparedMerge,

@@ -313,9 +313,10 @@ class ThreadBuffers:
 
 
 class RowUploader:
-    """Reads a plan entry's input rows into the float32 work buffer on the device. On CUDA the
-    rows go host-to-device from two pinned read slots in turn, so the next block is read while
-    the last one uploads.
+    """Reads a plan entry's input rows into the float32 work buffer on the device, through read
+    slots used in turn: stored 16-bit rows are hashed behind the read while the next block is
+    read into the next slot, and on CUDA the rows go host-to-device from pinned slots, so the
+    next block is read while the last one uploads (see :meth:`_load`).
 
     Args:
         reader: the reader of the input.

@@ -26,11 +26,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mergeflow.errors import CheckpointError
+from mergeflow.model.index import INDEX_FILE, read_weight_map
 from mergeflow.model.torch_bin import read_table as read_torch_zip
 from mergeflow.storage.hashing import observe_read
 
 SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 BIN_SINGLE_FILE = "pytorch_model.bin"
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 #: Index files a checkpoint folder may hold (inputs of a merge when present).
@@ -84,30 +84,6 @@ class TensorInfo:
     @property
     def is_float(self) -> bool:
         return DTYPES[self.dtype].is_floating_point
-
-
-def read_weight_map(index_path: Path) -> dict[str, str]:
-    """The ``weight_map`` of a ``model.safetensors.index.json`` (or ``pytorch_model.bin.index.json``):
-    tensor name -> shard file name.
-
-    Raises:
-        CheckpointError: unreadable JSON, no ``weight_map`` object, or an entry that does not
-            map a name to a file name.
-    """
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise CheckpointError(
-            f"{index_path}: unreadable index ({type(exc).__name__}: {exc}); it must be JSON with "
-            "a 'weight_map'") from exc
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index_path}: 'weight_map' must be a non-empty object mapping "
-                              "tensor names to shard files; re-save the checkpoint")
-    for key, name in weight_map.items():
-        if not isinstance(name, str) or not name:
-            raise CheckpointError(f"{index_path}: weight_map maps '{key}' to {name!r}, not a file "
-                                  "name; re-save the checkpoint")
-    return weight_map
 
 
 def _inside(folder: Path, name: str, index_path: Path) -> Path:

@@ -357,25 +357,18 @@ def _register(paths: Iterable[Path]) -> tuple[list[ReadDigest], list[Path]]:
     return digests, rest
 
 
-def hash_ahead(folder: Path) -> None:
-    """Start hashing a checkpoint folder's safetensors files (those its
-    ``model.safetensors.index.json`` names, else every one) before anything else is known of the
-    merge that will read them: a command line calls it before it imports torch, which leaves
-    a core idle. The next :func:`hash_while_reading` takes over the digests of the files it
-    asks for and drops the others; :func:`pause_hashing` stops the thread before a fork. Never
-    raises: an unreadable folder is left to planning to report."""
+def hash_ahead(paths: list[Path]) -> None:
+    """Start hashing the safetensors files among ``paths`` before anything else is known of the
+    merge that will read them: a command line calls it before it imports torch, which leaves a
+    core idle. The next :func:`hash_while_reading` takes over the digests of the files it asks
+    for and drops the others; :func:`pause_hashing` stops the thread before a fork. Never
+    raises: an unreadable file is left to planning to report."""
     global _ahead
     try:
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            paths = [folder / name for name in names]
-        else:
-            paths = sorted(folder.glob("*.safetensors"))
-        digests, _ = _register(p for p in paths if p.parent == folder)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        digests, _ = _register(paths)
+    except OSError:
         return
-    _take_over_ahead([])  # one folder hashed ahead at a time
+    _take_over_ahead([])  # one set of files hashed ahead at a time
     if digests:
         _ahead = _Ahead(digests, _Filler(digests))
 
