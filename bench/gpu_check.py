@@ -18,7 +18,13 @@ cut short still reports what it did):
    (CPU affinity set before the merge starts, so Mergeflow sizes its workers and torch threads
    from it), on the first size, in 1GB shards; and ``scaling_one_shard``: the same output in one
    shard on 1 and 16 cores (``--one-shard-cores``), where one worker runs and the cores the
-   idle workers would have had go to its torch threads.
+   idle workers would have had go to its torch threads. Each merge records its steps' wall times
+   (``steps_s``: planning with the layout's child as ``load``, then ``merge``, ``finalize``,
+   ``verify``), so a flat curve shows where its time went.
+4. ``disk``: ``cp`` + ``sync`` of the first size's base shards into the work folder, timed: the
+   speed of the disk the curves write to (a merge cannot write faster), and ``scaling_tmpfs``:
+   the 1GB-shard curve again with the outputs in ``/dev/shm`` (``--tmpfs``; RAM, no disk), where
+   the merge is bound by its cores alone.
 
 ``OUTDIR/gpu-check.json`` holds every figure; ``OUTDIR/gpu-check.md`` the same as tables for
 ``docs/benchmarks.md``. Nothing is downloaded: the packages the device machine lacks travel as
@@ -68,7 +74,8 @@ def _merge_child(base: str, adapter: str, out: str, device: str, result: str,
                              no_tokenizer=True, memory_limit=MEMORY_LIMIT, overwrite=True)
     wall = time.perf_counter() - t0
     figures = {"wall_s": wall, "status": report.status,
-               "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+               "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               "steps_s": dict(report.timings)}
     if device == "cuda":
         figures["device_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         figures["device_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -208,22 +215,55 @@ def bench_merge_size_bytes(text: str) -> int:
     return size_bytes(text)
 
 
-def scaling(size: str, work: Path, cores: list[int], max_shard_size: str = "1GB") -> dict:
+def scaling(size: str, work: Path, cores: list[int], max_shard_size: str = "1GB",
+            out: Path | None = None) -> dict:
     """The CPU route's figures on each count of ``cores``, output shards of ``max_shard_size``
-    (the 0.9b: two shards at 1GB, one at 5GB, where the workers' idle cores go to torch)."""
+    (the 0.9b: two shards at 1GB, one at 5GB, where the workers' idle cores go to torch),
+    written into ``out`` (default: the work folder's disk)."""
     base, adapter, _ = bench_merge.ensure_inputs(size, work)
+    out = out if out is not None else work / "runs" / "scaling"
     usable = len(os.sched_getaffinity(0))
     curve = {}
     for n in cores:
         if n > usable:
             continue
-        log(f"{size}: CPU route on {n} core(s), {max_shard_size} shards ...")
-        figures = run_merge(base, adapter, work / "runs" / "scaling", "cpu", work, cpus=n,
+        log(f"{size}: CPU route on {n} core(s), {max_shard_size} shards, into {out} ...")
+        figures = run_merge(base, adapter, out, "cpu", work, cpus=n,
                             max_shard_size=max_shard_size)
-        curve[str(n)] = {k: figures[k] for k in ("wall_s", "write_gbps", "host_peak_rss_gib")}
+        curve[str(n)] = {k: figures[k] for k in ("wall_s", "write_gbps", "host_peak_rss_gib",
+                                                 "steps_s")}
         log(f"{size}: {n} core(s): {curve[str(n)]}")
-    shutil.rmtree(work / "runs" / "scaling", ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
     return curve
+
+
+def disk_speed(size: str, work: Path) -> dict:
+    """``cp`` + ``sync`` of the base's shards into the work folder (no reflink), timed: what the
+    disk the merges write to takes for the same bytes."""
+    base, _, _ = bench_merge.ensure_inputs(size, work)
+    shards = sorted(base.glob("*.safetensors"))
+    dest = work / "runs" / "cp"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for path in shards:  # from the page cache, as the merges read them
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+    script = 'd=$1; shift; cp --reflink=never -- "$@" "$d"/ && sync -- "$d"/*'
+    t0 = time.perf_counter()
+    subprocess.run(["sh", "-c", script, "cp-sync", str(dest), *map(str, shards)], check=True)
+    wall = time.perf_counter() - t0
+    written = sum(p.stat().st_size for p in dest.iterdir())
+    shutil.rmtree(dest, ignore_errors=True)
+    return {"wall_s": wall, "written_gb": written / 1e9, "write_gbps": written / 1e9 / wall}
+
+
+def tmpfs_folder(need_bytes: int) -> Path | None:
+    """A folder in ``/dev/shm`` (RAM) with room for ``need_bytes`` twice over, or None."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shutil.disk_usage(shm).free < 2 * need_bytes:
+        return None
+    return shm / f"mf-gpu-check-{os.getpid()}"
 
 
 def markdown(results: dict) -> str:
@@ -251,15 +291,22 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {size} | {device} | {r['wall_s']:.1f} | {r['write_gbps']:.2f} | "
                              f"{r['host_peak_rss_gib']:.2f} | {dev} | {same if device == 'cuda' else ''} |")
         lines.append("")
-    for key, title in (("scaling", "1GB shards"), ("scaling_one_shard", "one shard")):
+    disk = results.get("disk")
+    if disk:
+        lines += [f"Disk: `cp` + `sync` of the base's shards: {disk['wall_s']:.1f} s, "
+                  f"{disk['write_gbps']:.2f} GB/s written.", ""]
+    for key, title in (("scaling", "1GB shards"), ("scaling_one_shard", "one shard"),
+                       ("scaling_tmpfs", "1GB shards into /dev/shm (no disk)")):
         curve = results.get(key, {})
         if curve:
-            lines += [f"CPU route, {title}:", "", "| cores | wall s | GB/s written | x 1 core |",
-                      "| --- | --- | --- | --- |"]
+            lines += [f"CPU route, {title}:", "",
+                      "| cores | wall s | GB/s written | x 1 core | steps s |",
+                      "| --- | --- | --- | --- | --- |"]
             one = curve.get("1", next(iter(curve.values())))["write_gbps"]
             for n, f in curve.items():
+                steps = ", ".join(f"{k} {v:.1f}" for k, v in f.get("steps_s", {}).items())
                 lines.append(f"| {n} | {f['wall_s']:.1f} | {f['write_gbps']:.2f} | "
-                             f"{f['write_gbps'] / one:.2f} |")
+                             f"{f['write_gbps'] / one:.2f} | {steps} |")
             lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -275,6 +322,8 @@ def main() -> None:
     parser.add_argument("--cores", default="1,2,4,8,16")
     parser.add_argument("--one-shard-cores", default="1,16",
                         help="core counts for the curve of a one-shard output (5GB shards)")
+    parser.add_argument("--tmpfs", default="1,4,16",
+                        help="core counts for the curve written into /dev/shm (RAM: no disk)")
     parser.add_argument("--skip-tests", action="store_true")
     args = parser.parse_args()
     outdir, work = Path(args.outdir), Path(args.workdir)
@@ -309,6 +358,19 @@ def main() -> None:
         results["scaling_one_shard"] = scaling(
             sizes[0], work, [int(c) for c in args.one_shard_cores.split(",")], "5GB")
         save()
+    if sizes:
+        results["disk"] = disk_speed(sizes[0], work)
+        log(f"disk: {results['disk']}")
+        save()
+    if sizes and args.tmpfs:
+        base, _, _ = bench_merge.ensure_inputs(sizes[0], work)
+        shm = tmpfs_folder(sum(p.stat().st_size for p in base.glob("*.safetensors")))
+        if shm is None:
+            log("no /dev/shm with room for the output: the tmpfs curve is skipped")
+        else:
+            results["scaling_tmpfs"] = scaling(sizes[0], work,
+                                               [int(c) for c in args.tmpfs.split(",")], out=shm)
+            save()
     log("done")
     print(markdown(results))
 
