@@ -21,8 +21,10 @@ written by ``LoraConfig.save_pretrained`` (random nonzero A and B, so the merge 
 not run on these sizes: it would need the whole model in memory.
 
 Inputs are built once and cached in the workdir. Each route runs in a fresh process of its own,
-with the inputs already in the page cache. With ``--repeats N`` the routes run interleaved,
-repeat by repeat (mergeflow, peft, cp + sync, mergeflow, peft, cp + sync, ...), so noise from
+with the inputs already in the page cache and the disk idle (an untimed ``sync`` first: PEFT's
+``save_pretrained`` leaves its output to be written back, which slowed the ``cp`` after it).
+With ``--repeats N`` the routes run interleaved, repeat by repeat (mergeflow, peft, cp + sync,
+mergeflow, peft, cp + sync, ...), so noise from
 the shared machine hits them alike; the report gives medians, and for the ratios the median of
 the per-repeat ratios (with the ratio of the medians in brackets):
 
@@ -503,6 +505,16 @@ def measure(cmd: list[str], env: dict, method: str, log_path: Path) -> dict:
             "sampled_peak_pss_gib": sampler.peak_pss / gib}
 
 
+def settle(*folders: Path) -> None:
+    """Before a measured run, untimed: the disk finishes what earlier runs left dirty (PEFT's
+    ``save_pretrained`` does not fsync, so its 7 GB at 3.6b were still being written back while
+    the next route, ``cp`` + ``sync``, ran: that made ``cp`` up to 1.9x slower and every
+    throughput / cp ratio measured without this too kind to Mergeflow), then the inputs are read
+    into the page cache (:func:`warm_page_cache`)."""
+    os.sync()
+    warm_page_cache(*folders)
+
+
 def warm_page_cache(*folders: Path) -> None:
     """Read the inputs once (untimed) so every measured run starts with them in the page cache;
     otherwise whichever route runs first after a build pays the disk reads."""
@@ -718,7 +730,7 @@ def run_size(size: str, args, method: str, previous: dict) -> dict:
                                       "cp + sync": []}
 
     def measured(route: str, cmd: list[str], env_: dict, log_name: str, out: Path) -> dict:
-        warm_page_cache(base, adapter)
+        settle(base, adapter)
         load = os.getloadavg()[0]
         r = measure(cmd, env_, method, runs_dir / log_name)
         written = shard_bytes(out)
@@ -1043,7 +1055,7 @@ def report(all_results: list[dict], meta: dict) -> str:
               "forked child shares with its parent counted once). cp+sync: `cp --reflink=never` "
               "of the base's shards to a fresh folder, then `sync` (fsync) of the copies, timed "
               "together. Every route starts with "
-              "its inputs in the page cache."]
+              "its inputs in the page cache and the disk idle (an untimed `sync` first)."]
     return "\n".join(lines)
 
 
