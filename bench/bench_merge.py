@@ -707,6 +707,7 @@ def _medians(runs: list[dict]) -> dict:
 def run_size(size: str, args, method: str, previous: dict) -> dict:
     workdir = Path(args.workdir)
     is_slice = size in SLICES
+    with_peft = not is_slice and not args.skip_peft
     log(f"{size}: {count_params(size):,} parameters ({SIZES[size]})")
     base, adapter, params = ensure_inputs(size, workdir)
     root = base.parent
@@ -726,7 +727,7 @@ def run_size(size: str, args, method: str, previous: dict) -> dict:
     if free < need * 1.1:
         raise SystemExit(f"{size}: {free:.0f} GB free in {workdir}, but its outputs need about "
                          f"{need * 1.1:.0f} GB; free some space or pass another --workdir")
-    results: dict[str, list[dict]] = {"mergeflow": [], **({} if is_slice else {"peft": []}),
+    results: dict[str, list[dict]] = {"mergeflow": [], **({"peft": []} if with_peft else {}),
                                       "cp + sync": []}
 
     def measured(route: str, cmd: list[str], env_: dict, log_name: str, out: Path) -> dict:
@@ -784,7 +785,7 @@ def run_size(size: str, args, method: str, previous: dict) -> dict:
         run_mergeflow("mergeflow", cache, [], f"mergeflow-{rep}.log")
         if not args.skip_extra:
             run_layout_cached(cache, rep)
-        if not is_slice:
+        if with_peft:
             run_peft(rep)
         run_cp(rep)
 
@@ -799,7 +800,7 @@ def run_size(size: str, args, method: str, previous: dict) -> dict:
                    "unexpected_changes": sorted(changed - expected)[:5],
                    "unchanged_targets": sorted(expected - changed)[:5],
                    "same_names_as_base": set(mf_digests) == set(base_digests)}
-    if not is_slice:
+    if with_peft:
         check["vs_peft"] = compare_digests(mf_digests, tensor_digests(peft_out))
         check["sampled"] = compare_outputs(mf_out, peft_out, base,
                                            SIZES[size]["num_hidden_layers"])
@@ -810,7 +811,7 @@ def run_size(size: str, args, method: str, previous: dict) -> dict:
         f"{'as expected' if check['changed_as_expected'] else 'NOT as expected'}")
     sizes_on_disk = {"base_gb": folder_bytes(base) / 1e9,
                      "mergeflow_out_gb": folder_bytes(mf_out) / 1e9}
-    if not is_slice:
+    if with_peft:
         sizes_on_disk["peft_out_gb"] = folder_bytes(peft_out) / 1e9
         if not args.keep_outputs:
             shutil.rmtree(peft_out, ignore_errors=True)
@@ -867,7 +868,7 @@ def run_size(size: str, args, method: str, previous: dict) -> dict:
         if LAYOUT_CACHED in results:
             pair["write_gbps_layout_cached_over_cp"] = \
                 results[LAYOUT_CACHED][i]["write_gbps"] / cp["write_gbps"]
-        if not is_slice:
+        if with_peft:
             pe = results["peft"][i]
             pair.update(time_mergeflow_over_peft=mf["wall_s"] / pe["wall_s"],
                         rss_mergeflow_over_peft=mf["rss_gib"] / pe["rss_gib"],
@@ -1007,14 +1008,15 @@ def report(all_results: list[dict], meta: dict) -> str:
         lines.append(f"| {name} | {_num(value)} | {goal} | {'met' if met else '**not met**'} |")
 
     pm = {s: r["pair_median"] for s, r in by_size.items()}
-    if "0.9b" in pm:
+    vs_peft = {s: p for s, p in pm.items() if "time_mergeflow_over_peft" in p}  # PEFT ran
+    if "0.9b" in vs_peft:
         t = pm["0.9b"]["time_mergeflow_over_peft"]
         target("0.9b wall time, mergeflow / PEFT", t, f"<= {TIME_TARGET_09}x "
                f"(goal {TIME_GOAL_09}x)", t <= TIME_TARGET_09)
-    if "3.6b" in pm:
+    if "3.6b" in vs_peft:
         t = pm["3.6b"]["time_mergeflow_over_peft"]
         target("3.6b wall time / PEFT", t, f"<= {TIME_TARGET_36}x", t <= TIME_TARGET_36)
-    if "0.9b" in pm:
+    if "0.9b" in vs_peft:
         r = pm["0.9b"]["rss_mergeflow_over_peft"]
         target("0.9b peak RSS / PEFT (largest process)", r, f"<= {RSS_TARGET}x", r <= RSS_TARGET)
     scale = {big: r for big, _, r, _ in scaling}
@@ -1067,7 +1069,7 @@ def _issue27_targets(by_size: dict, pm: dict) -> list[str]:
     def row(name: str, value: float, goal: str, met: bool) -> None:
         rows.append(f"| {name} | {_num(value)} | {goal} | {'met' if met else '**not met**'} |")
 
-    if "3.6b-deep" in pm:
+    if "time_mergeflow_over_peft" in pm.get("3.6b-deep", {}):
         t = pm["3.6b-deep"]["time_mergeflow_over_peft"]
         row("3.6b-deep / PEFT, cold hash", t, f"<= {ISSUE27['deep_cold']}x", t <= ISSUE27["deep_cold"])
         med = by_size["3.6b-deep"]["median"]
@@ -1075,7 +1077,7 @@ def _issue27_targets(by_size: dict, pm: dict) -> list[str]:
             t = med["mergeflow (warm hash)"]["wall_s"] / med["peft"]["wall_s"]
             row("3.6b-deep / PEFT, warm hash (one run)", t, f"<= {ISSUE27['deep_warm']}x",
                 t <= ISSUE27["deep_warm"])
-    if "0.9b" in pm:
+    if "time_mergeflow_over_peft" in pm.get("0.9b", {}):
         t = pm["0.9b"]["time_mergeflow_over_peft"]
         row("0.9b / PEFT, cold hash", t, f"<= {ISSUE27['small_cold']}x", t <= ISSUE27["small_cold"])
     if "3.6b" in pm:
@@ -1119,6 +1121,9 @@ def main() -> None:
     parser.add_argument("--rss", choices=["auto", "time", "getrusage"], default="auto",
                         help="peak RSS from /usr/bin/time -v or a getrusage wrapper")
     parser.add_argument("--keep-outputs", action="store_true", help="keep the merged outputs")
+    parser.add_argument("--skip-peft", action="store_true",
+                        help="leave PEFT out: mergeflow against cp + sync alone (PEFT's 7 GiB "
+                        "process and its unsynced output disturb the cp run after it)")
     parser.add_argument("--skip-extra", action="store_true",
                         help="skip the single warm-hash and --no-verify mergeflow runs")
     parser.add_argument("--mergeflow-src", default=None,
