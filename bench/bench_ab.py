@@ -7,7 +7,8 @@ processes, ``--pairs`` times, and the medians and the median of the per-pair rat
 
 Each merge starts with its inputs in the page cache and an empty hash cache (so the inputs are
 hashed, as on a first merge), with the base's layout cached (learnt once before the pairs, so
-both routes skip it: use ``bench_merge.py`` for first merges). The model folder is one
+both routes skip it); with ``--cold``, an empty cache folder every time, so each merge learns the
+layout too, as a first merge of a new base does. The model folder is one
 ``bench_merge.py`` built (``base/`` and ``adapter/``). Wall time and the merge phase's own time
 (the CLI's "wrote ... in N s" line) are both reported; user and system CPU come from
 ``/usr/bin/time``.
@@ -38,9 +39,13 @@ def warm(folder: Path) -> None:
                     pass
 
 
-def merge(src: Path, model: Path, out: Path, cache: Path, shard: str) -> dict[str, float]:
-    """One CLI merge with ``src`` on the path; its times and peak RSS."""
+def merge(src: Path, model: Path, out: Path, cache: Path, shard: str,
+          cold: bool = False) -> dict[str, float]:
+    """One CLI merge with ``src`` on the path; its times and peak RSS. ``cold``: with an empty
+    cache (the layout learnt again), else with only the input hashes dropped."""
     shutil.rmtree(out, ignore_errors=True)
+    if cold:
+        shutil.rmtree(cache, ignore_errors=True)
     (cache / "sha256.json").unlink(missing_ok=True)  # the inputs are hashed again
     warm(model)
     env = dict(os.environ, PYTHONPATH=str(src), MERGEFLOW_CACHE=str(cache))
@@ -62,6 +67,8 @@ def main() -> None:
     parser.add_argument("--b", type=Path, required=True, help="the source tree after")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--max-shard-size", default="1GB")
+    parser.add_argument("--cold", action="store_true",
+                        help="an empty cache for every merge: the layout is learnt every time")
     args = parser.parse_args()
     runs: dict[str, list[dict[str, float]]] = {"a": [], "b": []}
     with tempfile.TemporaryDirectory(prefix="mf-ab-") as tmp:
@@ -69,9 +76,11 @@ def main() -> None:
         merge(args.b, args.model, out, cache, args.max_shard_size)  # learns the layout once
         for _ in range(args.pairs):
             for route, src in (("a", args.a), ("b", args.b)):
-                runs[route].append(merge(src, args.model, out, cache, args.max_shard_size))
+                runs[route].append(merge(src, args.model, out, cache, args.max_shard_size,
+                                         args.cold))
                 print(route, runs[route][-1], flush=True)
     print(f"\n{args.model.name}, --max-shard-size {args.max_shard_size}, {args.pairs} pairs, "
+          f"{'cold (layout learnt every time)' if args.cold else 'layout cached'}, "
           "medians (b / a: median of the per-pair ratios)\n")
     print("| measure | a | b | b / a |")
     print("| --- | ---: | ---: | ---: |")

@@ -22,7 +22,8 @@ not run on these sizes: it would need the whole model in memory.
 
 Inputs are built once and cached in the workdir. Each route runs in a fresh process of its own,
 with the inputs already in the page cache and the disk idle (an untimed ``sync`` first: PEFT's
-``save_pretrained`` leaves its output to be written back, which slowed the ``cp`` after it).
+``save_pretrained`` leaves its output to be written back). The disk's own speed still varies
+(see :func:`settle`): read ``cp`` + ``sync`` as the disk's speed *in that run*.
 With ``--repeats N`` the routes run interleaved, repeat by repeat (mergeflow, peft, cp + sync,
 mergeflow, peft, cp + sync, ...), so noise from
 the shared machine hits them alike; the report gives medians, and for the ratios the median of
@@ -507,10 +508,11 @@ def measure(cmd: list[str], env: dict, method: str, log_path: Path) -> dict:
 
 def settle(*folders: Path) -> None:
     """Before a measured run, untimed: the disk finishes what earlier runs left dirty (PEFT's
-    ``save_pretrained`` does not fsync, so its 7 GB at 3.6b were still being written back while
-    the next route, ``cp`` + ``sync``, ran: that made ``cp`` up to 1.9x slower and every
-    throughput / cp ratio measured without this too kind to Mergeflow), then the inputs are read
-    into the page cache (:func:`warm_page_cache`)."""
+    ``save_pretrained`` does not fsync, so its 7 GB at 3.6b could still be being written back
+    while the next route ran), then the inputs are read into the page cache
+    (:func:`warm_page_cache`). This VM's disk stays slow for a while after any large write
+    whatever the sync: ``cp`` + ``sync`` of 7.26 GB took 3.2-10.1 s on 2026-12-05, slowest
+    right after another 7 GB write, so compare ratios of paired runs only."""
     os.sync()
     warm_page_cache(*folders)
 
@@ -1122,8 +1124,8 @@ def main() -> None:
                         help="peak RSS from /usr/bin/time -v or a getrusage wrapper")
     parser.add_argument("--keep-outputs", action="store_true", help="keep the merged outputs")
     parser.add_argument("--skip-peft", action="store_true",
-                        help="leave PEFT out: mergeflow against cp + sync alone (PEFT's 7 GiB "
-                        "process and its unsynced output disturb the cp run after it)")
+                        help="leave PEFT out: mergeflow against cp + sync alone (faster, for "
+                        "the throughput figure)")
     parser.add_argument("--skip-extra", action="store_true",
                         help="skip the single warm-hash and --no-verify mergeflow runs")
     parser.add_argument("--mergeflow-src", default=None,
