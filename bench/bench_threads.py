@@ -30,8 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-SAMPLE = re.compile(r"^\s*(\S+)\s+(\d+)/(\d+)\s+([\d.]+):")  # comm pid/tid time:
-FRAME = re.compile(r"^\s+[0-9a-f]+\s+(.*?)\s+\((.*)\)\s*$")  # ip symbol (dso)
+SAMPLE = re.compile(r"^\s*(\S+)\s+(\d+)/(\d+)\s+([\d.]+):(.*)$")  # comm pid/tid time: [frame]
+FRAME = re.compile(r"^\s*[0-9a-f]+\s+(.*?)\s+\((.*)\)\s*$")  # ip symbol (dso)
 
 
 def family(symbol: str, dso: str) -> str:
@@ -64,7 +64,7 @@ def record(model: Path, shard: str, cache: Path, out: Path, data: Path) -> float
                     "-m", "mergeflow.cli", "merge", "--base", str(model / "base"), "--adapter",
                     str(model / "adapter"), "--out", str(out), "--max-shard-size", shard,
                     "--no-tokenizer"], env=dict(os.environ, MERGEFLOW_CACHE=str(cache)),
-                   check=True, stdout=subprocess.DEVNULL)
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     shutil.rmtree(out, ignore_errors=True)
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -76,9 +76,10 @@ def samples(data: Path) -> list[tuple[str, float, str]]:
                           capture_output=True, text=True, check=True).stdout
     found, head = [], None
     for line in text.splitlines():
-        if (m := SAMPLE.match(line)) is not None:
-            head = (f"{m.group(2)}/{m.group(3)}", float(m.group(4)))
-        elif head is not None and (f := FRAME.match(line)) is not None:
+        if (m := SAMPLE.match(line)) is not None:  # the frame follows on the line (no call
+            head = (f"{m.group(2)}/{m.group(3)}", float(m.group(4)))  # graph) or on the next
+            line = m.group(5)
+        if head is not None and (f := FRAME.match(line)) is not None:
             found.append((*head, family(f.group(1), f.group(2))))
             head = None
     return found
@@ -89,9 +90,9 @@ def role(pid: str, main_pid: str, kinds: collections.Counter) -> str:
     if pid != main_pid:
         return "layout child (another process)"
     top = kinds.most_common(1)[0][0]
-    n = sum(kinds.values())
-    if top == "sha256":  # a shard's writer also copies into its O_DIRECT chunks
-        return "writer: output sha256" if kinds["libc (memcpy)"] >= 0.1 * n else "input sha256"
+    if top == "sha256":  # a shard's writer copies into its O_DIRECT chunks; an input hasher
+        writer = kinds["libc (memcpy)"] >= kinds["kernel (copies, I/O)"]  # reads the file
+        return "writer: output sha256" if writer else "input sha256"
     return {"LoRA matmul": "math (merge, then verify)",
             "torch kernels (casts, checks)": "math (merge, then verify)",
             "interpreter": "main (imports, planning)"}.get(top, top)
