@@ -506,6 +506,13 @@ def measure(cmd: list[str], env: dict, method: str, log_path: Path) -> dict:
             "sampled_peak_pss_gib": sampler.peak_pss / gib}
 
 
+def cp_sync_command(dest: Path, files: list[Path]) -> list[str]:
+    """The disk's reference: ``cp`` (a real copy, no reflink) of ``files`` into ``dest``, then
+    ``sync`` (fsync) of the copies, as one command to time."""
+    script = 'd=$1; shift; cp --reflink=never -- "$@" "$d"/ && sync -- "$d"/*'
+    return ["sh", "-c", script, "cp-sync", str(dest), *map(str, files)]
+
+
 def settle(*folders: Path) -> None:
     """Before a measured run, untimed: the disk finishes what earlier runs left dirty (PEFT's
     ``save_pretrained`` does not fsync, so its 7 GB at 3.6b could still be being written back
@@ -762,9 +769,7 @@ def run_size(size: str, args, method: str, previous: dict) -> dict:
         shutil.rmtree(cp_out, ignore_errors=True)
         cp_out.mkdir()
         # a real copy (no reflink), then fsync of each copy: what it takes to write the bytes
-        script = 'd=$1; shift; cp --reflink=never -- "$@" "$d"/ && sync -- "$d"/*'
-        measured("cp + sync", ["sh", "-c", script, "cp-sync", str(cp_out), *map(str, shards)],
-                 env, f"cp-{rep}.log", cp_out)
+        measured("cp + sync", cp_sync_command(cp_out, shards), env, f"cp-{rep}.log", cp_out)
         shutil.rmtree(cp_out, ignore_errors=True)
 
     def run_layout_cached(cold_cache: Path, rep: int) -> None:

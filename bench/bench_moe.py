@@ -58,6 +58,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_merge import (  # noqa: E402  (the benchmark scripts sit side by side)
     bench_env,
+    cp_sync_command,
     log,
     measure,
     mergeflow_cmd,
@@ -175,9 +176,7 @@ def run_count(experts: int, args: argparse.Namespace, method: str) -> dict:
                  env, f"peft-e{experts}-{rep}.log")
         shutil.rmtree(outs["cp"], ignore_errors=True)
         outs["cp"].mkdir()
-        script = 'd=$1; shift; cp --reflink=never -- "$@" "$d"/ && sync -- "$d"/*'
-        measured("cp + sync", ["sh", "-c", script, "cp-sync", str(outs["cp"]), *map(str, shards)],
-                 env, f"cp-e{experts}-{rep}.log")
+        measured("cp + sync", cp_sync_command(outs["cp"], shards), env, f"cp-e{experts}-{rep}.log")
     log(f"{experts} experts: comparing the outputs ...")
     agreement = compare_outputs(outs["mergeflow"], outs["peft"], base, adapter, workdir)
     for out in outs.values():

@@ -30,6 +30,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_merge import warm_page_cache  # the benchmark scripts sit side by side
+
 SAMPLE = re.compile(r"^\s*(\S+)\s+(\d+)/(\d+)\s+([\d.]+):(.*)$")  # comm pid/tid time: [frame]
 FRAME = re.compile(r"^\s*[0-9a-f]+\s+(.*?)\s+\((.*)\)\s*$")  # ip symbol (dso)
 
@@ -54,11 +58,7 @@ def family(symbol: str, dso: str) -> str:
 def record(model: Path, shard: str, cache: Path, out: Path, data: Path) -> float:
     """The merge under ``perf record``; its user + system seconds."""
     shutil.rmtree(out, ignore_errors=True)
-    for path in sorted(model.rglob("*")):  # the inputs in the page cache
-        if path.is_file():
-            with open(path, "rb") as f:
-                while f.read(2**24):
-                    pass
+    warm_page_cache(model)  # the inputs in the page cache
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(["perf", "record", "-F", "499", "-q", "-o", str(data), "--", sys.executable,
                     "-m", "mergeflow.cli", "merge", "--base", str(model / "base"), "--adapter",

@@ -245,13 +245,9 @@ def disk_speed(size: str, work: Path) -> dict:
     dest = work / "runs" / "cp"
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    for path in shards:  # from the page cache, as the merges read them
-        with open(path, "rb") as f:
-            while f.read(64 << 20):
-                pass
-    script = 'd=$1; shift; cp --reflink=never -- "$@" "$d"/ && sync -- "$d"/*'
+    bench_merge.warm_page_cache(base)  # from the page cache, as the merges read them
     t0 = time.perf_counter()
-    subprocess.run(["sh", "-c", script, "cp-sync", str(dest), *map(str, shards)], check=True)
+    subprocess.run(bench_merge.cp_sync_command(dest, shards), check=True)
     wall = time.perf_counter() - t0
     written = sum(p.stat().st_size for p in dest.iterdir())
     shutil.rmtree(dest, ignore_errors=True)
