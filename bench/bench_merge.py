@@ -513,6 +513,14 @@ def cp_sync_command(dest: Path, files: list[Path]) -> list[str]:
     return ["sh", "-c", script, "cp-sync", str(dest), *map(str, files)]
 
 
+def dd_direct_command(dest: Path, nbytes: int, block: int = 4 * 2**20) -> list[str]:
+    """The disk itself: ``dd`` of at least ``nbytes`` zero bytes into the file ``dest`` in
+    ``block``-sized ``O_DIRECT`` writes (Mergeflow writes 4 MiB ``O_DIRECT`` chunks), then fsync;
+    no page cache involved, unlike ``cp`` + ``sync``."""
+    return ["dd", "if=/dev/zero", f"of={dest}", f"bs={block}", f"count={-(-nbytes // block)}",
+            "oflag=direct", "conv=fsync", "status=none"]
+
+
 def settle(*folders: Path) -> None:
     """Before a measured run, untimed: the disk finishes what earlier runs left dirty (PEFT's
     ``save_pretrained`` does not fsync, so its 7 GB at 3.6b could still be being written back

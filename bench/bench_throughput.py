@@ -31,10 +31,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_merge import cp_sync_command, shard_bytes, warm_page_cache  # side by side
+from bench_merge import (  # the benchmark scripts sit side by side
+    cp_sync_command,
+    dd_direct_command,
+    shard_bytes,
+    warm_page_cache,
+)
 
 ROUTES = ("cold", "layout cached", "cp + sync", "dd direct")
-DD_BLOCK = 4 * 2**20  # dd's O_DIRECT writes, as large as Mergeflow's (storage.sink.CHUNK)
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:
@@ -54,9 +58,7 @@ def run_route(route: str, model: Path, out: Path, cache: Path, shard: str) -> fl
         return timed(cp_sync_command(out, sorted((model / "base").glob("*.safetensors"))), env)
     if route == "dd direct":  # the disk itself: the same bytes, past the page cache, fsynced
         out.mkdir(parents=True)
-        count = -(-shard_bytes(model / "base") // DD_BLOCK)
-        return timed(["dd", "if=/dev/zero", f"of={out / 'zeros'}", f"bs={DD_BLOCK}",
-                      f"count={count}", "oflag=direct", "conv=fsync"], env)
+        return timed(dd_direct_command(out / "zeros", shard_bytes(model / "base")), env)
     if route == "cold":
         shutil.rmtree(cache, ignore_errors=True)
     else:  # the layout learnt by the cold run just before; the input hashes dropped

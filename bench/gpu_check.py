@@ -21,8 +21,9 @@ cut short still reports what it did):
    idle workers would have had go to its torch threads. Each merge records its steps' wall times
    (``steps_s``: planning with the layout's child as ``load``, then ``merge``, ``finalize``,
    ``verify``), so a flat curve shows where its time went.
-4. ``disk``: ``cp`` + ``sync`` of the first size's base shards into the work folder, timed: the
-   speed of the disk the curves write to (a merge cannot write faster), and ``scaling_tmpfs``:
+4. ``disk``: ``cp`` + ``sync`` of the first size's base shards into the work folder, and ``dd`` of
+   as many bytes in 4 MiB ``O_DIRECT`` writes, fsynced, timed: the speed of the disk the curves
+   write to (a merge cannot write faster than the second), and ``scaling_tmpfs``:
    the 1GB-shard curve again with the outputs in ``/dev/shm`` (``--tmpfs``; RAM, no disk), where
    the merge is bound by its cores alone.
 
@@ -238,20 +239,27 @@ def scaling(size: str, work: Path, cores: list[int], max_shard_size: str = "1GB"
 
 
 def disk_speed(size: str, work: Path) -> dict:
-    """``cp`` + ``sync`` of the base's shards into the work folder (no reflink), timed: what the
-    disk the merges write to takes for the same bytes."""
+    """What the disk the merges write to takes for the same bytes: ``cp`` + ``sync`` of the
+    base's shards into the work folder (no reflink; through the page cache) and ``dd`` of as many
+    bytes in 4 MiB ``O_DIRECT`` writes, fsynced (the disk itself, written as Mergeflow writes)."""
     base, _, _ = bench_merge.ensure_inputs(size, work)
     shards = sorted(base.glob("*.safetensors"))
-    dest = work / "runs" / "cp"
+    written = sum(p.stat().st_size for p in shards)
+    dest = work / "runs" / "disk"
+    figures = {}
+    for route, command in (("cp_sync", lambda: bench_merge.cp_sync_command(dest, shards)),
+                           ("dd_direct", lambda: bench_merge.dd_direct_command(dest / "zeros",
+                                                                              written))):
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        os.sync()
+        bench_merge.warm_page_cache(base)  # from the page cache, as the merges read them
+        t0 = time.perf_counter()
+        subprocess.run(command(), check=True)
+        wall = time.perf_counter() - t0
+        figures[route] = {"wall_s": wall, "write_gbps": written / 1e9 / wall}
     shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    bench_merge.warm_page_cache(base)  # from the page cache, as the merges read them
-    t0 = time.perf_counter()
-    subprocess.run(bench_merge.cp_sync_command(dest, shards), check=True)
-    wall = time.perf_counter() - t0
-    written = sum(p.stat().st_size for p in dest.iterdir())
-    shutil.rmtree(dest, ignore_errors=True)
-    return {"wall_s": wall, "written_gb": written / 1e9, "write_gbps": written / 1e9 / wall}
+    return figures
 
 
 def tmpfs_folder(need_bytes: int) -> Path | None:
@@ -289,8 +297,10 @@ def markdown(results: dict) -> str:
         lines.append("")
     disk = results.get("disk")
     if disk:
-        lines += [f"Disk: `cp` + `sync` of the base's shards: {disk['wall_s']:.1f} s, "
-                  f"{disk['write_gbps']:.2f} GB/s written.", ""]
+        cp, dd = disk["cp_sync"], disk["dd_direct"]
+        lines += [f"Disk, the base's shard bytes: `cp` + `sync` {cp['wall_s']:.1f} s "
+                  f"({cp['write_gbps']:.2f} GB/s); `dd`, 4 MiB O_DIRECT writes, fsync "
+                  f"{dd['wall_s']:.1f} s ({dd['write_gbps']:.2f} GB/s).", ""]
     for key, title in (("scaling", "1GB shards"), ("scaling_one_shard", "one shard"),
                        ("scaling_tmpfs", "1GB shards into /dev/shm (no disk)")):
         curve = results.get(key, {})
