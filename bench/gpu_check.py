@@ -14,18 +14,18 @@ cut short still reports what it did):
    checked against the merge's memory budget (``memory_limit``, what ``save_pretrained_merged``'s
    ``maximum_memory_usage`` sets), and the sha256 of every output tensor compared between the
    routes. A tensor whose bytes differ is listed with its largest difference in bf16 ulps.
-3. ``scaling``: the CPU route's throughput (output bytes / wall second) on 1, 2, 4, 8 and 16 cores
-   (CPU affinity set before the merge starts, so Mergeflow sizes its workers and torch threads
-   from it), on the first size, in 1GB shards; and ``scaling_one_shard``: the same output in one
-   shard on 1 and 16 cores (``--one-shard-cores``), where one worker runs and the cores the
-   idle workers would have had go to its torch threads. Each merge records its steps' wall times
-   (``steps_s``: planning with the layout's child as ``load``, then ``merge``, ``finalize``,
-   ``verify``), so a flat curve shows where its time went.
-4. ``disk``: ``cp`` + ``sync`` of the first size's base shards into the work folder, and ``dd`` of
+3. ``disk``: ``cp`` + ``sync`` of the first size's base shards into the work folder, and ``dd`` of
    as many bytes in 4 MiB ``O_DIRECT`` writes, fsynced, timed: the speed of the disk the curves
-   write to (a merge cannot write faster than the second), and ``scaling_tmpfs``:
-   the 1GB-shard curve again with the outputs in ``/dev/shm`` (``--tmpfs``; RAM, no disk), where
-   the merge is bound by its cores alone.
+   write to (a merge cannot write faster than the second).
+4. ``scaling``: the CPU route's throughput (output bytes / wall second) on 1, 2, 4, 8 and 16 cores
+   (CPU affinity set before the merge starts, so Mergeflow sizes its workers and torch threads
+   from it), on the first size, in 1GB shards; ``scaling_one_shard``: the same output in one
+   shard on 1 and 16 cores (``--one-shard-cores``), where one worker runs and the cores the
+   idle workers would have had go to its torch threads; and ``scaling_tmpfs``: the 1GB-shard
+   curve again with the outputs in ``/dev/shm`` (``--tmpfs``; RAM, no disk), where the merge is
+   bound by its cores alone. Each merge records its steps' wall times (``steps_s``: planning with
+   the layout's child as ``load``, then ``merge``, ``finalize``, ``verify``), so a flat curve
+   shows where its time went.
 
 ``OUTDIR/gpu-check.json`` holds every figure; ``OUTDIR/gpu-check.md`` the same as tables for
 ``docs/benchmarks.md``. Nothing is downloaded: the packages the device machine lacks travel as
@@ -244,7 +244,7 @@ def disk_speed(size: str, work: Path) -> dict:
     bytes in 4 MiB ``O_DIRECT`` writes, fsynced (the disk itself, written as Mergeflow writes)."""
     base, _, _ = bench_merge.ensure_inputs(size, work)
     shards = sorted(base.glob("*.safetensors"))
-    written = sum(p.stat().st_size for p in shards)
+    written = bench_merge.shard_bytes(base)
     dest = work / "runs" / "disk"
     figures = {}
     for route, command in (("cp_sync", lambda: bench_merge.cp_sync_command(dest, shards)),
@@ -357,6 +357,10 @@ def main() -> None:
             results["merges"][size] = {"error": f"{type(exc).__name__}: {exc}"}
             log(f"{size}: FAILED: {exc}")
         save()
+    if sizes:
+        results["disk"] = disk_speed(sizes[0], work)
+        log(f"disk: {results['disk']}")
+        save()
     if sizes and args.cores:
         results["scaling"] = scaling(sizes[0], work, [int(c) for c in args.cores.split(",")])
         save()
@@ -364,13 +368,9 @@ def main() -> None:
         results["scaling_one_shard"] = scaling(
             sizes[0], work, [int(c) for c in args.one_shard_cores.split(",")], "5GB")
         save()
-    if sizes:
-        results["disk"] = disk_speed(sizes[0], work)
-        log(f"disk: {results['disk']}")
-        save()
     if sizes and args.tmpfs:
         base, _, _ = bench_merge.ensure_inputs(sizes[0], work)
-        shm = tmpfs_folder(sum(p.stat().st_size for p in base.glob("*.safetensors")))
+        shm = tmpfs_folder(bench_merge.shard_bytes(base))
         if shm is None:
             log("no /dev/shm with room for the output: the tmpfs curve is skipped")
         else:
