@@ -26,17 +26,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_merge import (  # the benchmark scripts sit side by side
+    drop_input_hashes,
+    merge_argv,
+    warm_page_cache,
+)
+
 TIME = re.compile(r"TIME wall ([\d.]+) user ([\d.]+) sys ([\d.]+) rss (\d+)")
 WROTE = re.compile(r"wrote .* in ([\d.]+) s")
-
-
-def warm(folder: Path) -> None:
-    """Read every file of ``folder`` once, so the page cache holds it."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                while f.read(2**24):
-                    pass
 
 
 def merge(src: Path, model: Path, out: Path, cache: Path, shard: str,
@@ -46,12 +45,11 @@ def merge(src: Path, model: Path, out: Path, cache: Path, shard: str,
     shutil.rmtree(out, ignore_errors=True)
     if cold:
         shutil.rmtree(cache, ignore_errors=True)
-    (cache / "sha256.json").unlink(missing_ok=True)  # the inputs are hashed again
-    warm(model)
+    drop_input_hashes(cache)  # the inputs are hashed again
+    warm_page_cache(model)
     env = dict(os.environ, PYTHONPATH=str(src), MERGEFLOW_CACHE=str(cache))
-    cmd = ["/usr/bin/time", "-f", "TIME wall %e user %U sys %S rss %M", sys.executable, "-m",
-           "mergeflow.cli", "merge", "--base", str(model / "base"), "--adapter",
-           str(model / "adapter"), "--out", str(out), "--max-shard-size", shard, "--no-tokenizer"]
+    cmd = ["/usr/bin/time", "-f", "TIME wall %e user %U sys %S rss %M",
+           *merge_argv(model / "base", model / "adapter", out, shard)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     text = proc.stdout + proc.stderr
     wall, user, sys_s, rss = TIME.search(text).groups()

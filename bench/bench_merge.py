@@ -716,6 +716,19 @@ def mergeflow_cmd() -> list[str]:
     return [sys.executable, "-m", "mergeflow.cli"]
 
 
+def merge_argv(base: Path, adapter: Path, out: Path, shard: str, *extra: str) -> list[str]:
+    """``mergeflow merge`` of ``adapter`` into ``base``, written to ``out`` in ``shard`` shards
+    with no tokenizer: the command every benchmark times (``extra``: more flags)."""
+    return [*mergeflow_cmd(), "merge", "--base", str(base), "--adapter", str(adapter), "--out",
+            str(out), "--max-shard-size", shard, "--no-tokenizer", *extra]
+
+
+def drop_input_hashes(cache: Path) -> None:
+    """Forget the input hashes a ``MERGEFLOW_CACHE`` folder holds; its layout memo stays (a new
+    base of a known architecture)."""
+    (cache / "sha256.json").unlink(missing_ok=True)
+
+
 def _medians(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]
             if all(isinstance(r.get(k), (int, float)) for r in runs)}
@@ -763,8 +776,7 @@ def run_size(size: str, args, method: str, previous: dict) -> dict:
     def run_mergeflow(route: str, cache: Path, extra: list[str], log_name: str,
                       env_: dict = env, out: Path = mf_out) -> None:
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [*mergeflow_cmd(), "merge", "--base", str(base), "--adapter", str(adapter),
-               "--out", str(out), "--max-shard-size", SHARD, "--no-tokenizer", *extra]
+        cmd = merge_argv(base, adapter, out, SHARD, *extra)
         measured(route, cmd, dict(env_, MERGEFLOW_CACHE=str(cache)), log_name, out)
 
     def run_peft(rep: int) -> None:
@@ -786,7 +798,7 @@ def run_size(size: str, args, method: str, previous: dict) -> dict:
         tensor names), its input hashes do not. Paired, like the cold run."""
         layout_only = Path(tempfile.mkdtemp(prefix="mf-cache-", dir=workdir))
         shutil.copytree(cold_cache, layout_only, dirs_exist_ok=True)
-        (layout_only / "sha256.json").unlink(missing_ok=True)
+        drop_input_hashes(layout_only)
         run_mergeflow(LAYOUT_CACHED, layout_only, [], f"mergeflow-layout-{rep}.log",
                       out=layout_out)
         shutil.rmtree(layout_only, ignore_errors=True)

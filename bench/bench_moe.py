@@ -61,7 +61,7 @@ from bench_merge import (  # noqa: E402  (the benchmark scripts sit side by side
     cp_sync_command,
     log,
     measure,
-    mergeflow_cmd,
+    merge_argv,
     mergeflow_origin,
     rss_method,
     shard_bytes,
@@ -151,9 +151,8 @@ def run_count(experts: int, args: argparse.Namespace, method: str) -> dict:
 
     def run_mergeflow(route: str, block_size: str, log_name: str, cache: Path) -> None:
         shutil.rmtree(outs["mergeflow"], ignore_errors=True)
-        measured(route, [*mergeflow_cmd(), "merge", "--base", str(base), "--adapter",
-                         str(adapter), "--out", str(outs["mergeflow"]), "--max-shard-size",
-                         SHARD, "--no-tokenizer", "--workers", "1", "--block-size", block_size],
+        measured(route, merge_argv(base, adapter, outs["mergeflow"], SHARD, "--workers", "1",
+                                   "--block-size", block_size),
                  dict(env, MERGEFLOW_CACHE=str(cache)), log_name)
 
     def empty_cache() -> Path:

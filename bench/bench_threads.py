@@ -32,7 +32,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_merge import warm_page_cache  # the benchmark scripts sit side by side
+from bench_merge import (  # the benchmark scripts sit side by side
+    drop_input_hashes,
+    merge_argv,
+    warm_page_cache,
+)
 
 SAMPLE = re.compile(r"^\s*(\S+)\s+(\d+)/(\d+)\s+([\d.]+):(.*)$")  # comm pid/tid time: [frame]
 FRAME = re.compile(r"^\s*[0-9a-f]+\s+(.*?)\s+\((.*)\)\s*$")  # ip symbol (dso)
@@ -60,11 +64,10 @@ def record(model: Path, shard: str, cache: Path, out: Path, data: Path) -> float
     shutil.rmtree(out, ignore_errors=True)
     warm_page_cache(model)  # the inputs in the page cache
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run(["perf", "record", "-F", "499", "-q", "-o", str(data), "--", sys.executable,
-                    "-m", "mergeflow.cli", "merge", "--base", str(model / "base"), "--adapter",
-                    str(model / "adapter"), "--out", str(out), "--max-shard-size", shard,
-                    "--no-tokenizer"], env=dict(os.environ, MERGEFLOW_CACHE=str(cache)),
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(["perf", "record", "-F", "499", "-q", "-o", str(data), "--",
+                    *merge_argv(model / "base", model / "adapter", out, shard)],
+                   env=dict(os.environ, MERGEFLOW_CACHE=str(cache)), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     shutil.rmtree(out, ignore_errors=True)
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -148,7 +151,7 @@ def main() -> None:
         cache, out, data = Path(tmp) / "cache", Path(tmp) / "out", Path(tmp) / "perf.data"
         if args.layout_cached:
             record(args.model, args.max_shard_size, cache, out, data)
-            (cache / "sha256.json").unlink(missing_ok=True)
+            drop_input_hashes(cache)
         core_s = record(args.model, args.max_shard_size, cache, out, data)
         print(f"{args.model.name}, --max-shard-size {args.max_shard_size}, "
               f"{'layout cached' if args.layout_cached else 'cold (layout learnt)'}, "

@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_merge import (  # the benchmark scripts sit side by side
     cp_sync_command,
     dd_direct_command,
+    drop_input_hashes,
+    merge_argv,
     shard_bytes,
     warm_page_cache,
 )
@@ -62,10 +64,8 @@ def run_route(route: str, model: Path, out: Path, cache: Path, shard: str) -> fl
     if route == "cold":
         shutil.rmtree(cache, ignore_errors=True)
     else:  # the layout learnt by the cold run just before; the input hashes dropped
-        (cache / "sha256.json").unlink(missing_ok=True)
-    return timed([sys.executable, "-m", "mergeflow.cli", "merge", "--base", str(model / "base"),
-                  "--adapter", str(model / "adapter"), "--out", str(out), "--max-shard-size",
-                  shard, "--no-tokenizer"], env)
+        drop_input_hashes(cache)
+    return timed(merge_argv(model / "base", model / "adapter", out, shard), env)
 
 
 def main() -> None:

@@ -246,16 +246,16 @@ def disk_speed(size: str, work: Path) -> dict:
     shards = sorted(base.glob("*.safetensors"))
     written = bench_merge.shard_bytes(base)
     dest = work / "runs" / "disk"
+    routes = {"cp_sync": bench_merge.cp_sync_command(dest, shards),
+              "dd_direct": bench_merge.dd_direct_command(dest / "zeros", written)}
     figures = {}
-    for route, command in (("cp_sync", lambda: bench_merge.cp_sync_command(dest, shards)),
-                           ("dd_direct", lambda: bench_merge.dd_direct_command(dest / "zeros",
-                                                                              written))):
+    for route, command in routes.items():
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
         os.sync()
         bench_merge.warm_page_cache(base)  # from the page cache, as the merges read them
         t0 = time.perf_counter()
-        subprocess.run(command(), check=True)
+        subprocess.run(command, check=True)
         wall = time.perf_counter() - t0
         figures[route] = {"wall_s": wall, "write_gbps": written / 1e9 / wall}
     shutil.rmtree(dest, ignore_errors=True)
