@@ -68,6 +68,18 @@ def test_the_childs_value_and_exceptions_reach_the_parent():
     assert got["killed"] == ["lost"]
 
 
+def test_the_child_runs_without_the_garbage_collector_and_the_parent_keeps_it():
+    got = _run("""
+        import gc, json
+        from mergeflow.model.forked import call_in_fork
+
+        call = call_in_fork(gc.isenabled)
+        assert call is not None, "one thread: forking is allowed"
+        print(json.dumps({"child": call.result(), "parent": gc.isenabled()}))
+    """)
+    assert got == {"child": False, "parent": True}
+
+
 def test_cancel_stops_and_reaps_the_child_and_no_fork_happens_beside_a_thread():
     got = _run("""
         import json, os, signal, threading, time
