@@ -50,12 +50,24 @@ def merge(src: Path, model: Path, out: Path, cache: Path, shard: str,
     env = dict(os.environ, PYTHONPATH=str(src), MERGEFLOW_CACHE=str(cache))
     cmd = ["/usr/bin/time", "-f", "TIME wall %e user %U sys %S rss %M",
            *merge_argv(model / "base", model / "adapter", out, shard)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    # cwd: a neutral folder. `python -m` puts its working folder first on sys.path, before
+    # PYTHONPATH: run from the repository, both sides would import the repository's tree.
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True,
+                          cwd=out.parent)
     text = proc.stdout + proc.stderr
     wall, user, sys_s, rss = TIME.search(text).groups()
     wrote = WROTE.search(text)
     return {"wall_s": float(wall), "merge_s": float(wrote.group(1)) if wrote else float("nan"),
             "cpu_s": float(user) + float(sys_s), "rss_gib": int(rss) / 2**20}
+
+
+def check_imports(src: Path, folder: Path) -> None:
+    """Exit unless a merge run as :func:`merge` runs it imports the ``mergeflow`` in ``src``."""
+    found = subprocess.run([sys.executable, "-c", "import mergeflow; print(mergeflow.__file__)"],
+                           env=dict(os.environ, PYTHONPATH=str(src)), capture_output=True,
+                           text=True, check=True, cwd=folder).stdout.strip()
+    if not Path(found).resolve().is_relative_to(src.resolve()):
+        sys.exit(f"{src}: the merges would import {found}, not this tree")
 
 
 def main() -> None:
@@ -71,6 +83,8 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {"a": [], "b": []}
     with tempfile.TemporaryDirectory(prefix="mf-ab-") as tmp:
         cache, out = Path(tmp) / "cache", Path(tmp) / "out"
+        for src in (args.a, args.b):
+            check_imports(src, Path(tmp))
         merge(args.b, args.model, out, cache, args.max_shard_size)  # learns the layout once
         for _ in range(args.pairs):
             for route, src in (("a", args.a), ("b", args.b)):
