@@ -35,6 +35,18 @@ def logits_of(folder: Path, ids: torch.Tensor, *, adapter: Path | None = None,
         return model(input_ids=ids).logits.float()
 
 
+def run_python(code: str, env: dict[str, str] | None = None) -> dict:
+    """Run ``code`` in a fresh interpreter (one thread, so it may fork; nothing imported from
+    the test process); the JSON object its last line prints."""
+    import textwrap
+
+    full = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=full,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 

@@ -16,15 +16,7 @@ import textwrap
 
 import pytest
 from helpers import REPO
-
-
-def _run(code: str, env: dict[str, str] | None = None) -> dict:
-    """Run ``code`` in a fresh interpreter; the JSON object its last line prints."""
-    full = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=full,
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+from helpers import run_python as _run
 
 
 def test_the_childs_value_and_exceptions_reach_the_parent():

@@ -75,16 +75,17 @@ def _run(spec: MergeSpec, prefect: bool = False) -> tuple[MergeReport, str]:
     """Plan (failing fast on bad input), then run the merge - in-process, or as the Prefect flow
     (see :func:`flow_reason`) - with a progress bar. Returns the report and the line saying
     which path ran."""
-    return _execute(spec, _plan(spec), prefect)
+    return _execute(spec, _plan(spec, prefect), prefect)
 
 
-def _plan(spec: MergeSpec) -> PreparedMerge:
+def _plan(spec: MergeSpec, prefect: bool = False) -> PreparedMerge:
     """The planning phase: every refusal of bad input happens here, before any output is
-    written (an InputError from here exits 2)."""
+    written (an InputError from here exits 2). A merge that runs in this process has its
+    shards merged ahead while a new base's layout is learnt (:mod:`mergeflow.pipeline.ahead`)."""
     from mergeflow import pipeline
 
     pipeline.for_spec(spec)  # sizes and the memory bound are checked before anything runs
-    return pipeline.prepare(spec)
+    return pipeline.prepare(spec, ahead=flow_reason(spec, prefect) is None)
 
 
 def _hash_base_ahead(spec: MergeSpec) -> None:
@@ -222,7 +223,7 @@ def merge(
         try:
             held.enter_context(output_lock(spec.out))  # one writer per output
             _hash_base_ahead(spec)
-            prepared = _plan(spec)
+            prepared = _plan(spec, prefect)
         except InputError as exc:  # refused before anything was written
             _fail(2, str(exc))
         except MergeError as exc:

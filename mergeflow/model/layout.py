@@ -157,6 +157,18 @@ class PendingLayout:
             raise value  # type: ignore[misc]
         return value
 
+    @property
+    def learning(self) -> bool:
+        """Whether the layout is being learnt in a child now (not cached, not yet collected):
+        :meth:`result` will wait for it."""
+        return self._layout is None and self._child is not None
+
+    def provisional(self) -> ModelLayout:
+        """What ``config.json`` alone says (the fallback of :meth:`_LayoutQuery.answer`), to
+        plan with while the layout is learnt: right for most models, but nothing may rely on
+        it without comparing against the plan made from :meth:`result`."""
+        return self._query.fallback()
+
     def cancel(self) -> None:
         """Stop the child, if one runs."""
         if self._child is not None:
@@ -201,11 +213,15 @@ class _LayoutQuery:
                 return cached
             learnt = self.learn()
             if learnt is None:
-                return ModelLayout(embed=None, head=None,
-                                   tied=bool(self.config.get("tie_word_embeddings")))
+                return self.fallback()
         if self.path is not None:
             _store(self.path, learnt)
         return learnt
+
+    def fallback(self) -> ModelLayout:
+        """The layout from ``config.json`` alone: no embedding or head known, nothing
+        transposed, the tie as the config says."""
+        return ModelLayout(embed=None, head=None, tied=bool(self.config.get("tie_word_embeddings")))
 
 
 def _model_layout(config_dir: Path, shapes: dict[str, tuple[int, ...]],

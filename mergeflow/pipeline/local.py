@@ -81,7 +81,7 @@ def merge(base: str | Path | None, adapter: str | Path, out: str | Path, *,
     with output_lock(spec.out):  # one writer per output
         timings = Timings()
         with timings("load"):
-            prepared = steps.prepare(spec)
+            prepared = steps.prepare(spec, ahead=True)  # its shards are written here next
         return run_local(prepared, spec, progress, timings=timings)
 
 
@@ -160,27 +160,45 @@ def run_shards(prepared: PreparedMerge, spec: MergeSpec,
     """Write every shard of a prepared merge (finished ones are kept, see :func:`run_shard`),
     as many at once as :func:`mergeflow.pipeline.resources.for_spec` decides: in order with one tensor
     source, or on a thread pool (each shard opening its own source, as the flow's tasks do,
-    and torch's threads divided between them). The first failure stops the shards not yet
-    started.
+    and torch's threads divided between them). The shards planning wrote ahead
+    (:attr:`PreparedMerge.written_ahead`) are taken as they are. The first failure stops the
+    shards not yet started.
     """
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     plan = MergePlan.load(Path(prepared.plan_path))
-    count = len(plan.shards)
-    decided = resources.running(resources.for_spec(spec), count)
+    ahead = _written_ahead(prepared, plan, progress)
+    todo = [i for i in range(len(plan.shards)) if i not in ahead]
+    decided = resources.running(resources.for_spec(spec), max(1, len(todo)))
     resources.apply_threads(decided)  # leave each worker's writer thread a core
-    workers = decided.workers
-    if workers <= 1:
-        source = open_merger(plan, device=spec.device)
-        return [steps.run_shard(prepared.plan_path, i, spec.device, source, progress)
-                for i in range(count)]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergeflow-shard") as pool:
-        futures = [pool.submit(steps.run_shard, prepared.plan_path, i, spec.device, None, progress)
-                   for i in range(count)]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in futures if f in done and f.exception() is not None]
+    written: dict[int, ShardResult] = dict(ahead)
+    if decided.workers <= 1 or len(todo) <= 1:
+        source = open_merger(plan, device=spec.device) if todo else None
+        for i in todo:
+            written[i] = steps.run_shard(prepared.plan_path, i, spec.device, source, progress)
+        return [written[i] for i in range(len(plan.shards))]
+    with ThreadPoolExecutor(max_workers=decided.workers,
+                            thread_name_prefix="mergeflow-shard") as pool:
+        futures = {i: pool.submit(steps.run_shard, prepared.plan_path, i, spec.device, None,
+                                  progress) for i in todo}
+        done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures.values() if f in done and f.exception() is not None]
         if failed:
-            for future in futures:
+            for future in futures.values():
                 future.cancel()
             raise failed[0].exception()
-        return [f.result() for f in futures]
+    written.update((i, future.result()) for i, future in futures.items())
+    return [written[i] for i in range(len(plan.shards))]
+
+
+def _written_ahead(prepared: PreparedMerge, plan: MergePlan,
+                   progress: Progress | None) -> dict[int, ShardResult]:
+    """The shards of ``plan`` that planning wrote ahead, by index (their tensors reported to
+    ``progress``, as a resumed shard's are)."""
+    by_name = {result.filename: result for result in prepared.written_ahead}
+    found = {i: by_name[s.filename] for i, s in enumerate(plan.shards) if s.filename in by_name}
+    if progress is not None:
+        for i in found:
+            for tensor in plan.shards[i].tensors:
+                progress(tensor)
+    return found

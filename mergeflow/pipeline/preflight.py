@@ -29,22 +29,25 @@ SMALL_FILES = 2 * 2**20  # config, generation config, index, model card, manifes
 
 
 def check(plan: MergePlan, adapter: Adapter, out: Path | str, *,
-          low_disk: bool = False) -> list[str]:
+          low_disk: bool = False, written: int = 0) -> list[str]:
     """Run every preflight check and return its warnings (``warning: ...`` notes, e.g. an
     adapter whose deltas are all zero); the plan is not changed. ``low_disk``: shards are
-    shipped and deleted one at a time, so only the largest must fit.
+    shipped and deleted one at a time, so only the largest must fit. ``written``: bytes of
+    its shards already on that disk, about to be moved into staging (merged ahead).
 
     Raises:
         AdapterError: an adapter tensor holds NaN or Inf.
         NotEnoughDiskSpace: the output's disk has too little free space.
     """
     warnings = check_values(adapter)
-    check_disk_space(plan, Path(out), low_disk=low_disk)
+    check_disk_space(plan, Path(out), low_disk=low_disk, written=written)
     return warnings
 
 
-def check_disk_space(plan: MergePlan, out: Path, *, low_disk: bool = False) -> None:
-    """Refuse to start a merge whose output cannot fit beside ``out``.
+def check_disk_space(plan: MergePlan, out: Path, *, low_disk: bool = False,
+                     written: int = 0) -> None:
+    """Refuse to start a merge whose output cannot fit beside ``out`` (``written``: bytes of
+    it already on that disk, out of staging: merged ahead).
 
     Raises:
         NotEnoughDiskSpace: with the bytes needed and free, and the folder.
@@ -52,7 +55,7 @@ def check_disk_space(plan: MergePlan, out: Path, *, low_disk: bool = False) -> N
     if _already_there(plan, out):
         return
     folder = _existing_folder(out.parent)
-    needed = required_bytes(plan, out, low_disk=low_disk)
+    needed = max(0, required_bytes(plan, out, low_disk=low_disk) - written)
     headroom = min_free_bytes()
     free = shutil.disk_usage(folder).free
     if free < needed + headroom:

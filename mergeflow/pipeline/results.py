@@ -23,6 +23,9 @@ class PreparedMerge(BaseModel):
     shard_count: int
     tensor_count: int
     total_size: int
+    # shards merged while a new base's layout was learnt, already in staging and recorded
+    # (mergeflow.pipeline.ahead): the run takes them as written, without reading them again
+    written_ahead: list[ShardResult] = []
 
 
 class MergeReport(BaseModel):

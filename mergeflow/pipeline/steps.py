@@ -61,6 +61,7 @@ from mergeflow.output.folder import (
 )
 from mergeflow.output.modelfile import MODELFILE, write_modelfile
 from mergeflow.pipeline import preflight, resources
+from mergeflow.pipeline.ahead import MergeAhead
 from mergeflow.pipeline.results import MergeReport, PreparedMerge, ShardResult, VerifyReport
 from mergeflow.pipeline.verification import verify_output, verify_shard
 from mergeflow.plan import (
@@ -258,11 +259,17 @@ def upload_published(spec: MergeSpec) -> PublishResult:
 
 
 @_disk_full_is_disk_space_error(lambda spec: None)
-def prepare(spec: MergeSpec) -> PreparedMerge:
+def prepare(spec: MergeSpec, ahead: bool = False) -> PreparedMerge:
     """Read headers, plan and validate the whole merge, and set up its staging folder.
 
+    ``ahead``: while a new base's layout is learnt, merge shards from the plan ``config.json``
+    alone gives, in this process, and keep those the real plan plans the same way
+    (:mod:`mergeflow.pipeline.ahead`; listed in :attr:`PreparedMerge.written_ahead`). For a
+    route that runs the shards in this process next.
+
     Raises:
-        InputError: any problem with the inputs or the output location, before a byte is written.
+        InputError: any problem with the inputs or the output location, before a byte is written
+            (shards merged ahead are deleted).
     """
     _check_method_options(spec)
     base_dir, adapter_dir = resolve_inputs(spec)
@@ -295,9 +302,15 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
     except BaseException:
         layout.cancel()
         raise
+    early = None
     try:
+        if ahead:
+            early = _merge_ahead(spec, out, base, adapter, config, quantized, original, dtype,
+                                 tokenizer, layout)
         plan = _plan_merge(spec, base, adapter, config, quantized, original, dtype, tokenizer,
                            layout.result(), wrapped())
+        if early is not None:
+            early.stop(plan)  # the shard being written goes on only if the plan keeps it
         plan.inputs = hashes.identities
         plan.options = {"dtype": dtype, "max_shard_size": parse_size(spec.max_shard_size),
                         "pad_vocab_to_multiple_of": spec.pad_vocab_to_multiple_of,
@@ -308,16 +321,57 @@ def prepare(spec: MergeSpec) -> PreparedMerge:
                         "mergeflow": __version__,
                         **({"gguf_type": spec.gguf_type} if spec.writes_gguf else {}),
                         **({"fp8_scheme": spec.fp8_scheme} if spec.save_method == "fp8" else {})}
-        decided = resources.for_spec(spec)  # within the memory budget
-        plan.runtime = {"block_bytes": decided.block_bytes, "workers": decided.workers}
-        prepared = _stage(spec, plan, adapter, out)
+        plan.runtime = _runtime(spec)
+        kept = early.finish() if early is not None else []
+        prepared = _stage(spec, plan, adapter, out, written=sum(r.size for r in kept))
+        if kept and not prepared.up_to_date:
+            early.move_into(Staging.for_output(out), kept)
+            prepared = prepared.model_copy(update={"written_ahead": kept})
     except BaseException:
         layout.cancel()
         hashes.cancel()  # nothing will be merged: stop hashing the inputs for it
         raise
+    finally:
+        if early is not None:
+            early.discard()
     if prepared.up_to_date:
         hashes.cancel()  # nor here: the output's manifest already lists them
     return prepared
+
+
+def _runtime(spec: MergeSpec) -> dict[str, object]:
+    """How the plan's shards are run (within the memory budget): never changes a byte."""
+    decided = resources.for_spec(spec)
+    return {"block_bytes": decided.block_bytes, "workers": decided.workers}
+
+
+def _merge_ahead(spec: MergeSpec, out: Path, base: Checkpoint, adapter: Adapter, config: dict,
+                 quantized: QuantizedBase | None, original: Checkpoint | None, dtype: str,
+                 tokenizer: Path | None, layout: PendingLayout) -> MergeAhead | None:
+    """Shards merged from the provisional plan while the layout's child learns a new base's
+    layout (:mod:`mergeflow.pipeline.ahead`), into a fresh output with room for them on its
+    disk; None where nothing is to be gained or it cannot be planned yet (the real plan then
+    says why)."""
+    staging = Staging.for_output(out)
+    if (not layout.learning or adapter.config.target_parameters or spec.low_disk
+            or not spec.writes_safetensors or spec.dask_address
+            or out.exists() or staging.folder.exists()):  # a resume or a rerun: not ahead
+        return None
+    try:
+        plan = _plan_merge(spec, base, adapter, config, quantized, original, dtype, tokenizer,
+                           layout.provisional())
+        # room for the whole output twice: a merge ahead never fills a disk the merge fits on
+        needed = 2 * preflight.required_bytes(plan, out) + preflight.min_free_bytes()
+        if shutil.disk_usage(out.parent).free < needed:
+            return None
+        plan.runtime = _runtime(spec)
+        # One worker on the cores the layout's child leaves: more torch threads than cores
+        # would spin (OpenMP) against the child. The run sets its own (run_shards).
+        cpus = max(1, resources.usable_cpus() - 1)
+        resources.apply_threads(resources.running(resources.for_spec(spec), 1, cpus=cpus))
+        return MergeAhead(plan, staging.ahead, spec.device)
+    except Exception:  # any: the real plan, or its run, reports what is wrong
+        return None
 
 
 def _start_layout(base: Checkpoint, config: dict, quantized: QuantizedBase | None,
@@ -354,12 +408,15 @@ def _plan_merge(spec: MergeSpec, base: Checkpoint, adapter: Adapter, config: dic
                    quantized=quantized, wrapped=wrapped, fp8_scheme=spec.fp8_scheme).plan()
 
 
-def _stage(spec: MergeSpec, plan: MergePlan, adapter: Adapter, out: Path) -> PreparedMerge:
+def _stage(spec: MergeSpec, plan: MergePlan, adapter: Adapter, out: Path,
+           written: int = 0) -> PreparedMerge:
     """Check the plan against the adapter's values, the disk and an existing output, and set up
-    the staging folder (unless the output is already up to date)."""
+    the staging folder (unless the output is already up to date). ``written``: bytes of its
+    shards already on the output's disk, written ahead (:mod:`mergeflow.pipeline.ahead`)."""
     if spec.writes_gguf:
         _check_convertible(plan, Path(plan.base))
-    warnings = preflight.check(plan, adapter, out, low_disk=spec.low_disk)  # values, free disk
+    warnings = preflight.check(plan, adapter, out, low_disk=spec.low_disk,
+                               written=written)  # values, free disk
     plan.notes.extend(w for w in warnings if w not in plan.notes)  # before the fingerprint
     fingerprint = plan.fingerprint()
     up_to_date = check_existing_output(out, fingerprint, spec.overwrite, deep=bool(spec.push_to))

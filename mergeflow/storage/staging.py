@@ -15,7 +15,9 @@ Everything another step trusts is written durably (:func:`mergeflow.storage.dura
 temporary file, fsync, rename, fsync of the folder), so after a power cut the folder holds a
 consistent subset of the work: a record only names a shard that is on the disk, and the output
 folder either does not exist or is finished. Replacing an output moves the old one aside to
-``.<name>.mergeflow-old`` for the moment of the swap.
+``.<name>.mergeflow-old`` for the moment of the swap. Shards merged ahead of the plan (while a
+new base's layout is learnt) are written in ``.<name>.mergeflow-ahead`` and moved in when the plan
+keeps them.
 
 This module sits just above :mod:`mergeflow.storage.durable`: it knows files and names, not plans or
 tensors (callers pass the plan's text and a function that reads its fingerprint).
@@ -44,6 +46,7 @@ DONE_DIR = "done"
 PARTIAL_SUFFIX = ".partial"  # a shard being written: ``.<name>.partial`` beside its final name
 STAGING_SUFFIX = ".mergeflow-partial"
 OLD_SUFFIX = ".mergeflow-old"
+AHEAD_SUFFIX = ".mergeflow-ahead"
 SHARD_GLOB = "*.safetensors"
 MANIFEST_FILE = "merge-manifest.json"  # mergeflow.output.folder.MANIFEST, the last file of an output
 
@@ -96,6 +99,12 @@ class Staging:
     def old(self) -> Path:
         """Where a replaced output is moved aside while the new one takes its place."""
         return self.out.parent / f".{self.out.name}{OLD_SUFFIX}"
+
+    @property
+    def ahead(self) -> Path:
+        """Where shards are merged ahead of the plan while a new base's layout is learnt
+        (:mod:`mergeflow.pipeline.ahead`); the ones the plan keeps are moved into :attr:`folder`."""
+        return self.out.parent / f".{self.out.name}{AHEAD_SUFFIX}"
 
     @property
     def state_dir(self) -> Path:
@@ -194,6 +203,8 @@ class Staging:
                 found += [p for p in folder.iterdir() if p.is_file() and _is_temporary(p.name)]
         if self.old.exists() and self.out.exists():
             found.append(self.old)
+        if self.ahead.exists():  # an interrupted merge ahead
+            found.append(self.ahead)
         return sorted(found)
 
     def clear_leftovers(self) -> None:
