@@ -120,11 +120,13 @@ def test_the_flow_reuses_the_cli_plan_and_raises_the_flows_own_errors(inputs, tm
     base, adapter = inputs
     calls = []
     real = api.prepare
-    monkeypatch.setattr(api, "prepare", lambda spec: calls.append(spec) or real(spec))
+    monkeypatch.setattr(api, "prepare",
+                        lambda spec, **kw: calls.append((spec, kw)) or real(spec, **kw))
     spec = MergeSpec(base=str(base), adapter=str(adapter), out=str(tmp_path / "out"))
     report, ran = cli._run(spec, prefect=True)
     assert report.status == "merged" and ran.startswith("ran as Prefect flow run")
     assert len(calls) == 1  # the CLI planned it; the flow's load task reused that plan
+    assert calls[0][1] == {"ahead": False}  # the flow's tasks write the shards, not this process
 
     def failing(*args, **kwargs):
         raise VerificationError("simulated: a merged tensor is off")

@@ -172,7 +172,7 @@ def run_shards(prepared: PreparedMerge, spec: MergeSpec,
     decided = resources.running(resources.for_spec(spec), max(1, len(todo)))
     resources.apply_threads(decided)  # leave each worker's writer thread a core
     written: dict[int, ShardResult] = dict(ahead)
-    if decided.workers <= 1 or len(todo) <= 1:
+    if decided.workers <= 1:
         source = open_merger(plan, device=spec.device) if todo else None
         for i in todo:
             written[i] = steps.run_shard(prepared.plan_path, i, spec.device, source, progress)
