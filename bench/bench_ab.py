@@ -39,9 +39,10 @@ WROTE = re.compile(r"wrote .* in ([\d.]+) s")
 
 
 def merge(src: Path, model: Path, out: Path, cache: Path, shard: str,
-          cold: bool = False) -> dict[str, float]:
+          cold: bool = False, extra: tuple[str, ...] = ()) -> dict[str, float]:
     """One CLI merge with ``src`` on the path; its times and peak RSS. ``cold``: with an empty
-    cache (the layout learnt again), else with only the input hashes dropped."""
+    cache (the layout learnt again), else with only the input hashes dropped. ``extra``: more
+    CLI flags."""
     shutil.rmtree(out, ignore_errors=True)
     if cold:
         shutil.rmtree(cache, ignore_errors=True)
@@ -49,7 +50,7 @@ def merge(src: Path, model: Path, out: Path, cache: Path, shard: str,
     warm_page_cache(model)
     env = dict(os.environ, PYTHONPATH=str(src), MERGEFLOW_CACHE=str(cache))
     cmd = ["/usr/bin/time", "-f", "TIME wall %e user %U sys %S rss %M",
-           *merge_argv(model / "base", model / "adapter", out, shard)]
+           *merge_argv(model / "base", model / "adapter", out, shard, *extra)]
     # cwd: a neutral folder. `python -m` puts its working folder first on sys.path, before
     # PYTHONPATH: run from the repository, both sides would import the repository's tree.
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True,
@@ -79,17 +80,21 @@ def main() -> None:
     parser.add_argument("--max-shard-size", default="1GB")
     parser.add_argument("--cold", action="store_true",
                         help="an empty cache for every merge: the layout is learnt every time")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="merge with --no-verify (e.g. b writes knowingly wrong bytes to "
+                             "bound a cost from above)")
     args = parser.parse_args()
+    extra = ("--no-verify",) if args.no_verify else ()
     runs: dict[str, list[dict[str, float]]] = {"a": [], "b": []}
     with tempfile.TemporaryDirectory(prefix="mf-ab-") as tmp:
         cache, out = Path(tmp) / "cache", Path(tmp) / "out"
         for src in (args.a, args.b):
             check_imports(src, Path(tmp))
-        merge(args.b, args.model, out, cache, args.max_shard_size)  # learns the layout once
+        merge(args.b, args.model, out, cache, args.max_shard_size, extra=extra)  # the layout
         for _ in range(args.pairs):
             for route, src in (("a", args.a), ("b", args.b)):
                 runs[route].append(merge(src, args.model, out, cache, args.max_shard_size,
-                                         args.cold))
+                                         args.cold, extra))
                 print(route, runs[route][-1], flush=True)
     print(f"\n{args.model.name}, --max-shard-size {args.max_shard_size}, {args.pairs} pairs, "
           f"{'cold (layout learnt every time)' if args.cold else 'layout cached'}, "
