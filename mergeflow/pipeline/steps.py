@@ -304,11 +304,10 @@ def prepare(spec: MergeSpec, ahead: bool = False) -> PreparedMerge:
         raise
     early = None
     try:
+        plan_with = _planner(spec, base, adapter, config, quantized, original, dtype, tokenizer)
         if ahead:
-            early = _merge_ahead(spec, out, base, adapter, config, quantized, original, dtype,
-                                 tokenizer, layout)
-        plan = _plan_merge(spec, base, adapter, config, quantized, original, dtype, tokenizer,
-                           layout.result(), wrapped())
+            early = _merge_ahead(spec, out, adapter, layout, plan_with)
+        plan = plan_with(layout.result(), wrapped())
         if early is not None:
             early.stop(plan)  # the shard being written goes on only if the plan keeps it
         plan.inputs = hashes.identities
@@ -345,9 +344,8 @@ def _runtime(spec: MergeSpec) -> dict[str, object]:
     return {"block_bytes": decided.block_bytes, "workers": decided.workers}
 
 
-def _merge_ahead(spec: MergeSpec, out: Path, base: Checkpoint, adapter: Adapter, config: dict,
-                 quantized: QuantizedBase | None, original: Checkpoint | None, dtype: str,
-                 tokenizer: Path | None, layout: PendingLayout) -> MergeAhead | None:
+def _merge_ahead(spec: MergeSpec, out: Path, adapter: Adapter, layout: PendingLayout,
+                 plan_with: Callable[[ModelLayout], MergePlan]) -> MergeAhead | None:
     """Shards merged from the provisional plan while the layout's child learns a new base's
     layout (:mod:`mergeflow.pipeline.ahead`), into a fresh output with room for them on its
     disk; None where nothing is to be gained or it cannot be planned yet (the real plan then
@@ -358,8 +356,7 @@ def _merge_ahead(spec: MergeSpec, out: Path, base: Checkpoint, adapter: Adapter,
             or out.exists() or staging.folder.exists()):  # a resume or a rerun: not ahead
         return None
     try:
-        plan = _plan_merge(spec, base, adapter, config, quantized, original, dtype, tokenizer,
-                           layout.provisional())
+        plan = plan_with(layout.provisional())
         # room for the whole output twice: a merge ahead never fills a disk the merge fits on
         needed = 2 * preflight.required_bytes(plan, out) + preflight.min_free_bytes()
         if shutil.disk_usage(out.parent).free < needed:
@@ -393,19 +390,23 @@ def _start_layout(base: Checkpoint, config: dict, quantized: QuantizedBase | Non
     return layout, lambda: known
 
 
-def _plan_merge(spec: MergeSpec, base: Checkpoint, adapter: Adapter, config: dict,
-                quantized: QuantizedBase | None, original: Checkpoint | None, dtype: str,
-                tokenizer: Path | None, layout: ModelLayout, wrapped: Wrapped | None = None
-                ) -> MergePlan:
-    """The plan from the opened inputs, the model's layout and PEFT's wrapped parameters (when
-    the adapter targets parameters)."""
-    return Planner(base, adapter, layout, dtype, parse_size(spec.max_shard_size),
-                   tokenizer_len=tokenizer_length(tokenizer) if tokenizer else None,
-                   pad_to_multiple_of=spec.pad_vocab_to_multiple_of,
-                   allow_vocab_shrink=spec.allow_vocab_shrink,
-                   vocab_size=text_config(config).get("vocab_size"),
-                   save_method=spec.planned_method, original=original,
-                   quantized=quantized, wrapped=wrapped, fp8_scheme=spec.fp8_scheme).plan()
+def _planner(spec: MergeSpec, base: Checkpoint, adapter: Adapter, config: dict,
+             quantized: QuantizedBase | None, original: Checkpoint | None, dtype: str,
+             tokenizer: Path | None) -> Callable[..., MergePlan]:
+    """The plan from the opened inputs, as a function of the model's layout and PEFT's wrapped
+    parameters (when the adapter targets parameters); the tokenizer's length is read once."""
+    tokenizer_len = tokenizer_length(tokenizer) if tokenizer else None
+
+    def plan(layout: ModelLayout, wrapped: Wrapped | None = None) -> MergePlan:
+        return Planner(base, adapter, layout, dtype, parse_size(spec.max_shard_size),
+                       tokenizer_len=tokenizer_len,
+                       pad_to_multiple_of=spec.pad_vocab_to_multiple_of,
+                       allow_vocab_shrink=spec.allow_vocab_shrink,
+                       vocab_size=text_config(config).get("vocab_size"),
+                       save_method=spec.planned_method, original=original,
+                       quantized=quantized, wrapped=wrapped, fp8_scheme=spec.fp8_scheme).plan()
+
+    return plan
 
 
 def _stage(spec: MergeSpec, plan: MergePlan, adapter: Adapter, out: Path,
