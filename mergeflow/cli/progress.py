@@ -56,11 +56,20 @@ def progress_detail(tensors_done: int, tensors_total: int, bytes_done: int, byte
             f"{format_rate(rate)}, {format_eta(eta)}")
 
 
-def finished_line(tensors: int, bytes_total: int, seconds: float, bytes_this_run: int) -> str:
+def finished_line(tensors: int, bytes_total: int, seconds: float, bytes_this_run: int,
+                  bytes_ahead: int = 0) -> str:
     """The line left on stderr when the writing is done, e.g. ``wrote 40/40 tensors, 1.20 GB
-    in 3.1 s (387.10 MB/s)`` (the rate of the bytes this run wrote: resumed ones left out)."""
+    in 3.1 s (387.10 MB/s)``: the time and rate of the run phase, over the bytes it wrote
+    (resumed ones left out). ``bytes_ahead``, merged during planning while the base's layout was
+    learnt, is said apart, since neither that time nor those bytes are the run phase's."""
+    written = f"wrote {tensors}/{tensors} tensors, {format_size(bytes_total)}"
+    if bytes_ahead and bytes_this_run <= 0:
+        return f"{written} (all merged while the base's layout was learnt)"
     rate = format_rate(bytes_this_run / seconds if seconds > 0 else None)
-    return f"wrote {tensors}/{tensors} tensors, {format_size(bytes_total)} in {seconds:.1f} s ({rate})"
+    line = f"{written} in {seconds:.1f} s ({rate})"
+    if bytes_ahead:
+        line += f"; {format_size(bytes_ahead)} of it merged while the base's layout was learnt"
+    return line
 
 
 def _tensor_ends(plan_path: str) -> dict[str, list[int]]:
@@ -98,6 +107,7 @@ class StagingProgress:
         self.staging = Staging.for_output(prepared.out)
         self.out = prepared.out
         self.total = prepared.total_size
+        self.ahead = sum(result.size for result in prepared.written_ahead)
         self.tensors = prepared.tensor_count
         self.interval = interval
         self.enabled = enabled
@@ -169,7 +179,7 @@ class StagingProgress:
                 return
             self._said_written = True
             err.print(finished_line(self.tensors, self.total, time.monotonic() - self._start,
-                                    self.total - self._start_bytes),
+                                    self.total - self._start_bytes, self.ahead),
                       highlight=False, soft_wrap=True, markup=False)
 
     def _poll(self) -> None:
