@@ -1,6 +1,6 @@
 """Check a written merge before it is published.
 
-Three kinds of checks, all in bounded memory (a few hundred rows at a time):
+Three kinds of checks, all in bounded memory (about a hundred rows at a time):
 
 * integrity: every file listed in the manifest exists with its size and sha256, and nothing else
   is there. Shards this process has just written (or checked for resume) are trusted by the
@@ -57,8 +57,8 @@ from mergeflow.storage.hashing import sha256_file
 # F8_E4M3: 3 mantissa bits round each value by up to 6.25% (about 3.6% in the norm)
 TOLERANCE = {"BF16": 2e-2, "F16": 4e-3, "F32": 1e-4, "F64": 1e-8, "F8_E4M3": 8e-2}
 PROBES = 4  # random vectors per tensor
-ROWS = 256  # output rows sampled per large tensor
-WINDOWS = 8  # ... in this many runs of consecutive rows
+ROWS = 128  # output rows sampled per large tensor
+WINDOWS = 16  # ... in this many runs of consecutive rows (8 rows each: many places, few rows)
 
 
 class TensorCheck(BaseModel):
@@ -141,7 +141,7 @@ class NumericChecker:
     """Recomputes each merged tensor's effect from the inputs and compares it with the output.
 
     Large tensors are checked on a random sample of ``ROWS`` stored rows (every row of a small
-    one), read with positional reads, so the cost per tensor is a few hundred rows plus a few
+    one), read with positional reads, so the cost per tensor is about a hundred rows plus a few
     small products, whatever the model size; the delta norm is measured on the same rows.
     """
 
