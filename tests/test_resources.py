@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import os
+import platform
 
 import pytest
+from helpers import run_python
 from pydantic import ValidationError
 
 from mergeflow.errors import InputError
 from mergeflow.pipeline.resources import (
     BUFFERS_PER_WORKER,
+    MALLOC_ARENAS,
     MIN_BLOCK,
     Resources,
     apply_threads,
@@ -182,3 +186,55 @@ def test_torch_threads_come_back_for_a_later_merge_and_tasks_only_lower_them(mon
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# A fresh interpreter: (optionally) the code under test, then six threads that each allocate
+# and hold a block at once, then glibc's own count of its arenas (malloc_stats, on stderr).
+_ARENAS = """
+import ctypes, json, os, sys, tempfile, threading
+{setup}
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+held = threading.Barrier(6)
+
+def allocate():
+    block = libc.malloc(2**20)
+    held.wait()  # every thread holds a block at the same moment
+    libc.free(block)
+
+threads = [threading.Thread(target=allocate) for _ in range(6)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+with tempfile.TemporaryFile("w+") as log:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(log.fileno(), 2)
+    libc.malloc_stats()
+    os.dup2(saved, 2)
+    log.seek(0)
+    stats = log.read()
+print(json.dumps({{"arenas": stats.count("Arena "), "set": {result}}}))
+"""
+
+
+def _arenas(setup: str = "", result: str = "None") -> dict:
+    return run_python(_ARENAS.format(setup=setup, result=result))
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or "MALLOC_ARENA_MAX" in os.environ,
+                    reason="glibc's allocator, not limited by the environment already")
+def test_a_merging_process_keeps_two_malloc_arenas():
+    """Without the limit, glibc gives the six threads arenas of their own; with it, the
+    process keeps two, and the CLI's entry point sets it before anything else runs."""
+    assert _arenas()["arenas"] > MALLOC_ARENAS  # the control: the limit is what changes it
+    limited = _arenas("from mergeflow.pipeline.resources import limit_malloc_arenas\n"
+                      "done = limit_malloc_arenas()", "done")
+    assert limited == {"arenas": MALLOC_ARENAS, "set": True}
+    # the `mergeflow` command: main() runs the app last; here the app is the threads above
+    cli = _arenas("import mergeflow.cli.__main__ as entry\n"
+                  "entry.run_then_leave = lambda app: None\n"
+                  "entry.main()")
+    assert cli["arenas"] == MALLOC_ARENAS

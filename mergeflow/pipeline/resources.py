@@ -22,10 +22,13 @@ for any machine. The rule:
   a one-shard output on 16 cores merges with 14 torch threads, not 1.
 * **Several outputs** (a batch, :mod:`mergeflow.pipeline.many`): the sweep merges one shard of
   each of ``outputs`` side by side, one worker each, at most the one-output count.
+* **The allocator** (:func:`limit_malloc_arenas`): a merging process keeps at most
+  :data:`MALLOC_ARENAS` of glibc's malloc arenas.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass, replace
 
@@ -39,6 +42,8 @@ BUFFERS_PER_WORKER = 4
 MIN_BLOCK = 2**20  # 1 MiB: below this, per-block overhead dominates
 MAX_AUTO_WORKERS = 8
 MEMORY_SHARE = 4  # the default budget is available memory / MEMORY_SHARE
+MALLOC_ARENAS = 2  # glibc malloc arenas a merging process keeps (limit_malloc_arenas)
+_M_ARENA_MAX = -8  # glibc's mallopt() parameter for it (malloc.h)
 
 
 @dataclass(frozen=True)
@@ -205,3 +210,28 @@ def limit_threads(workers: int = 1) -> None:
     cpus = usable_cpus()
     apply_threads(Resources(workers=workers, block_bytes=MIN_BLOCK,
                             torch_threads=torch_threads(cpus, workers)), lower_only=True)
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Let glibc's allocator keep at most ``arenas`` arenas in this process (unless
+    ``MALLOC_ARENA_MAX`` says otherwise); True if the limit was set.
+
+    glibc gives each new thread that allocates an arena of its own, up to eight per core, and
+    each arena keeps the blocks freed into it for its next allocations. A merge's many threads
+    (readers, input hashers, shard writers, the merge ahead's, verification's) each then keep
+    blocks of their own, and the process's RSS grows past what is in use. With two arenas, a
+    cold 3.6b CLI merge peaked at 0.42 GiB instead of 0.46 (medians of 4 pairs), in the same
+    time: each allocation is a whole block, so the threads hardly wait for an arena's lock.
+
+    Call it before the threads start: an arena, once made, stays. It does nothing where the C
+    library has no ``mallopt`` (not glibc). The CLI calls it for its own process; a library
+    caller's process is its own, so :func:`mergeflow.merge` leaves the allocator alone.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:  # the user's choice, already read by glibc
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(_M_ARENA_MAX, arenas) == 1
