@@ -173,3 +173,24 @@ def test_the_display_counts_finished_shipped_and_half_written_shards(make_base, 
     size, tensors = progress._written()
     assert tensors == counts[0] + counts[1] + 1
     assert size == first.size + second.size + header + third.tensors[0].nbytes
+
+
+def test_the_report_prints_an_output_path_with_brackets_as_it_is(make_base, make_adapter,
+                                                                  tmp_path, monkeypatch):
+    """Brackets in a path are not rich markup: ``[exp]`` stays in the printed path (it was
+    dropped), ``[/b]`` does not break the report after the merge (it was a traceback), and the
+    long report line is one line for the terminal to wrap (the CLI's COLUMNS is 80).
+    In-process route, an empty cache of its own."""
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
+    base = make_base("llama")
+    adapter = make_adapter(base, target_modules=["q_proj", "v_proj"])
+    out = tmp_path / "runs" / "[exp]" / "x[/b]" / "model"
+    out.parent.mkdir(parents=True)
+    result = run_cli("merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stdout.splitlines()
+    assert f"output: {out}" in lines, result.stdout
+    merged = [line for line in lines if line.startswith("merged ")]
+    assert len(merged) == 1 and merged[0].endswith("shard(s)") and len(merged[0]) > 80, lines
+    assert (out / "merge-manifest.json").is_file()
